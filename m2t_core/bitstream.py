@@ -1,0 +1,168 @@
+"""The versioned M2T bitstream container (specified in docs/bitstream.md).
+
+Layout, little-endian:
+
+    magic            4 bytes  b"M2TC"
+    version          u8       FORMAT_VERSION
+    flags            u8       bit 0: encoded on a CUDA device (informational)
+    model_id_len     u8       1..MAX_MODEL_ID_LEN
+    model_id         bytes    ASCII registry name of the model
+    weights_hash     8 bytes  first 8 bytes of the model's weights digest
+    height, width    u32 x2   original image size in pixels
+    pad_bottom       u8       rows added to reach a multiple of 16 (derivable; checked)
+    pad_right        u8       columns added to reach a multiple of 16 (derivable; checked)
+    window_batch     u16      windows per transformer call used by the encoder
+    payload_len      u32      bytes of the entropy-coded payload
+    latent_crc       u32      CRC-32 of y_hat (int32, C x h x w, C order)
+    payload_crc      u32      CRC-32 of the payload
+    header_crc       u32      CRC-32 of every header byte before this field
+    payload          payload_len bytes (range coder words, u32 little-endian)
+
+Every field is validated before anything is allocated from it.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+MAGIC = b"M2TC"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MAX_MODEL_ID_LEN = 64
+MAX_SIDE = 65535
+DEFAULT_MAX_PIXELS = 64_000_000
+MAX_WINDOW_BATCH = 1024
+FLAG_CUDA = 1
+DOWNSAMPLING = 16
+
+_FIXED_AFTER_ID = struct.Struct("<8sIIBBHIII")  # hash, h, w, pads, window_batch, len, crcs
+_HEADER_CRC = struct.Struct("<I")
+
+
+class BitstreamError(ValueError):
+    """The bytes are not a valid M2T bitstream (bad magic, version, truncation, corruption)."""
+
+
+class UnsupportedVersionError(BitstreamError):
+    pass
+
+
+class ModelMismatchError(BitstreamError):
+    """The bitstream was written by a different model than the one given or found."""
+
+
+class ChecksumMismatchError(BitstreamError):
+    """The decoded latent does not match the encoder's checksum."""
+
+
+class ImageTooLargeError(BitstreamError):
+    pass
+
+
+def image_padding(height: int, width: int) -> tuple[int, int]:
+    """Rows and columns added so both sides are multiples of the 16x down-sampling."""
+    return (-height) % DOWNSAMPLING, (-width) % DOWNSAMPLING
+
+
+@dataclass(frozen=True)
+class Header:
+    model_id: str
+    weights_hash: bytes
+    height: int
+    width: int
+    window_batch: int
+    payload_len: int
+    latent_crc: int
+    payload_crc: int
+    version: int = FORMAT_VERSION
+    flags: int = 0
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        return image_padding(self.height, self.width)
+
+    def to_bytes(self) -> bytes:
+        model_id = self.model_id.encode("ascii")
+        if not 1 <= len(model_id) <= MAX_MODEL_ID_LEN:
+            raise ValueError(f"model id must be 1..{MAX_MODEL_ID_LEN} ASCII bytes: {self.model_id!r}")
+        if len(self.weights_hash) != 8:
+            raise ValueError("weights_hash must be 8 bytes")
+        pad_bottom, pad_right = self.padding
+        body = (
+            MAGIC
+            + bytes([self.version, self.flags, len(model_id)])
+            + model_id
+            + _FIXED_AFTER_ID.pack(
+                self.weights_hash, self.height, self.width, pad_bottom, pad_right,
+                self.window_batch, self.payload_len, self.latent_crc, self.payload_crc,
+            )
+        )
+        return body + _HEADER_CRC.pack(zlib.crc32(body))
+
+
+def pack(header: Header, payload: bytes) -> bytes:
+    if header.payload_len != len(payload):
+        raise ValueError("header.payload_len does not match the payload")
+    return header.to_bytes() + payload
+
+
+def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, bytes]:
+    """Parse and validate a bitstream; returns (header, payload). Raises BitstreamError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BitstreamError(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < 7:
+        raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than any header")
+    if data[:4] != MAGIC:
+        raise BitstreamError(f"not an M2T bitstream (magic {data[:4]!r}, expected {MAGIC!r})")
+    version, flags, id_len = data[4], data[5], data[6]
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersionError(
+            f"unsupported bitstream format version {version} (this decoder reads {SUPPORTED_VERSIONS})"
+        )
+    if not 1 <= id_len <= MAX_MODEL_ID_LEN:
+        raise BitstreamError(f"corrupt header: model id length {id_len}")
+    fixed_start = 7 + id_len
+    header_end = fixed_start + _FIXED_AFTER_ID.size + _HEADER_CRC.size
+    if len(data) < header_end:
+        raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {header_end}")
+    (stored_header_crc,) = _HEADER_CRC.unpack_from(data, header_end - _HEADER_CRC.size)
+    if zlib.crc32(data[: header_end - _HEADER_CRC.size]) != stored_header_crc:
+        raise BitstreamError("corrupt header: header checksum mismatch")
+    try:
+        model_id = data[7:fixed_start].decode("ascii")
+    except UnicodeDecodeError:
+        raise BitstreamError("corrupt header: model id is not ASCII") from None
+    (weights_hash, height, width, pad_bottom, pad_right, window_batch, payload_len,
+     latent_crc, payload_crc) = _FIXED_AFTER_ID.unpack_from(data, fixed_start)
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
+        raise BitstreamError(f"corrupt header: image size {height}x{width} out of range")
+    if height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"image of {height}x{width} = {height * width} pixels exceeds the limit of {max_pixels} "
+            "(raise max_pixels to decode it)"
+        )
+    if (pad_bottom, pad_right) != image_padding(height, width):
+        raise BitstreamError("corrupt header: padding does not match the image size")
+    if not 1 <= window_batch <= MAX_WINDOW_BATCH:
+        raise BitstreamError(f"corrupt header: window batch {window_batch}")
+    payload = data[header_end:]
+    if len(payload) != payload_len:
+        kind = "truncated" if len(payload) < payload_len else "trailing bytes after"
+        raise BitstreamError(
+            f"{kind} payload: header says {payload_len} bytes, found {len(payload)}"
+        )
+    if zlib.crc32(payload) != payload_crc:
+        raise BitstreamError("corrupt payload: payload checksum mismatch")
+    header = Header(
+        model_id=model_id, weights_hash=weights_hash, height=height, width=width,
+        window_batch=window_batch, payload_len=payload_len, latent_crc=latent_crc,
+        payload_crc=payload_crc, version=version, flags=flags,
+    )
+    return header, payload
+
+
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
+    return unpack(data, max_pixels)[0]

@@ -1,0 +1,327 @@
+"""Entropy coding of latent symbols with constriction, from integer-snapped mixture parameters.
+
+Why integers: constriction decodes garbage (silently) if a probability differs by one ulp
+between encoder and decoder. So the float distribution parameters are first snapped to a
+grid with operations that are exact in IEEE arithmetic (scaling by powers of two, rounding,
+comparisons against fixed thresholds), and everything after that is integer arithmetic on
+fixed tables. Given identical network outputs, every machine builds identical probability
+tables. (The network outputs themselves are made identical by running the encoder through
+the decoder's exact computation; see codec.py.)
+
+Model of one symbol (one latent channel at one position): a mixture of K Gaussians,
+integrated over unit bins. Snapped parameters per component k:
+  mean_q[k]  = round(mean * MEAN_STEPS)            (mean in 1/MEAN_STEPS units)
+  level[k]   = bucket of log(scale) among SCALE_LEVELS log-spaced levels
+  weight[k]  = WEIGHT_TABLE[max_logit_q - logit_q[k]], logits snapped to 1/LOGIT_STEPS
+Support: the 2R+1 integers around the mixture mean plus an escape bin on each side; the
+size of R is picked per symbol from R_CLASSES by the spread of its distribution. A value
+outside the support codes its escape bin, then its distance with an Elias-gamma code,
+so any value up to MAX_ABS_SYMBOL round-trips.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+import torch
+
+MEAN_STEPS = 64
+SCALE_MIN = 0.11
+SCALE_MAX = 64.0
+SCALE_LEVELS = 64
+LOG_SCALE_MIN = math.log(SCALE_MIN)
+LOG_SCALE_MAX = math.log(SCALE_MAX)
+LOG_SCALE_STEP = (LOG_SCALE_MAX - LOG_SCALE_MIN) / (SCALE_LEVELS - 1)
+LOGIT_STEPS = 8
+MAX_LOGIT_GAP = 64  # in 1/LOGIT_STEPS units: weights below exp(-8) of the top one are zero
+CDF_BITS = 16
+WEIGHT_BITS = 8
+TAIL_SIGMAS = 5.0  # Phi beyond 5 sigma rounds to 0 or 1 at CDF_BITS precision
+R_CLASSES = (3, 8, 20, 48, 128, 320)
+MAX_ABS_SYMBOL = 1 << 15  # the encoder clamps y_hat to [-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL]
+ESCAPE_LENGTH_ALPHABET = 20  # Elias-gamma length prefix alphabet (lengths 1..20)
+
+_FAMILY = constriction.stream.model.Categorical(perfect=False)
+_UNIFORM = constriction.stream.model.Uniform()
+
+
+# --------------------------------------------------------------------------------------
+# Fixed integer tables (built once per process; their checksum is pinned in the tests).
+# --------------------------------------------------------------------------------------
+
+
+def _scale_of_level(level: np.ndarray | int) -> np.ndarray:
+    return np.exp(LOG_SCALE_MIN + np.asarray(level, dtype=np.float64) * LOG_SCALE_STEP)
+
+
+@dataclass(frozen=True)
+class Tables:
+    cdf: np.ndarray  # (SCALE_LEVELS, 2*J+1) int64: round(2^CDF_BITS * Phi(j / (MEAN_STEPS*scale)))
+    half_width: int  # J
+    weight: np.ndarray  # (MAX_LOGIT_GAP+1,) int64: round(2^WEIGHT_BITS * exp(-gap/LOGIT_STEPS))
+    support_radius: np.ndarray  # (SCALE_LEVELS,) int64: ceil(TAIL_SIGMAS * scale)
+    log_scale_thresholds: torch.Tensor  # (SCALE_LEVELS-1,) float32 bucket edges in log-scale
+    # cdf extended by `margin` saturated entries on both sides and split by phase:
+    # cdf_by_phase[l, i % MEAN_STEPS, i // MEAN_STEPS] = cdf_ext[l, i]. A symbol's bin edges
+    # are MEAN_STEPS apart, so they become one contiguous run of this array.
+    cdf_by_phase: np.ndarray
+    margin: int
+
+
+_TABLES: Tables | None = None
+
+
+def tables() -> Tables:
+    global _TABLES
+    if _TABLES is None:
+        J = int(math.ceil(TAIL_SIGMAS * SCALE_MAX * MEAN_STEPS))
+        j = torch.arange(-J, J + 1, dtype=torch.float64)
+        scales = torch.from_numpy(_scale_of_level(np.arange(SCALE_LEVELS)))
+        z = j[None, :] / (MEAN_STEPS * scales[:, None])
+        cdf = torch.round(torch.special.ndtr(z) * (1 << CDF_BITS)).to(torch.int64).numpy()
+        gaps = np.arange(MAX_LOGIT_GAP + 1, dtype=np.float64)
+        weight = np.round((1 << WEIGHT_BITS) * np.exp(-gaps / LOGIT_STEPS)).astype(np.int64)
+        radius = np.ceil(TAIL_SIGMAS * _scale_of_level(np.arange(SCALE_LEVELS))).astype(np.int64)
+        # Thresholds use only +, * on exact literals: identical on every machine.
+        thresholds = torch.tensor(
+            [LOG_SCALE_MIN + (t + 0.5) * LOG_SCALE_STEP for t in range(SCALE_LEVELS - 1)],
+            dtype=torch.float32,
+        )
+        margin = MEAN_STEPS * (2 * max(R_CLASSES) + 2)
+        length = 2 * J + 1 + 2 * margin
+        length += (-length) % MEAN_STEPS
+        ext = np.full((SCALE_LEVELS, length), 1 << CDF_BITS, dtype=np.int32)
+        ext[:, :margin] = 0
+        ext[:, margin:margin + 2 * J + 1] = cdf
+        by_phase = np.ascontiguousarray(
+            ext.reshape(SCALE_LEVELS, length // MEAN_STEPS, MEAN_STEPS).transpose(0, 2, 1)
+        )
+        _TABLES = Tables(cdf, J, weight, radius, thresholds, by_phase, margin)
+    return _TABLES
+
+
+def tables_checksum() -> str:
+    """A digest of the integer tables; pinned in tests so a platform that builds them
+    differently is caught before it writes incompatible bitstreams."""
+    import hashlib
+
+    t = tables()
+    h = hashlib.sha256()
+    for arr in (t.cdf, t.weight, t.support_radius):
+        h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+    h.update(t.log_scale_thresholds.numpy().astype("<f4").tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# Snapping float parameters to integers.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SnappedParams:
+    """Integer mixture parameters for n symbols, K components each (numpy int64, (n, K))."""
+
+    mean_q: np.ndarray
+    level: np.ndarray
+    weight: np.ndarray
+
+    def __len__(self) -> int:
+        return self.mean_q.shape[0]
+
+
+def snap_params(means: torch.Tensor, log_scales: torch.Tensor, logits: torch.Tensor) -> SnappedParams:
+    """(n, K) float tensors on any device -> integer parameters (numpy, on CPU).
+
+    Only exact operations: clamp, multiply by a power of two, round-half-even, compare.
+    """
+    t = tables()
+    means = torch.nan_to_num(means.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    log_scales = torch.nan_to_num(log_scales.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    logits = torch.nan_to_num(logits.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    mean_q = torch.round(means.clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL) * MEAN_STEPS).to(torch.int64)
+    level = torch.bucketize(log_scales, t.log_scale_thresholds.to(log_scales.device))
+    logit_q = torch.round(logits.clamp(-4096, 4096) * LOGIT_STEPS).to(torch.int64)
+    gap = (logit_q.max(dim=-1, keepdim=True).values - logit_q).clamp(max=MAX_LOGIT_GAP)
+    mean_q, level, gap = (a.cpu().numpy() for a in (mean_q, level.to(torch.int64), gap))
+    return SnappedParams(mean_q=mean_q, level=level, weight=t.weight[gap])
+
+
+# --------------------------------------------------------------------------------------
+# Probability tables per symbol.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    center: np.ndarray  # (n,) int64
+    radius_class: np.ndarray  # (n,) index into R_CLASSES
+
+
+def _plan(p: SnappedParams) -> _Plan:
+    t = tables()
+    total_w = p.weight.sum(axis=1)  # > 0: the top component always has weight 2^WEIGHT_BITS
+    num = (p.weight * p.mean_q).sum(axis=1)
+    den = total_w * MEAN_STEPS
+    center = np.floor_divide(2 * num + den, 2 * den)  # round(num / den), exact
+    # Spread: how far a component with weight reaches from the center, in integers.
+    reach = t.support_radius[p.level] + np.abs(
+        np.floor_divide(p.mean_q - center[:, None] * MEAN_STEPS, MEAN_STEPS)
+    )
+    reach = np.where(p.weight > 0, reach, 0).max(axis=1)
+    radius_class = np.searchsorted(np.asarray(R_CLASSES), reach, side="left")
+    radius_class = np.minimum(radius_class, len(R_CLASSES) - 1)
+    return _Plan(center=center, radius_class=radius_class)
+
+
+def _probabilities(p: SnappedParams, center: np.ndarray, radius: int) -> np.ndarray:
+    """(n, 2R+3) float64 unnormalised probabilities: [escape below, c-R .. c+R, escape above]."""
+    t = tables()
+    J = t.half_width
+    # Bin edges v - 1/2 for v = c-R .. c+R+1, in 1/MEAN_STEPS units.
+    num_edges = 2 * radius + 2
+    first_edge = (center - radius) * MEAN_STEPS - MEAN_STEPS // 2  # (n,)
+    # Edge e of component k sits at rel0 + e*MEAN_STEPS in the table. Clipping rel0 to
+    # [-J - margin, J] keeps every edge inside the saturated margins with unchanged values.
+    rel0 = np.clip(first_edge[:, None] - p.mean_q, -J - t.margin, J) + J + t.margin  # (n, K)
+    runs = np.lib.stride_tricks.sliding_window_view(t.cdf_by_phase, num_edges, axis=2)
+    comp_cdf = runs[p.level, rel0 % MEAN_STEPS, rel0 // MEAN_STEPS]  # (n, K, E)
+    cdf = (comp_cdf * p.weight[:, :, None]).sum(axis=1)  # (n, E)
+    total = p.weight.sum(axis=1, keepdims=True) << CDF_BITS
+    pmf = np.empty((cdf.shape[0], 2 * radius + 3), dtype=np.int64)
+    pmf[:, 0] = cdf[:, 0]
+    pmf[:, 1:-1] = np.diff(cdf, axis=1)
+    pmf[:, -1] = total[:, 0] - cdf[:, -1]
+    return (pmf + 1).astype(np.float64)  # +1: every bin stays codable
+
+
+def _escape_parts(distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elias-gamma split of distance >= 0: (length-1, low bits) with u = distance + 1."""
+    u = distance + 1
+    length = np.floor(np.log2(u.astype(np.float64))).astype(np.int64) + 1
+    # Exact correction for float log2 at powers of two.
+    length = np.where((1 << length) <= u, length + 1, length)
+    length = np.where((1 << (length - 1)) > u, length - 1, length)
+    return length - 1, u - (1 << (length - 1))
+
+
+def estimate_bits(symbols: np.ndarray, p: SnappedParams) -> float:
+    """Exact ideal code length in bits of `symbols` under the snapped model (no coder overhead)."""
+    plan = _plan(p)
+    bits = 0.0
+    for cls, radius in enumerate(R_CLASSES):
+        idx = np.nonzero(plan.radius_class == cls)[0]
+        if idx.size == 0:
+            continue
+        sub = _subset(p, idx)
+        probs = _probabilities(sub, plan.center[idx], radius)
+        index = _symbol_index(symbols[idx], plan.center[idx], radius)
+        chosen = probs[np.arange(idx.size), index]
+        bits += float(-np.log2(chosen / probs.sum(axis=1)).sum())
+    return bits
+
+
+def _subset(p: SnappedParams, idx: np.ndarray) -> SnappedParams:
+    return SnappedParams(mean_q=p.mean_q[idx], level=p.level[idx], weight=p.weight[idx])
+
+
+def _symbol_index(values: np.ndarray, center: np.ndarray, radius: int) -> np.ndarray:
+    return np.clip(values - center + radius + 1, 0, 2 * radius + 2)
+
+
+class SymbolEncoder:
+    """Appends symbols to one range-coded stream; mirror of SymbolDecoder."""
+
+    def __init__(self) -> None:
+        self._coder = constriction.stream.queue.RangeEncoder()
+
+    def encode(self, values: np.ndarray, params: SnappedParams) -> None:
+        values = np.asarray(values, dtype=np.int64)
+        if values.shape != (len(params),):
+            raise ValueError(f"expected {len(params)} symbols, got shape {values.shape}")
+        if values.size == 0:
+            return
+        if np.abs(values).max() > MAX_ABS_SYMBOL:
+            raise ValueError(f"symbol magnitude exceeds {MAX_ABS_SYMBOL}; clamp y_hat first")
+        plan = _plan(params)
+        escapes = []
+        for cls, radius in enumerate(R_CLASSES):
+            idx = np.nonzero(plan.radius_class == cls)[0]
+            if idx.size == 0:
+                continue
+            center, vals = plan.center[idx], values[idx]
+            probs = _probabilities(_subset(params, idx), center, radius)
+            index = _symbol_index(vals, center, radius)
+            self._coder.encode(index.astype(np.int32), _FAMILY, probs)
+            below = center - radius - 1 - vals  # >= 0 where index == 0
+            above = vals - (center + radius + 1)  # >= 0 where index == 2R+2
+            escapes.append(np.where(index == 0, below, np.where(index == 2 * radius + 2, above, -1)))
+        distance = np.concatenate(escapes)
+        distance = distance[distance >= 0]
+        if distance.size:
+            length_minus_1, low = _escape_parts(distance)
+            self._coder.encode(
+                length_minus_1.astype(np.int32), _UNIFORM,
+                np.full(distance.size, ESCAPE_LENGTH_ALPHABET, dtype=np.int32),
+            )
+            has_low = length_minus_1 > 0
+            if has_low.any():
+                self._coder.encode(
+                    low[has_low].astype(np.int32), _UNIFORM,
+                    (1 << length_minus_1[has_low]).astype(np.int32),
+                )
+
+    def finish(self) -> bytes:
+        words = self._coder.get_compressed()
+        return words.astype("<u4").tobytes()
+
+
+class SymbolDecoder:
+    """Reads symbols back in the order SymbolEncoder wrote them."""
+
+    def __init__(self, payload: bytes) -> None:
+        if len(payload) % 4:
+            raise ValueError("entropy-coded payload length is not a multiple of 4 bytes")
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+        self._coder = constriction.stream.queue.RangeDecoder(words)
+
+    def decode(self, params: SnappedParams) -> np.ndarray:
+        n = len(params)
+        values = np.zeros(n, dtype=np.int64)
+        if n == 0:
+            return values
+        plan = _plan(params)
+        escape_slots = []
+        for cls, radius in enumerate(R_CLASSES):
+            idx = np.nonzero(plan.radius_class == cls)[0]
+            if idx.size == 0:
+                continue
+            center = plan.center[idx]
+            probs = _probabilities(_subset(params, idx), center, radius)
+            index = np.asarray(self._coder.decode(_FAMILY, probs), dtype=np.int64)
+            values[idx] = center - radius - 1 + index
+            # Escapes: sign -1 below, +1 above; base value is the first value outside the support.
+            esc_below, esc_above = index == 0, index == 2 * radius + 2
+            sign = np.where(esc_below, -1, np.where(esc_above, 1, 0))
+            base = np.where(esc_below, center - radius - 1, center + radius + 1)
+            escape_slots.append((idx, sign, base))
+        slots = np.concatenate([s[0] for s in escape_slots])
+        signs = np.concatenate([s[1] for s in escape_slots])
+        bases = np.concatenate([s[2] for s in escape_slots])
+        keep = signs != 0
+        slots, signs, bases = slots[keep], signs[keep], bases[keep]
+        if slots.size:
+            length_minus_1 = np.asarray(
+                self._coder.decode(_UNIFORM, np.full(slots.size, ESCAPE_LENGTH_ALPHABET, dtype=np.int32)),
+                dtype=np.int64,
+            )
+            low = np.zeros(slots.size, dtype=np.int64)
+            has_low = length_minus_1 > 0
+            if has_low.any():
+                low[has_low] = self._coder.decode(_UNIFORM, (1 << length_minus_1[has_low]).astype(np.int32))
+            distance = (1 << length_minus_1) + low - 1
+            values[slots] = bases + signs * distance
+        return values
