@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 venv install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m m2t_core.demo
+	$(PY) jobs/demo.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

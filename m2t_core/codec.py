@@ -224,6 +224,7 @@ class M2TCodec(nn.Module):
 
     def analysis(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB uint8 (H, W, 3) -> y_hat (C, h, w) rounded and clamped, float32."""
+        rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch wants writable memory
         x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
         pad_b, pad_r = bs.image_padding(rgb.shape[0], rgb.shape[1])
         x = F.pad(x, (0, pad_r, 0, pad_b), mode="replicate")

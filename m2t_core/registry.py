@@ -77,6 +77,7 @@ def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

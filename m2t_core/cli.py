@@ -1,0 +1,206 @@
+"""The `m2t` command line: one program, subcommands.
+
+    m2t encode IN.png OUT.m2t [--model NAME_OR_PATH]
+    m2t decode IN.m2t OUT.png
+    m2t info IN.m2t
+    m2t models
+    m2t train --config configs/train/NAME.yaml [--set key=value ...]
+
+Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG=1 shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    pass
+
+
+def _model(name: str | None, device: str):
+    from .registry import load_model
+
+    return load_model(name, device=device)
+
+
+def _device(arg: str) -> str:
+    if arg != "auto":
+        return arg
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_encode(args) -> int:
+    from .image_io import load_image
+
+    model = _model(args.model, _device(args.device))
+    rgb = load_image(args.input, max_pixels=args.max_pixels)
+    t0 = time.perf_counter()
+    encoded = model.encode_image(rgb, window_batch=args.window_batch, max_pixels=args.max_pixels)
+    elapsed = time.perf_counter() - t0
+    Path(args.output).write_bytes(encoded.bitstream)
+    h, w = rgb.shape[:2]
+    line = f"{args.input} -> {args.output}: {w}x{h}, {len(encoded.bitstream)} bytes, {encoded.bpp:.4f} bpp"
+    if args.psnr:
+        from .metrics import psnr
+
+        line += f", PSNR {psnr(rgb, model.reconstruct(encoded)):.2f} dB"
+    print(f"{line}, model {model.model_id}, {elapsed:.2f} s")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from .bitstream import read_header
+    from .image_io import save_image
+
+    data = _read_bitstream(args.input)
+    header = read_header(data, max_pixels=args.max_pixels)
+    model = _model(args.model or header.model_id, _device(args.device))
+    t0 = time.perf_counter()
+    rgb = model.decompress(data, max_pixels=args.max_pixels)
+    elapsed = time.perf_counter() - t0
+    save_image(rgb, args.output)
+    print(f"{args.input} -> {args.output}: {header.width}x{header.height}, model {header.model_id}, {elapsed:.2f} s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .bitstream import read_header
+
+    data = _read_bitstream(args.input)
+    h = read_header(data, max_pixels=args.max_pixels)
+    pad_b, pad_r = h.padding
+    fields = [
+        ("format version", h.version),
+        ("model", h.model_id),
+        ("weights hash", h.weights_hash.hex()),
+        ("image size", f"{h.width}x{h.height}"),
+        ("padding", f"bottom {pad_b}, right {pad_r}"),
+        ("window batch", h.window_batch),
+        ("encoded on", "CUDA" if h.flags & 1 else "CPU"),
+        ("payload", f"{h.payload_len} bytes"),
+        ("total size", f"{len(data)} bytes"),
+        ("bpp", f"{8 * len(data) / (h.width * h.height):.4f}"),
+        ("latent crc32", f"{h.latent_crc:08x}"),
+    ]
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .registry import DEFAULT_MODEL, list_models
+
+    models = list_models()
+    if not models:
+        print("no models installed (set M2T_MODEL_PATH or train one: m2t train ...)")
+        return 0
+    for m in models:
+        kodak = m.info.get("kodak", {})
+        figures = (f"kodak {kodak['bpp']:.3f} bpp {kodak['psnr']:.2f} dB" if "bpp" in kodak
+                   else "kodak not measured")
+        default = "  (default)" if m.name == DEFAULT_MODEL else ""
+        print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  {figures}{default}")
+    return 0
+
+
+def cmd_train(args, rest: list[str]) -> int:
+    try:
+        from pipeline.training import main as train_main
+    except ImportError as exc:
+        raise CliError(f"training needs the pipeline extras (pip install -e '.[pipeline]'): {exc}")
+    return train_main(rest)
+
+
+def _read_bitstream(path: str) -> bytes:
+    p = Path(path)
+    size = p.stat().st_size
+    if size > 1 << 31:
+        raise CliError(f"{path}: {size} bytes is too large for a single-image bitstream")
+    return p.read_bytes()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="m2t", description="M2T learned image compression")
+    parser.add_argument("--version", action="version", version=f"m2t {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model_help):
+        p.add_argument("--model", default=None, help=model_help)
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+        p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images")
+
+    p = sub.add_parser("encode", help="compress an image file to an .m2t bitstream")
+    p.add_argument("input")
+    p.add_argument("output")
+    common(p, "registry name or checkpoint path (default: the shipped default model)")
+    p.add_argument("--window-batch", type=int, default=8, help="windows per transformer call")
+    p.add_argument("--psnr", action="store_true", help="also print the PSNR of the reconstruction")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decompress an .m2t bitstream to an image file")
+    p.add_argument("input")
+    p.add_argument("output")
+    common(p, "override the model named in the header (its weights hash must still match)")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("info", help="print a bitstream's header")
+    p.add_argument("input")
+    p.add_argument("--max-pixels", type=int, default=64_000_000)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the installed models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a model (see configs/train/)", add_help=False)
+    p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "train":
+        args, rest = argparse.Namespace(command="train"), argv[1:]
+    else:
+        args, rest = parser.parse_args(argv), []
+    try:
+        if args.command == "train":
+            return cmd_train(args, rest)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("m2t: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line, no traceback
+        if os.environ.get("M2T_DEBUG"):
+            raise
+        print(f"m2t {args.command}: error: {_describe(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file: {exc.filename}"
+    if isinstance(exc, IsADirectoryError):
+        return f"is a directory: {exc.filename}"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename}"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    return text.splitlines()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
