@@ -80,9 +80,12 @@ def resize_short(im: Image.Image, short: int) -> Image.Image:
     return im.resize(size, Image.LANCZOS, reducing_gap=3.0)
 
 
+JPEG_QUALITY = 95  # set from --quality
+
+
 def encode_jpeg(im: Image.Image) -> bytes:
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=95, subsampling=0, optimize=True)
+    im.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=True)
     return buf.getvalue()
 
 
@@ -186,6 +189,7 @@ def pick_val(sources: dict[str, list[Path]], count: int, seed: int) -> list[tupl
 
 
 def main(argv: list[str] | None = None) -> int:
+    global JPEG_QUALITY, SHORT_MIN, SHORT_MAX
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", type=Path, default=Path("../shared/datasets/train"))
     ap.add_argument("--out", type=Path, default=Path(".traindata"))
@@ -193,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="total size of train + val in MiB, counted in 4 KiB blocks (as du does)")
     ap.add_argument("--val", type=int, default=16, help="held-out validation images")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quality", type=int, default=95, help="JPEG quality of the training items")
+    ap.add_argument("--short-side", type=int, nargs=2, default=(288, 512), metavar=("MIN", "MAX"),
+                    help="range of the short side after the random downscale (more, smaller items fit the budget)")
     args = ap.parse_args(argv)
+    JPEG_QUALITY = args.quality
+    SHORT_MIN, SHORT_MAX = args.short_side
 
     src: Path = args.src
     if not src.is_dir():
