@@ -169,3 +169,20 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     if cache:
         _CACHE[key] = model
     return model
+
+
+def update_checkpoint_info(path: str | Path, updates: dict[str, Any]) -> None:
+    """Merge `updates` into a checkpoint's `info` metadata; tensors are rewritten unchanged."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    model_id, config, info = read_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(str(path))
+    info.update(updates)
+    metadata["info"] = json.dumps(info, sort_keys=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
