@@ -24,7 +24,7 @@ launch() {  # $1: extra flag (--resume or empty)
   for name in $NAMES; do
     setsid nohup "$PY" jobs/train.py --config "configs/train/${CONFIG[$name]}.yaml" --no-ray $1 \
       --set model_id="$name" --set lmbda="${LAMBDA[$name]}" --set steps="$STEPS" \
-      --set num_workers="$WORKERS" --set output_dir="$RUNS/$name" --set log_every="${LOG_EVERY:-100}" \
+      --set num_workers="$WORKERS" --set output_dir="$RUNS/$name" --set log_every="${LOG_EVERY:-100}" --set lr="${LR:-2.0e-4}" \
       > "$RUNS/$name.log" 2>&1 < /dev/null &
     echo "started $name (lambda ${LAMBDA[$name]}, $STEPS steps) -> $RUNS/$name.log"
   done
