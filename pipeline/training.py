@@ -63,7 +63,6 @@ AMP_MODES = ("none", "bf16")
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MAX_DECODE_PIXELS = 100_000_000  # refuse decompression bombs before decoding their pixels
 VAL_MAX_SIDE = 512
-STATE_FILES = ("last.safetensors", "last-optim.safetensors", "last-state.json")
 
 # A sample: (file URL, member name inside a tar shard or "", byte offset, byte size or -1).
 Sample = tuple[str, str, int, int]
