@@ -129,7 +129,8 @@ class M2TCodec(nn.Module):
         w = self.cfg.window
         y = self.g_a(x)
         y_hat = ste_round(y)
-        y_rate = y + torch.empty_like(y).uniform_(-0.5, 0.5) if self.training else torch.round(y)
+        y32 = y.float()
+        y_rate = y32 + torch.empty_like(y32).uniform_(-0.5, 0.5) if self.training else torch.round(y32)
         B, C, h, wd = y.shape
         valid = pad_latent(torch.ones(B, 1, h, wd, device=x.device), w)
         ctx = to_windows(pad_latent(y_hat, w), w)  # (B*nW, L, C)
@@ -142,7 +143,10 @@ class M2TCodec(nn.Module):
             masked = self._random_mt_mask(ctx.shape[0], mt_mask_range, x.device)  # (B*nW, L)
             params = self.entropy_model.mt_forward(ctx, masked)
             rate_mask = valid * from_windows(masked[..., None].float(), B, H2, W2, w)
-        lik = mixture_likelihood(target, params)  # (B*nW, L, C)
+        # The rate in fp32 even under autocast: bf16 would round y - mean at |y| > ~32.
+        with torch.autocast(x.device.type, enabled=False):
+            params32 = MixtureParams(*(t.float() for t in (params.means, params.log_scales, params.logits)))
+            lik = mixture_likelihood(target.float(), params32)  # (B*nW, L, C)
         lik = from_windows(lik, B, H2, W2, w)[..., :h, :wd]  # (B, C, h, w)
         return {
             "x_hat": self.g_s(y_hat),
