@@ -1,0 +1,397 @@
+"""The compressed-dataset archive: layout, atomic per-shard writes, random-access `get`.
+
+    ARCHIVE/
+      shards/<shard>.bin          the shard's bitstreams, concatenated (each a complete M2T stream)
+      shards/<shard>.parquet      the shard's index: one row per input (schema INDEX_SCHEMA)
+      shards/<shard>.stats.json   the shard's totals; written LAST: its presence marks the shard done
+      keys.parquet                every key -> shard, offset, length, status (sorted by key)
+      manifest.json               model, versions, config, shard list, totals; written when all is done
+      report.json                 the job's report (also written by incomplete runs)
+
+ARCHIVE is any fsspec URL (a local folder, s3://bucket/prefix, ...). On a local filesystem
+every file is written under a temporary name and renamed into place; on object stores an
+object only appears when its upload completes, so files are written in place. Either way
+the stats file comes last, so a shard whose stats file exists is complete, and a shard
+without one is redone from scratch on resume.
+
+`m2t get ARCHIVE KEY OUT.png` reads keys.parquet (sorted, in row groups with min/max
+statistics, so a lookup reads its footer and one row group), then one byte range of one
+.bin file, and decodes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .sources import filesystem, join_url
+
+ARCHIVE_FORMAT = "m2t-archive"
+ARCHIVE_VERSION = 1
+SHARDS_DIR = "shards"
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+KEYS_INDEX = "keys.parquet"
+KEYS_ROW_GROUP = 65536  # rows per row group of keys.parquet: what one lookup reads
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+class ArchiveError(RuntimeError):
+    """The archive is missing, incomplete, or does not hold what was asked for."""
+
+
+def index_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("key", pa.string()),
+        ("source", pa.string()),  # file URL; `#member` for tar members, `#row=N` for Parquet rows
+        ("shard", pa.string()),
+        ("offset", pa.int64()),  # byte offset in shards/<shard>.bin (null unless status is ok)
+        ("length", pa.int64()),  # bitstream bytes (null unless ok)
+        ("height", pa.int32()),  # image size after EXIF orientation (null if it was not decoded)
+        ("width", pa.int32()),
+        ("source_bytes", pa.int64()),  # bytes of the source file / member / Parquet cell
+        ("bpp", pa.float64()),
+        ("psnr", pa.float64()),  # of the decoder's output vs the source pixels, dB (inf: identical)
+        ("mse", pa.float64()),
+        ("crc32", pa.int64()),  # CRC-32 of the bitstream
+        ("decoded_crc32", pa.int64()),  # CRC-32 of the decoder's RGB uint8 output (H, W, 3), C order
+        ("status", pa.string()),  # "ok", "error" or "duplicate"
+        ("error", pa.string()),  # why, when status is not ok
+    ])
+
+
+def keys_schema():
+    import pyarrow as pa
+
+    return pa.schema([("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
+                      ("length", pa.int64()), ("crc32", pa.int64()), ("status", pa.string()),
+                      ("error", pa.string())])
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(data: Any) -> str:
+    """JSON with non-finite floats as strings ("inf"): strict parsers reject Infinity."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(data), indent=1, sort_keys=False, default=_json_default) + "\n"
+
+
+class Archive:
+    """An archive location: paths, atomic writes, listing of completed shards."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+        self.fs, self.root = filesystem(self.url, storage_options)
+        self.root = self.root.rstrip("/")
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.local = bool({"file", "local"} & set(protocols))
+
+    # -------------------------------------------------------------- paths
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def shard_path(self, shard: str, suffix: str) -> str:
+        return self.path(SHARDS_DIR, f"{shard}{suffix}")
+
+    # -------------------------------------------------------------- writing
+
+    def _tmp(self, path: str) -> str:
+        return path + ".tmp" if self.local else path
+
+    def _commit(self, tmp: str, path: str) -> None:
+        if tmp != path:
+            self.fs.mv(tmp, path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Whole-file write that never leaves a partial file under the final name."""
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = self._tmp(path)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self._commit(tmp, path)
+
+    def write_json(self, path: str, data: Any) -> None:
+        self.write_bytes(path, dumps(data).encode())
+
+    def write_table(self, path: str, table, **kwargs) -> None:
+        import pyarrow.parquet as pq
+
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = self._tmp(path)
+        with self.fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, **kwargs)
+        self._commit(tmp, path)
+
+    def open_blob(self, shard: str):
+        """A ShardBlob: an open file for the shard's bitstreams, moved into place by commit()."""
+        return ShardBlob(self, shard)
+
+    # -------------------------------------------------------------- state
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.root)
+
+    def is_empty(self) -> bool:
+        return not self.exists() or not self.fs.ls(self.root, detail=False)
+
+    def looks_like_archive(self) -> bool:
+        return any(self.fs.exists(self.path(p)) for p in (SHARDS_DIR, MANIFEST, REPORT))
+
+    def delete(self) -> None:
+        if self.exists():
+            self.fs.rm(self.root, recursive=True)
+        self.fs.invalidate_cache()
+
+    def clear_shard(self, shard: str) -> None:
+        """Remove what an interrupted attempt at `shard` may have left (never a stats file of a
+        completed shard: callers only clear shards that have none)."""
+        for suffix in (".bin", ".parquet", ".bin.tmp", ".parquet.tmp", ".stats.json.tmp"):
+            path = self.shard_path(shard, suffix)
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    def completed_shards(self) -> dict[str, dict[str, Any]]:
+        """shard id -> its stats, for every shard whose stats file exists."""
+        self.fs.invalidate_cache()
+        folder = self.path(SHARDS_DIR)
+        if not self.fs.exists(folder):
+            return {}
+        paths = [p for p in self.fs.ls(folder, detail=False) if p.endswith(".stats.json")]
+        if not paths:
+            return {}
+        out = {}
+        for path, data in sorted(self.fs.cat(paths).items()):  # concurrent reads on object stores
+            stats = json.loads(data)
+            out[stats["shard"]] = stats
+        return out
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        path = self.path(name)
+        if not self.fs.exists(path):
+            raise ArchiveError(f"{join_url(self.url, name)} not found")
+        return json.loads(self.fs.cat_file(path))
+
+
+class ShardBlob:
+    """Bitstreams appended one by one to shards/<shard>.bin (via a temporary name locally)."""
+
+    def __init__(self, archive: Archive, shard: str):
+        self.archive = archive
+        self.path = archive.shard_path(shard, ".bin")
+        self.tmp = archive._tmp(self.path)
+        archive.fs.makedirs(archive.path(SHARDS_DIR), exist_ok=True)
+        self.file = archive.fs.open(self.tmp, "wb")
+        self.offset = 0
+
+    def append(self, data: bytes) -> int:
+        """Write one bitstream; returns its offset."""
+        offset = self.offset
+        self.file.write(data)
+        self.offset += len(data)
+        return offset
+
+    def commit(self) -> None:
+        self.file.close()
+        self.archive._commit(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except Exception:
+            pass
+
+
+# ====================================================================== finishing
+
+
+def code_version() -> dict[str, Any]:
+    import m2t_core
+
+    commit = None
+    try:
+        result = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if result.returncode == 0:
+            commit = result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git, or not a checkout (e.g. a Ray job's unpacked working dir)
+    return {"m2t": m2t_core.__version__, "git_commit": commit}
+
+
+def write_keys_index(archive: Archive, shards: list[str]) -> int:
+    """Gather every shard's index into keys.parquet, sorted by key; returns the row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = keys_schema().names
+    tables = []
+    for shard in shards:
+        with archive.fs.open(archive.shard_path(shard, ".parquet"), "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    table = pa.concat_tables(tables) if tables else keys_schema().empty_table()
+    table = table.sort_by([("key", "ascending"), ("shard", "ascending")])
+    archive.write_table(archive.path(KEYS_INDEX), table, row_group_size=KEYS_ROW_GROUP,
+                        write_statistics=True)
+    return table.num_rows
+
+
+# ====================================================================== random access
+
+
+def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
+    """The keys.parquet row of `key` (the kept one, status ok, when a key was duplicated)."""
+    import pyarrow.parquet as pq
+
+    archive = Archive(archive_url, storage_options)
+    path = archive.path(KEYS_INDEX)
+    if not archive.fs.exists(path):
+        hint = ("the archive is incomplete: run `m2t compress` again to finish it"
+                if archive.looks_like_archive() else "not an m2t archive")
+        raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} not found ({hint})")
+    rows = []
+    with archive.fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        column = pf.schema_arrow.get_field_index("key")
+        for g in range(pf.metadata.num_row_groups):
+            # The file is sorted by key: the min/max statistics say which row group can hold it.
+            stats = pf.metadata.row_group(g).column(column).statistics
+            if stats is not None and stats.has_min_max and not stats.min <= key <= stats.max:
+                continue
+            table = pf.read_row_group(g)
+            rows += [r for r in table.to_pylist() if r["key"] == key]
+    if not rows:
+        raise ArchiveError(f"key {key!r} is not in the archive {archive.url}")
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        r = rows[0]
+        raise ArchiveError(f"key {key!r} was not archived (status {r['status']}): {r['error']}")
+    return ok[0]
+
+
+def read_bitstream(archive_url: str, key: str, storage_options=None) -> bytes:
+    """The bitstream of `key`: one index lookup and one byte-range read, CRC-checked."""
+    row = lookup(archive_url, key, storage_options)
+    archive = Archive(archive_url, storage_options)
+    start = int(row["offset"])
+    data = archive.fs.cat_file(archive.shard_path(row["shard"], ".bin"), start=start, end=start + int(row["length"]))
+    if len(data) != row["length"] or zlib.crc32(data) != row["crc32"]:
+        raise ArchiveError(f"key {key!r}: the bytes in shard {row['shard']} do not match the index "
+                           f"(CRC-32 {zlib.crc32(data):08x}, index says {row['crc32']:08x})")
+    return data
+
+
+def open_model(spec: str | None, device: str = "cpu", storage_options=None):
+    """A model by registry name, local checkpoint path, or fsspec URL of a checkpoint (fetched
+    to a local temporary file: safetensors loads from a path)."""
+    from m2t_core import load_model
+
+    if spec and "://" in spec and not spec.startswith("file://"):
+        fs, path = filesystem(spec, storage_options)
+        cache = Path(tempfile.gettempdir()) / "m2t-models"
+        cache.mkdir(parents=True, exist_ok=True)
+        local = cache / f"{zlib.crc32(spec.encode()):08x}-{os.path.basename(path)}"
+        if not local.name.endswith(".safetensors"):
+            local = local.with_name(local.name + ".safetensors")
+        tmp = local.with_name(f"{local.name}.{os.getpid()}.tmp")
+        fs.get_file(path, str(tmp))
+        os.replace(tmp, local)  # fetched afresh each time: the URL may now hold newer weights
+        return load_model(str(local), device=device, cache=False)
+    if spec and spec.startswith("file://"):
+        spec = spec[len("file://"):]
+    return load_model(spec, device=device)
+
+
+def _archive_model(archive_url: str, header, override: str | None, storage_options):
+    """The model to decode `header` with: --model if given, else the one the manifest names
+    (by the same source the job used), else the registry model named in the bitstream."""
+    from m2t_core import ModelNotFoundError, load_model
+
+    if override:
+        return open_model(override, storage_options=storage_options)
+    try:
+        source = Archive(archive_url, storage_options).read_json(MANIFEST)["model"]["source"]
+        model = open_model(source, storage_options=storage_options)
+        if model.model_id == header.model_id and model.weights_hash() == header.weights_hash:
+            return model
+    except (ArchiveError, KeyError, OSError, ModelNotFoundError, ValueError):
+        pass  # the job's checkpoint is not reachable from here: fall back to the registry
+    return load_model(header.model_id)
+
+
+def get_image(archive_url: str, key: str, model: str | None = None, storage_options=None) -> np.ndarray:
+    """Decode one image of an archive: RGB uint8 (H, W, 3)."""
+    from m2t_core import read_header
+
+    data = read_bitstream(archive_url, key, storage_options)
+    header = read_header(data)
+    return _archive_model(archive_url, header, model, storage_options).decompress(data)
+
+
+def get_main(argv: list[str] | None = None) -> int:
+    """`m2t get ARCHIVE KEY OUT`: write one archived image (PNG, or by OUT's extension; `-`
+    with --bitstream writes the raw bitstream to stdout)."""
+    parser = argparse.ArgumentParser(prog="m2t get", description="Extract one image from an m2t archive.")
+    parser.add_argument("archive", help="archive URL (a folder or s3://bucket/prefix)")
+    parser.add_argument("key", help="the image's key, as in the archive's index")
+    parser.add_argument("output", help="image file to write (PNG by default; the extension picks the format)")
+    parser.add_argument("--bitstream", action="store_true", help="write the .m2t bitstream instead of pixels")
+    parser.add_argument("--model", default=None, help="decode with this model (name, path or URL)")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help='fsspec options per protocol, e.g. \'{"s3": {"endpoint_url": "http://..."}}\'')
+    args = parser.parse_args(argv)
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else None
+        if args.bitstream:
+            data = read_bitstream(args.archive, args.key, options)
+            if args.output == "-":
+                sys.stdout.buffer.write(data)
+            else:
+                Path(args.output).write_bytes(data)
+            return EXIT_OK
+        from m2t_core import save_image
+
+        rgb = get_image(args.archive, args.key, args.model, options)
+        out = Path(args.output)
+        save_image(rgb, out, format=None if out.suffix else "PNG")
+        print(f"{args.key} -> {out}: {rgb.shape[1]}x{rgb.shape[0]}")
+        return EXIT_OK
+    except Exception as exc:  # one clear line for users; M2T_DEBUG=1 shows the traceback
+        if os.environ.get("M2T_DEBUG"):
+            raise
+        print(f"m2t get: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,416 @@
+"""Input corpora for the compression job: listing, sharding and reading, behind one interface.
+
+Three input formats, recognised per file by extension, can be mixed under one input URL:
+
+* image files (a folder, searched recursively, or a glob): key = the path relative to the
+  input root (`photos/2019/a.jpg`);
+* webdataset-style `.tar` shards: every image member is an input; key = the tar's relative
+  path, a slash, and the member name (`train-0001.tar/000123.jpg`); other members (captions,
+  JSON sidecars) are not inputs;
+* Parquet files with one row per image: the image bytes come from a binary column or from a
+  Hugging Face-style struct column `{bytes, path}`; key = the value of the key column when
+  there is one (`key`, as img2dataset writes, or the struct's `path`, ...), else the file's
+  relative path, `#` and the row number (`part-0.parquet#17`).
+
+The unit of work is a SHARD: up to `shard_size` image files, one whole tar, or up to
+`shard_size` rows of one Parquet file. `plan_shards` lists the inputs on the driver and
+returns the shards in a deterministic order, each with a fingerprint of what it covers (keys,
+sources, sizes), so that a resumed run can tell whether the input changed. Duplicate keys
+among files and Parquet rows are found while planning (the first occurrence in plan order
+wins); duplicates inside one tar are found while it is read (tars are streamed, never indexed
+on the driver: that would download every tar twice).
+
+`iter_shard(spec, ...)` reads one shard item by item (one image in memory at a time), on a
+worker, and yields `SourceItem`s: the bytes of an image or the reason there are none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+TAR_EXTS = (".tar",)  # compressed tars (.tar.gz) cannot be streamed member by member cheaply
+PARQUET_EXTS = (".parquet", ".pq")
+# Parquet columns looked for, in this order, when the config does not name them.
+IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes")
+KEY_COLUMNS = ("key", "path", "file_name", "filename", "name", "id")
+
+
+class SourceError(ValueError):
+    """An input URL or file cannot be listed or understood (a usage error, not a bad image)."""
+
+
+@dataclass
+class SourceItem:
+    """One input image as a worker sees it: bytes, or the reason why there are none."""
+
+    key: str
+    source: str  # URL of the file, with `#member` / `#row=N` for tar members and Parquet rows
+    data: bytes | None = None
+    status: str = "ok"  # "ok" (data is set), "error" or "duplicate"
+    error: str = ""
+    source_bytes: int = 0
+
+
+# ====================================================================== filesystems
+
+
+def filesystem(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
+    """(fsspec filesystem, path) for a URL. `storage_options` maps a protocol ("s3", "gcs",
+    ...) to the keyword arguments of its filesystem, so mixed local/S3 jobs work."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = dict((storage_options or {}).get(protocol, {}))
+    return fsspec.core.url_to_fs(url, **options)
+
+
+def join_url(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _has_magic(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+# ====================================================================== planning
+
+
+@dataclass
+class ShardSpec:
+    """What one worker call compresses. Plain data: it travels to Ray actors as a dict."""
+
+    shard: str  # shard id, e.g. "00042": names the output files
+    kind: str  # "files", "tar" or "parquet"
+    root: str  # the input root URL the keys are relative to
+    items: list[dict[str, Any]]  # files: [{key, url, size}]; tar: [{key, url, size}] (the tar itself)
+    # parquet: row range of one file and the columns to read
+    row_start: int = 0
+    row_end: int = 0
+    image_column: str = ""
+    key_column: str = ""
+    keys: list[str] | None = None  # parquet: the planned key of every row in the range
+    # Plan-level duplicates: item/row index (as a string, JSON-friendly) -> reason.
+    duplicates: dict[str, str] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """What this shard covers: a resumed run must find the same input here."""
+        body = {k: v for k, v in self.to_dict().items() if k != "duplicates"}
+        body["duplicates"] = sorted((self.duplicates or {}).items())
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+    @property
+    def planned_images(self) -> int | None:
+        """Images in the shard if known before reading it (a tar's count is not)."""
+        if self.kind == "files":
+            return len(self.items)
+        if self.kind == "parquet":
+            return self.row_end - self.row_start
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard, "kind": self.kind, "root": self.root, "items": self.items,
+            "row_start": self.row_start, "row_end": self.row_end, "image_column": self.image_column,
+            "key_column": self.key_column, "keys": self.keys, "duplicates": self.duplicates,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ShardSpec":
+        return cls(**data)
+
+
+def _list_root(url: str, storage_options) -> tuple[str, list[tuple[str, str, int]]]:
+    """Files under one input URL: (root URL, [(relative path, file URL, size)]), sorted."""
+    fs, path = filesystem(url, storage_options)
+    if _has_magic(path):
+        # Keys relative to the directory above the first wildcard: `data/*/x.jpg` -> `a/x.jpg`.
+        prefix = path[:min(path.index(c) for c in "*?[" if c in path)]
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        found = fs.glob(path, detail=True)
+        entries = {p: info for p, info in found.items() if info.get("type") != "directory"}
+    elif fs.isdir(path):
+        base = path.rstrip("/")
+        entries = fs.find(path, detail=True)
+    elif fs.exists(path):
+        base = posixpath.dirname(path.rstrip("/"))
+        entries = {path: fs.info(path)}
+    else:
+        raise SourceError(f"input not found: {url}")
+    root = fs.unstrip_protocol(base) if base else url
+    files = []
+    for p in sorted(entries):
+        rel = p[len(base):].lstrip("/") if base and p.startswith(base) else posixpath.basename(p)
+        files.append((rel, fs.unstrip_protocol(p), int(entries[p].get("size") or 0)))
+    return root, files
+
+
+def _pick_columns(schema, url: str, image_column: str | None, key_column: str | None) -> tuple[str, str]:
+    """(image column, key column or "") of a Parquet schema; named ones are checked."""
+    import pyarrow as pa
+
+    def is_image(field) -> bool:
+        t = field.type
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return True
+        return pa.types.is_struct(t) and any(t.field(i).name == "bytes" for i in range(t.num_fields))
+
+    names = schema.names
+    if image_column:
+        if image_column not in names:
+            raise SourceError(f"{url}: no column {image_column!r} (columns: {names})")
+        if not is_image(schema.field(image_column)):
+            raise SourceError(f"{url}: column {image_column!r} is {schema.field(image_column).type}, "
+                              "not binary or a struct with a `bytes` field")
+        image = image_column
+    else:
+        candidates = [n for n in IMAGE_COLUMNS if n in names and is_image(schema.field(n))]
+        candidates += [f.name for f in schema if is_image(f) and f.name not in candidates]
+        if not candidates:
+            raise SourceError(f"{url}: no image column (binary, or a struct with `bytes`) among {names}; "
+                              "set parquet_image_column")
+        image = candidates[0]
+    if key_column:
+        if key_column not in names and not key_column.startswith(f"{image}."):
+            raise SourceError(f"{url}: no key column {key_column!r} (columns: {names})")
+        return image, key_column
+    for name in KEY_COLUMNS:
+        if name in names and name != image and pa.types.is_string(schema.field(name).type):
+            return image, name
+    t = schema.field(image).type
+    if pa.types.is_struct(t) and any(t.field(i).name == "path" for i in range(t.num_fields)):
+        return image, f"{image}.path"  # Hugging Face datasets store the file name here
+    return image, ""
+
+
+def _read_key_column(pf, key: str) -> list:
+    """The key column's values; `image.path` names a field of a struct column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = pf.read(columns=[key]).column(0)
+    # Reading a nested field gives its parent struct (holding only that field): unwrap it.
+    for name in key.split(".")[1:]:
+        if pa.types.is_struct(column.type):
+            column = pc.struct_field(column, name)
+    return [None if v is None else str(v) for v in column.to_pylist()]
+
+
+def _parquet_shards(rel: str, url: str, root: str, size: int, shard_size: int, storage_options,
+                    image_column: str | None, key_column: str | None) -> list[ShardSpec]:
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            image, key = _pick_columns(pf.schema_arrow, url, image_column, key_column)
+            rows = pf.metadata.num_rows
+            keys_col = _read_key_column(pf, key) if key else [None] * rows
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{url}: not a readable Parquet file ({exc})") from None
+    keys = [str(k) if k not in (None, "") else f"{rel}#{i}" for i, k in enumerate(keys_col)]
+    return [
+        ShardSpec(shard="", kind="parquet", root=root, items=[{"key": rel, "url": url, "size": size}],
+                  row_start=start, row_end=min(start + shard_size, rows), image_column=image,
+                  key_column=key, keys=keys[start:start + shard_size])
+        for start in range(0, rows, shard_size)
+    ]
+
+
+def plan_shards(urls: str | Sequence[str], shard_size: int,
+                storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+                image_column: str | None = None, key_column: str | None = None) -> list[ShardSpec]:
+    """List every input and cut it into shards, numbered in a deterministic order: per input
+    URL (in the order given), its image files in chunks, then its tars, then its Parquet files
+    (each sorted by path). Raises SourceError if an input has nothing to compress."""
+    if shard_size < 1:
+        raise SourceError(f"shard_size must be >= 1, got {shard_size}")
+    shards: list[ShardSpec] = []
+    for url in [urls] if isinstance(urls, str) else list(urls):
+        root, files = _list_root(url, storage_options)
+        images = [(r, u, s) for r, u, s in files if r.lower().endswith(IMAGE_EXTS)]
+        tars = [(r, u, s) for r, u, s in files if r.lower().endswith(TAR_EXTS)]
+        parquets = [(r, u, s) for r, u, s in files if r.lower().endswith(PARQUET_EXTS)]
+        if not (images or tars or parquets):
+            raise SourceError(f"no images ({', '.join(IMAGE_EXTS)}), .tar or .parquet files found at {url}")
+        for start in range(0, len(images), shard_size):
+            chunk = images[start:start + shard_size]
+            shards.append(ShardSpec(shard="", kind="files", root=root,
+                                    items=[{"key": r, "url": u, "size": s} for r, u, s in chunk]))
+        for r, u, s in tars:
+            shards.append(ShardSpec(shard="", kind="tar", root=root, items=[{"key": r, "url": u, "size": s}]))
+        for r, u, s in parquets:
+            shards.extend(_parquet_shards(r, u, root, s, shard_size, storage_options, image_column, key_column))
+    width = max(5, len(str(len(shards) - 1)))
+    first_seen: dict[str, str] = {}
+    for i, spec in enumerate(shards):
+        spec.shard = f"{i:0{width}d}"
+        _mark_duplicates(spec, first_seen)
+    return shards
+
+
+def _mark_duplicates(spec: ShardSpec, first_seen: dict[str, str]) -> None:
+    """Record in `spec` which of its keys were already planned (in an earlier shard or earlier
+    in this one). Tar member keys start with the tar's unique relative path, and a tar's own
+    repeats are found while it is read, so tars need nothing here."""
+    if spec.kind == "tar":
+        return
+    if spec.kind == "files":
+        keys = [(item["key"], item["url"]) for item in spec.items]
+    else:
+        url = spec.items[0]["url"]
+        keys = [(k, f"{url}#row={spec.row_start + j}") for j, k in enumerate(spec.keys or [])]
+    dups = {}
+    for j, (key, source) in enumerate(keys):
+        if key in first_seen:
+            dups[str(j)] = f"duplicate key {key!r}: already taken by {first_seen[key]}"
+        else:
+            first_seen[key] = source
+    spec.duplicates = dups or None
+
+
+# ====================================================================== reading (on a worker)
+
+
+def iter_shard(spec: ShardSpec, storage_options=None, max_source_bytes: int = 1 << 28) -> Iterator[SourceItem]:
+    """The inputs of one shard in order, one at a time. Never raises for a bad input: an
+    unreadable file or row becomes an item with status "error" and the reason."""
+    if spec.kind == "files":
+        yield from _iter_files(spec, storage_options, max_source_bytes)
+    elif spec.kind == "tar":
+        yield from _iter_tar(spec, storage_options, max_source_bytes)
+    elif spec.kind == "parquet":
+        yield from _iter_parquet(spec, storage_options, max_source_bytes)
+    else:
+        raise SourceError(f"shard {spec.shard}: unknown kind {spec.kind!r}")
+
+
+def _too_big(size: int, limit: int) -> str:
+    return f"source of {size} bytes exceeds max_source_bytes ({limit})"
+
+
+def _iter_files(spec: ShardSpec, storage_options, limit: int) -> Iterator[SourceItem]:
+    dups = spec.duplicates or {}
+    for j, item in enumerate(spec.items):
+        key, url, size = item["key"], item["url"], int(item["size"])
+        if str(j) in dups:
+            yield SourceItem(key, url, status="duplicate", error=dups[str(j)], source_bytes=size)
+            continue
+        if size > limit:
+            yield SourceItem(key, url, status="error", error=_too_big(size, limit), source_bytes=size)
+            continue
+        try:
+            fs, path = filesystem(url, storage_options)
+            data = fs.cat_file(path)
+        except Exception as exc:  # missing since listing, permission, network after retries
+            yield SourceItem(key, url, status="error", error=f"cannot read: {exc}", source_bytes=size)
+            continue
+        yield SourceItem(key, url, data=data, source_bytes=len(data))
+
+
+def _iter_tar(spec: ShardSpec, storage_options, limit: int) -> Iterator[SourceItem]:
+    """Stream the tar once, front to back (mode "r|": no seeks, so S3 reads are sequential)."""
+    tar_key, url = spec.items[0]["key"], spec.items[0]["url"]
+    seen: dict[str, str] = {}
+    rows = 0  # image members yielded so far (each became a row)
+    try:
+        fs, path = filesystem(url, storage_options)
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.lower().endswith(IMAGE_EXTS):
+                    continue
+                key, source = f"{tar_key}/{member.name}", f"{url}#{member.name}"
+                if key in seen:
+                    item = SourceItem(key, source, status="duplicate", source_bytes=member.size,
+                                      error=f"duplicate key {key!r}: the tar holds this member twice; "
+                                            f"the first copy ({seen[key]}) was kept")
+                elif member.size > limit:
+                    item = SourceItem(key, source, status="error", error=_too_big(member.size, limit),
+                                      source_bytes=member.size)
+                else:
+                    handle = tar.extractfile(member)
+                    data = handle.read() if handle is not None else b""
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} is truncated "
+                                                f"({len(data)} of {member.size} bytes)")
+                    item = SourceItem(key, source, data=data, source_bytes=len(data))
+                seen.setdefault(key, f"image member {rows + 1}")
+                rows += 1
+                yield item
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # Members after the damage cannot be listed: one row, keyed by the tar itself, says so.
+        yield SourceItem(tar_key, url, status="error",
+                         error=f"tar damaged after {rows} complete image member(s): {exc}")
+
+
+def _iter_parquet(spec: ShardSpec, storage_options, limit: int) -> Iterator[SourceItem]:
+    url = spec.items[0]["url"]
+    done = 0
+    try:
+        for item in _read_parquet_rows(spec, storage_options, limit):
+            done += 1
+            yield item
+    except Exception as exc:  # the file changed or broke since planning: every row left fails
+        keys = spec.keys or []
+        for j in range(done, spec.row_end - spec.row_start):
+            yield SourceItem(keys[j], f"{url}#row={spec.row_start + j}", status="error",
+                             error=f"cannot read the Parquet file: {exc}")
+
+
+def _read_parquet_rows(spec: ShardSpec, storage_options, limit: int) -> Iterator[SourceItem]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    url = spec.items[0]["url"]
+    keys = spec.keys or []
+    dups = spec.duplicates or {}
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        # Only the row groups that overlap [row_start, row_end); batches keep memory small.
+        groups, first_row, offset = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < spec.row_end and offset + n > spec.row_start:
+                groups.append(g)
+                first_row = offset if first_row is None else first_row
+            offset += n
+        row = first_row or 0
+        for batch in pf.iter_batches(batch_size=16, row_groups=groups, columns=[spec.image_column]):
+            column = batch.column(0)
+            if pa.types.is_struct(column.type):
+                # A null struct has no bytes even where its child array holds a value.
+                values = pc.if_else(column.is_valid(), pc.struct_field(column, "bytes"), None)
+            else:
+                values = column
+            for value in values:
+                if spec.row_start <= row < spec.row_end:
+                    j = row - spec.row_start
+                    key, source = keys[j], f"{url}#row={row}"
+                    data = value.as_py()
+                    if str(j) in dups:
+                        yield SourceItem(key, source, status="duplicate", error=dups[str(j)],
+                                         source_bytes=len(data or b""))
+                    elif data is None:
+                        yield SourceItem(key, source, status="error",
+                                         error=f"no image bytes (null in column {spec.image_column!r})")
+                    elif len(data) > limit:
+                        yield SourceItem(key, source, status="error", error=_too_big(len(data), limit),
+                                         source_bytes=len(data))
+                    else:
+                        yield SourceItem(key, source, data=bytes(data), source_bytes=len(data))
+                row += 1
+                if row >= spec.row_end:
+                    return
+    if row < spec.row_end:
+        raise SourceError(f"the file has {row} rows, {spec.row_end} were planned")
