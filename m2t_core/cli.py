@@ -5,6 +5,8 @@
     m2t info IN.m2t
     m2t models
     m2t train --config configs/train/NAME.yaml [--set key=value ...]
+    m2t compress INPUT_URL OUTPUT_URL [--model NAME] [--config F] [--set key=value ...]
+    m2t get ARCHIVE KEY OUT.png
 
 Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG=1 shows it.
 """
@@ -113,12 +115,24 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_train(args, rest: list[str]) -> int:
+# Subcommands implemented by the pipeline package (which depends on the codec, never the
+# reverse): they parse their own arguments and choose their own exit codes.
+PIPELINE_COMMANDS = {
+    "train": ("pipeline.training", "main", "train a model (see configs/train/)"),
+    "compress": ("pipeline.compress", "main", "compress a dataset into an archive (Ray)"),
+    "get": ("pipeline.archive", "get_main", "decode one image of an archive by key"),
+}
+
+
+def run_pipeline_command(command: str, rest: list[str]) -> int:
+    import importlib
+
+    module_name, func_name, _ = PIPELINE_COMMANDS[command]
     try:
-        from pipeline.training import main as train_main
+        module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CliError(f"training needs the pipeline extras (pip install -e '.[pipeline]'): {exc}")
-    return train_main(rest)
+        raise CliError(f"'{command}' needs the pipeline extras (pip install -e '.[pipeline]'): {exc}")
+    return getattr(module, func_name)(rest)
 
 
 def _read_bitstream(path: str) -> bytes:
@@ -163,21 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the installed models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="train a model (see configs/train/)", add_help=False)
-    p.set_defaults(func=None)
+    for name, (_, _, help_text) in PIPELINE_COMMANDS.items():
+        sub.add_parser(name, help=help_text + f" (m2t {name} --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] == "train":
-        args, rest = argparse.Namespace(command="train"), argv[1:]
+    if argv and argv[0] in PIPELINE_COMMANDS:
+        args, rest = argparse.Namespace(command=argv[0]), argv[1:]
     else:
         args, rest = parser.parse_args(argv), []
     try:
-        if args.command == "train":
-            return cmd_train(args, rest)
+        if args.command in PIPELINE_COMMANDS:
+            return run_pipeline_command(args.command, rest)
         return args.func(args)
     except KeyboardInterrupt:
         print("m2t: interrupted", file=sys.stderr)

@@ -87,6 +87,8 @@ def load_image(source: Union[str, Path, bytes, BinaryIO], max_pixels: int | None
             return to_rgb_array(img)
     except ImageError:
         raise
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image in a format Pillow reads") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode image: {exc}") from None
 
