@@ -1,0 +1,423 @@
+"""The bitstream container: header round trip and every kind of damaged input.
+
+Every damaged stream must raise a subclass of BitstreamError, quickly (< 1 s), and never
+return an image that differs from what the encoder meant.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning (must be set before torch is imported; a
+# value set by the user wins). On a shared 2-core machine a spinning 2-thread torch runs
+# the codec's many small ops up to ~30x slower; how work is split between threads, and so
+# every number computed, is unchanged (checked: identical bitstreams either way).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import m2t_core
+from m2t_core import bitstream as bs
+from m2t_core.bitstream import (BitstreamError, ChecksumMismatchError, Header, ImageTooLargeError,
+                                ModelMismatchError, UnsupportedVersionError)
+from m2t_core.codec import M2TCodec
+
+from _models import build_model, random_image, tiny_config, tiny_model
+
+TIME_LIMIT = 1.0  # to reject a stream from its header or checksums
+DECODE_TIME_LIMIT = 30.0  # a stream that passes them is decoded in full: only a hang guard
+FIXED = struct.Struct("<8sIIBBHIII")  # the header fields after the model id
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _layout(data: bytes) -> dict:
+    """Byte offsets of the header fields (docs/bitstream.md)."""
+    id_len = data[6]
+    fixed = 7 + id_len
+    return {
+        "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
+        "width": fixed + 12, "pad_bottom": fixed + 16, "pad_right": fixed + 17,
+        "window_batch": fixed + 18, "payload_len": fixed + 20, "latent_crc": fixed + 24,
+        "payload_crc": fixed + 28, "header_crc": fixed + 32, "payload": fixed + 36,
+    }
+
+
+def _fix_crcs(data: bytes, payload_crc: bool = False) -> bytes:
+    """Recompute the header CRC (and optionally the payload CRC) after patching fields."""
+    out = bytearray(data)
+    lay = _layout(out)
+    if payload_crc:
+        struct.pack_into("<I", out, lay["payload_crc"], zlib.crc32(bytes(out[lay["payload"]:])))
+    struct.pack_into("<I", out, lay["header_crc"], zlib.crc32(bytes(out[:lay["header_crc"]])))
+    return bytes(out)
+
+
+def _patch(data: bytes, field: str, fmt: str, value, fix: bool = True) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, _layout(data)[field], value)
+    return _fix_crcs(bytes(out)) if fix else bytes(out)
+
+
+def _expect_error(decode, data, exc_type=BitstreamError, limit=TIME_LIMIT):
+    t0 = time.perf_counter()
+    with pytest.raises(exc_type) as info:
+        decode(data)
+    elapsed = time.perf_counter() - t0
+    assert isinstance(info.value, BitstreamError), type(info.value)
+    assert elapsed < limit, f"took {elapsed:.2f}s to reject"
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def model() -> M2TCodec:
+    return tiny_model("m2t")
+
+
+@pytest.fixture(scope="module")
+def encoded(model):
+    """A small image coded by the tiny model (2 x 1 windows); decoding is warmed up once."""
+    enc = model.encode_image(random_image(140, 61, seed=8))
+    assert np.array_equal(model.decompress(enc.bitstream), model.reconstruct(enc))
+    return enc
+
+
+@pytest.fixture(scope="module")
+def stream(encoded) -> bytes:
+    return encoded.bitstream
+
+
+def _header_len(data: bytes) -> int:
+    return _layout(data)["payload"]
+
+
+# ----------------------------------------------------------------------------- header
+
+
+def test_header_layout_matches_spec(stream, model):
+    lay = _layout(stream)
+    assert stream[:4] == bs.MAGIC == b"M2TC"
+    assert stream[4] == bs.FORMAT_VERSION == 1
+    assert stream[7:7 + stream[6]] == model.model_id.encode()
+    h = bs.read_header(stream)
+    assert stream[lay["hash"]:lay["hash"] + 8] == model.weights_hash() == h.weights_hash
+    assert FIXED.unpack_from(stream, lay["hash"])[1:] == (
+        h.height, h.width, *h.padding, h.window_batch, h.payload_len, h.latent_crc, h.payload_crc)
+    assert len(stream) == _header_len(stream) + h.payload_len
+    assert h.payload_crc == zlib.crc32(stream[_header_len(stream):])
+
+
+@pytest.mark.parametrize("kw", [
+    dict(model_id="m", height=1, width=1, window_batch=1, flags=0),
+    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=8, flags=bs.FLAG_CUDA),
+    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=bs.MAX_WINDOW_BATCH),
+])
+def test_header_roundtrip(kw):
+    payload = bytes(range(40))
+    header = Header(weights_hash=b"\x01\x02\x03\x04\x05\x06\x07\x08", payload_len=len(payload),
+                    latent_crc=0xDEADBEEF, payload_crc=zlib.crc32(payload), **kw)
+    data = bs.pack(header, payload)
+    assert data[:len(header.to_bytes())] == header.to_bytes()
+    got, got_payload = bs.unpack(data, max_pixels=bs.MAX_SIDE**2)
+    assert got == header and got_payload == payload
+    assert bs.read_header(data, max_pixels=bs.MAX_SIDE**2) == header
+    assert got.padding == ((-kw["height"]) % 16, (-kw["width"]) % 16)
+    # bytearray and memoryview are accepted too.
+    assert bs.unpack(bytearray(data), max_pixels=bs.MAX_SIDE**2)[0] == header
+    assert bs.unpack(memoryview(data), max_pixels=bs.MAX_SIDE**2)[0] == header
+
+
+@pytest.mark.parametrize("bad", [dict(model_id=""), dict(model_id="x" * 65), dict(model_id="modèle"),
+                                 dict(weights_hash=b"1234567")])
+def test_header_to_bytes_validates(bad):
+    kw = dict(model_id="m", weights_hash=b"12345678", height=5, width=5, window_batch=8,
+              payload_len=0, latent_crc=0, payload_crc=0)
+    kw.update(bad)
+    with pytest.raises(ValueError):
+        Header(**kw).to_bytes()
+
+
+def test_pack_checks_payload_length():
+    header = Header(model_id="m", weights_hash=b"12345678", height=5, width=5, window_batch=8,
+                    payload_len=3, latent_crc=0, payload_crc=0)
+    with pytest.raises(ValueError):
+        bs.pack(header, b"abcd")
+
+
+def test_bytearray_and_memoryview_decode(model, stream, encoded):
+    rec = model.reconstruct(encoded)
+    assert np.array_equal(model.decompress(bytearray(stream)), rec)
+    assert np.array_equal(model.decompress(memoryview(stream)), rec)
+
+
+# ----------------------------------------------------------------------------- damaged streams
+
+
+def test_empty_and_non_bytes(model):
+    for bad in (b"", None, "M2TC", 12345, [1, 2, 3], np.zeros(10, dtype=np.uint8), 3.5):
+        _expect_error(model.decompress, bad)
+        _expect_error(bs.read_header, bad)
+    _expect_error(m2t_core.decompress, b"")  # no model given: fails on the header
+
+
+def test_truncated(model, stream):
+    hl = _header_len(stream)
+    cuts = sorted({0, 1, 3, 4, 5, 6, 7, 9, hl // 2, hl - 5, hl - 4, hl - 1, hl, hl + 1, hl + 4,
+                   (hl + len(stream)) // 2, len(stream) - 4, len(stream) - 1})
+    for cut in cuts:
+        _expect_error(model.decompress, stream[:cut])
+        _expect_error(m2t_core.decompress, stream[:cut])
+
+
+def test_truncated_payload_with_consistent_header(model, stream, encoded):
+    """A cut payload whose header was rewritten to match (lengths and CRCs fixed up) still
+    fails: the latent checksum, not the container, catches it."""
+    hl = _header_len(stream)
+    n = len(stream) - hl
+    for keep in sorted({0, 4, (n // 2) // 4 * 4, n - 8, n - 4, n - 3, n - 1}):
+        cut = _patch(stream[:hl + keep], "payload_len", "<I", keep, fix=False)
+        cut = _fix_crcs(cut, payload_crc=True)
+        try:
+            out = model.decompress(cut)
+        except BitstreamError:
+            continue
+        # Only acceptable if what was cut carried no information.
+        assert np.array_equal(out, model.reconstruct(encoded)), f"silently wrong image (kept {keep}/{n} bytes)"
+
+
+def test_trailing_garbage(model, stream):
+    for extra in (b"\x00", b"\x00" * 4, b"garbage!", stream):
+        _expect_error(model.decompress, stream + extra)
+
+
+def test_wrong_magic(model, stream):
+    for magic in (b"M2TD", b"\x00\x00\x00\x00", b"m2tc", b"RIFF"):
+        err = _expect_error(model.decompress, magic + stream[4:])
+        assert not isinstance(err, UnsupportedVersionError)
+    # A PNG file is not a bitstream either.
+    _expect_error(model.decompress, b"\x89PNG\r\n\x1a\n" + bytes(64))
+
+
+@pytest.mark.parametrize("version", [0, 2, 3, 255])
+def test_unknown_version(model, stream, version):
+    bad = _patch(stream, "version", "<B", version)  # header CRC fixed: the version check fires
+    assert zlib.crc32(bad[:_layout(bad)["header_crc"]]) == struct.unpack_from("<I", bad, _layout(bad)["header_crc"])[0]
+    _expect_error(model.decompress, bad, UnsupportedVersionError)
+    _expect_error(bs.read_header, bad, UnsupportedVersionError)
+    _expect_error(m2t_core.decompress, bad, UnsupportedVersionError)
+
+
+def test_bit_flips_everywhere(model, stream):
+    """Every bit of the header and bits spread over the payload: each flip is rejected."""
+    hl = _header_len(stream)
+    rng = np.random.default_rng(0)
+    payload_positions = sorted(set(rng.choice(np.arange(hl, len(stream)), size=min(60, len(stream) - hl),
+                                              replace=False).tolist()) | {hl, len(stream) - 1})
+    worst = 0.0
+    for pos in list(range(hl)) + payload_positions:
+        bits = range(8) if pos < hl else (int(rng.integers(8)),)
+        for bit in bits:
+            bad = bytearray(stream)
+            bad[pos] ^= 1 << bit
+            t0 = time.perf_counter()
+            with pytest.raises(BitstreamError):
+                model.decompress(bytes(bad))
+            worst = max(worst, time.perf_counter() - t0)
+    assert worst < TIME_LIMIT
+
+
+def test_payload_corruption_behind_valid_crcs(model, stream, encoded):
+    """Flipped payload bits with the payload CRC recomputed (e.g. a bug upstream, or a
+    malicious stream): the entropy decoder runs on garbage and the latent checksum or the
+    decoder must reject it."""
+    hl = _header_len(stream)
+    rng = np.random.default_rng(1)
+    positions = sorted({hl, hl + 1, hl + 5, (hl + len(stream)) // 2, len(stream) - 1}
+                       | set(rng.integers(hl, len(stream), 6).tolist()))
+    for pos in positions:
+        bad = bytearray(stream)
+        bad[pos] ^= 0x10
+        bad = _fix_crcs(bytes(bad), payload_crc=True)
+        t0 = time.perf_counter()
+        try:
+            out = model.decompress(bad)
+        except BitstreamError:
+            assert time.perf_counter() - t0 < DECODE_TIME_LIMIT
+            continue
+        assert np.array_equal(out, model.reconstruct(encoded)), f"silently wrong image (byte {pos})"
+
+
+def test_consistent_but_wrong_header_fields(model, stream, encoded):
+    """Header fields changed with the header CRC fixed up."""
+    lay = _layout(stream)
+    h = bs.read_header(stream)
+    cases = {
+        "latent_crc": (_patch(stream, "latent_crc", "<I", h.latent_crc ^ 1), ChecksumMismatchError),
+        "window_batch=0": (_patch(stream, "window_batch", "<H", 0), BitstreamError),
+        "window_batch>max": (_patch(stream, "window_batch", "<H", bs.MAX_WINDOW_BATCH + 1), BitstreamError),
+        "height=0": (_patch(stream, "height", "<I", 0), BitstreamError),
+        "width=0": (_patch(stream, "width", "<I", 0), BitstreamError),
+        "width>max": (_patch(stream, "width", "<I", bs.MAX_SIDE + 1), BitstreamError),
+        "pad_bottom": (_patch(stream, "pad_bottom", "<B", (h.padding[0] + 1) % 16), BitstreamError),
+        "payload_len": (_patch(stream, "payload_len", "<I", h.payload_len + 4), BitstreamError),
+        "id_len=0": (stream[:6] + b"\x00" + stream[7:], BitstreamError),
+        "id_len-1": (stream[:6] + bytes([stream[6] - 1]) + stream[7:], BitstreamError),
+        "id_len=200": (stream[:6] + b"\xc8" + stream[7:], BitstreamError),
+        "model_id": (_patch(stream, "model_id", "<B", ord("U")), ModelMismatchError),
+        "weights_hash": (_patch(stream, "hash", "<8s", bytes(8)), ModelMismatchError),
+        "non-ascii id": (_patch(stream, "model_id", "<B", 0xFF), BitstreamError),
+    }
+    assert lay["model_id"] == 7
+    for name, (bad, exc) in cases.items():
+        # A wrong latent CRC is only found after decoding everything.
+        limit = DECODE_TIME_LIMIT if name == "latent_crc" else TIME_LIMIT
+        err = _expect_error(model.decompress, bad, exc, limit)
+        assert isinstance(err, exc), name
+    # Another chunking of the windows than the encoder used: either decoded exactly as
+    # written or rejected, never a different image.
+    for wb in (1, 3, 1024):
+        try:
+            out = model.decompress(_patch(stream, "window_batch", "<H", wb))
+        except BitstreamError:
+            continue
+        assert np.array_equal(out, model.reconstruct(encoded)), f"window_batch={wb}: silently wrong image"
+
+
+def test_huge_declared_size(model, stream, monkeypatch):
+    """65535 x 65535 declared: refused from the header alone, nothing allocated."""
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the decoder started decoding an image it should have refused")
+
+    monkeypatch.setattr(M2TCodec, "_code_latent", no_decoding)
+    bad = bytearray(stream)
+    lay = _layout(stream)
+    struct.pack_into("<IIBB", bad, lay["height"], bs.MAX_SIDE, bs.MAX_SIDE, *bs.image_padding(bs.MAX_SIDE, bs.MAX_SIDE))
+    bad = _fix_crcs(bytes(bad))
+    _expect_error(model.decompress, bad, ImageTooLargeError)
+    _expect_error(bs.read_header, bad, ImageTooLargeError)
+    _expect_error(m2t_core.decompress, bad, ImageTooLargeError)
+    # Large but below MAX_SIDE: refused by the pixel limit, which the caller can lower.
+    bad = bytearray(stream)
+    struct.pack_into("<IIBB", bad, lay["height"], 10000, 10000, *bs.image_padding(10000, 10000))
+    _expect_error(model.decompress, _fix_crcs(bytes(bad)), ImageTooLargeError)
+    _expect_error(lambda d: model.decompress(d, max_pixels=1000), stream, ImageTooLargeError)
+
+
+def test_wrong_model(model, stream):
+    other = build_model(tiny_config("m2t"), seed=1)  # same config and id, other weights
+    assert other.model_id == model.model_id and other.weights_hash() != model.weights_hash()
+    _expect_error(other.decompress, stream, ModelMismatchError)
+    _expect_error(build_model(tiny_config("mt"), seed=0).decompress, stream, ModelMismatchError)
+    renamed = build_model(tiny_config("m2t"), seed=0, model_id="renamed")  # same weights, other id
+    assert renamed.weights_hash() == model.weights_hash()
+    _expect_error(renamed.decompress, stream, ModelMismatchError)
+
+
+def test_weights_hash_tracks_weight_changes():
+    a = build_model(tiny_config("m2t"), seed=0)
+    h0 = a.weights_hash()
+    with torch.no_grad():
+        a.entropy_model.head.bias[0] += 1.0
+    assert a.weights_hash() != h0
+    b = build_model(tiny_config("m2t"), seed=5)
+    a.load_state_dict(b.state_dict())
+    assert a.weights_hash() == b.weights_hash()
+
+
+def _fresh_hash(model: M2TCodec) -> bytes:
+    twin = M2TCodec(model.cfg, model_id=model.model_id)
+    twin.load_state_dict(model.state_dict())
+    return twin.weights_hash()
+
+
+@pytest.mark.parametrize("change", ["data_edit", "half_float_round_trip"])
+def test_weights_hash_is_never_stale(change):
+    """The header's weights hash is what lets a decoder refuse a stream written by other
+    weights; a cached digest must not survive a change of the weights, however it is made
+    (`.data` edits as in EMA/init code; a float16 round trip as when simulating an fp16
+    checkpoint)."""
+    a = build_model(tiny_config("m2t"), seed=0)
+    before = a.weights_hash()
+    if change == "data_edit":
+        a.entropy_model.head.bias.data[0] += 1.0
+    else:
+        a.half()
+        a.float()
+    assert _fresh_hash(a) != before  # the weights did change
+    assert a.weights_hash() == _fresh_hash(a), f"stale weights hash after {change}"
+
+
+# ----------------------------------------------------------------------------- decoder numerics
+
+
+def _next_float_up(t: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(t, torch.full_like(t, float("inf")))
+
+
+def _ulp_twin(model: M2TCodec, name: str, index: int, monkeypatch) -> M2TCodec:
+    """Same config, model_id and (faked) weights hash; one parameter one float32 ulp up."""
+    twin = M2TCodec(model.cfg, model_id=model.model_id)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flat = state[name].view(-1)
+    flat[index] = _next_float_up(flat[index])
+    assert not torch.equal(state[name], model.state_dict()[name])
+    twin.load_state_dict(state)
+    twin.eval()
+    true_hash = model.weights_hash()
+    assert twin.weights_hash() != true_hash
+    monkeypatch.setattr(twin, "weights_hash", lambda: true_hash)
+    return twin
+
+
+def test_one_ulp_decoder_mismatch_is_caught(monkeypatch):
+    """The encoder's model has one mixture mean sitting exactly on a snapping boundary
+    (mean * MEAN_STEPS = 0.5); the decoder's copy differs by one ulp in that bias, so its
+    snapped parameters (and so its probability tables) differ. The decoder must raise, not
+    return a wrong image."""
+    from m2t_core.entropy_coding import MEAN_STEPS
+
+    enc_model = build_model(tiny_config("m2t"), seed=0)
+    cfg = enc_model.cfg
+    K, C = cfg.n_mixtures, cfg.C
+    # head output layout: (C, 3, K) -> means of channel c, component k at c*3K + k.
+    row = 0 * 3 * K + 0
+    with torch.no_grad():
+        enc_model.entropy_model.head.weight[row].zero_()
+        enc_model.entropy_model.head.bias[row] = 0.5 / MEAN_STEPS  # exact in float32
+    img = random_image(140, 140, seed=2)
+    encoded = enc_model.encode_image(img)
+    assert np.array_equal(enc_model.decompress(encoded.bitstream), enc_model.reconstruct(encoded))
+    twin = _ulp_twin(enc_model, "entropy_model.head.bias", row, monkeypatch)
+    t0 = time.perf_counter()
+    try:
+        out = twin.decompress(encoded.bitstream)
+    except BitstreamError as exc:
+        assert isinstance(exc, (ChecksumMismatchError, BitstreamError))
+        assert time.perf_counter() - t0 < DECODE_TIME_LIMIT
+        return
+    same = np.array_equal(out, enc_model.reconstruct(encoded))
+    pytest.fail(f"decoder with mismatched numerics returned an image silently (equal to the encoder's: {same})")
+
+
+@pytest.mark.parametrize("name,index", [
+    ("entropy_model.pos_target", 0), ("entropy_model.blocks.0.attn.qkv.weight", 7),
+    ("entropy_model.embed.weight", 3), ("entropy_model.head.weight", 11),
+])
+def test_one_ulp_decoder_never_returns_a_wrong_image(name, index, model, encoded, monkeypatch):
+    """A natural one-ulp difference: usually absorbed by the snapping; if not, it must raise."""
+    twin = _ulp_twin(model, name, index, monkeypatch)
+    try:
+        out = twin.decompress(encoded.bitstream)
+    except BitstreamError:
+        return
+    _, y = twin.decode_latent(encoded.bitstream)
+    assert torch.equal(y.to(torch.int32), encoded.y_hat)
+    assert np.array_equal(out, model.reconstruct(encoded))
