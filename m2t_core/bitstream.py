@@ -4,7 +4,8 @@ Layout, little-endian:
 
     magic            4 bytes  b"M2TC"
     version          u8       FORMAT_VERSION
-    flags            u8       bit 0: encoded on a CUDA device (informational)
+    flags            u8       bit 0: encoded on a CUDA device (informational);
+                              bit 1: M2T coded without the key/value cache
     model_id_len     u8       1..MAX_MODEL_ID_LEN
     model_id         bytes    ASCII registry name of the model
     weights_hash     8 bytes  first 8 bytes of the model's weights digest
@@ -34,7 +35,9 @@ MAX_MODEL_ID_LEN = 64
 MAX_SIDE = 65535
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_WINDOW_BATCH = 1024
-FLAG_CUDA = 1
+FLAG_CUDA = 1  # encoded on a CUDA device (informational)
+FLAG_UNCACHED = 2  # M2T steps recomputed without the key/value cache (numerics differ)
+KNOWN_FLAGS = FLAG_CUDA | FLAG_UNCACHED
 DOWNSAMPLING = 16
 
 _FIXED_AFTER_ID = struct.Struct("<8sIIBBHIII")  # hash, h, w, pads, window_batch, len, crcs
@@ -122,6 +125,8 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, b
         raise UnsupportedVersionError(
             f"unsupported bitstream format version {version} (this decoder reads {SUPPORTED_VERSIONS})"
         )
+    if flags & ~KNOWN_FLAGS:
+        raise BitstreamError(f"corrupt header: unknown flags {flags:#04x}")
     if not 1 <= id_len <= MAX_MODEL_ID_LEN:
         raise BitstreamError(f"corrupt header: model id length {id_len}")
     fixed_start = 7 + id_len

@@ -88,6 +88,7 @@ def cmd_info(args) -> int:
         ("padding", f"bottom {pad_b}, right {pad_r}"),
         ("window batch", h.window_batch),
         ("encoded on", "CUDA" if h.flags & 1 else "CPU"),
+        ("kv cache", "off (measurement mode)" if h.flags & 2 else "on"),
         ("payload", f"{h.payload_len} bytes"),
         ("total size", f"{len(data)} bytes"),
         ("bpp", f"{8 * len(data) / (h.width * h.height):.4f}"),

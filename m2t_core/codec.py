@@ -38,11 +38,21 @@ from .transforms import AnalysisTransform, SynthesisTransform
 
 DEFAULT_WINDOW_BATCH = 8
 UNTRAINED_MODEL_ID = "untrained"
+# On CPU every coding computation runs on exactly this many threads: matrix products and
+# convolutions give different last bits for different thread counts (measured with
+# torch 2.13/MKL for some row counts), so the thread count must not be the caller's.
+# Parallelism comes from coding several images at once in separate processes.
+CODING_THREADS = 1
 
 
 @contextlib.contextmanager
-def deterministic_kernels():
-    """Disable TF32 and autotuned convolution algorithms while coding (restored afterwards)."""
+def deterministic_kernels(device: torch.device | None = None):
+    """Pin what decides the last bits while coding, restored afterwards: no TF32, no autotuned
+    convolution algorithms, and on CPU a fixed thread count (CODING_THREADS)."""
+    threads = torch.get_num_threads()
+    pin_threads = (device is None or device.type == "cpu") and threads != CODING_THREADS
+    if pin_threads:
+        torch.set_num_threads(CODING_THREADS)
     saved = (
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
@@ -58,6 +68,8 @@ def deterministic_kernels():
     finally:
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
          torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+        if pin_threads:
+            torch.set_num_threads(threads)
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +120,7 @@ class M2TCodec(nn.Module):
         self.g_a = AnalysisTransform(cfg.N, cfg.C, cfg.blocks_per_stage, cfg.attention_blocks)
         self.g_s = SynthesisTransform(cfg.N, cfg.C, cfg.blocks_per_stage, cfg.attention_blocks)
         self.entropy_model = EntropyTransformer(cfg)
-        self._digest_cache: tuple[int, bytes] | None = None
+        self._digest_cache: tuple[tuple, bytes] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -167,8 +179,16 @@ class M2TCodec(nn.Module):
     def weights_digest(self) -> bytes:
         """SHA-256 over the config and every parameter/buffer (names, shapes, float32 bytes)."""
         state = self.state_dict()
-        version = sum(t._version for t in state.values())
-        if self._digest_cache is not None and self._digest_cache[0] == version:
+        # A cheap fingerprint decides whether the SHA-256 must be recomputed. Storage address
+        # and version counter miss edits through `.data` and dtype round trips, so the sum
+        # of every tensor is part of it too.
+        with torch.no_grad():
+            sums = torch.stack([t.detach().sum(dtype=torch.float64).cpu() for t in state.values()])
+        fingerprint = (
+            tuple((k, t.dtype, tuple(t.shape), t.data_ptr(), t._version) for k, t in state.items()),
+            tuple(sums.tolist()),
+        )
+        if self._digest_cache is not None and self._digest_cache[0] == fingerprint:
             return self._digest_cache[1]
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
         for name in sorted(state):
@@ -177,7 +197,7 @@ class M2TCodec(nn.Module):
             h.update(str(tuple(t.shape)).encode())
             h.update(t.numpy().tobytes())
         digest = h.digest()
-        self._digest_cache = (version, digest)
+        self._digest_cache = (fingerprint, digest)
         return digest
 
     def weights_hash(self) -> bytes:
@@ -193,7 +213,10 @@ class M2TCodec(nn.Module):
         `code_step(window_ids, params, valid, group)` gets the parameters of one step
         (b, n_i, C, K) for windows `window_ids` and returns their values (b, n_i, C);
         the encoder returns the true values (after coding them), the decoder decodes them.
-        Returns y_hat as (C, h, w) float32.
+        `use_cache=False` recomputes every step from scratch (M2T only; slower, for
+        measurement): its numbers differ in the last bits from the cached path, so it is a
+        property of the bitstream (header flag), not a choice of the decoder.
+        Returns y_hat as (C, h, w) float32, contiguous.
         """
         C, h, w = latent_shape
         ww = self.cfg.window
@@ -212,7 +235,9 @@ class M2TCodec(nn.Module):
                 tokens[:, group] = values
             decoded[start:start + len(ids)] = tokens
         hp, wp = h + (-h) % ww, w + (-w) % ww
-        return from_windows(decoded, 1, hp, wp, ww)[0, :, :h, :w]  # (C, h, w)
+        # Contiguous: a strided view (one-window images) makes the convolutions of g_s
+        # pick another kernel, and the last bits of the reconstruction would differ.
+        return from_windows(decoded, 1, hp, wp, ww)[0, :, :h, :w].contiguous()  # (C, h, w)
 
     @staticmethod
     def _flat_params(params: MixtureParams, valid: torch.Tensor) -> MixtureParams:
@@ -237,13 +262,13 @@ class M2TCodec(nn.Module):
 
     def synthesis(self, y_hat: torch.Tensor, height: int, width: int) -> np.ndarray:
         """y_hat (C, h, w) -> RGB uint8 (height, width, 3)."""
-        x_hat = self.g_s(y_hat[None].to(self.device, torch.float32))[0, :, :height, :width]
+        x_hat = self.g_s(y_hat[None].to(self.device, torch.float32).contiguous())[0, :, :height, :width]
         x_hat = torch.round(x_hat.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
         return x_hat.permute(1, 2, 0).cpu().numpy()
 
     @torch.inference_mode()
     def encode_image(self, image: ImageLike, window_batch: int = DEFAULT_WINDOW_BATCH,
-                     max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> EncodedImage:
+                     max_pixels: int = bs.DEFAULT_MAX_PIXELS, use_cache: bool = True) -> EncodedImage:
         self._check_codable()
         rgb = to_rgb_array(image)
         H, W = rgb.shape[:2]
@@ -251,7 +276,7 @@ class M2TCodec(nn.Module):
             raise bs.ImageTooLargeError(f"image of {H}x{W} pixels exceeds the limit of {max_pixels}")
         if not 1 <= window_batch <= bs.MAX_WINDOW_BATCH:
             raise ValueError(f"window_batch must be in 1..{bs.MAX_WINDOW_BATCH}")
-        with deterministic_kernels():
+        with deterministic_kernels(self.device):
             y_hat = self.analysis(rgb)
             truth = to_windows(pad_latent(y_hat[None], self.cfg.window), self.cfg.window)  # (nW, L, C)
             encoder = SymbolEncoder()
@@ -263,7 +288,7 @@ class M2TCodec(nn.Module):
                                snap_params(flat.means, flat.log_scales, flat.logits))
                 return values
 
-            coded = self._code_latent(tuple(y_hat.shape), window_batch, encode_step)
+            coded = self._code_latent(tuple(y_hat.shape), window_batch, encode_step, use_cache)
         assert torch.equal(coded, y_hat), "internal error: coded latent differs from y_hat"
         payload = encoder.finish()
         y_int = y_hat.to(torch.int32).cpu()
@@ -271,7 +296,7 @@ class M2TCodec(nn.Module):
             model_id=self.model_id, weights_hash=self.weights_hash(), height=H, width=W,
             window_batch=window_batch, payload_len=len(payload),
             latent_crc=latent_checksum(y_int), payload_crc=zlib.crc32(payload),
-            flags=bs.FLAG_CUDA if self.device.type == "cuda" else 0,
+            flags=(bs.FLAG_CUDA if self.device.type == "cuda" else 0) | (0 if use_cache else bs.FLAG_UNCACHED),
         )
         return EncodedImage(bs.pack(header, payload), y_int, H, W)
 
@@ -290,8 +315,7 @@ class M2TCodec(nn.Module):
             )
 
     @torch.inference_mode()
-    def decode_latent(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS,
-                      use_cache: bool = True) -> tuple[bs.Header, torch.Tensor]:
+    def decode_latent(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> tuple[bs.Header, torch.Tensor]:
         """Entropy-decode y_hat (C, h, w) and verify it against the header's checksum."""
         self._check_codable()
         header, payload = bs.unpack(data, max_pixels)
@@ -313,7 +337,8 @@ class M2TCodec(nn.Module):
             values[valid] = torch.from_numpy(symbols.astype(np.float32)).to(self.device).view(-1, self.cfg.C)
             return values
 
-        with deterministic_kernels():
+        use_cache = not header.flags & bs.FLAG_UNCACHED
+        with deterministic_kernels(self.device):
             y_hat = self._code_latent((self.cfg.C, h, w), header.window_batch, decode_step, use_cache)
         y_int = y_hat.to(torch.int32).cpu()
         if latent_checksum(y_int) != header.latent_crc:
@@ -327,13 +352,13 @@ class M2TCodec(nn.Module):
     @torch.inference_mode()
     def decompress(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> np.ndarray:
         header, y_hat = self.decode_latent(data, max_pixels)
-        with deterministic_kernels():
+        with deterministic_kernels(self.device):
             return self.synthesis(y_hat, header.height, header.width)
 
     @torch.inference_mode()
     def reconstruct(self, encoded: EncodedImage) -> np.ndarray:
         """The decoder's output for an encoded image, computed on the encoder side."""
-        with deterministic_kernels():
+        with deterministic_kernels(self.device):
             return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)
 
 

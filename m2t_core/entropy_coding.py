@@ -43,6 +43,7 @@ TAIL_SIGMAS = 5.0  # Phi beyond 5 sigma rounds to 0 or 1 at CDF_BITS precision
 R_CLASSES = (3, 8, 20, 48, 128, 320)
 MAX_ABS_SYMBOL = 1 << 15  # the encoder clamps y_hat to [-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL]
 ESCAPE_LENGTH_ALPHABET = 20  # Elias-gamma length prefix alphabet (lengths 1..20)
+CODER_PRECISION = 24  # constriction's default range coder quantises probabilities to 24 bits
 
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 _UNIFORM = constriction.stream.model.Uniform()
@@ -143,7 +144,7 @@ def snap_params(means: torch.Tensor, log_scales: torch.Tensor, logits: torch.Ten
     log_scales = torch.nan_to_num(log_scales.float(), nan=0.0, posinf=0.0, neginf=0.0)
     logits = torch.nan_to_num(logits.float(), nan=0.0, posinf=0.0, neginf=0.0)
     mean_q = torch.round(means.clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL) * MEAN_STEPS).to(torch.int64)
-    level = torch.bucketize(log_scales, t.log_scale_thresholds.to(log_scales.device))
+    level = torch.bucketize(log_scales.contiguous(), t.log_scale_thresholds.to(log_scales.device))
     logit_q = torch.round(logits.clamp(-4096, 4096) * LOGIT_STEPS).to(torch.int64)
     gap = (logit_q.max(dim=-1, keepdim=True).values - logit_q).clamp(max=MAX_LOGIT_GAP)
     mean_q, level, gap = (a.cpu().numpy() for a in (mean_q, level.to(torch.int64), gap))
@@ -195,7 +196,10 @@ def _probabilities(p: SnappedParams, center: np.ndarray, radius: int) -> np.ndar
     pmf[:, 0] = cdf[:, 0]
     pmf[:, 1:-1] = np.diff(cdf, axis=1)
     pmf[:, -1] = total[:, 0] - cdf[:, -1]
-    return (pmf + 1).astype(np.float64)  # +1: every bin stays codable
+    # Floor every bin at 2^-CODER_PRECISION of the total: every bin stays codable, and no
+    # bin relies on the coder's own rounding floor, so estimate_bits matches the real size.
+    floor = (total >> CODER_PRECISION) + 1
+    return (pmf + floor).astype(np.float64)
 
 
 def _escape_parts(distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +213,8 @@ def _escape_parts(distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def estimate_bits(symbols: np.ndarray, p: SnappedParams) -> float:
-    """Exact ideal code length in bits of `symbols` under the snapped model (no coder overhead)."""
+    """Ideal code length in bits of `symbols` under the snapped model, escapes included
+    (the range coder adds a few bytes of overhead on top)."""
     plan = _plan(p)
     bits = 0.0
     for cls, radius in enumerate(R_CLASSES):
@@ -218,9 +223,17 @@ def estimate_bits(symbols: np.ndarray, p: SnappedParams) -> float:
             continue
         sub = _subset(p, idx)
         probs = _probabilities(sub, plan.center[idx], radius)
-        index = _symbol_index(symbols[idx], plan.center[idx], radius)
+        center, values = plan.center[idx], symbols[idx]
+        index = _symbol_index(values, center, radius)
         chosen = probs[np.arange(idx.size), index]
         bits += float(-np.log2(chosen / probs.sum(axis=1)).sum())
+        # An escaped value also pays for its Elias-gamma distance: a uniform length prefix
+        # and (length - 1) uniform low bits.
+        distance = np.where(index == 0, center - radius - 1 - values, values - (center + radius + 1))
+        escaped = (index == 0) | (index == 2 * radius + 2)
+        if escaped.any():
+            length_minus_1, _ = _escape_parts(distance[escaped])
+            bits += float(escaped.sum() * np.log2(ESCAPE_LENGTH_ALPHABET) + length_minus_1.sum())
     return bits
 
 
