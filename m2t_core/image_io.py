@@ -88,7 +88,7 @@ def load_image(source: Union[str, Path, bytes, BinaryIO], max_pixels: int | None
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image in a format Pillow reads") from None
+        raise ImageError("not an image format Pillow can read") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode image: {exc}") from None
 

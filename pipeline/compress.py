@@ -213,9 +213,7 @@ _DONE = object()
 
 
 def _image_error(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
-    # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): say what it means.
-    return re.sub(r"cannot identify image file <[^>]*>", "not an image format Pillow can read", text)
+    return str(exc) or type(exc).__name__
 
 
 def _prefetch(items: Iterator[SourceItem], max_pixels: int, depth: int) -> Iterator[_Decoded]:
