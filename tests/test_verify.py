@@ -1,0 +1,199 @@
+"""The decode job (pipeline/verify.py): verify an archive bit for bit, catch every kind of
+tampering, restore images identical to `m2t decode`. A real local Ray cluster (the shared
+fixture), a loopback S3 server (moto), and a tiny random-init checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from m2t_core import save_checkpoint
+from m2t_core.cli import main as m2t_main
+from pipeline import archive as A
+from pipeline import compress as C
+from pipeline import verify as V
+from test_compress import TINY, H, W, add_member, build_model, job_config, png_bytes, random_image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("vmodel") / "tiny-verify.safetensors"
+    save_checkpoint(build_model(TINY, model_id="tiny-verify"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, checkpoint) -> Path:
+    """A 2-shard archive: two PNG files (shard 00000) and a tar of two members (shard 00001)."""
+    root = tmp_path_factory.mktemp("vcorpus") / "in"
+    (root / "photos").mkdir(parents=True)
+    for i in range(2):
+        (root / "photos" / f"img{i}.png").write_bytes(png_bytes(random_image(H, W, seed=40 + i)))
+    with tarfile.open(root / "t.tar", "w") as tar:
+        for i in range(2):
+            add_member(tar, f"{i}.png", png_bytes(random_image(H, W, seed=50 + i)))
+    out = tmp_path_factory.mktemp("varchive") / "a.m2t"
+    report, code = C.compress_dataset(job_config(str(root), out, checkpoint, "ray.enabled=false"), progress=False)
+    assert code == C.EXIT_OK and report["shards"]["planned"] == 2
+    return out
+
+
+def rows_of(archive: Path, shard: str) -> list[dict]:
+    return pq.read_table(archive / "shards" / f"{shard}.parquet").to_pylist()
+
+
+def write_rows(archive: Path, shard: str, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=A.index_schema()), archive / "shards" / f"{shard}.parquet")
+
+
+def verify(archive, tmp_path, *extra) -> tuple[int, dict]:
+    report = tmp_path / "verify-report.json"
+    code = V.verify_main([str(archive), "--no-progress", "--report", str(report), *extra])
+    return code, json.loads(report.read_text())
+
+
+def test_clean_archive_on_ray_decodes_each_shard_once(archive, tmp_path, ray_cluster, capsys):
+    code, report = verify(archive, tmp_path, "--actors", "2", "--against-source")
+    assert code == V.EXIT_OK, report["issues"]
+    assert report["images"] == report["verified"] == 4 and not report["issues"]
+    assert report["runner"] == {"ray": True, "actors": 2, "use_gpu": False}
+    assert report["shards"]["decode_counts"] == {"00000": 1, "00001": 1}
+    assert len(report["workers"]) == 2  # one shard on each actor
+    assert report["images_per_s"] > 0
+    assert "CLEAN" in capsys.readouterr().out
+
+
+def test_clean_archive_on_s3(archive, tmp_path, s3_bucket, ray_cluster):
+    import s3fs
+
+    bucket, options = s3_bucket
+    s3fs.S3FileSystem(**options).put(str(archive) + "/", f"{bucket}/a.m2t/", recursive=True)
+    storage = json.dumps({"s3": options})
+    code, report = verify(f"s3://{bucket}/a.m2t", tmp_path, "--storage-options", storage, "--actors", "2")
+    assert code == V.EXIT_OK and report["verified"] == 4, report["issues"]
+    code, report = verify(f"s3://{bucket}/a.m2t", tmp_path, "--storage-options", storage, "--no-ray",
+                          "--shards", "00001")
+    assert code == V.EXIT_OK and report["verified"] == 2 and report["shards"]["checked"] == 1
+
+
+def _flip(a: Path):
+    row = rows_of(a, "00000")[1]
+    blob = bytearray((a / "shards" / "00000.bin").read_bytes())
+    blob[row["offset"] + row["length"] // 2] ^= 0x10
+    (a / "shards" / "00000.bin").write_bytes(bytes(blob))
+    return "00000", row["key"], "crc_mismatch"
+
+
+def _truncate(a: Path):
+    data = (a / "shards" / "00001.bin").read_bytes()
+    (a / "shards" / "00001.bin").write_bytes(data[: len(data) - 5])
+    return "00001", None, "truncated_blob"
+
+
+def _missing_blob(a: Path):
+    (a / "shards" / "00001.bin").unlink()
+    return "00001", None, "missing_blob"
+
+
+def _bad_offset(a: Path):
+    rows = rows_of(a, "00000")
+    rows[0]["offset"] = 10 ** 12
+    write_rows(a, "00000", rows)
+    return "00000", rows[0]["key"], "bad_offset"
+
+
+def _unknown_model(a: Path):
+    m = json.loads((a / A.MANIFEST).read_text())
+    m["model"]["weights_hash"] = "00" * 8
+    (a / A.MANIFEST).write_text(json.dumps(m))
+    return None, None, "model_unavailable"
+
+
+def _version(a: Path):
+    rows = rows_of(a, "00001")
+    blob = bytearray((a / "shards" / "00001.bin").read_bytes())
+    blob[rows[0]["offset"] + 4] = 99  # the format version byte; the index CRC updated to match
+    rows[0]["crc32"] = zlib.crc32(bytes(blob[rows[0]["offset"]:rows[0]["offset"] + rows[0]["length"]]))
+    (a / "shards" / "00001.bin").write_bytes(bytes(blob))
+    write_rows(a, "00001", rows)
+    return "00001", rows[0]["key"], "unsupported_version"
+
+
+def _no_marker(a: Path):
+    (a / "shards" / "00000.stats.json").unlink()
+    return "00000", None, "incomplete_shard"
+
+
+@pytest.mark.parametrize("tamper", [_flip, _truncate, _missing_blob, _bad_offset, _unknown_model, _version,
+                                    _no_marker], ids=lambda f: f.__name__.strip("_"))
+def test_tampering_is_detected(archive, tmp_path, tamper, capsys):
+    copy = tmp_path / "t.m2t"
+    shutil.copytree(archive, copy)
+    shard, key, kind = tamper(copy)
+    code, report = verify(copy, tmp_path, "--no-ray")
+    assert code == V.EXIT_ISSUES
+    found = [i for i in report["issues"] if i["kind"] == kind]
+    assert found, report["issues"]
+    assert found[0]["shard"] == shard and (key is None or found[0]["key"] == key)
+    message = found[0]["message"]
+    assert (shard or "tiny-verify") in message and (key is None or key in message)
+    assert kind in capsys.readouterr().out  # in the printed table too
+
+
+def test_restore_matches_m2t_decode_and_resumes(archive, tmp_path, checkpoint):
+    out = tmp_path / "restored"
+    assert V.restore_main([str(archive), str(out), "--no-ray", "--no-progress"]) == V.EXIT_OK
+    report = json.loads((out / V.RESTORE_REPORT).read_text())
+    assert report["written"] == 4 and set(report["files"]) == {"photos/img0.png", "photos/img1.png",
+                                                              "t.tar/0.png", "t.tar/1.png"}
+    for key, rel in report["files"].items():
+        bitstream = tmp_path / "one.m2t"
+        bitstream.write_bytes(A.read_bitstream(str(archive), key))
+        ref = tmp_path / "ref.png"
+        assert m2t_main(["decode", str(bitstream), str(ref), "--model", str(checkpoint)]) == 0
+        assert (out / rel).read_bytes() == ref.read_bytes(), key
+    # Rerun: everything already there is skipped; a deleted file is written again.
+    (out / report["files"]["t.tar/1.png"]).unlink()
+    assert V.restore_main([str(archive), str(out), "--no-ray", "--no-progress"]) == V.EXIT_OK
+    report = json.loads((out / V.RESTORE_REPORT).read_text())
+    assert report["written"] == 1 and report["skipped"] == 3
+
+
+def test_restore_refuses_keys_that_escape(archive, tmp_path):
+    for bad in ("../../x", "/etc/passwd", "a/../../b", "a//b", "./a", "C:/x", "a\\..\\b", "s3://b/k", ""):
+        assert V.safe_relpath(bad, ".png") is None, bad
+    assert V.safe_relpath("2019/beach.jpg", ".png") == "2019/beach.jpg.png"
+    copy = tmp_path / "evil.m2t"
+    shutil.copytree(archive, copy)
+    rows = rows_of(copy, "00000")
+    rows[0]["key"] = "../../escaped"
+    write_rows(copy, "00000", rows)
+    out = tmp_path / "deep" / "out"
+    code = V.restore_main([str(copy), str(out), "--no-ray", "--no-progress", "--shards", "00000"])
+    assert code == V.EXIT_ISSUES
+    report = json.loads((out / V.RESTORE_REPORT).read_text())
+    assert [i["kind"] for i in report["issues"]] == ["unsafe_key"] and report["written"] == 1
+    assert not list(tmp_path.rglob("escaped*"))
+
+
+def test_usage_errors_and_job_entry(archive, tmp_path):
+    assert V.verify_main([]) == V.EXIT_USAGE
+    assert V.verify_main([str(archive), "--no-ray", "--shards", "99999", "--report", str(tmp_path / "r")]) == V.EXIT_USAGE
+    assert V.verify_main([str(tmp_path / "nothing"), "--no-ray"]) == V.EXIT_INCOMPLETE
+    rc = subprocess.run([sys.executable, str(REPO / "jobs" / "decompress.py"), "verify", str(archive), "--no-ray",
+                         "--no-progress", "--report", str(tmp_path / "job.json")], capture_output=True, text=True,
+                        timeout=300)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    assert json.loads((tmp_path / "job.json").read_text())["verified"] == 4
