@@ -7,6 +7,8 @@
     m2t train --config configs/train/NAME.yaml [--set key=value ...]
     m2t compress INPUT_URL OUTPUT_URL [--model NAME] [--config F] [--set key=value ...]
     m2t get ARCHIVE KEY OUT.png
+    m2t verify ARCHIVE_URL [--shards ...] [--against-source]
+    m2t restore ARCHIVE_URL OUTPUT_URL [--format png] [--keys ...]
 
 Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG=1 shows it.
 """
@@ -122,6 +124,8 @@ PIPELINE_COMMANDS = {
     "train": ("pipeline.training", "main", "train a model (see configs/train/)"),
     "compress": ("pipeline.compress", "main", "compress a dataset into an archive (Ray)"),
     "get": ("pipeline.archive", "get_main", "decode one image of an archive by key"),
+    "verify": ("pipeline.verify", "verify_main", "decode a whole archive and check every checksum (Ray)"),
+    "restore": ("pipeline.verify", "restore_main", "write an archive's images back to files (Ray)"),
 }
 
 
