@@ -1,4 +1,4 @@
-"""`make demo`: compress and decompress a few real photographs with the shipped model.
+"""`make demo`: compress, decompress and verify a few real photographs with the shipped model.
 
 The photos ship inside scikit-image, so the demo needs no download and no ../shared.
 Prints bpp and PSNR per image, checks that the decoder reproduces the encoder's
@@ -81,9 +81,18 @@ def run_dataset_job(photos: dict[str, np.ndarray], model_name: str | None, use_r
         same = zlib.crc32(rgb.tobytes()) == expected_crc[name]
         print(f"get {name}.png: {rgb.shape[1]}x{rgb.shape[0]} in {time.perf_counter() - t0:.2f} s, "
               f"{'identical to' if same else 'DIFFERENT from'} the decoded image above")
+        # The verify job decodes every bitstream of the archive and checks every checksum.
+        from pipeline.verify import verify_main
+
+        print(f"\nverify job: {archive}")
+        verify_args = [str(archive), "--no-progress", "--report", str(Path(tmp) / "verify.json")]
+        verify_code = verify_main(verify_args + ([] if use_ray else ["--no-ray"]))
     if code != EXIT_OK:
         print(f"ERROR: the compression job exited with code {code}", file=sys.stderr)
         return code
+    if verify_code != 0:
+        print(f"ERROR: the verify job exited with code {verify_code}", file=sys.stderr)
+        return verify_code
     return 0 if same else 1
 
 
