@@ -44,7 +44,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from m2t_core.codec import CODING_THREADS
+
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}, "
+            f"codec on {CODING_THREADS} thread (JPEG/WebP: Pillow)")
 
 
 def classic_curve(images: list[np.ndarray], fmt: str, qualities: list[int], **save_args) -> dict:
