@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 MODES = ("m2t", "mt")
 GROUP_SIZE_SCHEDULES = ("powerlaw", "cosine")
@@ -170,3 +171,37 @@ def load_model_config(path: str | Path) -> ModelConfig:
     if set(data) <= {"model", "name", "description"} and "model" in data:
         data = data["model"]
     return ModelConfig.from_dict(data)
+
+
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def yaml_numbers(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` and `1e6` as strings; turn such strings back into numbers
+    (an int where the value is integral and written without a point or negative exponent)."""
+    if isinstance(value, str) and _SCIENTIFIC.match(value):
+        exponent = value.lower().split("e")[-1]
+        return float(value) if "." in value or exponent.startswith("-") else int(float(value))
+    if isinstance(value, dict):
+        return {k: yaml_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [yaml_numbers(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides in place (dotted keys for nested fields, values as YAML)."""
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a mapping")
+        node[leaf] = yaml_numbers(yaml.safe_load(raw))
+    return data

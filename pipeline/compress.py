@@ -46,9 +46,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-import yaml
 
-from m2t_core.config import ConfigError, dataclass_from_dict, load_mapping
+from m2t_core.config import ConfigError, apply_overrides, dataclass_from_dict, load_mapping, yaml_numbers
 from m2t_core.registry import DEFAULT_MODEL, CheckpointError, ModelNotFoundError
 from m2t_core import bitstream
 
@@ -137,20 +136,6 @@ class CompressConfig:
         return dataclasses.asdict(self)
 
 
-_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _numbers(value: Any) -> Any:
-    """YAML 1.1 reads `1e6` as a string; turn such strings back into numbers."""
-    if isinstance(value, str) and _SCIENTIFIC.match(value):
-        return float(value) if "." in value or "-" in value.split("e")[-1].split("E")[-1] else int(float(value))
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    return value
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CompressConfig:
     """Read a config file (unknown keys are errors), then apply `key=value` overrides (dotted
     keys for nested fields, values parsed as YAML)."""
@@ -158,18 +143,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = _numbers(load_mapping(path))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        node = data
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is not a mapping")
-        node[leaf] = _numbers(yaml.safe_load(raw))
+        data = yaml_numbers(load_mapping(path))
+    apply_overrides(data, overrides)
     return dataclass_from_dict(CompressConfig, data)
 
 

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import platform
-import re
 import sys
 import tarfile
 import time
@@ -51,7 +50,8 @@ from safetensors.torch import load_file, save_file
 
 from m2t_core import registry
 from m2t_core.codec import M2TCodec
-from m2t_core.config import ConfigError, ModelConfig, dataclass_from_dict, load_mapping, load_model_config
+from m2t_core.config import (ConfigError, ModelConfig, apply_overrides, dataclass_from_dict, load_mapping,
+                             load_model_config, yaml_numbers)
 from m2t_core.image_io import load_image
 from m2t_core.metrics import psnr, psnr_from_mse
 
@@ -158,20 +158,6 @@ class TrainConfig:
         return data
 
 
-_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _numbers(value: Any) -> Any:
-    """YAML 1.1 reads `1e-4` as a string; turn such strings back into numbers."""
-    if isinstance(value, str) and _SCIENTIFIC.match(value):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    return value
-
-
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a training config file, then apply `key=value` overrides (dotted keys for nested
     fields, values parsed as YAML). Unknown keys and bad values raise ConfigError."""
@@ -180,21 +166,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = _numbers(load_mapping(path))
+        data = yaml_numbers(load_mapping(path))
         # A preset path in a config file is relative to that file, so configs can move together.
         if isinstance(data.get("model"), str) and not Path(data["model"]).is_absolute():
             data["model"] = str((path.parent / data["model"]).resolve())
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        node = data
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is not a mapping")
-        node[leaf] = _numbers(yaml.safe_load(raw))
+    apply_overrides(data, overrides)
     return dataclass_from_dict(TrainConfig, data)
 
 
