@@ -1,0 +1,553 @@
+#!/usr/bin/env python3
+"""Codec speed benchmark (a benchmark, not a test): encode/decode time per image, M2T vs MT.
+
+    python bench/codec_speed.py --quick        # 768x512 only, 2 repeats (~30 s on a 2-core CPU)
+    python bench/codec_speed.py                # 768x512 and 2000x1500, 3 repeats
+
+What is measured, per image size and mode (same preset, same image, same weights):
+  * encode: `model.encode_image(rgb)` (analysis + transformer schedule + range coding);
+  * decode: `model.decompress(bitstream)` (transformer schedule + range decoding + synthesis);
+  * M2T only, decode without the key/value cache: a stream from
+    `model.encode_image(rgb, use_cache=False)` (header flag FLAG_UNCACHED: the cache-free
+    numbers differ in the last bits, so the stream says which computation wrote it), decoded
+    by `model.decode_latent(data)` then `model.synthesis(...)` (every step re-runs all
+    earlier slot groups);
+  * the time spent in (a) the transforms g_a / g_s, (b) the transformer (EntropyTransformer.step,
+    including the output head), (c) entropy coding (snap_params + SymbolEncoder.encode/finish
+    / SymbolDecoder.decode), and "other" (windowing, indexing, checksums, bitstream packing).
+    These are measured by wrapping those functions with timers for the duration of the
+    benchmark (monkeypatching; everything is restored afterwards).
+Each figure is the median over --repeats runs, after one discarded warm-up run. The runs of
+the different modes are interleaved, so a change of machine load affects all of them alike.
+
+The default model is the small preset (ModelConfig() = configs/models/m2t-small.yaml) with a
+random initialisation (fixed seed); MT is the same config with mode="mt" and the same weights.
+Speed does not depend on training except through the entropy-coding work, which depends on
+the statistics of the latent and of the predicted distributions. --checkpoint loads trained
+weights (registry name or path) instead; --other-checkpoint a trained model of the other mode.
+
+Threads: on CPU, m2t_core codes on m2t_core.codec.CODING_THREADS threads whatever torch's
+setting (bit-exactness), so --threads only affects what runs outside the coding. On a busy
+machine, --threads 1 gives the steadiest figures. See docs/benchmarks.md for results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import m2t_core  # noqa: E402
+from m2t_core import codec as codec_module  # noqa: E402
+from m2t_core.codec import M2TCodec, deterministic_kernels  # noqa: E402
+
+try:  # on CPU, coding runs on a fixed number of threads (bit-exactness), whatever --threads says
+    from m2t_core.codec import CODING_THREADS  # noqa: E402
+except ImportError:  # older core
+    CODING_THREADS = None
+from m2t_core.config import ModelConfig  # noqa: E402
+from m2t_core.entropy_coding import SymbolDecoder, SymbolEncoder  # noqa: E402
+
+SEED = 0
+PHASES = ("transforms", "transformer", "entropy_coding", "other")
+DEFAULT_SIZES = "768x512,2000x1500"
+DEFAULT_DATA = REPO.parent / "shared" / "datasets"
+WALLPAPER = "lomiri-wallpapers-16.04/Dragonfly_by_Bolly.jpg"  # 4224x3168 photo (4:3)
+
+
+# ------------------------------------------------------------------------------ timers
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase; `sync` makes CUDA timings honest."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+        self.cpu_totals: dict[str, float] = defaultdict(float)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset(self) -> None:
+        self.totals = defaultdict(float)
+        self.cpu_totals = defaultdict(float)
+
+    def wrap(self, phase: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            self.sync()
+            c0, t0 = time.process_time(), time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.totals[phase] += time.perf_counter() - t0
+                self.cpu_totals[phase] += time.process_time() - c0
+
+        timed.__wrapped__ = fn
+        return timed
+
+
+@contextlib.contextmanager
+def instrumented(models: list[M2TCodec], timer: PhaseTimer):
+    """Wrap the transforms, the transformer step and the entropy coder with timers."""
+    undo: list[Callable[[], None]] = []
+
+    def patch(owner, name: str, phase: str, instance: bool = False) -> None:
+        if not hasattr(owner, name):
+            raise RuntimeError(f"benchmark out of date: {owner!r} has no attribute {name!r}")
+        original = owner.__dict__.get(name) if not instance else None
+        setattr(owner, name, timer.wrap(phase, getattr(owner, name)))
+        if instance:  # an instance attribute shadowing the bound method: delete it to restore
+            undo.append(lambda: delattr(owner, name))
+        else:
+            undo.append(lambda: setattr(owner, name, original))
+
+    try:
+        for model in models:
+            patch(model.g_a, "forward", "transforms", instance=True)
+            patch(model.g_s, "forward", "transforms", instance=True)
+            patch(model.entropy_model, "step", "transformer", instance=True)
+        patch(codec_module, "snap_params", "entropy_coding")
+        patch(SymbolEncoder, "encode", "entropy_coding")
+        patch(SymbolEncoder, "finish", "entropy_coding")
+        patch(SymbolDecoder, "decode", "entropy_coding")
+        yield timer
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 768x512, got {text!r}") from None
+    if w < 16 or h < 16:
+        raise argparse.ArgumentTypeError(f"size too small: {text!r}")
+    return w, h
+
+
+def cover_resize(img, size: tuple[int, int]):
+    """PIL image -> exactly size (W, H): scale to cover, then center-crop."""
+    from PIL import Image
+
+    W, H = size
+    f = max(W / img.width, H / img.height)
+    scaled = img.resize((max(W, round(img.width * f)), max(H, round(img.height * f))), Image.LANCZOS)
+    x0, y0 = (scaled.width - W) // 2, (scaled.height - H) // 2
+    return scaled.crop((x0, y0, x0 + W, y0 + H))
+
+
+def bench_image(size: tuple[int, int], data_root: Path) -> tuple[np.ndarray, str]:
+    """A real photo of exactly `size` (W, H) as RGB uint8, and where it came from."""
+    from PIL import Image
+
+    kodak = data_root / "kodak" / "kodim01.png"
+    if size == (768, 512) and kodak.is_file():
+        return np.asarray(Image.open(kodak).convert("RGB")), str(kodak.relative_to(data_root))
+    walls = data_root / "train" / "debian-wallpapers"
+    if walls.is_dir():
+        path = walls / WALLPAPER
+        if not path.is_file():
+            path = sorted(p for p in walls.rglob("*.jpg"))[0]
+        img = cover_resize(Image.open(path).convert("RGB"), size)
+        return np.asarray(img), f"{path.relative_to(data_root)} resized to {size[0]}x{size[1]}"
+    from skimage import data as skdata
+
+    img = cover_resize(Image.fromarray(skdata.astronaut()), size)
+    return np.asarray(img), f"skimage.data.astronaut() resized to {size[0]}x{size[1]}"
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def build_models(checkpoint: str | None, device: torch.device,
+                 other_checkpoint: str | None = None) -> tuple[dict[str, M2TCodec], str]:
+    """{"m2t": model, "mt": model} and a description.
+
+    Without checkpoints: one random init, both modes sharing its weights. With `checkpoint`:
+    that model, and the other mode built from the same weights unless `other_checkpoint`
+    gives a trained model of the other mode (e.g. m2t-small-q2 with mt-small-q2)."""
+    if checkpoint:
+        base = m2t_core.load_model(checkpoint, device=device, cache=False)
+        desc = f"checkpoint {checkpoint!r} (model_id {base.model_id!r}, mode {base.cfg.mode})"
+    else:
+        torch.manual_seed(SEED)
+        base = M2TCodec(ModelConfig())
+        desc = (f"random init (torch.manual_seed({SEED})), small preset ModelConfig() = "
+                f"configs/models/m2t-small.yaml; MT = same config with mode='mt', same weights")
+    models = {base.cfg.mode: base}
+    other_mode = "mt" if base.cfg.mode == "m2t" else "m2t"
+    if other_checkpoint:
+        other = m2t_core.load_model(other_checkpoint, device=device, cache=False)
+        if other.cfg.mode != other_mode:
+            raise SystemExit(f"--other-checkpoint must be a {other_mode} model, "
+                             f"{other_checkpoint!r} is {other.cfg.mode}")
+        models[other_mode] = other
+        desc += f"; {other_mode}: checkpoint {other_checkpoint!r} (model_id {other.model_id!r})"
+    else:
+        twin = M2TCodec(base.cfg.replace(mode=other_mode), model_id=base.model_id)
+        twin.load_state_dict(base.state_dict())
+        models[other_mode] = twin
+        if checkpoint:
+            desc += f"; {other_mode} reuses its weights (speed only)"
+    for m in models.values():
+        m.to(device).eval()
+    return models, desc
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def run_encode(model: M2TCodec, rgb: np.ndarray):
+    return model.encode_image(rgb)
+
+
+def run_decode(model: M2TCodec, data: bytes) -> np.ndarray:
+    return model.decompress(data)
+
+
+def encode_nocache(model: M2TCodec, rgb: np.ndarray):
+    """Encode with the cache-free M2T schedule. Its numbers differ from the cached path in the
+    last bits, so it is a property of the stream (header flag FLAG_UNCACHED), not a choice of
+    the decoder: `decode_latent` then recomputes every step from scratch too."""
+    return model.encode_image(rgb, use_cache=False)
+
+
+def run_decode_nocache(model: M2TCodec, data: bytes) -> np.ndarray:
+    """`decode_latent` (without the cache, as the stream's flag says) then `synthesis`,
+    exactly as `decompress` does it."""
+    with torch.inference_mode():
+        header, y_hat = model.decode_latent(data)
+        with deterministic_kernels(model.device):
+            return model.synthesis(y_hat, header.height, header.width)
+
+
+def timed(timer: PhaseTimer, fn: Callable, *args) -> tuple[float, dict[str, float], object]:
+    """Wall time, phase times and the result of fn(*args). Phase keys: PHASES (wall time),
+    "cpu" (process CPU time, all threads: less sensitive than wall time to other load) and
+    "cpu_<phase>" (CPU time per phase)."""
+    timer.reset()
+    timer.sync()
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn(*args)
+    timer.sync()
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    phases = {p: timer.totals.get(p, 0.0) for p in PHASES[:-1]}
+    phases["other"] = max(0.0, total - sum(phases.values()))
+    for p in PHASES[:-1]:
+        phases["cpu_" + p] = timer.cpu_totals.get(p, 0.0)
+    phases["cpu_other"] = max(0.0, cpu - sum(phases["cpu_" + p] for p in PHASES[:-1]))
+    phases["cpu"] = cpu
+    return total, phases, out
+
+
+def summarize(runs: list[tuple[float, dict[str, float]]]) -> dict:
+    totals = [t for t, _ in runs]
+    med = statistics.median(totals)
+    phase_med = {p: statistics.median(ph[p] for _, ph in runs) for p in PHASES}
+    norm = sum(phase_med.values()) or 1.0
+    cpu_med = {p: statistics.median(ph["cpu_" + p] for _, ph in runs) for p in PHASES}
+    return {
+        "median_s": med,
+        "min_s": min(totals),
+        "runs_s": totals,
+        "cpu_median_s": statistics.median(ph["cpu"] for _, ph in runs),
+        "phases_median_s": phase_med,
+        "phase_share": {p: v / norm for p, v in phase_med.items()},
+        "cpu_phases_median_s": cpu_med,
+    }
+
+
+def bench_size(models: dict[str, M2TCodec], rgb: np.ndarray, repeats: int, timer: PhaseTimer,
+               log: Callable[[str], None]) -> dict:
+    ops = [("m2t", "encode"), ("m2t", "decode"), ("m2t", "decode_nocache"), ("mt", "encode"), ("mt", "decode")]
+    runs: dict[tuple[str, str], list] = {op: [] for op in ops}
+    streams: dict[str, bytes] = {}
+    info: dict[str, dict] = {}
+    for r in range(repeats + 1):  # run 0 is the warm-up, discarded
+        for mode, op in ops:
+            model = models[mode]
+            if op == "encode":
+                total, phases, enc = timed(timer, run_encode, model, rgb)
+                streams[mode] = enc.bitstream
+                if r == 0 and mode == "m2t":
+                    nc = encode_nocache(model, rgb)
+                    streams["m2t_nocache"] = nc.bitstream
+                    info["nocache_stream_identical"] = nc.bitstream == enc.bitstream
+                if r == 0:
+                    y = enc.y_hat
+                    info[mode] = {"bytes": len(enc.bitstream), "bpp": enc.bpp,
+                                  "latent_shape": list(y.shape),
+                                  "latent_zero_fraction": float((y == 0).float().mean()),
+                                  "latent_mean_abs": float(y.abs().float().mean())}
+                    expected = model.reconstruct(enc)
+            else:
+                if op == "decode":
+                    total, phases, out = timed(timer, run_decode, model, streams[mode])
+                else:
+                    total, phases, out = timed(timer, run_decode_nocache, model, streams["m2t_nocache"])
+                if r == 0 and not np.array_equal(out, expected):
+                    raise RuntimeError(f"{mode} {op}: decoded image differs from the encoder's reconstruction")
+            if r > 0:
+                runs[(mode, op)].append((total, phases))
+            log(f"  {'warm-up' if r == 0 else f'run {r}/{repeats}'}: {mode:>3} {op:<14} {total:7.2f} s")
+    result: dict = {}
+    for mode, op in ops:
+        result.setdefault(mode, dict(info[mode]))[op] = summarize(runs[(mode, op)])
+    result["m2t"]["nocache_stream_identical"] = info["nocache_stream_identical"]
+    m2t, mt = result["m2t"], result["mt"]
+    result["speedup"] = {
+        "decode_total": mt["decode"]["median_s"] / m2t["decode"]["median_s"],
+        "decode_transformer_only": (mt["decode"]["phases_median_s"]["transformer"]
+                                    / m2t["decode"]["phases_median_s"]["transformer"]),
+        "decode_total_cpu": mt["decode"]["cpu_median_s"] / m2t["decode"]["cpu_median_s"],
+        "decode_transformer_only_cpu": (mt["decode"]["cpu_phases_median_s"]["transformer"]
+                                        / m2t["decode"]["cpu_phases_median_s"]["transformer"]),
+        "encode_total": mt["encode"]["median_s"] / m2t["encode"]["median_s"],
+        "encode_transformer_only": (mt["encode"]["phases_median_s"]["transformer"]
+                                    / m2t["encode"]["phases_median_s"]["transformer"]),
+        "m2t_cache_off_over_on": m2t["decode_nocache"]["median_s"] / m2t["decode"]["median_s"],
+        "m2t_cache_off_over_on_transformer": (m2t["decode_nocache"]["phases_median_s"]["transformer"]
+                                              / m2t["decode"]["phases_median_s"]["transformer"]),
+    }
+    return result
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "?"
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "coding_threads": (CODING_THREADS or torch.get_num_threads()) if device.type == "cpu" else None,
+        "numpy": np.__version__,
+        "constriction": version("constriction"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of the machine have used (from /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class LoadMeter:
+    """Average number of cores that OTHER processes kept busy while we ran (Linux only)."""
+
+    def __init__(self) -> None:
+        self.busy0, self.own0, self.wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+
+    def other_cores(self) -> float | None:
+        busy = busy_cpu_seconds()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.wall0
+        own = time.process_time() - self.own0
+        return max(0.0, (busy - self.busy0 - own) / wall) if wall > 0 else None
+
+
+def load_avg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def fmt_table(results: dict) -> str:
+    head = (f"{'size':<10} {'mode':<4} {'op':<17} {'median s':>9} {'min s':>7} {'cpu s':>7} "
+            f"{'transforms':>11} {'transformer':>12} "
+            f"{'entropy cod.':>13} {'other':>7} {'bpp':>7}")
+    lines = [head, "-" * len(head)]
+    for size, res in results.items():
+        for mode in ("m2t", "mt"):
+            for op in ("encode", "decode", "decode_nocache"):
+                if op not in res[mode]:
+                    continue
+                r = res[mode][op]
+                sh = r["phase_share"]
+                label = "decode (no cache)" if op == "decode_nocache" else op
+                lines.append(
+                    f"{size:<10} {mode:<4} {label:<17} {r['median_s']:>9.3f} {r['min_s']:>7.2f} "
+                    f"{r['cpu_median_s']:>7.2f} {sh['transforms']:>11.0%} "
+                    f"{sh['transformer']:>12.0%} {sh['entropy_coding']:>13.0%} {sh['other']:>7.0%} "
+                    f"{res[mode]['bpp']:>7.3f}"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Encode/decode speed of the M2T vs MT codec (median of repeats).")
+    ap.add_argument("--quick", action="store_true", help="768x512 only, 2 repeats (< 5 min on a 2-core CPU)")
+    ap.add_argument("--sizes", type=str, default=None,
+                    help=f"comma-separated WxH sizes (default {DEFAULT_SIZES}; --quick: 768x512)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 3; --quick: 2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="registry name or checkpoint path (default: random init, fixed seed)")
+    ap.add_argument("--other-checkpoint", default=None,
+                    help="a trained model of the other mode (e.g. --checkpoint m2t-small-q2 "
+                         "--other-checkpoint mt-small-q2); default: the other mode reuses --checkpoint's weights")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA,
+                    help="datasets folder (kodak/, train/debian-wallpapers/); default ../shared/datasets")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="where to write results (default bench/results/codec_speed.json, "
+                         "--quick: bench/results/codec_speed_quick.json)")
+    args = ap.parse_args(argv)
+
+    sizes = [parse_size(s) for s in (args.sizes or ("768x512" if args.quick else DEFAULT_SIZES)).split(",")]
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
+    if repeats < 1:
+        ap.error("--repeats must be >= 1")
+    json_path = args.json or REPO / "bench" / "results" / (
+        "codec_speed_quick.json" if args.quick else "codec_speed.json")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device available")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    if args.other_checkpoint and not args.checkpoint:
+        ap.error("--other-checkpoint needs --checkpoint")
+    models, model_desc = build_models(args.checkpoint, device, args.other_checkpoint)
+    cfg = models["m2t"].cfg
+    machine = machine_info(device)
+    log(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+        f"{machine['torch_threads']} torch threads"
+        + (f" (coding pinned to {machine['coding_threads']} by m2t_core.codec.CODING_THREADS)"
+           if machine["coding_threads"] is not None and machine["coding_threads"] != machine["torch_threads"] else "")
+        + f", device {machine['device']}"
+        + (f" ({machine['gpu']})" if "gpu" in machine else ""))
+    log(f"model:   {model_desc}")
+    log(f"         S={cfg.num_steps} steps, window {cfg.window}x{cfg.window} tokens, d_model {cfg.d_model}, "
+        f"{cfg.n_layers} layers, {sum(p.numel() for p in models['m2t'].parameters()) / 1e6:.2f} M parameters")
+    log(f"timing:  median of {repeats} run(s) after 1 warm-up; load average before: {load_avg()}")
+
+    timer = PhaseTimer(device)
+    results: dict[str, dict] = {}
+    images: dict[str, str] = {}
+    t_start = time.perf_counter()
+    overall = LoadMeter()
+    with instrumented(list(models.values()), timer):
+        for size in sizes:
+            key = f"{size[0]}x{size[1]}"
+            rgb, origin = bench_image(size, args.data_root)
+            images[key] = origin
+            log(f"{key}: {origin}")
+            meter = LoadMeter()
+            results[key] = bench_size(models, rgb, repeats, timer, log)
+            results[key]["other_processes_cores"] = meter.other_cores()
+            if results[key]["other_processes_cores"] is not None:
+                log(f"  other processes kept {results[key]['other_processes_cores']:.2f} of "
+                    f"{os.cpu_count()} cores busy on average during {key}")
+    elapsed = time.perf_counter() - t_start
+    other_cores = overall.other_cores()
+    # Wall times suffer once the other processes leave fewer free cores than we use.
+    used = machine["coding_threads"] or machine["torch_threads"]
+    contended = other_cores is not None and other_cores > max(0.25, (os.cpu_count() or 1) - used)
+
+    log("")
+    log(fmt_table(results))
+    log("(median/min: wall time; cpu s: median process CPU time, all threads; shares: median wall time\n"
+        " per phase / sum of the phase medians; entropy cod. = snap_params + range coder)")
+    log("")
+    for key, res in results.items():
+        sp = res["speedup"]
+        log(f"{key}: m2t/mt decode speedup {sp['decode_total']:.2f}x total, "
+            f"{sp['decode_transformer_only']:.2f}x transformer-only (S={cfg.num_steps}) "
+            f"[by CPU time: {sp['decode_total_cpu']:.2f}x, {sp['decode_transformer_only_cpu']:.2f}x]; "
+            f"encode {sp['encode_total']:.2f}x total, {sp['encode_transformer_only']:.2f}x transformer-only; "
+            f"m2t decode time cache off/on {sp['m2t_cache_off_over_on']:.2f}x "
+            f"({sp['m2t_cache_off_over_on_transformer']:.2f}x transformer-only)")
+    log(f"benchmark took {elapsed:.0f} s; load average after: {load_avg()}"
+        + (f"; other processes kept {other_cores:.2f} of {os.cpu_count()} cores busy on average"
+           + (" (wall times are inflated by that)" if contended else "")
+           if other_cores is not None else ""))
+
+    report = {
+        "benchmark": "codec_speed",
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "machine": machine,
+        "model": {"description": model_desc, "checkpoint": args.checkpoint,
+                  "other_checkpoint": args.other_checkpoint, "config": cfg.to_dict(),
+                  "random_init_seed": None if args.checkpoint else SEED},
+        "repeats": repeats,
+        "warmup_runs": 1,
+        "load_average_after": load_avg(),
+        "elapsed_s": elapsed,
+        "other_processes_cores": other_cores,
+        "wall_times_contended": contended,
+        "images": images,
+        "results": results,
+    }
+    if contended:
+        log(f"WARNING: other processes used {other_cores:.2f} cores during the benchmark: wall times are "
+            f"inflated" + (" (with several torch threads a busy CPU can slow the many small M2T steps by "
+                           "10x or more; re-run on an idle machine, or with --threads 1)"
+                           if used > 1
+                           else "; the cpu s column is less affected"))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    log(f"wrote {json_path}")
+    first = results[next(iter(results))]["speedup"]
+    log(f"m2t/mt decode speedup: {first['decode_total']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
