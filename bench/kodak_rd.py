@@ -1,5 +1,6 @@
 """Rate-distortion of installed models on Kodak, with real bitstreams, against JPEG and WebP.
 
+    pip install -e ".[bench]"                      # the bjontegaard package
     python bench/kodak_rd.py                       # every installed model, JPEG + WebP sweeps
     python bench/kodak_rd.py --models m2t-small-q1,m2t-small-q2 --stamp
 
