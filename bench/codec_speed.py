@@ -61,6 +61,7 @@ except ImportError:  # older core
     CODING_THREADS = None
 from m2t_core.config import ModelConfig  # noqa: E402
 from m2t_core.entropy_coding import SymbolDecoder, SymbolEncoder  # noqa: E402
+from m2t_core.sysinfo import cpu_model  # noqa: E402
 
 SEED = 0
 PHASES = ("transforms", "transformer", "entropy_coding", "other")
@@ -334,16 +335,6 @@ def bench_size(models: dict[str, M2TCodec], rgb: np.ndarray, repeats: int, timer
 
 
 # ------------------------------------------------------------------------------ report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device) -> dict:

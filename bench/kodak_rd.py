@@ -31,21 +31,16 @@ from PIL import Image
 from m2t_core import list_models, load_image, load_model
 from m2t_core.metrics import bits_per_pixel, psnr
 from m2t_core.registry import find_model, update_checkpoint_info
+from m2t_core.sysinfo import cpu_model
 
 # The paper's MT on Kodak, read from a public plot (../shared/docs/M2T_REFERENCE.md).
 PAPER_MT_KODAK = {"bpp": [0.058, 0.094, 0.154, 0.247, 0.381], "psnr": [27.07, 28.46, 29.98, 31.65, 33.39]}
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from m2t_core.codec import CODING_THREADS
+
+    cpu = cpu_model()
 
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}, "
             f"codec on {CODING_THREADS} thread (JPEG/WebP: Pillow)")

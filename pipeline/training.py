@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import tarfile
 import time
@@ -54,6 +53,7 @@ from m2t_core.config import (ConfigError, ModelConfig, apply_overrides, dataclas
                              load_model_config, yaml_numbers)
 from m2t_core.image_io import load_image
 from m2t_core.metrics import psnr, psnr_from_mse
+from m2t_core.sysinfo import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -473,15 +473,7 @@ def hardware_name(device: torch.device, world: int) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name = f"{name} ({os.cpu_count()} cores)"
+        name = f"{cpu_model()} ({os.cpu_count()} cores)"
     return f"{world} x {name}" if world > 1 else name
 
 
