@@ -357,3 +357,22 @@ def test_m2t_bits_match_model_estimates(which, size, monkeypatch):
           f"({payload_bits / fwd_bits - 1:+.2%}), symbols {enc.y_hat.numel()}, "
           f"nonzero {(enc.y_hat != 0).float().mean():.2f}")
     assert abs(total_bits - fwd_bits) <= 0.01 * fwd_bits + header_bits, (total_bits, fwd_bits)
+
+
+@pytest.mark.parametrize("c_in, c_out, size", [(128, 64, (5, 7)), (64, 3, (9, 13)), (16, 16, (1, 1))])
+def test_subpixel_transposed_convolution_matches_native(c_in, c_out, size):
+    """g_s's inference path (one convolution + pixel shuffle on CPU) computes the transposed
+    convolution; with gradients on, the native operator runs."""
+    from m2t_core.transforms import deconv
+
+    torch.manual_seed(0)
+    layer = deconv(c_in, c_out)
+    x = torch.randn(2, c_in, *size)
+    native = torch.nn.functional.conv_transpose2d(x, layer.weight, layer.bias, stride=2, padding=2, output_padding=1)
+    with torch.inference_mode():
+        fast = layer(x)
+    assert fast.shape == native.shape == (2, c_out, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(fast, native, rtol=1e-5, atol=1e-5)
+    trained = layer(x.requires_grad_())
+    assert trained.requires_grad
+    torch.testing.assert_close(trained.detach(), native)
