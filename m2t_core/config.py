@@ -205,3 +205,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 raise ConfigError(f"--set {key}: {part} is not a mapping")
         node[leaf] = yaml_numbers(yaml.safe_load(raw))
     return data
+
+
+def load_config_file(cls: type, path: str | Path | None, overrides: Sequence[str] = ()):
+    """A job's config: the YAML file at `path` (optional; unknown keys are errors), then the
+    `key=value` overrides (dotted keys for nested fields, values parsed as YAML), as `cls`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml_numbers(load_mapping(path))
+    apply_overrides(data, overrides)
+    return dataclass_from_dict(cls, data)

@@ -47,7 +47,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from m2t_core.config import ConfigError, apply_overrides, dataclass_from_dict, load_mapping, yaml_numbers
+from m2t_core.config import ConfigError, load_config_file
 from m2t_core.registry import DEFAULT_MODEL, CheckpointError, ModelNotFoundError
 from m2t_core import bitstream
 
@@ -69,9 +69,13 @@ SECRET_RE = re.compile(r"(secret|token|password|passwd|credential|key)", re.IGNO
 class RayOptions:
     enabled: bool = True  # false: compress in this process, shard after shard (small jobs, debugging)
     address: Any = None  # cluster to join; null: $RAY_ADDRESS if set, else start a local cluster
-    actors: int = 0  # 0: one per GPU when the cluster has GPUs, else one per cpus_per_actor CPUs
+    actors: int = 0  # 0: actors_per_gpu per GPU when the cluster has GPUs, else one per cpus_per_actor CPUs
     cpus_per_actor: float = 1.0  # CPUs reserved per actor; torch uses as many threads
     use_gpu: Any = None  # null: GPUs iff the cluster has some; true / false to force
+    # Actors sharing one GPU (each asks for 1/k of it). Entropy coding runs on the CPU, so one
+    # actor alone leaves its GPU idle while it codes; k actors keep it busy. 0: as many as the
+    # CPUs allow, at most 4.
+    actors_per_gpu: int = 0
     shards_in_flight: int = 2  # per actor: the next shard waits in the actor's queue, no idle gap
     shard_retries: int = 2  # a shard whose worker failed is tried this many more times
 
@@ -123,6 +127,7 @@ class CompressConfig:
         r = self.ray
         need(r.address is None or isinstance(r.address, str), "ray.address must be a string or null")
         need(r.actors >= 0 and r.cpus_per_actor >= 0, "ray.actors and ray.cpus_per_actor must be >= 0")
+        need(r.actors_per_gpu >= 0, "ray.actors_per_gpu must be >= 0")
         need(r.use_gpu in (None, True, False), "ray.use_gpu must be null, true or false")
         need(r.shards_in_flight >= 1 and r.shard_retries >= 0, "ray.shards_in_flight must be >= 1, ray.shard_retries >= 0")
 
@@ -139,16 +144,10 @@ class CompressConfig:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CompressConfig:
     """Read a config file (unknown keys are errors), then apply `key=value` overrides (dotted
     keys for nested fields, values parsed as YAML)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml_numbers(load_mapping(path))
-    apply_overrides(data, overrides)
-    return dataclass_from_dict(CompressConfig, data)
+    return load_config_file(CompressConfig, path, overrides)
 
 
-def _absolute(url: str) -> str:
+def absolute_url(url: str) -> str:
     """Local paths made absolute: Ray workers do not share the driver's working directory."""
     if "://" in url:
         return url
@@ -157,7 +156,7 @@ def _absolute(url: str) -> str:
 
 def _model_source(spec: str) -> str:
     looks_like_path = spec.endswith(".safetensors") or os.sep in spec or "://" in spec
-    return _absolute(spec) if looks_like_path else spec
+    return absolute_url(spec) if looks_like_path else spec
 
 
 def redact(value: Any) -> Any:
@@ -189,6 +188,16 @@ _DONE = object()
 
 def _image_error(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, MiB (the worker that did a shard), or None."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _prefetch(items: Iterator[SourceItem], max_pixels: int, depth: int) -> Iterator[_Decoded]:
@@ -314,7 +323,8 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
     stats = {
         "shard": spec.shard, "kind": spec.kind, "fingerprint": spec.fingerprint, "settings": settings_of(job),
         **totals, "wall_s": time.perf_counter() - t0, "failures": failures,
-        "worker": f"{socket.gethostname()}:{os.getpid()}", "finished_at": A.now_iso(),
+        "worker": f"{socket.gethostname()}:{os.getpid()}", "peak_rss_mib": peak_rss_mib(),
+        "finished_at": A.now_iso(),
     }
     archive.write_json(archive.shard_path(spec.shard, ".stats.json"), stats)  # last: marks completion
     return stats
@@ -392,7 +402,8 @@ def _run_in_process(todo: list[ShardSpec], job: dict[str, Any], device: str, pro
         torch.set_num_threads(threads_before)  # the caller's process keeps its own setting
 
 
-def _connect_ray(cfg: CompressConfig) -> None:
+def connect_ray(cfg) -> None:
+    """Join cfg.ray.address, else $RAY_ADDRESS, else start a local cluster (once per process)."""
     import ray
 
     if not ray.is_initialized():
@@ -400,44 +411,84 @@ def _connect_ray(cfg: CompressConfig) -> None:
         ray.init(address=address, **({} if address else {"include_dashboard": False}))
 
 
-def _ray_resources(cfg: CompressConfig, n_shards: int) -> tuple[int, bool]:
-    """(actors, use_gpu) from what the cluster has: an actor asking for a resource the cluster
-    lacks would wait forever, so ask only for what exists."""
-    import ray
+MAX_AUTO_ACTORS_PER_GPU = 4
 
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
-    use_gpu = gpus >= 1 if cfg.ray.use_gpu is None else bool(cfg.ray.use_gpu)
+
+def actor_runtime_env() -> dict[str, Any]:
+    """The environment of the job's actors. glibc gives every new thread its own malloc arena
+    and keeps the freed memory; with a reader thread per shard an actor's resident memory rose
+    18% over its first 14 shards before levelling off (bench/pipeline_speed.py). Two arenas
+    keep it flat at no measured cost. $MALLOC_ARENA_MAX on the driver overrides the 2."""
+    return {"env_vars": {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}}
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    actors: int
+    use_gpu: bool
+    gpu_per_actor: float  # the fraction of one GPU each actor asks Ray for (0 without GPUs)
+
+    @property
+    def description(self) -> str:
+        if not self.use_gpu:
+            return "CPU only"
+        share = round(1 / self.gpu_per_actor)
+        return "1 GPU each" if share == 1 else f"{share} actors per GPU"
+
+
+def plan_actors(options: RayOptions, gpus: int, cpus: float, n_shards: int) -> ActorPlan:
+    """How many actors, on what, from what the cluster has: an actor asking for a resource
+    the cluster lacks would wait forever, so ask only for what exists."""
+    use_gpu = gpus >= 1 if options.use_gpu is None else bool(options.use_gpu)
     if use_gpu and gpus < 1:
         raise ConfigError("ray.use_gpu is true but the cluster has no GPUs")
-    per = cfg.ray.cpus_per_actor
-    if cfg.ray.actors:
-        actors = cfg.ray.actors
-        if use_gpu and actors > gpus:
-            raise ConfigError(f"ray.actors={actors} GPU actors requested, the cluster has {gpus} GPUs")
+    per = options.cpus_per_actor
+    per_gpu = 1
+    if use_gpu:
+        cpus_per_gpu = cpus / gpus
+        per_gpu = options.actors_per_gpu or max(1, min(MAX_AUTO_ACTORS_PER_GPU,
+                                                       int(cpus_per_gpu // per) if per > 0 else 1))
+    if options.actors:
+        actors = options.actors
+        if use_gpu and actors > gpus * per_gpu:
+            raise ConfigError(f"ray.actors={actors} GPU actors requested, the cluster has {gpus} GPU(s) "
+                              f"x ray.actors_per_gpu={per_gpu}")
         if actors * per > cpus:
             raise ConfigError(f"ray.actors={actors} x ray.cpus_per_actor={per:g} CPUs requested, "
                               f"the cluster has {cpus:g} CPUs")
+    elif use_gpu:
+        actors = gpus * per_gpu
+        if actors * per > cpus:
+            raise ConfigError(f"{gpus} GPU(s) x ray.actors_per_gpu={per_gpu} actors need {actors * per:g} CPUs "
+                              f"(ray.cpus_per_actor={per:g}), the cluster has {cpus:g}")
     else:
-        actors = gpus if use_gpu else max(1, int(cpus // per) if per > 0 else int(cpus))
-    return max(1, min(actors, n_shards)), use_gpu
+        actors = max(1, int(cpus // per) if per > 0 else int(cpus))
+    return ActorPlan(max(1, min(actors, n_shards)), use_gpu, 1.0 / per_gpu if use_gpu else 0.0)
+
+
+def _ray_resources(cfg: CompressConfig, n_shards: int) -> ActorPlan:
+    import ray
+
+    resources = ray.cluster_resources()
+    return plan_actors(cfg.ray, int(resources.get("GPU", 0)), resources.get("CPU", 0), n_shards)
 
 
 def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any], progress: _Progress,
                 done: dict[str, dict], failed: dict[str, str]) -> dict[str, Any]:
     import ray
 
-    n_actors, use_gpu = _ray_resources(cfg, len(todo))
+    plan = _ray_resources(cfg, len(todo))
+    n_actors, use_gpu = plan.actors, plan.use_gpu
     job = {**job, "use_gpu": use_gpu}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and A.Archive(job["output"], job["storage_options"]).local:
         log.warning("the output %s is a local path but the cluster has %d nodes: each node writes its shards "
                     "to its own disk unless that path is a shared filesystem", job["output"], len(nodes))
-    actor_cls = ray.remote(ShardWorker).options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=1 if use_gpu else 0,
-                                                max_restarts=0)
+    actor_cls = ray.remote(ShardWorker).options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=plan.gpu_per_actor,
+                                                max_restarts=0, runtime_env=actor_runtime_env())
     actors = [actor_cls.remote(job) for _ in range(n_actors)]
-    log.info("%d shard(s) to compress on %d actor(s) (%s)", len(todo), n_actors,
-             "1 GPU each" if use_gpu else f"{cfg.ray.cpus_per_actor:g} CPU each")
+    log.info("%d shard(s) to compress on %d actor(s) (%g CPU each, %s)", len(todo), n_actors,
+             cfg.ray.cpus_per_actor, plan.description)
     pending = deque((spec, 0) for spec in todo)
     inflight: dict[Any, tuple[int, Any, ShardSpec, int]] = {}  # ref -> (actor slot, actor, spec, attempt)
     load = [0] * n_actors
@@ -541,7 +592,7 @@ def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: boo
     """Run the job; returns (report, exit code). Raises ConfigError / SourceError for usage errors."""
     cfg.check_complete()
     inputs = [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
-    cfg = dataclasses.replace(cfg, input=[_absolute(u) for u in inputs], output=_absolute(cfg.output),
+    cfg = dataclasses.replace(cfg, input=[absolute_url(u) for u in inputs], output=absolute_url(cfg.output),
                               model=_model_source(cfg.model))
     for url in cfg.input:
         # The archive's own .parquet index files would become inputs of a resumed run.
@@ -592,7 +643,7 @@ def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: boo
     runner: dict[str, Any] = {"ray": cfg.ray.enabled}
     interrupted = False
     if todo and cfg.ray.enabled:
-        _connect_ray(cfg)  # before the clock starts: a local cluster takes seconds to start
+        connect_ray(cfg)  # before the clock starts: a local cluster takes seconds to start
     t_run = time.perf_counter()
     try:
         if not todo:

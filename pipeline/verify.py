@@ -307,6 +307,9 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
                 continue
         out["verified"] += 1
     out["seconds"] = time.perf_counter() - t0
+    from .compress import peak_rss_mib
+
+    out["peak_rss_mib"] = peak_rss_mib()  # of the worker process that decoded this shard
     return out
 
 
@@ -386,11 +389,12 @@ def _run_ray(job, shards, manifest_shards, args, bar, results, failed) -> dict[s
 
     cfg = C.CompressConfig(ray=C.RayOptions(address=args.ray_address, actors=args.actors,
                                             cpus_per_actor=args.cpus_per_actor))
-    C._connect_ray(cfg)
-    n_actors, use_gpu = C._ray_resources(cfg, len(shards))
+    C.connect_ray(cfg)
+    plan = C._ray_resources(cfg, len(shards))
+    n_actors, use_gpu = plan.actors, plan.use_gpu
     job = {**job, "use_gpu": use_gpu}
-    actor_cls = ray.remote(DecodeWorker).options(num_cpus=args.cpus_per_actor, num_gpus=1 if use_gpu else 0,
-                                                 max_restarts=0)
+    actor_cls = ray.remote(DecodeWorker).options(num_cpus=args.cpus_per_actor, num_gpus=plan.gpu_per_actor,
+                                                 max_restarts=0, runtime_env=C.actor_runtime_env())
     actors = [actor_cls.remote(job) for _ in range(n_actors)]
     pending = deque(shards)
     inflight: dict[Any, tuple[int, str]] = {}
@@ -490,6 +494,8 @@ def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
         "shards": {"checked": len(res), "requested": len(shards),
                    "failed": failed, "decode_counts": {s: 1 for s in results}},
         "workers": sorted({r["worker"] for r in res}),
+        "peak_rss_mib": {w: max(r.get("peak_rss_mib") or 0.0 for r in res if r["worker"] == w)
+                         for w in sorted({r["worker"] for r in res})},  # per worker process
         "images": images, "verified": sum(r["verified"] for r in res),
         "mismatches": [i for i in issues if i["kind"] not in decode_kinds],
         "errors": [i for i in issues if i["kind"] in decode_kinds],

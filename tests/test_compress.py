@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -224,6 +225,8 @@ def test_three_formats_on_ray(local_archive, corpus, tiny_checkpoint, tmp_path):
     assert manifest["model"]["weights_sha256"] == model.weights_digest().hex()
     assert manifest["bitstream_format_version"] == 1 and manifest["code_version"]["m2t"]
     assert len(manifest["shards"]) == 8 and manifest["keys"] == 14
+    stats = A.Archive(str(out)).completed_shards()  # each shard names its worker's peak RSS
+    assert len(stats) == 8 and all(s["peak_rss_mib"] > 0 for s in stats.values())
     assert sorted(pq.read_table(out / A.KEYS_INDEX).column("key").to_pylist()) == sorted(keys)
 
     rows = all_rows(out)
@@ -449,3 +452,36 @@ def test_bad_inputs_get_the_expected_statuses(tmp_path, tiny_checkpoint, ray_clu
         A.get_image(str(out), "empty.jpg")
     assert json.loads((out / A.REPORT).read_text())["exit_code"] == C.EXIT_FAILED_IMAGES
     assert {f["key"] for f in report["failure_examples"]} >= {"too_big.png", "empty.jpg", "r1"}
+
+
+# ---------------------------------------------------------------- actor planning
+
+
+@pytest.mark.parametrize("options, gpus, cpus, shards, expected", [
+    ({}, 0, 2, 100, (2, False, 0.0)),  # CPU cluster: one actor per CPU
+    ({"cpus_per_actor": 2}, 0, 8, 100, (4, False, 0.0)),
+    ({}, 1, 16, 100, (4, True, 0.25)),  # one GPU: up to 4 actors share it
+    ({}, 2, 4, 100, (4, True, 0.5)),  # the CPUs allow only 2 per GPU
+    ({"actors_per_gpu": 1}, 2, 16, 100, (2, True, 1.0)),
+    ({"use_gpu": False}, 2, 16, 100, (16, False, 0.0)),
+    ({}, 1, 16, 3, (3, True, 0.25)),  # never more actors than shards
+    ({"actors": 3}, 1, 16, 100, (3, True, 0.25)),
+])
+def test_actor_plan_from_cluster_resources(options, gpus, cpus, shards, expected):
+    from pipeline.compress import RayOptions, plan_actors
+
+    plan = plan_actors(RayOptions(**options), gpus, cpus, shards)
+    assert (plan.actors, plan.use_gpu, plan.gpu_per_actor) == expected
+
+
+@pytest.mark.parametrize("options, gpus, cpus, message", [
+    ({"use_gpu": True}, 0, 8, "no GPUs"),
+    ({"actors": 9}, 2, 32, "2 GPU(s) x ray.actors_per_gpu=4"),
+    ({"actors": 5, "use_gpu": False}, 0, 4, "the cluster has 4 CPUs"),
+    ({"actors_per_gpu": 8}, 1, 4, "need 8 CPUs"),
+])
+def test_actor_plan_refuses_what_the_cluster_lacks(options, gpus, cpus, message):
+    from pipeline.compress import RayOptions, plan_actors
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan_actors(RayOptions(**options), gpus, cpus, 100)
