@@ -9,6 +9,7 @@
     m2t get ARCHIVE KEY OUT.png
     m2t verify ARCHIVE_URL [--shards ...] [--against-source]
     m2t restore ARCHIVE_URL OUTPUT_URL [--format png] [--keys ...]
+    m2t eval --data URL [URL ...] [--models all] [--baselines jpeg,webp,avif,jpeg2000,jxl] [--anchor jpeg] OUTPUT_URL
 
 Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG=1 shows it.
 """
@@ -126,6 +127,7 @@ PIPELINE_COMMANDS = {
     "get": ("pipeline.archive", "get_main", "decode one image of an archive by key"),
     "verify": ("pipeline.verify", "verify_main", "decode a whole archive and check every checksum (Ray)"),
     "restore": ("pipeline.verify", "restore_main", "write an archive's images back to files (Ray)"),
+    "eval": ("pipeline.evaluate", "main", "rate-distortion of models and classic codecs over datasets (Ray)"),
 }
 
 

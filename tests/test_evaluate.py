@@ -1,0 +1,207 @@
+"""The evaluation job (pipeline/evaluate.py, classic_codecs.py, rd.py), for real: the shared local
+Ray cluster, real Pillow codecs, a shipped model, real Parquet.
+
+A few small crops of Kodak photographs (168 px high: just enough for MS-SSIM) keep the file
+well under a minute on 2 CPU cores. The "failing codec" is WebP on an image wider than WebP's
+16383-pixel limit: a real encoder refusing real input, on the production code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from m2t_core import cli
+from pipeline import classic_codecs as CC
+from pipeline import evaluate as E
+from pipeline import rd
+
+MODEL = "m2t-small-q1"
+CROP_H, CROP_W = 168, 200
+WIDE = (4, 16400)  # rows, columns: over WebP's 16383-pixel limit, fine for JPEG and our model
+
+
+@pytest.fixture(scope="module")
+def small_dataset(shared_datasets, tmp_path_factory) -> Path:
+    kodak = shared_datasets / "kodak"
+    if not (kodak / "kodim01.png").is_file():
+        pytest.skip("Kodak not found in the shared datasets")
+    root = tmp_path_factory.mktemp("evaldata") / "mini"
+    root.mkdir()
+    for i in (1, 5, 23):
+        with Image.open(kodak / f"kodim{i:02d}.png") as im:
+            im.convert("RGB").crop((96, 96, 96 + CROP_W, 96 + CROP_H)).save(root / f"k{i:02d}.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (*WIDE, 3), dtype=np.uint8)).save(root / "wide.png")
+    return root
+
+
+def config(data: Path, out: Path, **changes) -> E.EvalConfig:
+    return dataclasses.replace(E.EvalConfig(data=str(data), output=str(out), models=MODEL,
+                                            baselines=["webp"], anchor="webp"), **changes)
+
+
+# ---------------------------------------------------------------- BD-rate
+
+
+CURVE = {"bpp": [0.12, 0.25, 0.5, 0.9, 1.4], "psnr": [26.1, 28.4, 30.9, 33.2, 35.0]}
+
+
+def test_bd_rate_of_a_codec_against_itself_is_zero():
+    for method in rd.BD_METHODS:
+        assert rd.bd_rate(CURVE, CURVE, method=method)["value"] == pytest.approx(0.0, abs=1e-9)
+        assert rd.bd_psnr(CURVE, CURVE, method=method)["value"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bd_rate_of_a_known_shift():
+    # 20 % fewer bits at every PSNR: log-rate drops by log10(0.8) everywhere, and pchip of
+    # (y + c) is pchip(y) + c, so the integral differs by exactly c: -20 % up to rounding.
+    cheaper = {"bpp": [b * 0.8 for b in CURVE["bpp"]], "psnr": CURVE["psnr"]}
+    result = rd.bd_rate(CURVE, cheaper)
+    assert result["value"] == pytest.approx(-20.0, abs=1e-9) and result["note"] is None
+    assert rd.bd_rate(cheaper, CURVE)["value"] == pytest.approx(25.0, abs=1e-9)
+    # 0.5 dB better at every rate: BD-PSNR +0.5 dB, exactly for the same reason.
+    better = {"bpp": CURVE["bpp"], "psnr": [p + 0.5 for p in CURVE["psnr"]]}
+    assert rd.bd_psnr(CURVE, better)["value"] == pytest.approx(0.5, abs=1e-9)
+    assert rd.bd_rate(CURVE, better)["value"] < 0
+
+
+def test_bd_rate_without_enough_points_or_overlap_is_none_with_a_reason():
+    one = {"bpp": [0.3], "psnr": [29.0]}
+    result = rd.bd_rate(CURVE, one)
+    assert result["value"] is None and "too few points" in result["note"]
+    far = {"bpp": [3.0, 4.0], "psnr": [40.0, 42.0]}
+    result = rd.bd_rate(CURVE, far)
+    assert result["value"] is None and "no overlap" in result["note"]
+    assert rd.bd_psnr(CURVE, far)["value"] is None
+    # A point that costs more bits for less quality is dropped, and the note says so.
+    wobbly = {"bpp": [0.12, 0.25, 0.3, 0.5], "psnr": [26.1, 28.4, 28.0, 30.9]}
+    result = rd.bd_rate(CURVE, wobbly)
+    assert result["value"] is not None and "non-monotone" in result["note"]
+
+
+def test_paper_reference_and_ms_ssim():
+    assert rd.PAPER_MT_KODAK["bpp"] == sorted(rd.PAPER_MT_KODAK["bpp"])
+    rgb = np.random.default_rng(1).integers(0, 256, (170, 180, 3), dtype=np.uint8)
+    assert rd.ms_ssim(rgb, rgb) == pytest.approx(1.0)
+    assert rd.ms_ssim(rgb[:160], rgb[:160]) is None  # short side must exceed 160
+
+
+# ---------------------------------------------------------------- codecs
+
+
+def test_sweep_table_and_baseline_names():
+    assert CC.expand_baselines("jpeg") == ["jpeg-420", "jpeg-444"]
+    assert CC.expand_baselines("all") == ["jpeg-420", "jpeg-444", "webp", "avif", "jpeg2000", "jxl"]
+    assert CC.expand_baselines("none") == []
+    with pytest.raises(ValueError, match="unknown baseline codec 'gif'"):
+        CC.expand_baselines(["gif"])
+    rgb = np.asarray(Image.new("RGB", (64, 48), (120, 40, 200)))
+    for codec in CC.CODECS.values():
+        assert list(codec.sweep) == sorted(codec.sweep) and len(codec.sweep) >= 5
+        CC.ensure_available(codec)
+        data, _ = CC.encode(codec, rgb, codec.sweep[len(codec.sweep) // 2])
+        decoded, _ = CC.decode(codec, data, 48, 64)
+        assert decoded.shape == (48, 64, 3)
+
+
+def test_a_missing_codec_plugin_names_the_codec_and_the_package():
+    missing = dataclasses.replace(CC.CODECS["jxl"], module="m2t_no_such_plugin")
+    with pytest.raises(CC.CodecUnavailableError, match=r"codec jxl needs the package pillow-jxl-plugin"):
+        CC.ensure_available(missing)
+
+
+# ---------------------------------------------------------------- the job
+
+
+def test_eval_end_to_end_on_ray(ray_cluster, small_dataset, tmp_path):
+    out = tmp_path / "eval"
+    cfg = config(small_dataset, out, paper_reference=True)
+    summary, code = E.evaluate(cfg, progress=False, command="test")
+    assert code == E.EXIT_FAILED_ROWS  # WebP refused the wide image: recorded, not fatal
+    assert summary["complete"] and summary["this_run"]["runner"]["ray"]
+
+    table = pq.read_table(out / "per_image.parquet").to_pylist()
+    webp_points = len(CC.CODECS["webp"].sweep)
+    assert len(table) == 4 * (webp_points + 1)
+    failed = [r for r in table if r["status"] != "ok"]
+    assert {(r["key"], r["codec"]) for r in failed} == {("wide.png", "webp")}
+    assert len(failed) == webp_points and all("16383" in r["error"] for r in failed)
+    for r in table:
+        if r["status"] == "ok":
+            assert r["bpp"] == pytest.approx(8 * r["bytes"] / r["pixels"])
+            assert r["psnr"] > 8 and r["encode_s"] > 0 and r["decode_s"] > 0
+            assert (r["ms_ssim"] is None) == (r["key"] == "wide.png")
+    ours = [r for r in table if r["codec"] == "m2t-small"]
+    assert len(ours) == 4 and {r["model"] for r in ours} == {MODEL} and all(r["status"] == "ok" for r in ours)
+
+    # Means over the 3 images every codec coded (wide.png is left out of all of them).
+    assert summary["results"]["mini"]["excluded_images"] == 1
+    doc = json.loads((out / "codecs" / "webp.json").read_text())
+    assert set(doc) == {"name", "description", "results"} and doc["name"] == "webp"
+    assert set(doc["results"]) == {"psnr-rgb", "ms-ssim-rgb", "bpp", "encoding_time", "decoding_time"}
+    assert len(doc["results"]["bpp"]) == webp_points and doc["results"]["bpp"] == sorted(doc["results"]["bpp"])
+    webp_k01 = [r["bpp"] for r in table if r["codec"] == "webp" and r["point"] == "q=0" and r["key"] != "wide.png"]
+    assert doc["results"]["bpp"][0] == pytest.approx(np.mean(webp_k01))
+    bd = summary["results"]["mini"]["bd"]
+    assert bd["vs_anchor"]["webp"]["bd_rate"]["value"] == pytest.approx(0.0, abs=1e-9)
+    assert bd["vs_anchor"]["m2t-small"]["bd_rate"]["value"] is None  # one model: one point
+    assert "too few points" in bd["vs_references"]["m2t-small"][rd.PAPER_MT_LABEL]["bd_rate"]["note"]
+
+    report = (out / "report.md").read_text()
+    assert "10 row(s) failed" in report and "mini/wide.png, webp" in report and "rd_psnr.png" in report
+    for name in ("rd_psnr.png", "rd_msssim.png", "summary.json"):
+        assert (out / name).stat().st_size > 0
+
+    # Resume: nothing is recomputed, the parts are not rewritten.
+    parts = {p: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
+    summary, code = E.evaluate(cfg, progress=False, command="test")
+    assert code == E.EXIT_FAILED_ROWS and summary["units"]["this_run"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "parts").iterdir()} == parts
+    assert len(summary["runs"]) == 2
+
+
+def test_max_units_stops_and_a_rerun_does_only_the_rest(small_dataset, tmp_path):
+    out = tmp_path / "eval"
+    cfg = config(small_dataset, out, models="none", baselines="jpeg", anchor="jpeg", shard_size=2,
+                 ms_ssim=False, max_units=3, ray=E.RayOptions(enabled=False))
+    summary, code = E.evaluate(cfg, progress=False)
+    assert code == E.EXIT_INCOMPLETE and summary["units"] == {
+        "planned": 4, "already_done": 0, "this_run": 3, "failed": {}, "remaining": 1, "stale_parts_ignored": 0}
+    assert not (out / "report.md").exists() and (out / "summary.json").exists()
+    first = {p: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
+    summary, code = E.evaluate(dataclasses.replace(cfg, max_units=0), progress=False)
+    assert code == E.EXIT_OK and summary["units"]["this_run"] == 1 and summary["units"]["already_done"] == 3
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())
+    assert summary["rows"]["total"] == 4 * (len(CC.CODECS["jpeg-420"].sweep) + len(CC.CODECS["jpeg-444"].sweep))
+    # Other settings make other parts: the old ones are ignored, not merged.
+    cfg2 = dataclasses.replace(cfg, max_units=0, ms_ssim=True, baselines="jpeg-420")
+    summary, code = E.evaluate(cfg2, progress=False)
+    assert summary["units"]["this_run"] == 2 and summary["units"]["stale_parts_ignored"] == 4
+
+
+def test_cli_usage_errors_exit_2(small_dataset, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert cli.main(["eval", "--data", str(small_dataset), "--baselines", "gif", out]) == 2
+    assert "unknown baseline codec 'gif'" in capsys.readouterr().err
+    assert cli.main(["eval", "--data", str(small_dataset), "--models", "none", "--baselines", "webp",
+                     "--anchor", "jpeg", out]) == 2
+    assert "anchor 'jpeg' is not among the evaluated codecs" in capsys.readouterr().err
+    assert cli.main(["eval", out]) == 2
+    assert "no data" in capsys.readouterr().err
+    assert cli.main(["eval", "--data", str(tmp_path / "missing"), out, "--no-ray"]) == 2
+    assert "input not found" in capsys.readouterr().err
+    # --data A OUT: the last URL is the output. An input over max_pixels is a failed row (exit 1).
+    code = cli.main(["eval", "--models", "none", "--baselines", "jpeg-420", "--anchor", "jpeg", "--no-ray",
+                     "--no-progress", "--set", "ms_ssim=false", "--set", "max_pixels=50000",
+                     "--data", str(small_dataset), out])
+    printed = capsys.readouterr().out
+    assert code == 1 and "mini: 4 images (1 left out of the means" in printed
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "Inputs that could not be read" in report and "mini/wide.png" in report
