@@ -181,3 +181,12 @@ def code_state(paths: tuple[str, ...] = ("m2t_core", "pipeline", "bench")) -> di
     status = git("status", "--porcelain", "--", *paths)
     return {"git_commit": commit.strip() if commit else None,
             "uncommitted": [line[3:] for line in status.splitlines()] if status else []}
+
+
+def write_report(json_path: Path, report: dict) -> None:
+    """Write a benchmark's results as indented JSON (folders created) and say where."""
+    import json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {json_path}", flush=True)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -65,7 +64,7 @@ from m2t_core.config import ModelConfig  # noqa: E402
 from m2t_core.entropy_coding import SymbolDecoder, SymbolEncoder  # noqa: E402
 from m2t_core.sysinfo import cpu_model  # noqa: E402
 from bench._common import (  # noqa: E402  (shared with bench/peer_speed.py, bench/pipeline_speed.py)
-    DEFAULT_DATA, LoadMeter, bench_image, load_avg, parse_size)
+    DEFAULT_DATA, LoadMeter, bench_image, load_avg, parse_size, write_report)
 
 SEED = 0
 PHASES = ("transforms", "transformer", "entropy_coding", "other")
@@ -556,9 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                            "10x or more; re-run on an idle machine, or with --threads 1)"
                            if used > 1
                            else "; the cpu s column is less affected"))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    log(f"wrote {json_path}")
+    write_report(json_path, report)
     # The headline: the preset's own S (12), the first size.
     headline = results[f"S={cfg.num_steps}"] if f"S={cfg.num_steps}" in results else results[next(iter(results))]
     log(f"m2t/mt decode speedup: {headline[next(iter(headline))]['speedup']['decode_total']:.2f}x")

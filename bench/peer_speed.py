@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -65,7 +64,8 @@ sys.path.insert(0, str(REPO))
 import m2t_core  # noqa: E402
 from m2t_core.metrics import psnr  # noqa: E402
 from m2t_core.sysinfo import cpu_model  # noqa: E402
-from bench._common import DEFAULT_DATA, LoadMeter, bench_image, code_state, load_avg, parse_size  # noqa: E402
+from bench._common import (DEFAULT_DATA, LoadMeter, bench_image, code_state, load_avg,  # noqa: E402
+                           parse_size, write_report)
 
 DEFAULT_SIZES = "768x512,2000x1500"
 LARGE_PIXELS = 1_000_000  # sizes with more pixels use --repeats-large
@@ -395,9 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": load_avg(),
         "results": results,
     }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    log(f"wrote {json_path}")
+    write_report(json_path, report)
     return 0
 
 

@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))
 from m2t_core.registry import DEFAULT_MODEL  # noqa: E402
 from m2t_core.sysinfo import cpu_model  # noqa: E402
 from bench._common import (DEFAULT_DATA, FamilyCpu, LoadMeter, code_state, cover_resize,  # noqa: E402
-                           load_avg)
+                           load_avg, write_report)
 
 SIZE = (768, 512)
 CLUSTER_CPUS = 2
@@ -416,9 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "contended": contended,
         "load_average_after": load_avg(),
     }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    log(f"wrote {json_path}")
+    write_report(json_path, report)
     return 0
 
 
