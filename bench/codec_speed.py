@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 
 import m2t_core  # noqa: E402
 from m2t_core import codec as codec_module  # noqa: E402
+from m2t_core import exact as exact_module  # noqa: E402
 from m2t_core.codec import M2TCodec, deterministic_kernels  # noqa: E402
 
 try:  # on CPU, coding runs on a fixed number of threads (bit-exactness), whatever --threads says
@@ -124,8 +125,12 @@ def instrumented(models: list[M2TCodec], timer: PhaseTimer):
         for model in models:
             patch(model.g_a, "forward", "transforms", instance=True)
             patch(model.g_s, "forward", "transforms", instance=True)
-            patch(model.entropy_model, "step", "transformer", instance=True)
+            patch(model.entropy_model, "step", "transformer", instance=True)  # format 1 (legacy)
+        # Format 2: the exact entropy model (module functions that codec.py calls through X).
+        patch(exact_module, "step", "transformer")
+        patch(exact_module, "m2t_teacher_forced", "transformer")
         patch(codec_module, "snap_params", "entropy_coding")
+        patch(codec_module, "snap_integer", "entropy_coding")
         patch(SymbolEncoder, "encode", "entropy_coding")
         patch(SymbolEncoder, "finish", "entropy_coding")
         patch(SymbolDecoder, "decode", "entropy_coding")
@@ -222,10 +227,10 @@ def run_decode(model: M2TCodec, data: bytes) -> np.ndarray:
 
 
 def encode_nocache(model: M2TCodec, rgb: np.ndarray):
-    """Encode with the cache-free M2T schedule. Its numbers differ from the cached path in the
-    last bits, so it is a property of the stream (header flag FLAG_UNCACHED), not a choice of
-    the decoder: `decode_latent` then recomputes every step from scratch too."""
-    return model.encode_image(rgb, use_cache=False)
+    """Encode with the cache-free M2T schedule (format 1, the float entropy model: there its
+    numbers differ from the cached path in the last bits, so it is a property of the stream,
+    header flag FLAG_UNCACHED; format 2's exact model gives the same numbers either way)."""
+    return model.encode_image(rgb, use_cache=False, format_version=1)
 
 
 def run_decode_nocache(model: M2TCodec, data: bytes) -> np.ndarray:

@@ -16,10 +16,10 @@ from .bitstream import (BitstreamError, ChecksumMismatchError, Header, ImageTooL
 from .codec import EncodedImage, M2TCodec
 from .config import ConfigError, ModelConfig, load_model_config
 from .image_io import ImageError, load_image, save_image, to_rgb_array
-from .registry import (DEFAULT_MODEL, CheckpointError, ModelNotFoundError, list_models,
-                       load_checkpoint, load_model, save_checkpoint)
+from .registry import (DEFAULT_MODEL, CheckpointError, ModelNotFoundError, UnknownStreamModelError,
+                       list_models, load_checkpoint, load_model, load_model_for_header, save_checkpoint)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _resolve(model: M2TCodec | str | None) -> M2TCodec:
@@ -35,14 +35,15 @@ def decompress(data: bytes, model: M2TCodec | str | None = None, **kwargs) -> np
     """Decode a bitstream to RGB uint8 (H, W, 3). Without `model`, the registry model named
     in the header is loaded and its weights hash checked."""
     if model is None:
-        model = load_model(read_header(data, **kwargs).model_id)
+        # The header only selects among installed models (name + weights hash), never a path.
+        model = load_model_for_header(read_header(data, **kwargs))
     return _resolve(model).decompress(data, **kwargs)
 
 
 __all__ = [
     "BitstreamError", "ChecksumMismatchError", "CheckpointError", "ConfigError", "DEFAULT_MODEL",
     "EncodedImage", "Header", "ImageError", "ImageTooLargeError", "M2TCodec", "ModelConfig",
-    "ModelMismatchError", "ModelNotFoundError", "UnsupportedVersionError", "compress", "decompress",
-    "list_models", "load_checkpoint", "load_image", "load_model", "load_model_config", "read_header",
+    "ModelMismatchError", "ModelNotFoundError", "UnknownStreamModelError", "UnsupportedVersionError", "compress", "decompress",
+    "list_models", "load_checkpoint", "load_image", "load_model", "load_model_config", "load_model_for_header", "read_header",
     "save_checkpoint", "save_image", "to_rgb_array",
 ]

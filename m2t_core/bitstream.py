@@ -1,6 +1,21 @@
 """The versioned M2T bitstream container (specified in docs/bitstream.md).
 
-Layout, little-endian:
+Format version 2 (written now; portable: integer entropy model), little-endian:
+
+    magic            4 bytes  b"M2TC"
+    version          u8       2
+    flags            u8       bit 0: encoded on a CUDA device (informational); others 0
+    model_id_len     u8       1..MAX_MODEL_ID_LEN
+    model_id         bytes    ASCII registry name of the model
+    weights_hash     8 bytes  first 8 bytes of the model's format-2 weights digest
+    height, width    u32 x2   original image size in pixels
+    payload_len      u32      bytes of the entropy-coded payload (>= 4 per latent window)
+    latent_crc       u32      CRC-32 of (height, width, C, h, w as u32) + y_hat (int32, C order)
+    payload_crc      u32      CRC-32 of the payload
+    header_crc       u32      CRC-32 of every header byte before this field
+    payload          payload_len bytes (range coder words, u32 little-endian, zero-padded)
+
+Format version 1 (legacy, decode only; float entropy model, not portable):
 
     magic            4 bytes  b"M2TC"
     version          u8       FORMAT_VERSION
@@ -29,18 +44,29 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"M2TC"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+PORTABLE_VERSIONS = (2,)  # decode on any machine (exact integer entropy model)
 MAX_MODEL_ID_LEN = 64
 MAX_SIDE = 65535
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_WINDOW_BATCH = 1024
 FLAG_CUDA = 1  # encoded on a CUDA device (informational)
 FLAG_UNCACHED = 2  # M2T steps recomputed without the key/value cache (numerics differ)
-KNOWN_FLAGS = FLAG_CUDA | FLAG_UNCACHED
+KNOWN_FLAGS = {1: FLAG_CUDA | FLAG_UNCACHED, 2: FLAG_CUDA}
 DOWNSAMPLING = 16
+# Format version 2: the payload holds at least one coder word per latent window (the encoder
+# pads with zero words), so a tiny stream cannot declare a huge image and make the decoder
+# run the network over it: work is bounded by the bytes given.
+MIN_PAYLOAD_BYTES_PER_WINDOW = 4
+# Format version 2 codes the windows in chunks of this many (all steps of a chunk before the
+# next): coder and decoder memory stay bounded by one chunk whatever the image size.
+CHUNK_WINDOWS = 64
 
-_FIXED_AFTER_ID = struct.Struct("<8sIIBBHIII")  # hash, h, w, pads, window_batch, len, crcs
+_FIXED_AFTER_ID = {
+    1: struct.Struct("<8sIIBBHIII"),  # hash, h, w, pads, window_batch, len, crcs
+    2: struct.Struct("<8sIIIII"),  # hash, h, w, len, crcs
+}
 _HEADER_CRC = struct.Struct("<I")
 
 
@@ -69,6 +95,22 @@ def image_padding(height: int, width: int) -> tuple[int, int]:
     return (-height) % DOWNSAMPLING, (-width) % DOWNSAMPLING
 
 
+def check_image_size(height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise ImageTooLargeError naming the limit that an image of height x width exceeds."""
+    if height > MAX_SIDE or width > MAX_SIDE:
+        raise ImageTooLargeError(
+            f"image of {width}x{height} pixels exceeds the limit of {MAX_SIDE} pixels per side")
+    if height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"image of {width}x{height} = {height * width} pixels exceeds the limit of {max_pixels} "
+            "pixels (raise max_pixels to code it)")
+
+
+def min_payload_len(num_windows: int) -> int:
+    """The fewest payload bytes a format-2 stream of `num_windows` latent windows may have."""
+    return MIN_PAYLOAD_BYTES_PER_WINDOW * num_windows
+
+
 @dataclass(frozen=True)
 class Header:
     model_id: str
@@ -86,22 +128,31 @@ class Header:
     def padding(self) -> tuple[int, int]:
         return image_padding(self.height, self.width)
 
+    @property
+    def portable(self) -> bool:
+        """Whether any machine decodes this stream (format version 2), or only the kind of
+        machine that wrote it (version 1)."""
+        return self.version in PORTABLE_VERSIONS
+
     def to_bytes(self) -> bytes:
         model_id = self.model_id.encode("ascii")
         if not 1 <= len(model_id) <= MAX_MODEL_ID_LEN:
             raise ValueError(f"model id must be 1..{MAX_MODEL_ID_LEN} ASCII bytes: {self.model_id!r}")
         if len(self.weights_hash) != 8:
             raise ValueError("weights_hash must be 8 bytes")
+        if self.version not in SUPPORTED_VERSIONS:
+            raise ValueError(f"unknown format version {self.version}")
         pad_bottom, pad_right = self.padding
-        body = (
-            MAGIC
-            + bytes([self.version, self.flags, len(model_id)])
-            + model_id
-            + _FIXED_AFTER_ID.pack(
+        if self.version == 1:
+            fixed = _FIXED_AFTER_ID[1].pack(
                 self.weights_hash, self.height, self.width, pad_bottom, pad_right,
                 self.window_batch, self.payload_len, self.latent_crc, self.payload_crc,
             )
-        )
+        else:
+            fixed = _FIXED_AFTER_ID[2].pack(
+                self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc, self.payload_crc,
+            )
+        body = MAGIC + bytes([self.version, self.flags, len(model_id)]) + model_id + fixed
         return body + _HEADER_CRC.pack(zlib.crc32(body))
 
 
@@ -125,12 +176,13 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, b
         raise UnsupportedVersionError(
             f"unsupported bitstream format version {version} (this decoder reads {SUPPORTED_VERSIONS})"
         )
-    if flags & ~KNOWN_FLAGS:
+    if flags & ~KNOWN_FLAGS[version]:
         raise BitstreamError(f"corrupt header: unknown flags {flags:#04x}")
     if not 1 <= id_len <= MAX_MODEL_ID_LEN:
         raise BitstreamError(f"corrupt header: model id length {id_len}")
     fixed_start = 7 + id_len
-    header_end = fixed_start + _FIXED_AFTER_ID.size + _HEADER_CRC.size
+    layout = _FIXED_AFTER_ID[version]
+    header_end = fixed_start + layout.size + _HEADER_CRC.size
     if len(data) < header_end:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {header_end}")
     (stored_header_crc,) = _HEADER_CRC.unpack_from(data, header_end - _HEADER_CRC.size)
@@ -140,18 +192,22 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, b
         model_id = data[7:fixed_start].decode("ascii")
     except UnicodeDecodeError:
         raise BitstreamError("corrupt header: model id is not ASCII") from None
-    (weights_hash, height, width, pad_bottom, pad_right, window_batch, payload_len,
-     latent_crc, payload_crc) = _FIXED_AFTER_ID.unpack_from(data, fixed_start)
+    if version == 1:
+        (weights_hash, height, width, pad_bottom, pad_right, window_batch, payload_len,
+         latent_crc, payload_crc) = layout.unpack_from(data, fixed_start)
+    else:
+        weights_hash, height, width, payload_len, latent_crc, payload_crc = layout.unpack_from(data, fixed_start)
+        (pad_bottom, pad_right), window_batch = image_padding(height, width), 0
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
         raise BitstreamError(f"corrupt header: image size {height}x{width} out of range")
     if height * width > max_pixels:
         raise ImageTooLargeError(
-            f"image of {height}x{width} = {height * width} pixels exceeds the limit of {max_pixels} "
+            f"image of {width}x{height} = {height * width} pixels exceeds the limit of {max_pixels} "
             "(raise max_pixels to decode it)"
         )
     if (pad_bottom, pad_right) != image_padding(height, width):
         raise BitstreamError("corrupt header: padding does not match the image size")
-    if not 1 <= window_batch <= MAX_WINDOW_BATCH:
+    if version == 1 and not 1 <= window_batch <= MAX_WINDOW_BATCH:
         raise BitstreamError(f"corrupt header: window batch {window_batch}")
     payload = data[header_end:]
     if len(payload) != payload_len:

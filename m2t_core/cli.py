@@ -47,7 +47,10 @@ def cmd_encode(args) -> int:
     from .image_io import load_image
 
     model = _model(args.model, _device(args.device))
-    rgb = load_image(args.input, max_pixels=args.max_pixels)
+    notes: list[str] = []
+    rgb = load_image(args.input, max_pixels=args.max_pixels, notes=notes)
+    for note in notes:  # e.g. a multi-frame GIF/TIFF: only its first frame is coded
+        print(f"m2t encode: warning: {args.input}: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     encoded = model.encode_image(rgb, window_batch=args.window_batch, max_pixels=args.max_pixels)
     elapsed = time.perf_counter() - t0
@@ -68,7 +71,12 @@ def cmd_decode(args) -> int:
 
     data = _read_bitstream(args.input)
     header = read_header(data, max_pixels=args.max_pixels)
-    model = _model(args.model or header.model_id, _device(args.device))
+    if args.model:  # the user's choice: a registry name or a checkpoint path
+        model = _model(args.model, _device(args.device))
+    else:  # the header only selects among installed models (name + weights hash), never a file
+        from .registry import load_model_for_header
+
+        model = load_model_for_header(header, device=_device(args.device))
     t0 = time.perf_counter()
     rgb = model.decompress(data, max_pixels=args.max_pixels)
     elapsed = time.perf_counter() - t0
@@ -79,19 +87,22 @@ def cmd_decode(args) -> int:
 
 def cmd_info(args) -> int:
     from .bitstream import read_header
+    from .registry import MODEL_NAME_RE
 
     data = _read_bitstream(args.input)
     h = read_header(data, max_pixels=args.max_pixels)
     pad_b, pad_r = h.padding
     fields = [
         ("format version", h.version),
-        ("model", h.model_id),
+        ("portable", "yes (exact integer entropy model: decodes on any machine)" if h.portable else
+         "no (format 1: decodes only on the kind of machine that wrote it)"),
+        ("model", h.model_id if MODEL_NAME_RE.match(h.model_id) else f"{h.model_id!r} (not a valid model name)"),
         ("weights hash", h.weights_hash.hex()),
         ("image size", f"{h.width}x{h.height}"),
         ("padding", f"bottom {pad_b}, right {pad_r}"),
-        ("window batch", h.window_batch),
+        *([("window batch", h.window_batch), ("kv cache", "off (measurement mode)" if h.flags & 2 else "on")]
+          if h.version == 1 else []),
         ("encoded on", "CUDA" if h.flags & 1 else "CPU"),
-        ("kv cache", "off (measurement mode)" if h.flags & 2 else "on"),
         ("payload", f"{h.payload_len} bytes"),
         ("total size", f"{len(data)} bytes"),
         ("bpp", f"{8 * len(data) / (h.width * h.height):.4f}"),

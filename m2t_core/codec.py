@@ -4,14 +4,19 @@ Contract (as in CompressAI): `forward(x)` returns the reconstruction and likelih
 training; `compress(images) -> list[bytes]` and `decompress(bytes) -> uint8 (H, W, 3)` mirror
 each other.
 
-Bit-exactness. The decoder must recompute exactly the distribution parameters the encoder
-used. So the encoder never uses the teacher-forced pass to code: it runs the decoder's own
-incremental computation (`_code_latent`), call for call, with the same tensor shapes: the
-windows of ONE image, in chunks of `window_batch` windows (stored in the header). Nothing
-from other images in a batch ever shares a transformer call, so how an image was batched
-cannot change its numbers. Parameters are then snapped to integers (entropy_coding.py), and
-a CRC of the latent lets the decoder detect any remaining mismatch (e.g. a bitstream
-written on a GPU and decoded on a CPU) instead of returning garbage.
+Bit-exactness (format version 2, written by every model with an exact entropy model): the
+distribution parameters come from `exact.ExactEntropyModel`, whose arithmetic is integer
+(exact.py), so the encoder may compute them any way it likes: M2T's single teacher-forced
+pass over many windows at once, or the decoder's incremental loop; any batch, thread count
+or device gives the same integers. Only g_a and g_s stay float: the latent is whatever g_a
+produced, and decoded pixels may differ in the last bit between devices (like JPEG
+decoders). A CRC of the image size and the latent in the header remains as an integrity
+check.
+
+Format version 1 (legacy, decode only): the parameters came from the float transformer, so
+its encoder ran the decoder's own incremental computation with the same shapes (one image's
+windows, `window_batch` at a time, one CPU thread); such streams decode only on the kind of
+machine that wrote them (`_code_latent_v1`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import contextlib
 import hashlib
 import json
 import math
+import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,12 +37,13 @@ from torch import nn
 
 from . import bitstream as bs
 from .config import ModelConfig
-from .entropy_coding import MAX_ABS_SYMBOL, SymbolDecoder, SymbolEncoder, snap_params
+from . import exact as X
+from .entropy_coding import MAX_ABS_SYMBOL, SymbolDecoder, SymbolEncoder, snap_integer, snap_params
 from .image_io import ImageLike, to_rgb_array
 from .transformer import DecodeState, EntropyTransformer, MixtureParams, mixture_likelihood
 from .transforms import AnalysisTransform, SynthesisTransform
 
-DEFAULT_WINDOW_BATCH = 8
+DEFAULT_WINDOW_BATCH = 8  # format version 1 only
 UNTRAINED_MODEL_ID = "untrained"
 # On CPU every coding computation runs on exactly this many threads: matrix products and
 # convolutions give different last bits for different thread counts (measured with
@@ -120,7 +127,17 @@ class M2TCodec(nn.Module):
         self.g_a = AnalysisTransform(cfg.N, cfg.C, cfg.blocks_per_stage, cfg.attention_blocks)
         self.g_s = SynthesisTransform(cfg.N, cfg.C, cfg.blocks_per_stage, cfg.attention_blocks)
         self.entropy_model = EntropyTransformer(cfg)
-        self._digest_cache: tuple[tuple, bytes] | None = None
+        # The exact (integer) entropy model that codes format version 2, built from
+        # entropy_model's weights and kept in sync with them (sync_exact).
+        self.exact: X.ExactEntropyModel | None = X.ExactEntropyModel(cfg, self.entropy_model)
+        self.exact.init_exponents(self.entropy_model)
+        self.exact.export_from(self.entropy_model)
+        # Float weights of a converted model's original entropy model: decodes format
+        # version 1 streams written before the conversion (None where there are none).
+        self.legacy_entropy_model: EntropyTransformer | None = None
+        self.qat = False  # training: quantisation-aware forward through the exact model's grid
+        self._digest_cache: dict[str, tuple[tuple, bytes]] = {}
+        self._exact_source = self._entropy_fingerprint()
 
     @property
     def device(self) -> torch.device:
@@ -148,12 +165,19 @@ class M2TCodec(nn.Module):
         ctx = to_windows(pad_latent(y_hat, w), w)  # (B*nW, L, C)
         target = to_windows(pad_latent(y_rate, w), w)  # (B*nW, L, C)
         H2, W2 = valid.shape[-2:]
+        qat_ops = X.FloatOps(self.exact, self.entropy_model, quant=True) if self.qat else None
         if self.cfg.mode == "m2t":
-            params = self.entropy_model.m2t_forward(ctx)
+            if qat_ops is not None:
+                params = MixtureParams(*X.m2t_teacher_forced(qat_ops, ctx.float()))
+            else:
+                params = self.entropy_model.m2t_forward(ctx)
             rate_mask = valid
         else:
             masked = self._random_mt_mask(ctx.shape[0], mt_mask_range, x.device)  # (B*nW, L)
-            params = self.entropy_model.mt_forward(ctx, masked)
+            if qat_ops is not None:
+                params = MixtureParams(*X.mt_forward(qat_ops, ctx.float(), masked))
+            else:
+                params = self.entropy_model.mt_forward(ctx, masked)
             rate_mask = valid * from_windows(masked[..., None].float(), B, H2, W2, w)
         # The rate in fp32 even under autocast: bf16 would round y - mean at |y| > ~32.
         with torch.autocast(x.device.type, enabled=False):
@@ -176,33 +200,86 @@ class M2TCodec(nn.Module):
 
     # ------------------------------------------------------------------ identity
 
-    def weights_digest(self) -> bytes:
-        """SHA-256 over the config and every parameter/buffer (names, shapes, float32 bytes)."""
+    def _hashed_state(self, version: int) -> dict[str, torch.Tensor]:
+        """The tensors that define the numbers of bitstream format `version`.
+
+        Version 2: the transforms and the exact model's integers (the float entropy weights
+        are derived from those). Version 1: the transforms and the float entropy model (a
+        converted model's legacy weights, under their original names), so a converted
+        model keeps the hash its old streams carry."""
         state = self.state_dict()
+        transforms = {k: v for k, v in state.items() if k.startswith(("g_a.", "g_s."))}
+        if version == 2:
+            return {**transforms, **{k: v for k, v in state.items() if k.startswith("exact.")}}
+        prefix = "legacy_entropy_model." if self.legacy_entropy_model is not None else "entropy_model."
+        legacy = {"entropy_model." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return {**transforms, **legacy}
+
+    def weights_digest(self, version: int | None = None) -> bytes:
+        """SHA-256 over the config and the tensors of `_hashed_state(version)` (names,
+        shapes, float32 bytes for float tensors, little-endian bytes for integer ones).
+        Default: the version this model writes (2, or 1 for a model without exact model)."""
+        version = version or (2 if self.exact is not None else 1)
+        if version == 2:
+            self.sync_exact()  # the integers follow the float entropy weights (training, edits)
+        state = self._hashed_state(version)
         # A cheap fingerprint decides whether the SHA-256 must be recomputed. Storage address
         # and version counter miss edits through `.data` and dtype round trips, so an exact
         # integer sum of every tensor's bits is part of it too (~5 ms for 4M parameters).
         fingerprint = tuple(
             (k, t.dtype, tuple(t.shape), t.data_ptr(), t._version, _bit_sum(t)) for k, t in state.items()
         )
-        if self._digest_cache is not None and self._digest_cache[0] == fingerprint:
-            return self._digest_cache[1]
+        cached = self._digest_cache.get(str(version))
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
         for name in sorted(state):
-            t = state[name].detach().to("cpu", torch.float32).contiguous()
+            t = state[name].detach().cpu().contiguous()
             h.update(name.encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
+            if t.is_floating_point():
+                h.update(t.to(torch.float32).numpy().tobytes())
+            else:
+                h.update(t.to(torch.int64).numpy().astype("<i8").tobytes())
         digest = h.digest()
-        self._digest_cache = (fingerprint, digest)
+        self._digest_cache[str(version)] = (fingerprint, digest)
         return digest
 
-    def weights_hash(self) -> bytes:
-        return self.weights_digest()[:8]
+    def weights_hash(self, version: int | None = None) -> bytes:
+        return self.weights_digest(version)[:8]
+
+    # ------------------------------------------------------------------ the exact model
+
+    def _entropy_fingerprint(self) -> tuple:
+        return tuple((k, t.data_ptr(), t._version, _bit_sum(t)) for k, t in self.entropy_model.state_dict().items())
+
+    def sync_exact(self) -> None:
+        """Re-export the exact model if the float entropy weights changed since (training),
+        with the exponents it has. Deterministic: elementwise rounding only."""
+        if self.exact is None:
+            return
+        fingerprint = self._entropy_fingerprint()
+        if fingerprint != self._exact_source:
+            self.exact.export_from(self.entropy_model)
+            self._exact_source = fingerprint
+
+    def mark_exact_synced(self) -> None:
+        """The float weights were just set from the exact model (load_into): in sync."""
+        self._exact_source = self._entropy_fingerprint()
+
+    @torch.no_grad()
+    def calibrate_exact(self, tokens: torch.Tensor) -> dict[str, float]:
+        """Choose the exact model's exponents from latent windows `tokens` (B, L, C) of
+        training images, and export. Returns the observed activation maxima."""
+        if self.exact is None:
+            self.exact = X.ExactEntropyModel(self.cfg, self.entropy_model).to(self.device)
+        observed = self.exact.calibrate(self.entropy_model, tokens)
+        self._exact_source = self._entropy_fingerprint()
+        return observed
 
     # ------------------------------------------------------------------ coding core
 
-    def _code_latent(self, latent_shape: tuple[int, int, int], window_batch: int,
+    def _code_latent_v1(self, latent_shape: tuple[int, int, int], window_batch: int,
                      code_step: Callable[[np.ndarray, MixtureParams, torch.Tensor, list[int]], torch.Tensor],
                      use_cache: bool = True) -> torch.Tensor:
         """Run the coding schedule over one image's latent; shared by encoder and decoder.
@@ -221,13 +298,14 @@ class M2TCodec(nn.Module):
         valid = to_windows(pad_latent(torch.ones(1, 1, h, w, device=device), ww), ww)[..., 0] > 0  # (nW, L)
         num_windows = valid.shape[0]
         decoded = torch.zeros(num_windows, ww * ww, C, device=device)  # (nW, L, C)
-        groups = [torch.as_tensor(g, device=device) for g in self.entropy_model.sched.groups]
+        entropy_model = self.legacy_entropy_model or self.entropy_model
+        groups = [torch.as_tensor(g, device=device) for g in entropy_model.sched.groups]
         for start in range(0, num_windows, window_batch):
             ids = np.arange(start, min(start + window_batch, num_windows))
             tokens = torch.zeros(len(ids), ww * ww, C, device=device)  # (b, L, C)
             state = DecodeState()
             for group in groups:
-                params = self.entropy_model.step(tokens, state, use_cache=use_cache)  # (b, n_i, C, K)
+                params = entropy_model.step(tokens, state, use_cache=use_cache)  # (b, n_i, C, K)
                 values = code_step(ids, params, valid[start:start + len(ids)][:, group], group)
                 tokens[:, group] = values
             decoded[start:start + len(ids)] = tokens
@@ -250,29 +328,101 @@ class M2TCodec(nn.Module):
 
     def analysis(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB uint8 (H, W, 3) -> y_hat (C, h, w) rounded and clamped, float32."""
+        from . import tiling  # large images run in overlapping tiles: memory does not grow with them
+
         rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch wants writable memory
-        x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
-        pad_b, pad_r = bs.image_padding(rgb.shape[0], rgb.shape[1])
-        x = F.pad(x, (0, pad_r, 0, pad_b), mode="replicate")
-        y = self.g_a(x)[0]
+        x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        y = tiling.analysis(self.g_a, x)  # edge-padded to multiples of 16, scaled to [0, 1]
         return torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
 
     def synthesis(self, y_hat: torch.Tensor, height: int, width: int) -> np.ndarray:
         """y_hat (C, h, w) -> RGB uint8 (height, width, 3)."""
-        x_hat = self.g_s(y_hat[None].to(self.device, torch.float32).contiguous())[0, :, :height, :width]
-        x_hat = torch.round(x_hat.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-        return x_hat.permute(1, 2, 0).cpu().numpy()
+        from . import tiling  # large images run in overlapping tiles: memory does not grow with them
+
+        x_hat = tiling.synthesis(self.g_s, y_hat[None].to(self.device, torch.float32).contiguous(), height, width)
+        return x_hat.permute(1, 2, 0).cpu().numpy()  # (3, height, width) uint8 -> (height, width, 3)
 
     @torch.inference_mode()
     def encode_image(self, image: ImageLike, window_batch: int = DEFAULT_WINDOW_BATCH,
-                     max_pixels: int = bs.DEFAULT_MAX_PIXELS, use_cache: bool = True) -> EncodedImage:
+                     max_pixels: int = bs.DEFAULT_MAX_PIXELS, use_cache: bool = True,
+                     format_version: int = bs.FORMAT_VERSION) -> EncodedImage:
+        """Encode one image. Format version 2 (default) is portable; `window_batch` and
+        `use_cache` only matter for the legacy version 1 (kept for tests of old streams)."""
         self._check_codable()
         rgb = to_rgb_array(image)
         H, W = rgb.shape[:2]
-        if H > bs.MAX_SIDE or W > bs.MAX_SIDE or H * W > max_pixels:
-            raise bs.ImageTooLargeError(f"image of {H}x{W} pixels exceeds the limit of {max_pixels}")
+        bs.check_image_size(H, W, max_pixels)
         if not 1 <= window_batch <= bs.MAX_WINDOW_BATCH:
             raise ValueError(f"window_batch must be in 1..{bs.MAX_WINDOW_BATCH}")
+        if format_version == 1:
+            return self._encode_v1(rgb, window_batch, max_pixels, use_cache)
+        if format_version != 2:
+            raise ValueError(f"cannot write bitstream format version {format_version} (writes 1 or 2)")
+        if self.exact is None:
+            raise bs.BitstreamError(
+                f"model {self.model_id!r} has no exact entropy model (a checkpoint from before format "
+                "version 2): convert it first (python -m pipeline.convert_exact, see docs/models.md)")
+        self.sync_exact()
+        y_hat = self.analysis(rgb)
+        return self._encode_latent_v2(y_hat, H, W)
+
+    def _encode_latent_v2(self, y_hat: torch.Tensor, H: int, W: int) -> EncodedImage:
+        """y_hat (C, h, w) -> format version 2 bitstream. Payload order: the windows in raster
+        order, CHUNK_WINDOWS at a time; within a chunk, step by step (each step's windows in
+        order, then position within the group, then channel). M2T's parameters come from one
+        teacher-forced pass per chunk; MT runs the decoder's loop."""
+        ww = self.cfg.window
+        y_int = y_hat.to(torch.int32)
+        truth = to_windows(pad_latent(y_int[None], ww), ww)  # (nW, L, C) int32
+        valid = _valid_tokens(y_hat.shape[-2:], ww, y_hat.device)  # (nW, L)
+        groups = self._groups(y_hat.device)
+        encoder = SymbolEncoder()
+        ops = X.CodingOps(self.exact)
+        for start in range(0, truth.shape[0], bs.CHUNK_WINDOWS):
+            chunk, keep_chunk = truth[start:start + bs.CHUNK_WINDOWS], valid[start:start + bs.CHUNK_WINDOWS]
+
+            def code(i: int, params: X.IntParams) -> torch.Tensor:
+                keep = keep_chunk[:, groups[i]]  # (b, n_i)
+                flat = params.flat(keep)
+                encoder.encode(chunk[:, groups[i]][keep].reshape(-1).cpu().numpy().astype(np.int64),
+                               snap_integer(flat.mean_q, flat.level, flat.logit_q))
+                return chunk[:, groups[i]]
+
+            if self.cfg.mode == "m2t":  # every step's parameters from one pass (exact: the same)
+                every = _teacher_forced(ops, chunk)  # (b, L, C, K)
+                for i, group in enumerate(groups):
+                    code(i, every.index((slice(None), group)))
+            else:
+                self._run_steps(torch.zeros_like(chunk), code)
+        payload = encoder.finish()
+        payload += bytes(max(0, bs.min_payload_len(truth.shape[0]) - len(payload)))
+        y_int32 = y_int.cpu()
+        header = bs.Header(
+            model_id=self.model_id, weights_hash=self.weights_hash(2), height=H, width=W,
+            window_batch=0, payload_len=len(payload),
+            latent_crc=latent_checksum_v2(y_int32, H, W), payload_crc=zlib.crc32(payload),
+            version=2, flags=bs.FLAG_CUDA if y_hat.device.type == "cuda" else 0,
+        )
+        return EncodedImage(bs.pack(header, payload), y_int32, H, W)
+
+    def _groups(self, device) -> list[torch.Tensor]:
+        return [torch.as_tensor(g, device=device) for g in self.entropy_model.sched.groups]
+
+    def _run_steps(self, tokens: torch.Tensor, code: Callable[[int, X.IntParams], torch.Tensor]) -> torch.Tensor:
+        """The decoder's loop over one chunk of windows `tokens` (b, L, C) int32: for each
+        step, the parameters of that step's group (incrementally, with the key/value cache),
+        then `code(step, params)` returns the group's values (b, n_i, C), written into
+        `tokens`. Only what was written before a step is read by it."""
+        ops = X.CodingOps(self.exact)
+        state = X.ExactDecodeState()
+        for i, group in enumerate(self._groups(tokens.device)):
+            tokens[:, group] = code(i, X.step(ops, tokens, state))
+        return tokens
+
+    def _encode_v1(self, rgb: np.ndarray, window_batch: int, max_pixels: int, use_cache: bool) -> EncodedImage:
+        """Legacy format version 1 (float entropy model): decodes only on the machine kind
+        that wrote it. Kept to test the decoding of old streams."""
+        H, W = rgb.shape[:2]
         with deterministic_kernels(self.device):
             y_hat = self.analysis(rgb)
             truth = to_windows(pad_latent(y_hat[None], self.cfg.window), self.cfg.window)  # (nW, L, C)
@@ -285,14 +435,14 @@ class M2TCodec(nn.Module):
                                snap_params(flat.means, flat.log_scales, flat.logits))
                 return values
 
-            coded = self._code_latent(tuple(y_hat.shape), window_batch, encode_step, use_cache)
+            coded = self._code_latent_v1(tuple(y_hat.shape), window_batch, encode_step, use_cache)
         assert torch.equal(coded, y_hat), "internal error: coded latent differs from y_hat"
         payload = encoder.finish()
         y_int = y_hat.to(torch.int32).cpu()
         header = bs.Header(
-            model_id=self.model_id, weights_hash=self.weights_hash(), height=H, width=W,
+            model_id=self.model_id, weights_hash=self.weights_hash(1), height=H, width=W,
             window_batch=window_batch, payload_len=len(payload),
-            latent_crc=latent_checksum(y_int), payload_crc=zlib.crc32(payload),
+            latent_crc=latent_checksum(y_int), payload_crc=zlib.crc32(payload), version=1,
             flags=(bs.FLAG_CUDA if self.device.type == "cuda" else 0) | (0 if use_cache else bs.FLAG_UNCACHED),
         )
         return EncodedImage(bs.pack(header, payload), y_int, H, W)
@@ -305,10 +455,13 @@ class M2TCodec(nn.Module):
     # ------------------------------------------------------------------ decompress
 
     def check_header(self, header: bs.Header) -> None:
-        if header.model_id != self.model_id or header.weights_hash != self.weights_hash():
+        can_decode = self.exact is not None or header.version == 1
+        if (header.model_id != self.model_id or not can_decode
+                or header.weights_hash != self.weights_hash(header.version)):
             raise bs.ModelMismatchError(
-                f"bitstream was written by model {header.model_id!r} (weights {header.weights_hash.hex()}), "
-                f"not by {self.model_id!r} (weights {self.weights_hash().hex()})"
+                f"bitstream was written by model {header.model_id!r} (weights {header.weights_hash.hex()}, "
+                f"format version {header.version}), not by {self.model_id!r} "
+                f"(weights {self.weights_hash(header.version).hex() if can_decode else 'none for this version'})"
             )
 
     @torch.inference_mode()
@@ -319,6 +472,51 @@ class M2TCodec(nn.Module):
         self.check_header(header)
         h = math.ceil(header.height / bs.DOWNSAMPLING)
         w = math.ceil(header.width / bs.DOWNSAMPLING)
+        if header.version == 1:
+            return header, self._decode_latent_v1(header, payload, h, w)
+        ww = self.cfg.window
+        num_windows = math.ceil(h / ww) * math.ceil(w / ww)
+        if len(payload) < bs.min_payload_len(num_windows):
+            # Checked before any model work: decoding time stays proportional to the bytes given.
+            raise bs.BitstreamError(
+                f"corrupt bitstream: a {header.width}x{header.height} image needs at least "
+                f"{bs.min_payload_len(num_windows)} payload bytes, the stream has {len(payload)}")
+        self.sync_exact()
+        try:
+            decoder = SymbolDecoder(payload)
+        except Exception as exc:  # constriction rejects malformed word streams
+            raise bs.BitstreamError(f"corrupt payload: {exc}") from None
+        device = self.device
+        valid = _valid_tokens((h, w), ww, device)  # (nW, L)
+        groups = self._groups(device)
+
+        tokens = torch.zeros(num_windows, ww * ww, self.cfg.C, dtype=torch.int32, device=device)
+        for start in range(0, num_windows, bs.CHUNK_WINDOWS):  # memory bounded by one chunk
+            keep_chunk = valid[start:start + bs.CHUNK_WINDOWS]
+
+            def decode(i: int, params: X.IntParams) -> torch.Tensor:
+                keep = keep_chunk[:, groups[i]]  # (b, n_i)
+                flat = params.flat(keep)
+                try:
+                    symbols = decoder.decode(snap_integer(flat.mean_q, flat.level, flat.logit_q))
+                except Exception as exc:
+                    raise bs.BitstreamError(f"entropy decoding failed: {exc}") from None
+                values = torch.zeros(keep.shape + (self.cfg.C,), dtype=torch.int32, device=device)
+                values[keep] = torch.from_numpy(symbols.astype(np.int32)).to(device).view(-1, self.cfg.C)
+                return values
+
+            self._run_steps(tokens[start:start + bs.CHUNK_WINDOWS], decode)
+        hp, wp = h + (-h) % ww, w + (-w) % ww
+        y_hat = from_windows(tokens, 1, hp, wp, ww)[0, :, :h, :w].contiguous()  # (C, h, w)
+        y_int = y_hat.to(torch.int32).cpu()
+        if latent_checksum_v2(y_int, header.height, header.width) != header.latent_crc:
+            raise bs.ChecksumMismatchError(
+                "decoded latent or image size does not match the encoder's checksum: the stream is "
+                "corrupt (its payload and header checksums were consistent, so it was written wrongly "
+                "or tampered with)")
+        return header, y_hat.float()
+
+    def _decode_latent_v1(self, header: bs.Header, payload: bytes, h: int, w: int) -> torch.Tensor:
         try:
             decoder = SymbolDecoder(payload)
         except Exception as exc:  # constriction rejects malformed word streams
@@ -329,34 +527,81 @@ class M2TCodec(nn.Module):
             try:
                 symbols = decoder.decode(snap_params(flat.means, flat.log_scales, flat.logits))
             except Exception as exc:
-                raise bs.BitstreamError(f"entropy decoding failed: {exc}") from None
+                raise bs.BitstreamError(f"entropy decoding failed: {exc}. {V1_PORTABILITY}") from None
             values = torch.zeros(valid.shape + (self.cfg.C,), device=self.device)
             values[valid] = torch.from_numpy(symbols.astype(np.float32)).to(self.device).view(-1, self.cfg.C)
             return values
 
         use_cache = not header.flags & bs.FLAG_UNCACHED
         with deterministic_kernels(self.device):
-            y_hat = self._code_latent((self.cfg.C, h, w), header.window_batch, decode_step, use_cache)
+            y_hat = self._code_latent_v1((self.cfg.C, h, w), header.window_batch, decode_step, use_cache)
         y_int = y_hat.to(torch.int32).cpu()
         if latent_checksum(y_int) != header.latent_crc:
             raise bs.ChecksumMismatchError(
                 "decoded latent does not match the encoder's checksum: the decoder's numerics differ "
-                "from the encoder's (different device kind or library build?) or the stream is corrupt"
+                "from the encoder's or the stream is corrupt"
                 + (" (this bitstream was encoded on a CUDA device)" if header.flags & bs.FLAG_CUDA else "")
+                + f". {V1_PORTABILITY}"
             )
-        return header, y_hat
+        return y_hat
 
     @torch.inference_mode()
     def decompress(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> np.ndarray:
         header, y_hat = self.decode_latent(data, max_pixels)
-        with deterministic_kernels(self.device):
-            return self.synthesis(y_hat, header.height, header.width)
+        if header.version == 1:
+            with deterministic_kernels(self.device):
+                return self.synthesis(y_hat, header.height, header.width)
+        return self.synthesis(y_hat, header.height, header.width)
 
     @torch.inference_mode()
     def reconstruct(self, encoded: EncodedImage) -> np.ndarray:
         """The decoder's output for an encoded image, computed on the encoder side."""
-        with deterministic_kernels(self.device):
-            return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)
+        if bs.read_header(encoded.bitstream, max_pixels=bs.MAX_SIDE ** 2).version == 1:
+            with deterministic_kernels(self.device):  # as version 1's decoder runs g_s
+                return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)
+        return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)
+
+
+V1_PORTABILITY = (
+    "Format version 1 streams (written before 0.2) come from a float entropy model and decode "
+    "only on the kind of machine (CPU instruction set or GPU, torch build) that wrote them: decode "
+    "there, or re-encode the source image to get a portable format version 2 stream")
+
+
+# Windows per teacher-forced call: a memory bound only (the integers do not depend on it).
+TEACHER_FORCED_WINDOWS = 16
+
+
+def _teacher_forced(ops, windows: torch.Tensor) -> X.IntParams:
+    """M2T's teacher-forced parameters of `windows` (b, L, C), TEACHER_FORCED_WINDOWS per
+    call, kept as int32 (b, L, C, K)."""
+    parts = [X.m2t_teacher_forced(ops, windows[s:s + TEACHER_FORCED_WINDOWS])
+             for s in range(0, windows.shape[0], TEACHER_FORCED_WINDOWS)]
+    return X.IntParams(*(torch.cat([getattr(p, f).to(torch.int32) for p in parts])
+                         for f in ("mean_q", "level", "logit_q")))
+
+
+def numerics_environment(device: torch.device | str = "cpu") -> dict:
+    """What decides g_a's and g_s's float results (not the entropy model's: that is exact):
+    two decoders with the same environment give the same pixels; others may differ in the
+    last bit of a few pixels."""
+    device = torch.device(device)
+    env = {"device": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["threads"] = torch.get_num_threads()
+        from .sysinfo import cpu_model
+
+        env["cpu"] = cpu_model()
+    return env
+
+
+def _valid_tokens(latent_hw, window: int, device) -> torch.Tensor:
+    """(nW, L) bool: the latent positions of each window that exist (not padding)."""
+    h, w = latent_hw
+    return to_windows(pad_latent(torch.ones(1, 1, h, w, device=device), window), window)[..., 0] > 0
 
 
 def _bit_sum(t: torch.Tensor) -> int:
@@ -368,7 +613,16 @@ def _bit_sum(t: torch.Tensor) -> int:
 
 
 def latent_checksum(y_int: torch.Tensor) -> int:
+    """Format version 1: CRC-32 of y_hat (int32, C x h x w, C order)."""
     return zlib.crc32(np.ascontiguousarray(y_int.numpy(), dtype="<i4").tobytes())
+
+
+def latent_checksum_v2(y_int: torch.Tensor, height: int, width: int) -> int:
+    """Format version 2: CRC-32 of the image size, the latent shape and y_hat (int32,
+    C x h x w, C order): a header whose size was edited no longer matches its latent."""
+    C, h, w = y_int.shape
+    prefix = struct.pack("<5I", height, width, C, h, w)
+    return zlib.crc32(np.ascontiguousarray(y_int.numpy(), dtype="<i4").tobytes(), zlib.crc32(prefix))
 
 
 def _as_batch(images) -> list:

@@ -70,18 +70,33 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return _array_to_rgb(np.asarray(img))
 
 
-def load_image(source: Union[str, Path, bytes, BinaryIO], max_pixels: int | None = None) -> np.ndarray:
+MAX_SIDE = 65535  # the codec's per-side limit (m2t_core.bitstream.MAX_SIDE)
+
+
+def load_image(source: Union[str, Path, bytes, BinaryIO], max_pixels: int | None = None,
+               notes: list[str] | None = None) -> np.ndarray:
     """Decode an image file (path, bytes or file object) to RGB uint8, applying EXIF orientation.
 
-    With `max_pixels`, images declaring more pixels are refused before their pixels are decoded.
+    With `max_pixels`, images declaring more pixels (or a side over 65535) are refused before
+    their pixels are decoded. A multi-frame file (animated GIF, multi-page TIFF, ...) gives its
+    first frame; with `notes` (a list), a line saying so is appended to it.
     """
     try:
         if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise ImageError("empty file (0 bytes)")
             source = io.BytesIO(source)
+        elif isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
         with Image.open(source) as img:
             w, h = img.size
+            if max_pixels is not None and (w > MAX_SIDE or h > MAX_SIDE):
+                raise ImageError(f"image of {w}x{h} pixels exceeds the limit of {MAX_SIDE} pixels per side")
             if max_pixels is not None and w * h > max_pixels:
-                raise ImageError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels}")
+                raise ImageError(f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
+            frames = getattr(img, "n_frames", 1)
+            if notes is not None and isinstance(frames, int) and frames > 1:
+                notes.append(f"{img.format or 'multi-frame'} file with {frames} frames: only frame 0 was coded")
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb_array(img)

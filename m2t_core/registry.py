@@ -22,10 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .codec import M2TCodec
+from .transformer import EntropyTransformer
 from .config import ConfigError, ModelConfig
 
 CHECKPOINT_FORMAT = "m2t-checkpoint"
-CHECKPOINT_VERSION = "1"
+CHECKPOINT_VERSION = "2"  # 2: may hold the exact entropy model (exact.*); 1 is still read
+READABLE_CHECKPOINT_VERSIONS = ("1", "2")
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MODEL = "m2t-small-q3"
@@ -57,14 +59,19 @@ def search_dirs() -> list[Path]:
 
 
 def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = None,
-                    info: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write model weights (cast to `dtype`) and its config to one safetensors file."""
+                    info: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+                    float_entropy_model: bool = True) -> Path:
+    """Write model weights (float tensors cast to `dtype`; integer tensors as they are) and
+    its config to one safetensors file. With `float_entropy_model=False` (shipped models),
+    the float entropy weights are left out: loading rebuilds them from the exact model."""
     model_id = model_id or model.model_id
     if not MODEL_NAME_RE.match(model_id):
         raise ValueError(f"invalid model name {model_id!r}: letters, digits, '.', '_', '-' (max 64)")
+    model.sync_exact()
+    skip = "entropy_model." if (model.exact is not None and not float_entropy_model) else None
     tensors = {
         k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-        for k, v in model.state_dict().items()
+        for k, v in model.state_dict().items() if skip is None or not k.startswith(skip)
     }
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -91,7 +98,7 @@ def read_metadata(path: str | Path) -> tuple[str, ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an m2t checkpoint (metadata format={meta.get('format')!r})")
-    if meta.get("format_version") != CHECKPOINT_VERSION:
+    if meta.get("format_version") not in READABLE_CHECKPOINT_VERSIONS:
         raise CheckpointError(f"{path}: unsupported checkpoint version {meta.get('format_version')!r}")
     try:
         config = ModelConfig.from_dict(json.loads(meta["config"]))
@@ -105,10 +112,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
     path = Path(path)
     model_id, config, _ = read_metadata(path)
     model = M2TCodec(config, model_id=model_id)
-    expected = model.state_dict()
-    tensors = {}
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
+    has_float = any(k.startswith("entropy_model.") for k in keys)
+    has_exact = any(k.startswith("exact.") for k in keys)
+    if any(k.startswith("legacy_entropy_model.") for k in keys):
+        model.legacy_entropy_model = EntropyTransformer(config)
+    if not has_exact:
+        model.exact = None  # a checkpoint from before format version 2: decodes version 1 only
+    expected = {k: v for k, v in model.state_dict().items() if has_float or not k.startswith("entropy_model.")}
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
         if missing or unexpected:
             raise CheckpointError(f"{path}: tensors do not match the config (missing {missing[:5]}, "
@@ -119,7 +133,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
                 raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, "
                                       f"config expects {tuple(expected[k].shape)}")
             tensors[k] = t.to(expected[k].dtype)
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors, strict=has_float)
+    if model.exact is not None and not has_float:
+        model.exact.load_into(model.entropy_model)
+    model.mark_exact_synced()
     return model.to(device).eval()
 
 
@@ -186,3 +203,75 @@ def update_checkpoint_info(path: str | Path, updates: dict[str, Any]) -> None:
     save_file(tensors, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- models named by bitstreams
+
+from .bitstream import ModelMismatchError  # noqa: E402
+
+
+class UnknownStreamModelError(ModelNotFoundError, ModelMismatchError):
+    """A bitstream names a model that is not installed (matched by name AND weights hash).
+    Both a ModelNotFoundError and a BitstreamError (ModelMismatchError)."""
+
+
+def _header_matches(model: M2TCodec, header) -> bool:
+    check = getattr(model, "check_header", None)
+    if check is not None:
+        try:
+            check(header)
+            return True
+        except ModelMismatchError:
+            return False
+    return model.model_id == header.model_id and model.weights_hash() == header.weights_hash
+
+
+def installed_checkpoints(name: str) -> list[Path]:
+    """Every installed checkpoint file called `<name>.safetensors` ($M2T_MODEL_PATH, then the
+    package's weights/), for a valid registry name; [] otherwise. Never a path from `name`."""
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
+        return []
+    out = []
+    for d in search_dirs():
+        candidate = d / f"{name}.safetensors"
+        if candidate.is_file():
+            out.append(candidate)
+    return out
+
+
+def load_model_for_header(header, device: str | torch.device = "cpu") -> M2TCodec:
+    """The installed model that wrote a bitstream: the header's model id is only ever matched
+    against registry names (never used as a path), and the checkpoint's weights hash must be
+    the header's. Raises UnknownStreamModelError (a BitstreamError) when none is installed."""
+    name = header.model_id
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
+        raise UnknownStreamModelError(
+            f"the bitstream names model {name!r}, which is not a valid model name: a stream can only "
+            "select an installed model by name (pass a checkpoint explicitly to decode with another)")
+    tried = []
+    for path in installed_checkpoints(name):
+        try:
+            model = load_model(path, device=device)
+        except (CheckpointError, ConfigError, OSError, ValueError) as exc:
+            tried.append(f"{path} (unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            continue
+        if _header_matches(model, header):
+            return model
+        tried.append(f"{path} (weights {model.weights_hash().hex()})")
+    raise UnknownStreamModelError(
+        f"the bitstream needs model {name!r} with weights hash {header.weights_hash.hex()}, which is not "
+        f"installed ({'; '.join(tried) if tried else 'no checkpoint of that name'}): put it in $M2T_MODEL_PATH "
+        "or pass it explicitly (--model PATH)")
+
+
+def find_installed_model(name: str, weights_hash_hex: str, device: str | torch.device = "cpu") -> Path | None:
+    """The installed checkpoint called `name` whose model.weights_hash() is `weights_hash_hex`
+    (e.g. an archive manifest's model), or None."""
+    for path in installed_checkpoints(name):
+        try:
+            model = load_model(path, device=device)
+        except (CheckpointError, ConfigError, OSError, ValueError):
+            continue
+        if model.model_id == name and model.weights_hash().hex() == weights_hash_hex:
+            return path
+    return None

@@ -26,6 +26,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,9 +45,36 @@ MANIFEST = "manifest.json"
 REPORT = "report.json"
 KEYS_INDEX = "keys.parquet"
 KEYS_ROW_GROUP = 65536  # rows per row group of keys.parquet: what one lookup reads
+MAX_KEYS_GROUP_BYTES = 1 << 28  # a lookup refuses a row group that declares more (uncompressed)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 EXIT_OK, EXIT_USAGE = 0, 2
+# Shard ids are what plan_shards writes: zero-padded decimal numbers. Anything else read
+# from an archive (a manifest's shard list, an index row) is refused before any path is built.
+SHARD_NAME_RE = re.compile(r"^[0-9]{5,12}$")
+MAX_STREAM_BYTES = 3 * 64_000_000 + 65536  # a bitstream is never more bytes than raw RGB at the pixel limit
+
+
+def check_shard_name(shard: Any) -> str:
+    """`shard` if it is a shard id of the archive's own naming, else ArchiveError (before any read)."""
+    if not isinstance(shard, str) or not SHARD_NAME_RE.match(shard):
+        raise ArchiveError(f"unsafe shard name {shard!r} in the archive: shard names are 5 to 12 digits "
+                           "(refused before reading anything)")
+    return shard
+
+
+def read_parquet(fs, path: str, columns=None, row_group: int | None = None):
+    """A Parquet table read through an fsspec file object, on this thread only: no pre-buffering
+    and no Arrow thread pools, whose threads reading through the Python file object can still
+    be alive at interpreter exit and abort the process ("terminate called without an active
+    exception")."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f, pre_buffer=False)
+        if row_group is not None:
+            return pf.read_row_group(row_group, columns=columns, use_threads=False)
+        return pf.read(columns=columns, use_threads=False)
 
 
 class ArchiveError(RuntimeError):
@@ -122,12 +150,15 @@ class Archive:
         return "/".join([self.root, *parts])
 
     def shard_path(self, shard: str, suffix: str) -> str:
-        return self.path(SHARDS_DIR, f"{shard}{suffix}")
+        return self.path(SHARDS_DIR, f"{check_shard_name(shard)}{suffix}")
 
     # -------------------------------------------------------------- writing
 
     def _tmp(self, path: str) -> str:
-        return path + ".tmp" if self.local else path
+        # A name of this writer's own (process + random): two writers never share or delete
+        # each other's temporaries. Leftovers of dead writers are removed by the next job that
+        # holds the archive's lease (pipeline/lease.py, compress._remove_stale_temporaries).
+        return f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp" if self.local else path
 
     def _commit(self, tmp: str, path: str) -> None:
         if tmp != path:
@@ -226,8 +257,16 @@ class ShardBlob:
         self.archive._commit(self.tmp, self.path)
 
     def abort(self) -> None:
+        """Drop what was written: locally the temporary file is removed; on object stores the
+        upload is discarded (closing would complete it and put a partial .bin in place)."""
         try:
-            self.file.close()
+            if self.tmp == self.path and hasattr(self.file, "discard"):
+                self.file.discard()
+                self.file.closed = True  # never flushed later (by close() or the GC)
+            else:
+                self.file.close()
+                if self.tmp != self.path and self.archive.fs.exists(self.tmp):
+                    self.archive.fs.rm(self.tmp)
         except Exception:
             pass
 
@@ -257,8 +296,7 @@ def write_keys_index(archive: Archive, shards: list[str]) -> int:
     columns = keys_schema().names
     tables = []
     for shard in shards:
-        with archive.fs.open(archive.shard_path(shard, ".parquet"), "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+        tables.append(read_parquet(archive.fs, archive.shard_path(shard, ".parquet"), columns=columns))
     table = pa.concat_tables(tables) if tables else keys_schema().empty_table()
     table = table.sort_by([("key", "ascending"), ("shard", "ascending")])
     archive.write_table(archive.path(KEYS_INDEX), table, row_group_size=KEYS_ROW_GROUP,
@@ -280,15 +318,33 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
                 if archive.looks_like_archive() else "not an m2t archive")
         raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} not found ({hint})")
     rows = []
+    schema = keys_schema()
+    # pre_buffer off and no thread pools: see read_parquet (threads alive at exit abort `m2t get`).
     with archive.fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f, pre_buffer=False)
+        except Exception as exc:
+            raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} is not a readable Parquet file: {exc}") from None
+        bad = [f"{n} is {pf.schema_arrow.field(n).type if n in pf.schema_arrow.names else 'missing'}"
+               for n in schema.names if n not in pf.schema_arrow.names
+               or pf.schema_arrow.field(n).type != schema.field(n).type]
+        if bad:
+            raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} is malformed ({'; '.join(bad)}; "
+                               f"expected {', '.join(f'{f.name}: {f.type}' for f in schema)})")
         column = pf.schema_arrow.get_field_index("key")
         for g in range(pf.metadata.num_row_groups):
             # The file is sorted by key: the min/max statistics say which row group can hold it.
             stats = pf.metadata.row_group(g).column(column).statistics
-            if stats is not None and stats.has_min_max and not stats.min <= key <= stats.max:
+            if stats is not None and stats.has_min_max and isinstance(stats.min, str) \
+                    and isinstance(stats.max, str) and not stats.min <= key <= stats.max:
                 continue
-            table = pf.read_row_group(g)
+            group = pf.metadata.row_group(g)
+            if group.num_rows > KEYS_ROW_GROUP or group.total_byte_size > MAX_KEYS_GROUP_BYTES:
+                # Sizes from the file's own metadata: checked before anything is allocated.
+                raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} is malformed: row group {g} holds "
+                                   f"{group.num_rows} rows / {group.total_byte_size} bytes (at most "
+                                   f"{KEYS_ROW_GROUP} rows / {MAX_KEYS_GROUP_BYTES} bytes)")
+            table = pf.read_row_group(g, columns=schema.names, use_threads=False)
             rows += [r for r in table.to_pylist() if r["key"] == key]
     if not rows:
         raise ArchiveError(f"key {key!r} is not in the archive {archive.url}")
@@ -303,11 +359,27 @@ def read_bitstream(archive_url: str, key: str, storage_options=None) -> bytes:
     """The bitstream of `key`: one index lookup and one byte-range read, CRC-checked."""
     row = lookup(archive_url, key, storage_options)
     archive = Archive(archive_url, storage_options)
-    start = int(row["offset"])
-    data = archive.fs.cat_file(archive.shard_path(row["shard"], ".bin"), start=start, end=start + int(row["length"]))
-    if len(data) != row["length"] or zlib.crc32(data) != row["crc32"]:
+    # Nothing in the index is trusted: the shard name, offset and length are checked before
+    # any path is built or any byte is read.
+    path = archive.shard_path(row["shard"], ".bin")
+    start, length, crc = row["offset"], row["length"], row["crc32"]
+    if not all(isinstance(v, int) for v in (start, length, crc)) or start < 0 or not 0 < length <= MAX_STREAM_BYTES:
+        raise ArchiveError(f"key {key!r}: the index's offset {start} / length {length} / CRC-32 {crc} are not "
+                           f"valid (offset >= 0, 0 < length <= {MAX_STREAM_BYTES})")
+    try:
+        size = archive.fs.size(path)
+    except FileNotFoundError:
+        raise ArchiveError(f"key {key!r}: shards/{row['shard']}.bin is missing") from None
+    if start + length > size:
+        raise ArchiveError(f"key {key!r}: offset {start} + length {length} lies outside shards/{row['shard']}.bin "
+                           f"({size} bytes)")
+    data = archive.fs.cat_file(path, start=start, end=start + length)
+    if len(data) != length:
+        raise ArchiveError(f"key {key!r}: read {len(data)} bytes from shard {row['shard']}, the index says "
+                           f"{length} (the .bin is shorter than the index)")
+    if zlib.crc32(data) != crc:
         raise ArchiveError(f"key {key!r}: the bytes in shard {row['shard']} do not match the index "
-                           f"(CRC-32 {zlib.crc32(data):08x}, index says {row['crc32']:08x})")
+                           f"(CRC-32 {zlib.crc32(data):08x}, index says {crc & 0xFFFFFFFF:08x})")
     return data
 
 
@@ -333,20 +405,14 @@ def open_model(spec: str | None, device: str = "cpu", storage_options=None):
 
 
 def _archive_model(archive_url: str, header, override: str | None, storage_options):
-    """The model to decode `header` with: --model if given, else the one the manifest names
-    (by the same source the job used), else the registry model named in the bitstream."""
-    from m2t_core import ModelNotFoundError, load_model
+    """The model to decode `header` with: --model if given (the user's name, path or URL),
+    else the installed model the bitstream names (registry name + weights hash). The
+    manifest's model source is never opened: a path or URL in an archive is not trusted."""
+    from m2t_core.registry import load_model_for_header
 
     if override:
         return open_model(override, storage_options=storage_options)
-    try:
-        source = Archive(archive_url, storage_options).read_json(MANIFEST)["model"]["source"]
-        model = open_model(source, storage_options=storage_options)
-        if model.model_id == header.model_id and model.weights_hash() == header.weights_hash:
-            return model
-    except (ArchiveError, KeyError, OSError, ModelNotFoundError, ValueError):
-        pass  # the job's checkpoint is not reachable from here: fall back to the registry
-    return load_model(header.model_id)
+    return load_model_for_header(header)
 
 
 def get_image(archive_url: str, key: str, model: str | None = None, storage_options=None) -> np.ndarray:

@@ -18,7 +18,10 @@ How it runs:
 
 A bad input never stops the job: it becomes an index row with status "error" (or
 "duplicate") and the reason. A shard whose worker fails (I/O error on the output, a dead
-actor) is retried `ray.shard_retries` times, then reported.
+actor) is retried `ray.shard_retries` times, then reported. The actor pool (run_actor_pool)
+survives lost nodes: it retries their shards on the actors left, replaces a lost actor only
+where the cluster has room, never waits longer than `ray.placement_timeout_s` for an actor to
+be placed, and the report's `faults` says what was lost and retried.
 
 Exit codes: 0 every input archived; 1 the archive is complete but some inputs are not in it
 (status error or duplicate: see report.json and the index); 2 usage or configuration error;
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -50,8 +54,10 @@ import numpy as np
 from m2t_core.config import ConfigError, load_config_file
 from m2t_core.registry import DEFAULT_MODEL, CheckpointError, ModelNotFoundError
 from m2t_core import bitstream
+from m2t_core.codec import numerics_environment
 
 from . import archive as A
+from .lease import ArchiveLease, LeaseError, LeaseHeldError, LeaseLostError, check_holder
 from .sources import ShardSpec, SourceError, SourceItem, iter_shard, plan_shards
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,9 @@ class RayOptions:
     actors_per_gpu: int = 0
     shards_in_flight: int = 2  # per actor: the next shard waits in the actor's queue, no idle gap
     shard_retries: int = 2  # a shard whose worker failed is tried this many more times
+    # An actor not placed on a node within this many seconds is given up (the cluster lost
+    # the capacity, e.g. a node): the job goes on with the actors it has.
+    placement_timeout_s: float = 120.0
 
 
 @dataclass
@@ -97,6 +106,13 @@ class CompressConfig:
     parquet_key_column: Any = None  # null: auto (key, path, ... or the image struct's path)
     storage_options: dict = field(default_factory=dict)  # per protocol: {s3: {endpoint_url: ...}}
     max_shards: int = 0  # > 0: stop after this many shards in this run (resume later)
+    # Resume: a committed shard whose .bin is missing or not the size its stats say is redone;
+    # true: also check every bitstream of every committed shard against its index's CRC-32
+    # (reads the whole archive). `--verify-existing` on the command line.
+    verify_existing: bool = False
+    # The job's lease on the archive (pipeline/lease.py) goes stale this long after its last
+    # heartbeat (renewed every timeout/4); a stale lease is broken only with --break-lease.
+    lease_timeout_s: float = 120.0
     ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
@@ -117,6 +133,8 @@ class CompressConfig:
         need(self.max_pixels <= bitstream.DEFAULT_MAX_PIXELS,
              f"max_pixels must be <= {bitstream.DEFAULT_MAX_PIXELS} (the decoder's default limit)")
         need(self.torch_threads >= 0 and self.max_shards >= 0, "torch_threads and max_shards must be >= 0")
+        need(isinstance(self.verify_existing, bool), f"verify_existing must be true or false, got {self.verify_existing!r}")
+        need(self.lease_timeout_s > 0, f"lease_timeout_s must be > 0, got {self.lease_timeout_s}")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("parquet_image_column", "parquet_key_column"):
@@ -130,6 +148,7 @@ class CompressConfig:
         need(r.actors_per_gpu >= 0, "ray.actors_per_gpu must be >= 0")
         need(r.use_gpu in (None, True, False), "ray.use_gpu must be null, true or false")
         need(r.shards_in_flight >= 1 and r.shard_retries >= 0, "ray.shards_in_flight must be >= 1, ray.shard_retries >= 0")
+        need(r.placement_timeout_s > 0, "ray.placement_timeout_s must be > 0")
 
     def check_complete(self) -> None:
         if not self.input:
@@ -225,7 +244,10 @@ def _prefetch(items: Iterator[SourceItem], max_pixels: int, depth: int) -> Itera
                     try:
                         if not item.data:
                             raise ValueError("empty file (0 bytes)")
-                        rgb = load_image(item.data, max_pixels=max_pixels)
+                        notes: list[str] = []
+                        rgb = load_image(item.data, max_pixels=max_pixels, notes=notes)
+                        if notes:  # e.g. a multi-frame GIF/TIFF: status ok, the row's error says so
+                            item.error = "; ".join(notes)
                     except Exception as exc:  # ImageError, or anything else Pillow raises
                         item.status, item.error = "error", _image_error(exc)
                     item.data = None  # the decoded pixels are what travels on
@@ -259,6 +281,14 @@ def settings_of(job: Mapping[str, Any]) -> dict[str, Any]:
     return {k: job[k] for k in ("model_id", "weights_sha256", "window_batch", "max_pixels", "compute_psnr")}
 
 
+def _fence(job: Mapping[str, Any], shard: str, step: str) -> None:
+    """Raise LeaseLostError unless the job that sent this shard still holds the archive's lease
+    (job["lease_owner"]): workers of a killed or superseded job must not write."""
+    owner = job.get("lease_owner")
+    if owner:
+        check_holder(job["output"], job["storage_options"], owner, what=f"shard {shard} not {step}")
+
+
 def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, Any]:
     """Compress one shard and write its .bin, index and (last) stats file; returns the stats."""
     import pyarrow as pa
@@ -266,6 +296,7 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
 
     t0 = time.perf_counter()
     archive = A.Archive(job["output"], job["storage_options"])
+    _fence(job, spec.shard, "cleared")  # an orphaned worker of a stopped job stops here
     archive.clear_shard(spec.shard)
     rows: list[dict[str, Any]] = []
     totals = dict(images=0, ok=0, error=0, duplicate=0, source_bytes=0, compressed_bytes=0, pixels=0,
@@ -314,6 +345,7 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
                                      "error": row["error"]})
             totals["images"] += 1
             rows.append(row)
+        _fence(job, spec.shard, "committed")
         blob.commit()
     except BaseException:
         blob.abort()
@@ -323,9 +355,14 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
     stats = {
         "shard": spec.shard, "kind": spec.kind, "fingerprint": spec.fingerprint, "settings": settings_of(job),
         **totals, "wall_s": time.perf_counter() - t0, "failures": failures,
-        "worker": f"{socket.gethostname()}:{os.getpid()}", "peak_rss_mib": peak_rss_mib(),
-        "finished_at": A.now_iso(),
+        "worker": f"{socket.gethostname()}:{os.getpid()}", "node_id": job.get("node_id"),
+        "plan_shard_size": job.get("plan_shard_size"),
+        # What decided the decoded pixels (g_s is float): verify compares decoded_crc32 only
+        # under the same numerics; the latent CRC is checked everywhere.
+        "numerics": numerics_environment(model.device),
+        "peak_rss_mib": peak_rss_mib(), "finished_at": A.now_iso(),
     }
+    _fence(job, spec.shard, "marked complete")
     archive.write_json(archive.shard_path(spec.shard, ".stats.json"), stats)  # last: marks completion
     return stats
 
@@ -339,7 +376,7 @@ class ShardWorker:
         threads = job["torch_threads"] or max(1, int(job["cpus_per_actor"]))
         torch.set_num_threads(threads)
         logging.basicConfig(level=logging.INFO)
-        self.job = job
+        self.job = {**job, "node_id": ray_node_id()}
         device = "cuda" if job["use_gpu"] else "cpu"
         self.model = A.open_model(job["model_source"], device=device, storage_options=job["storage_options"])
         digest = self.model.weights_digest().hex()
@@ -347,8 +384,22 @@ class ShardWorker:
             raise RuntimeError(f"{socket.gethostname()}: model {job['model_source']!r} has weights {digest[:16]}..., "
                                f"the driver's has {job['weights_sha256'][:16]}...: the nodes do not see the same file")
 
+    def ready(self) -> dict[str, Any]:
+        """The pool's placement probe: answers once the actor is placed and built."""
+        return {"node_id": self.job["node_id"], "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
     def process(self, spec: dict[str, Any]) -> dict[str, Any]:
         return compress_shard(self.model, ShardSpec.from_dict(spec), self.job)
+
+
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 # ====================================================================== the driver
@@ -473,6 +524,209 @@ def _ray_resources(cfg: CompressConfig, n_shards: int) -> ActorPlan:
     return plan_actors(cfg.ray, int(resources.get("GPU", 0)), resources.get("CPU", 0), n_shards)
 
 
+# ---------------------------------------------------------------------- the actor pool
+
+
+def _node_died(text: str) -> bool:
+    """Whether a RayActorError says the actor's node (or its process) went away, not that its
+    constructor raised."""
+    markers = ("node was terminated", "node has died", "node died", "node is dead", "its node",
+               "preempted", "worker process has died", "process has died", "out of memory", "OOM", "SIGKILL")
+    return any(m.lower() in text.lower() for m in markers)
+
+
+def _free(resources: Mapping[str, float], cpus: float, gpus: float) -> bool:
+    return resources.get("CPU", 0.0) + 1e-9 >= cpus and resources.get("GPU", 0.0) + 1e-9 >= gpus
+
+
+class _Slot:
+    """One actor of the pool: starting (its `ready` probe pending), ready, or gone."""
+
+    def __init__(self, index: int, actor, ready_ref, started: float):
+        self.index, self.actor, self.ready_ref, self.started = index, actor, ready_ref, started
+        self.ready = False
+        self.gone = False
+        self.node_id: str | None = None
+        self.load = 0
+
+
+def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tuple[str, Any]], submit,
+                   on_result, on_failed, *, retries: int, in_flight: int, cpus: float, gpus: float,
+                   placement_timeout_s: float, recover=None, what: str = "shard",
+                   replan_interval_s: float = 5.0) -> dict[str, Any]:
+    """Run `items` ((id, payload) pairs) on a pool of up to `target` Ray actors that survives
+    the loss of actors and nodes.
+
+    * An actor gets work only once its `ready()` probe answered (it was placed and built);
+      one that is not placed within `placement_timeout_s` is killed and counted as
+      unplaceable, so the job never waits on capacity that is gone.
+    * An actor that dies (its node was removed, out of memory) takes its queued items with it:
+      each is retried on the actors left (`retries` more attempts per item); `recover(id)` may
+      first find that the dead actor committed the item before its answer came back.
+    * The pool re-plans from what the cluster has *now*: a lost actor is replaced only when
+      `ray.available_resources()` shows room for one (`cpus`, `gpus`); every
+      `replan_interval_s` it also starts actors up to `target` if capacity came back.
+    * With no actor alive and none placeable, the remaining items fail with the reason.
+
+    `submit(actor, payload)` returns an ObjectRef; `on_result(id, result, node_id)` and
+    `on_failed(id, reason)` receive the outcomes. The constructor raising is a JobError (every
+    replacement would fail the same way). Returns what happened, for the report."""
+    import ray
+
+    t0 = time.monotonic()
+    slots: list[_Slot] = []
+    pending = deque((key, payload, 0) for key, payload in items)
+    inflight: dict[Any, tuple[_Slot, str, Any, int]] = {}
+    events: dict[str, Any] = {"actors_started": 0, "actors_lost": [], "actors_unplaceable": 0, "retries": [],
+                              "recovered": [], "nodes": {}}
+
+    max_starts = target * (retries + 2)  # replacements are bounded: never a restart loop
+
+    def start() -> None:
+        actor = actor_cls.remote(*init_args)
+        slots.append(_Slot(len(slots), actor, actor.ready.remote(), time.monotonic()))
+        events["actors_started"] += 1
+
+    def live() -> list[_Slot]:
+        return [s for s in slots if not s.gone]
+
+    def lose(slot: _Slot, reason: str, holding: str | None = None) -> None:
+        if slot.gone:
+            return
+        slot.gone = True
+        queued = sorted([key for s, key, _, _ in inflight.values() if s is slot] + [holding] * bool(holding))
+        events["actors_lost"].append({"actor": slot.index, "node_id": slot.node_id, "reason": reason,
+                                      "lost_" + what + "s": queued, "at_s": round(time.monotonic() - t0, 2)})
+        log.warning("actor %d on node %s lost (%s); %d %s(s) in its queue go back to the others", slot.index,
+                    (slot.node_id or "?")[:12], reason, len(queued), what)
+        try:
+            ray.kill(slot.actor)
+        except Exception:  # already gone with its node
+            pass
+
+    def retry_or_fail(key: str, payload, attempt: int, reason: str) -> None:
+        if recover is not None:
+            got = recover(key)
+            if got is not None:  # the dead actor finished it before its answer was lost
+                events["recovered"].append(key)
+                on_result(key, got, None)
+                return
+        if attempt < retries:
+            log.warning("%s %s failed (attempt %d of %d), retrying: %s", what, key, attempt + 1, retries + 1, reason)
+            events["retries"].append({what: key, "attempt": attempt + 1, "reason": reason})
+            pending.append((key, payload, attempt + 1))
+        else:
+            log.error("%s %s failed after %d attempts: %s", what, key, attempt + 1, reason)
+            on_failed(key, reason)
+
+    def room() -> bool:
+        try:
+            return _free(ray.available_resources(), cpus, gpus)
+        except Exception:
+            return False
+
+    for _ in range(target):
+        start()
+    last_replan = time.monotonic()
+    try:
+        while pending or inflight:
+            # A fair share per live actor (starting ones included), so that the first actor up
+            # does not take every item of a small job; never below 1, so no ready actor idles.
+            share = -(-(len(pending) + len(inflight)) // max(1, len(live())))
+            cap = min(in_flight, max(1, share))
+            for slot in sorted((s for s in slots if s.ready and not s.gone), key=lambda s: s.load):
+                while pending and slot.load < cap:
+                    key, payload, attempt = pending.popleft()
+                    inflight[submit(slot.actor, payload)] = (slot, key, payload, attempt)
+                    slot.load += 1
+            starting = [s for s in live() if not s.ready]
+            if not inflight and not starting:
+                # Nobody is left to do the work: start one if it can be placed, else give up.
+                if pending and events["actors_started"] < max_starts and room():
+                    log.info("no actor left: starting one on the capacity that is free")
+                    start()
+                    continue
+                free = ray.available_resources()
+                reason = (f"no worker can be placed: every actor was lost ({events['actors_started']} started) "
+                          f"and the cluster has "
+                          f"{free.get('CPU', 0):g} CPU / {free.get('GPU', 0):g} GPU free "
+                          f"(an actor needs {cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "") + ")")
+                log.error("%s; %d %s(s) left undone (rerun to resume)", reason, len(pending), what)
+                while pending:
+                    key, _, _ = pending.popleft()
+                    on_failed(key, reason)
+                break
+            now = time.monotonic()
+            deadlines = [s.started + placement_timeout_s for s in starting]
+            timeout = max(0.05, min([replan_interval_s] + [d - now for d in deadlines]))
+            ready_refs = {s.ready_ref: s for s in starting}
+            done, _ = ray.wait(list(inflight) + list(ready_refs), num_returns=1, timeout=timeout)
+            for ref in done:
+                if ref in ready_refs:
+                    slot = ready_refs[ref]
+                    try:
+                        info = ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:
+                        text = str(exc)
+                        if "creation task" in text and not _node_died(text):
+                            raise JobError(f"a worker failed to start: {_cause_line(text)}") from None
+                        lose(slot, f"died while starting: {_cause_line(text) or type(exc).__name__}")
+                        continue
+                    slot.ready, slot.node_id = True, info.get("node_id")
+                    events["nodes"].setdefault(slot.node_id, 0)
+                    log.info("actor %d ready on node %s after %.1f s", slot.index, slot.node_id,
+                             time.monotonic() - slot.started)
+                    continue
+                slot, key, payload, attempt = inflight.pop(ref)
+                slot.load -= 1
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    text = str(exc)
+                    if "creation task" in text and not _node_died(text):
+                        raise JobError(f"a worker failed to start: {_cause_line(text)}") from None
+                    lose(slot, _cause_line(text) or type(exc).__name__, key)
+                    retry_or_fail(key, payload, attempt, f"worker died: {_cause_line(text) or type(exc).__name__}")
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    first = str(cause).splitlines()[0] if str(cause) else ""
+                    retry_or_fail(key, payload, attempt, f"{type(cause).__name__}: {first}")
+                    continue
+                except ray.exceptions.RayError as exc:  # object lost, owner died, ...
+                    retry_or_fail(key, payload, attempt, f"{type(exc).__name__}: {_cause_line(str(exc))}")
+                    continue
+                events["nodes"][slot.node_id] = events["nodes"].get(slot.node_id, 0) + 1
+                on_result(key, result, slot.node_id)
+            now = time.monotonic()
+            for slot in [s for s in live() if not s.ready]:
+                if now - slot.started > placement_timeout_s:
+                    events["actors_unplaceable"] += 1
+                    slot.gone = True
+                    log.warning("actor %d was not placed within %.0f s (the cluster lacks %g CPU%s free): "
+                                "going on without it", slot.index, placement_timeout_s, cpus,
+                                f" / {gpus:g} GPU" if gpus else "")
+                    ray.kill(slot.actor)
+            if now - last_replan >= replan_interval_s or (events["actors_lost"] and now - last_replan >= 0.5):
+                last_replan = now
+                alive = live()
+                if (len(alive) < target and pending and not any(not s.ready for s in alive)
+                        and events["actors_started"] < max_starts
+                        and len(pending) > sum(in_flight - s.load for s in alive if s.ready) and room()):
+                    log.info("re-plan: %d actor(s) alive of %d planned, and the cluster has room: starting one",
+                             len(alive), target)
+                    start()
+    finally:
+        for slot in slots:
+            try:
+                ray.kill(slot.actor)
+            except Exception:
+                pass
+    events["actors_final"] = len([s for s in slots if s.ready and not s.gone])
+    events["nodes"] = {k: v for k, v in events["nodes"].items() if k}
+    return events
+
+
 def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any], progress: _Progress,
                 done: dict[str, dict], failed: dict[str, str]) -> dict[str, Any]:
     import ray
@@ -481,63 +735,47 @@ def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any],
     n_actors, use_gpu = plan.actors, plan.use_gpu
     job = {**job, "use_gpu": use_gpu}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and A.Archive(job["output"], job["storage_options"]).local:
+    archive = A.Archive(job["output"], job["storage_options"])
+    if len(nodes) > 1 and archive.local:
         log.warning("the output %s is a local path but the cluster has %d nodes: each node writes its shards "
                     "to its own disk unless that path is a shared filesystem", job["output"], len(nodes))
     actor_cls = ray.remote(ShardWorker).options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=plan.gpu_per_actor,
                                                 max_restarts=0, runtime_env=actor_runtime_env())
-    actors = [actor_cls.remote(job) for _ in range(n_actors)]
     log.info("%d shard(s) to compress on %d actor(s) (%g CPU each, %s)", len(todo), n_actors,
              cfg.ray.cpus_per_actor, plan.description)
-    pending = deque((spec, 0) for spec in todo)
-    inflight: dict[Any, tuple[int, Any, ShardSpec, int]] = {}  # ref -> (actor slot, actor, spec, attempt)
-    load = [0] * n_actors
+    specs = {spec.shard: spec for spec in todo}
+    duplicates: list[str] = []
 
-    def retry_or_fail(spec: ShardSpec, attempt: int, reason: str) -> None:
-        if attempt < cfg.ray.shard_retries:
-            log.warning("shard %s failed (attempt %d of %d), retrying: %s", spec.shard, attempt + 1,
-                        cfg.ray.shard_retries + 1, reason)
-            pending.append((spec, attempt + 1))
-        else:
-            log.error("shard %s failed after %d attempts: %s", spec.shard, attempt + 1, reason)
-            failed[spec.shard] = reason
+    def on_result(shard: str, stats: dict, node_id) -> None:
+        if shard in done:  # never expected: a shard is only re-sent after its attempt failed
+            duplicates.append(shard)
+            log.error("shard %s came back twice", shard)
+            return
+        failed.pop(shard, None)
+        done[shard] = stats
+        progress.update(stats)
 
-    try:
-        while pending or inflight:
-            for slot in range(n_actors):
-                while pending and load[slot] < cfg.ray.shards_in_flight:
-                    spec, attempt = pending.popleft()
-                    inflight[actors[slot].process.remote(spec.to_dict())] = (slot, actors[slot], spec, attempt)
-                    load[slot] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                slot, actor, spec, attempt = inflight.pop(ref)
-                load[slot] -= 1
-                try:
-                    stats = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    text = str(exc)
-                    if "creation task" in text:
-                        # The constructor failed (model not loadable, weights differ): every
-                        # replacement would fail the same way, so stop here with its reason.
-                        raise JobError(f"a worker failed to start: {_cause_line(text)}") from None
-                    # The actor died (out of memory, node lost): replace it once, retry its shards.
-                    retry_or_fail(spec, attempt, f"worker died: {_cause_line(text) or type(exc).__name__}")
-                    if actors[slot] is actor:
-                        ray.kill(actor)
-                        actors[slot] = actor_cls.remote(job)
-                    continue
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    retry_or_fail(spec, attempt, f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
-                    continue
-                failed.pop(spec.shard, None)
-                done[spec.shard] = stats
-                progress.update(stats)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    return {"actors": n_actors, "use_gpu": use_gpu, "cpus_per_actor": cfg.ray.cpus_per_actor, "nodes": len(nodes)}
+    def on_failed(shard: str, reason: str) -> None:
+        failed[shard] = reason
+
+    def recover(shard: str) -> dict | None:
+        """A shard whose actor died may have been committed just before: take its stats."""
+        try:
+            archive.fs.invalidate_cache()
+            stats = json.loads(archive.fs.cat_file(archive.shard_path(shard, ".stats.json")))
+        except Exception:  # not there (the usual case), or unreadable: redo the shard
+            return None
+        ok = stats.get("fingerprint") == specs[shard].fingerprint and stats.get("settings") == settings_of(job)
+        return stats if ok else None
+
+    events = run_actor_pool(
+        actor_cls, (job,), n_actors, [(spec.shard, spec.to_dict()) for spec in todo],
+        lambda actor, payload: actor.process.remote(payload), on_result, on_failed,
+        retries=cfg.ray.shard_retries, in_flight=cfg.ray.shards_in_flight, cpus=cfg.ray.cpus_per_actor,
+        gpus=plan.gpu_per_actor, placement_timeout_s=cfg.ray.placement_timeout_s, recover=recover)
+    events["duplicate_results"] = duplicates
+    return {"actors": n_actors, "use_gpu": use_gpu, "cpus_per_actor": cfg.ray.cpus_per_actor, "nodes": len(nodes),
+            "faults": events}
 
 
 class JobError(RuntimeError):
@@ -567,6 +805,149 @@ def _check_resume(planned: dict[str, ShardSpec], completed: dict[str, dict], set
                               "use the same model and settings to resume, or --overwrite to start again")
 
 
+def _spread_small_corpus(cfg: CompressConfig, shards: list[ShardSpec], overwrite: bool) -> tuple[list[ShardSpec], int]:
+    """(shards, shard size used). A corpus that `shard_size` cuts into fewer shards than the
+    cluster has actors is cut finer, so that no actor idles (4 images would otherwise be one
+    shard on one actor). Each image's bitstream is the same whatever the split. A resumed run
+    reuses the size its archive's shards were planned with (recorded in their stats), so that
+    it plans the same shards on any cluster."""
+    from .sources import plan_shards_with_size
+
+    replan = lambda size, least=1: plan_shards_with_size(cfg.input, size, cfg.storage_options,
+                                                        cfg.parquet_image_column, cfg.parquet_key_column, least)
+    if not overwrite:
+        done = A.Archive(cfg.output, cfg.storage_options).completed_shards()
+        if done:
+            sizes = {s.get("plan_shard_size") or cfg.shard_size for s in done.values()}
+            size = sizes.pop() if len(sizes) == 1 else cfg.shard_size
+            return (shards, cfg.shard_size) if size == cfg.shard_size else replan(size)
+    if not cfg.ray.enabled:
+        return shards, cfg.shard_size
+    import ray
+
+    connect_ray(cfg)
+    resources = ray.cluster_resources()
+    actors = plan_actors(cfg.ray, int(resources.get("GPU", 0)), resources.get("CPU", 0), 1 << 30).actors
+    if len(shards) >= actors:
+        return shards, cfg.shard_size
+    spread, size = replan(cfg.shard_size, actors)
+    log.info("small corpus: %d shard(s) of up to %d for %d actor(s) instead of %d of up to %d",
+             len(spread), size, actors, len(shards), cfg.shard_size)
+    return spread, size
+
+
+def _is_archive(archive: A.Archive) -> bool:
+    """An m2t archive, or a folder where a job took the lease and died before writing more."""
+    from .lease import LEASE
+
+    return archive.looks_like_archive() or archive.fs.exists(archive.path(LEASE))
+
+
+def _clear_for_overwrite(archive: A.Archive) -> None:
+    """--overwrite: delete everything in the archive but the lease this job holds."""
+    from .lease import LEASE
+
+    archive.fs.invalidate_cache()
+    for path in archive.fs.ls(archive.root, detail=False):
+        if path.rstrip("/").rsplit("/", 1)[-1] != LEASE:
+            archive.fs.rm(path, recursive=True)
+    archive.fs.invalidate_cache()
+
+
+def _remove_stale_temporaries(archive: A.Archive) -> list[str]:
+    """Temporary files (`*.tmp`) left by earlier jobs (killed drivers, orphaned workers).
+    Only called while this job holds the lease, before its own workers start and after they
+    stopped: every temporary then is someone else's leftover."""
+    archive.fs.invalidate_cache()
+    gone = []
+    for folder in (archive.root, archive.path(A.SHARDS_DIR)):
+        if not archive.fs.exists(folder):
+            continue
+        for path in archive.fs.ls(folder, detail=False):
+            if path.endswith(".tmp"):
+                try:
+                    archive.fs.rm(path)
+                    gone.append(path.rsplit("/", 1)[-1])
+                except FileNotFoundError:  # an orphaned worker's abort removed it first
+                    pass
+    archive.fs.invalidate_cache()
+    if gone:
+        log.info("removed %d temporary file(s) left by earlier runs: %s", len(gone), ", ".join(sorted(gone)[:10]))
+    return sorted(gone)
+
+
+def _verify_shard_streams(archive: A.Archive, shard: str, size: int) -> str | None:
+    """CRC-check every bitstream of a committed shard against its index; the reason if not."""
+    import pyarrow.parquet as pq
+
+    try:
+        with archive.fs.open(archive.shard_path(shard, ".parquet"), "rb") as f:
+            rows = pq.read_table(f, columns=["key", "offset", "length", "crc32", "status"]).to_pylist()
+    except Exception as exc:
+        return f"its index cannot be read ({type(exc).__name__}: {exc})"
+    data = archive.fs.cat_file(archive.shard_path(shard, ".bin"))
+    bad, covered = [], 0
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        start, length = int(row["offset"]), int(row["length"])
+        covered += length
+        chunk = data[start:start + length]
+        if len(chunk) != length or zlib.crc32(chunk) != row["crc32"]:
+            bad.append(row["key"])
+    if bad:
+        return (f"{len(bad)} of {sum(r['status'] == 'ok' for r in rows)} bitstream(s) fail the CRC-32 of the index "
+                f"(first: {bad[0]!r})")
+    if covered != len(data):
+        return f"its .bin holds {len(data)} bytes, its index's bitstreams {covered}"
+    return None
+
+
+def _check_committed(archive: A.Archive, completed: dict[str, dict], verify: bool) -> dict[str, str]:
+    """shard -> why it is damaged, for committed shards (with a stats file) whose data is not
+    what their stats and index say. Always (one listing): the .bin and index exist and the
+    .bin has the size the stats record. With `verify`: every bitstream's CRC-32 too."""
+    if not completed:
+        return {}
+    archive.fs.invalidate_cache()
+    folder = archive.path(A.SHARDS_DIR)
+    sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in archive.fs.ls(folder, detail=True)}
+    damaged: dict[str, str] = {}
+    for shard, stats in sorted(completed.items()):
+        size = sizes.get(f"{shard}.bin", 0 if stats.get("compressed_bytes") == 0 else None)
+        if size is None:
+            damaged[shard] = "its .bin is missing"
+        elif f"{shard}.parquet" not in sizes:
+            damaged[shard] = "its index (.parquet) is missing"
+        elif size != stats.get("compressed_bytes"):
+            damaged[shard] = (f"its .bin has {size} bytes, its stats say {stats.get('compressed_bytes')} "
+                              "(truncated, extended or replaced)")
+    if verify:
+        from concurrent.futures import ThreadPoolExecutor
+
+        rest = [s for s in sorted(completed) if s not in damaged]
+        with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: object stores answer in parallel
+            for shard, reason in zip(rest, pool.map(lambda s: _verify_shard_streams(archive, s, sizes[f"{s}.bin"]), rest)):
+                if reason:
+                    damaged[shard] = reason
+    return damaged
+
+
+def _forget_shards(archive: A.Archive, damaged: Mapping[str, str]) -> None:
+    """Unmark damaged shards (their stats go; the rest is redone from scratch) and drop the
+    archive-level index and manifest, which described them: they are rewritten when every
+    shard is complete again."""
+    for shard, reason in sorted(damaged.items()):
+        log.warning("shard %s is damaged: %s; it will be redone", shard, reason)
+        path = archive.shard_path(shard, ".stats.json")
+        if archive.fs.exists(path):
+            archive.fs.rm(path)
+    for name in (A.MANIFEST, A.KEYS_INDEX):
+        if archive.fs.exists(archive.path(name)):
+            archive.fs.rm(archive.path(name))
+    archive.fs.invalidate_cache()
+
+
 def summarize(shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals and the field's figures over completed shards."""
     from m2t_core.metrics import psnr_from_mse
@@ -588,8 +969,22 @@ def summarize(shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: bool = True) -> tuple[dict, int]:
-    """Run the job; returns (report, exit code). Raises ConfigError / SourceError for usage errors."""
+def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: bool = True,
+                     break_lease: bool = False) -> tuple[dict, int]:
+    """Run the job; returns (report, exit code). Raises ConfigError / SourceError for usage
+    errors, LeaseHeldError when another job holds the archive's lease (`break_lease`: take over
+    a stale one), LeaseLostError when this job lost it while running. The lease is released
+    when the job ends, also on errors."""
+    leases: list[ArchiveLease] = []
+    try:
+        return _compress_dataset(cfg, overwrite, progress, break_lease, leases)
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+def _compress_dataset(cfg: CompressConfig, overwrite: bool, progress: bool, break_lease: bool,
+                      leases: list[ArchiveLease]) -> tuple[dict, int]:
     cfg.check_complete()
     inputs = [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
     cfg = dataclasses.replace(cfg, input=[absolute_url(u) for u in inputs], output=absolute_url(cfg.output),
@@ -617,25 +1012,35 @@ def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: boo
 
     shards = plan_shards(cfg.input, cfg.shard_size, cfg.storage_options, cfg.parquet_image_column,
                          cfg.parquet_key_column)
+    shards, job["plan_shard_size"] = _spread_small_corpus(cfg, shards, overwrite)
     # Only now that the model and the input are known good may an old archive be deleted.
     archive = A.Archive(cfg.output, cfg.storage_options)
+    if archive.exists() and not archive.is_empty() and not _is_archive(archive):
+        raise ConfigError(f"--overwrite: {cfg.output} exists and is not an m2t archive; refusing to delete it"
+                          if overwrite else f"output {cfg.output} exists, is not empty and is not an m2t archive")
+    # One writer at a time: the lease comes before anything in the archive is deleted or written.
+    lease = ArchiveLease(cfg.output, cfg.storage_options, timeout_s=cfg.lease_timeout_s, break_stale=break_lease)
+    leases.append(lease.acquire())
+    job["lease_owner"] = lease.owner  # fencing: workers check it before each commit step
     if overwrite and archive.exists():
-        if not (archive.is_empty() or archive.looks_like_archive()):
-            raise ConfigError(f"--overwrite: {cfg.output} exists and is not an m2t archive; refusing to delete it")
         log.info("--overwrite: deleting %s", cfg.output)
-        archive.delete()
-    elif archive.exists() and not archive.is_empty() and not archive.looks_like_archive():
-        raise ConfigError(f"output {cfg.output} exists, is not empty and is not an m2t archive")
+        _clear_for_overwrite(archive)
+    stale_tmp = _remove_stale_temporaries(archive)
 
     planned = {s.shard: s for s in shards}
     completed = archive.completed_shards()
     _check_resume(planned, completed, settings)
+    # Resume trusts no marker blindly: a committed shard whose data is gone or changed is redone.
+    damaged = _check_committed(archive, completed, cfg.verify_existing)
+    if damaged:
+        _forget_shards(archive, damaged)
+        completed = {k: v for k, v in completed.items() if k not in damaged}
     todo = [s for s in shards if s.shard not in completed]
     skipped = len(shards) - len(todo)
     if cfg.max_shards:
         todo = todo[:cfg.max_shards]
-    log.info("%d shard(s) planned from %s; %d already done; %d to do now", len(shards), ", ".join(cfg.input),
-             skipped, len(todo))
+    log.info("%d shard(s) planned from %s; %d already done; %d to do now%s", len(shards), ", ".join(cfg.input),
+             skipped, len(todo), f" ({len(damaged)} of them damaged: redone)" if damaged else "")
 
     done: dict[str, dict] = {}
     failed: dict[str, str] = {}
@@ -660,7 +1065,22 @@ def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: boo
         bar.close()
     run_s = time.perf_counter() - t_run
 
-    completed = {**archive.completed_shards(), **done}
+    # This job's workers have stopped. Before it writes anything more: is the lease still ours?
+    # Then temporaries left meanwhile (by orphaned workers of an earlier job, fenced off) go,
+    # and every committed shard is checked once more (cheap), so that a write which raced the
+    # lease's hand-over, or another job's, cannot end up in a complete archive.
+    lease.check()
+    stale_tmp += _remove_stale_temporaries(archive)
+    on_disk = archive.completed_shards()
+    late = _check_committed(archive, {k: v for k, v in on_disk.items() if k in planned}, verify=False)
+    late.update({k: "its stats were written with other settings or input (by another job)" for k, v in on_disk.items()
+                 if k in planned and k not in late and (v.get("settings") != settings
+                                                        or v.get("fingerprint") != planned[k].fingerprint)})
+    if late:
+        _forget_shards(archive, late)
+        damaged.update(late)
+        done = {k: v for k, v in done.items() if k not in late}
+    completed = {**{k: v for k, v in on_disk.items() if k not in late}, **done}
     all_stats = [completed[s.shard] for s in shards if s.shard in completed]
     complete = len(all_stats) == len(shards)
     totals = summarize(all_stats)
@@ -672,13 +1092,21 @@ def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: boo
         "input": cfg.input, "output": cfg.output, "model": model.model_id, "complete": complete,
         "shards": {"planned": len(shards), "completed": len(all_stats), "this_run": len(done),
                    "already_done": skipped, "failed": failed,
-                   "remaining": len(shards) - len(all_stats)},
+                   "remaining": len(shards) - len(all_stats),
+                   # committed shards whose data was missing or changed (redone this run, unless
+                   # found after it: then rerun); `verified`: their bitstreams were CRC-checked
+                   "damaged": damaged, "verified": cfg.verify_existing},
+                   "stale_temporaries_removed": len(stale_tmp),
+                   "lease": {"owner": lease.owner, "timeout_s": cfg.lease_timeout_s,
+                             "broke_stale_lease_of": lease.broken.describe() if lease.broken else None},
         "totals": totals,
         "this_run": {"images": run_images, "megapixels": run_pixels / 1e6, "seconds": run_s,
                      "images_per_s": run_images / run_s if run_s > 0 and run_images else None,
                      "megapixels_per_s": run_pixels / 1e6 / run_s if run_s > 0 and run_images else None,
                      "model_s": sum(s["model_s"] for s in this_run), "runner": runner},
         "wall_s": None, "failure_examples": failures, "finished_at": A.now_iso(),
+        # Ray runs: actors lost with their node, shards retried, actors that could not be placed.
+        "faults": runner.pop("faults", None),
     }
     if complete:
         keys = A.write_keys_index(archive, [s.shard for s in shards])
@@ -687,10 +1115,13 @@ def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: boo
             "model": {"id": model.model_id, "source": cfg.model, "weights_sha256": job["weights_sha256"],
                       "weights_hash": model.weights_hash().hex(), "config": model.cfg.to_dict()},
             "bitstream_format_version": bitstream.FORMAT_VERSION, "code_version": A.code_version(),
+            # Format 2 streams decode on any machine (exact integer entropy model).
+            "portable": bitstream.FORMAT_VERSION in bitstream.PORTABLE_VERSIONS,
             "config": {**cfg.to_dict(), "storage_options": redact(cfg.storage_options)}, "keys_index": A.KEYS_INDEX, "keys": keys,
             "shards": [{"shard": s.shard, "kind": s.kind, "fingerprint": s.fingerprint,
                         "images": completed[s.shard]["images"], "ok": completed[s.shard]["ok"],
-                        "bytes": completed[s.shard]["compressed_bytes"]} for s in shards],
+                        "bytes": completed[s.shard]["compressed_bytes"],
+                        "numerics": completed[s.shard].get("numerics")} for s in shards],
             "totals": totals,
         }
         archive.write_json(archive.path(A.MANIFEST), manifest)
@@ -737,6 +1168,19 @@ def format_report(report: dict[str, Any]) -> str:
         f"   (this run: {run['images']} images in {_hms(run['seconds'])})",
         f"{'wall time':<14}{_hms(report['wall_s'])}",
     ]
+    faults = report.get("faults")
+    if faults and (faults["actors_lost"] or faults["retries"] or faults["actors_unplaceable"]):
+        lost_nodes = sorted({(a["node_id"] or "?")[:12] for a in faults["actors_lost"]})
+        lines.append(f"{'faults':<14}{len(faults['actors_lost'])} actor(s) lost"
+                     + (f" (node {', '.join(lost_nodes)})" if lost_nodes else "")
+                     + f", {len(faults['retries'])} shard retr{'y' if len(faults['retries']) == 1 else 'ies'}"
+                     + f" ({', '.join(sorted({r['shard'] for r in faults['retries']}))})" * bool(faults["retries"])
+                     + (f", {faults['actors_unplaceable']} actor(s) not placeable" if faults["actors_unplaceable"] else "")
+                     + f"; {faults['actors_final']} actor(s) at the end")
+    if sh.get("damaged"):
+        lines.append(f"damaged shards found ({len(sh['damaged'])}; redone, or rerun to redo them"
+                     f"{'' if sh.get('verified') else '; --verify-existing also checks every bitstream'}):")
+        lines += [f"  {shard}: {reason}" for shard, reason in sorted(sh["damaged"].items())]
     if sh["failed"]:
         lines.append("failed shards (rerun to retry):")
         lines += [f"  {shard}: {reason}" for shard, reason in sorted(sh["failed"].items())]
@@ -748,8 +1192,8 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`m2t compress INPUT [INPUT ...] OUTPUT [options]`; returns the exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `m2t compress` (also used to check deployment manifests' entrypoints)."""
     parser = argparse.ArgumentParser(
         prog="m2t compress", description="Compress an image corpus (folders, .tar shards, Parquet) into an m2t archive.",
         epilog="exit codes: 0 all archived; 1 complete but some inputs failed (see report.json); "
@@ -763,7 +1207,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing archive at OUTPUT first")
     parser.add_argument("--no-ray", action="store_true", help="compress in this process, without Ray")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    parser.add_argument("--verify-existing", action="store_true",
+                        help="resume: CRC-check every bitstream of the shards already done (reads them all); "
+                             "damaged shards are redone (sizes are always checked)")
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take over the archive's lease if it is stale (its job died: no heartbeat for "
+                             "lease_timeout_s); a live job's lease is never broken")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`m2t compress INPUT [INPUT ...] OUTPUT [options]`; returns the exit code."""
+    args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -777,10 +1232,22 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, model=args.model)
         if args.no_ray:
             cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, enabled=False))
-        report, code = compress_dataset(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+        if args.verify_existing:
+            cfg = dataclasses.replace(cfg, verify_existing=True)
+        report, code = compress_dataset(cfg, overwrite=args.overwrite, progress=not args.no_progress,
+                                        break_lease=args.break_lease)
     except (ConfigError, SourceError, A.ArchiveError, FileNotFoundError) as exc:
         if os.environ.get("M2T_DEBUG"):
             raise
+        print(f"m2t compress: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LeaseHeldError as exc:
+        print(f"m2t compress: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LeaseLostError as exc:  # lost while running: another job took the archive over
+        print(f"m2t compress: error: {exc} (this job stopped writing; its completed shards are kept)", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except LeaseError as exc:  # e.g. an unreadable lease file
         print(f"m2t compress: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except JobError as exc:

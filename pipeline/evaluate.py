@@ -95,6 +95,7 @@ class RayOptions:
     use_gpu: Any = None  # our models on GPUs: null: iff the cluster has GPUs; true / false to force
     tasks_in_flight: int = 0  # tasks submitted at once; 0: twice the cluster's CPUs
     unit_retries: int = 2  # a unit whose task failed is tried this many more times
+    placement_timeout_s: float = 120.0  # a task no live node can run (its node is gone) is failed after this
 
 
 @dataclass
@@ -154,6 +155,7 @@ class EvalConfig:
         need(r.cpus_per_task > 0, "ray.cpus_per_task must be > 0")
         need(r.use_gpu in (None, True, False), "ray.use_gpu must be null, true or false")
         need(r.tasks_in_flight >= 0 and r.unit_retries >= 0, "ray.tasks_in_flight and ray.unit_retries must be >= 0")
+        need(r.placement_timeout_s > 0, "ray.placement_timeout_s must be > 0")
 
     def check_complete(self) -> None:
         if not self.data:
@@ -511,8 +513,25 @@ def _run_in_process(todo: list[Unit], job: dict[str, Any], progress: _Progress, 
         _THREADS.clear()
 
 
+def _placeable(demand: tuple[float, float]) -> bool:
+    """Whether some live node of the cluster has (CPUs, GPUs) at all (free or not)."""
+    import ray
+
+    cpus, gpus = demand
+    for node in ray.nodes():
+        if node.get("Alive"):
+            have = node.get("Resources", {})
+            if have.get("CPU", 0) + 1e-9 >= cpus and have.get("GPU", 0) + 1e-9 >= gpus:
+                return True
+    return False
+
+
 def _run_on_ray(cfg: EvalConfig, todo: list[Unit], job: dict[str, Any], progress: _Progress, done: dict,
                 failed: dict) -> dict[str, Any]:
+    """Units as Ray tasks. Retries are the driver's (not Ray's), so that the summary counts
+    them: a unit whose task raised or whose worker or node died is resubmitted up to
+    `ray.unit_retries` times and lands on whatever nodes are left. A task that no live node
+    could ever run (its GPU node is gone) is not waited for beyond `ray.placement_timeout_s`."""
     import ray
 
     resources = ray.cluster_resources()
@@ -528,37 +547,68 @@ def _run_on_ray(cfg: EvalConfig, todo: list[Unit], job: dict[str, Any], progress
         log.warning("the output %s is a local path but the cluster has %d nodes: each node writes its parts "
                     "to its own disk unless that path is a shared filesystem", job["output"], len(nodes))
     task = ray.remote(_ray_run_unit)
-    base = {"num_cpus": cfg.ray.cpus_per_task, "max_retries": cfg.ray.unit_retries, "retry_exceptions": True}
     limit = cfg.ray.tasks_in_flight or max(2, int(2 * cpus))
     job_ref = ray.put(job)
-    pending = deque(todo)
-    inflight: dict[Any, Unit] = {}
+    pending = deque((unit, 0) for unit in todo)
+    inflight: dict[Any, tuple[Unit, int, tuple[float, float]]] = {}
+    stuck_since: dict[Any, float] = {}
+    faults: dict[str, Any] = {"retries": [], "unplaceable": []}
     log.info("%d unit(s) on Ray (%g CPUs, %d GPUs; %g CPU per task%s)", len(todo), cpus, gpus,
              cfg.ray.cpus_per_task, ", our models on 1 GPU each" if use_gpu else "")
+
+    def retry_or_fail(unit: Unit, attempt: int, reason: str) -> None:
+        if attempt < cfg.ray.unit_retries:
+            log.warning("unit %s failed (attempt %d of %d), retrying: %s", unit.uid, attempt + 1,
+                        cfg.ray.unit_retries + 1, reason)
+            faults["retries"].append({"unit": unit.uid, "attempt": attempt + 1, "reason": reason})
+            pending.append((unit, attempt + 1))
+        else:
+            log.error("unit %s failed after %d attempt(s): %s", unit.uid, attempt + 1, reason)
+            failed[unit.uid] = reason
+
     try:
         while pending or inflight:
             while pending and len(inflight) < limit:
-                unit = pending.popleft()
-                options = {**base, "num_gpus": 1 if (use_gpu and unit.kind == "ours") else 0}
-                inflight[task.options(**options).remote(unit.to_dict(), job_ref)] = unit
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+                unit, attempt = pending.popleft()
+                demand = (cfg.ray.cpus_per_task, 1.0 if (use_gpu and unit.kind == "ours") else 0.0)
+                options = {"num_cpus": demand[0], "num_gpus": demand[1], "max_retries": 0}
+                inflight[task.options(**options).remote(unit.to_dict(), job_ref)] = (unit, attempt, demand)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
             for ref in ready:
-                unit = inflight.pop(ref)
+                unit, attempt, _ = inflight.pop(ref)
+                stuck_since.pop(ref, None)
                 try:
                     stats = ray.get(ref)
-                except Exception as exc:  # the task raised (after retries), or its worker died
-                    reason = _cause_line(exc)
-                    log.error("unit %s failed after %d attempt(s): %s", unit.uid, cfg.ray.unit_retries + 1, reason)
-                    failed[unit.uid] = reason
+                except Exception as exc:  # the task raised, or its worker or node died
+                    retry_or_fail(unit, attempt, _cause_line(exc))
                     continue
                 done[unit.uid] = stats
                 progress.update(stats)
+            if ready:
+                continue
+            # Nothing finished for a while: is some task asking for what no live node has?
+            now = time.monotonic()
+            for ref, (unit, attempt, demand) in list(inflight.items()):
+                if _placeable(demand):
+                    stuck_since.pop(ref, None)
+                    continue
+                since = stuck_since.setdefault(ref, now)
+                if now - since >= cfg.ray.placement_timeout_s:
+                    ray.cancel(ref, force=True)
+                    inflight.pop(ref)
+                    stuck_since.pop(ref)
+                    reason = (f"cannot be placed: no live node has {demand[0]:g} CPU"
+                              + (f" and {demand[1]:g} GPU" if demand[1] else "")
+                              + f" (waited {cfg.ray.placement_timeout_s:g} s)")
+                    log.error("unit %s %s; rerun when the cluster has the capacity", unit.uid, reason)
+                    faults["unplaceable"].append(unit.uid)
+                    failed[unit.uid] = reason
     except BaseException:
         for ref in inflight:
             ray.cancel(ref, force=True)
         raise
     return {"ray": True, "cpus": cpus, "gpus": gpus, "nodes": len(nodes), "use_gpu": use_gpu,
-            "cpus_per_task": cfg.ray.cpus_per_task}
+            "cpus_per_task": cfg.ray.cpus_per_task, "faults": faults}
 
 
 def machine(runner: Mapping[str, Any] | None = None) -> str:
@@ -704,6 +754,7 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True,
         "units": {"planned": len(units), "already_done": already, "this_run": len(done), "failed": failed,
                   "remaining": len(remaining), "stale_parts_ignored": len(stale)},
         "this_run": {"seconds": run_s, "rows": sum(s["rows"] for s in done.values()), "runner": runner},
+        "faults": runner.pop("faults", None),  # Ray: units retried (lost workers or nodes), unplaceable units
         "runs": runs,  # every run on this output (resumed runs add one each): compute time = the sum
     }
     code = EXIT_INCOMPLETE
@@ -972,9 +1023,8 @@ def format_summary(s: Mapping[str, Any]) -> str:
 # ====================================================================== command line
 
 
-def main(argv: list[str] | None = None, prog: str = "m2t eval") -> int:
-    """`m2t eval --data URL [URL ...] [options] OUTPUT_URL`; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser(prog: str = "m2t eval") -> argparse.ArgumentParser:
+    """The command line of `m2t eval` (also used to check deployment manifests' entrypoints)."""
     parser = argparse.ArgumentParser(
         prog=prog, description="Rate-distortion evaluation of our models and classic codecs over datasets (Ray).",
         epilog="exit codes: 0 all rows ok; 1 complete but some rows failed (see report.md); 2 usage/config error; "
@@ -992,7 +1042,13 @@ def main(argv: list[str] | None = None, prog: str = "m2t eval") -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing evaluation output first")
     parser.add_argument("--no-ray", action="store_true", help="run every unit in this process")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "m2t eval") -> int:
+    """`m2t eval --data URL [URL ...] [options] OUTPUT_URL`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = f"{prog} {shlex.join(argv)}".strip()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -202,8 +203,9 @@ def _read_key_column(pf, key: str) -> list:
     return [None if v is None else str(v) for v in column.to_pylist()]
 
 
-def _parquet_shards(rel: str, url: str, root: str, size: int, shard_size: int, storage_options,
-                    image_column: str | None, key_column: str | None) -> list[ShardSpec]:
+def _parquet_info(rel: str, url: str, storage_options, image_column: str | None,
+                  key_column: str | None) -> tuple[str, str, list[str]]:
+    """(image column, key column, the planned key of every row) of one Parquet file."""
     import pyarrow.parquet as pq
 
     fs, path = filesystem(url, storage_options)
@@ -218,6 +220,13 @@ def _parquet_shards(rel: str, url: str, root: str, size: int, shard_size: int, s
     except Exception as exc:
         raise SourceError(f"{url}: not a readable Parquet file ({exc})") from None
     keys = [str(k) if k not in (None, "") else f"{rel}#{i}" for i, k in enumerate(keys_col)]
+    return image, key, keys
+
+
+def _parquet_shards(rel: str, url: str, root: str, size: int, shard_size: int, storage_options,
+                    image_column: str | None, key_column: str | None, info=None) -> list[ShardSpec]:
+    image, key, keys = info or _parquet_info(rel, url, storage_options, image_column, key_column)
+    rows = len(keys)
     return [
         ShardSpec(shard="", kind="parquet", root=root, items=[{"key": rel, "url": url, "size": size}],
                   row_start=start, row_end=min(start + shard_size, rows), image_column=image,
@@ -226,15 +235,46 @@ def _parquet_shards(rel: str, url: str, root: str, size: int, shard_size: int, s
     ]
 
 
+def small_corpus_shard_size(counts: Sequence[int], unsplittable: int, shard_size: int, min_shards: int) -> int:
+    """The shard size that cuts a corpus into at least `min_shards` shards when `shard_size`
+    gives fewer: about total / min_shards (even shards), smaller if the runs' rounding needs
+    it, 1 at the least. `counts` are the sizes of the splittable runs (the image files of one
+    input URL, the rows of one Parquet file); `unsplittable` counts the tars (one shard each).
+    Each image's bitstream does not depend on the split, only which shard holds it."""
+    def shards_at(size: int) -> int:
+        return unsplittable + sum(-(-n // size) for n in counts)
+
+    if min_shards <= 1 or shards_at(shard_size) >= min_shards:
+        return shard_size
+    size = min(shard_size, max(1, -(-sum(counts) // max(1, min_shards - unsplittable))))
+    while size > 1 and shards_at(size) < min_shards:
+        size -= 1
+    return size
+
+
 def plan_shards(urls: str | Sequence[str], shard_size: int,
                 storage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                image_column: str | None = None, key_column: str | None = None) -> list[ShardSpec]:
+                image_column: str | None = None, key_column: str | None = None,
+                min_shards: int = 1) -> list[ShardSpec]:
     """List every input and cut it into shards, numbered in a deterministic order: per input
     URL (in the order given), its image files in chunks, then its tars, then its Parquet files
-    (each sorted by path). Raises SourceError if an input has nothing to compress."""
+    (each sorted by path). Raises SourceError if an input has nothing to compress.
+
+    `min_shards` > 1: a corpus that `shard_size` cuts into fewer shards is cut finer (see
+    small_corpus_shard_size), so that a small job still gives every actor work;
+    plan_shards_with_size also returns the size used."""
+    return plan_shards_with_size(urls, shard_size, storage_options, image_column, key_column, min_shards)[0]
+
+
+def plan_shards_with_size(urls: str | Sequence[str], shard_size: int,
+                          storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+                          image_column: str | None = None, key_column: str | None = None,
+                          min_shards: int = 1) -> tuple[list[ShardSpec], int]:
+    """plan_shards, and the shard size it used (smaller than `shard_size` only for a corpus
+    that would otherwise give fewer than `min_shards` shards)."""
     if shard_size < 1:
         raise SourceError(f"shard_size must be >= 1, got {shard_size}")
-    shards: list[ShardSpec] = []
+    listed = []
     for url in [urls] if isinstance(urls, str) else list(urls):
         root, files = _list_root(url, storage_options)
         images = [(r, u, s) for r, u, s in files if r.lower().endswith(IMAGE_EXTS)]
@@ -242,20 +282,28 @@ def plan_shards(urls: str | Sequence[str], shard_size: int,
         parquets = [(r, u, s) for r, u, s in files if r.lower().endswith(PARQUET_EXTS)]
         if not (images or tars or parquets):
             raise SourceError(f"no images ({', '.join(IMAGE_EXTS)}), .tar or .parquet files found at {url}")
-        for start in range(0, len(images), shard_size):
-            chunk = images[start:start + shard_size]
+        parquets = [(r, u, s, _parquet_info(r, u, storage_options, image_column, key_column))
+                    for r, u, s in parquets]
+        listed.append((root, images, tars, parquets))
+    counts = [len(images) for _, images, _, _ in listed] + [len(info[2]) for *_, pqs in listed
+                                                             for *_, info in pqs]
+    size = small_corpus_shard_size(counts, sum(len(tars) for _, _, tars, _ in listed), shard_size, min_shards)
+    shards: list[ShardSpec] = []
+    for root, images, tars, parquets in listed:
+        for start in range(0, len(images), size):
+            chunk = images[start:start + size]
             shards.append(ShardSpec(shard="", kind="files", root=root,
                                     items=[{"key": r, "url": u, "size": s} for r, u, s in chunk]))
         for r, u, s in tars:
             shards.append(ShardSpec(shard="", kind="tar", root=root, items=[{"key": r, "url": u, "size": s}]))
-        for r, u, s in parquets:
-            shards.extend(_parquet_shards(r, u, root, s, shard_size, storage_options, image_column, key_column))
+        for r, u, s, info in parquets:
+            shards.extend(_parquet_shards(r, u, root, s, size, storage_options, image_column, key_column, info))
     width = max(5, len(str(len(shards) - 1)))
     first_seen: dict[str, str] = {}
     for i, spec in enumerate(shards):
         spec.shard = f"{i:0{width}d}"
         _mark_duplicates(spec, first_seen)
-    return shards
+    return shards, size
 
 
 def _mark_duplicates(spec: ShardSpec, first_seen: dict[str, str]) -> None:
@@ -285,13 +333,23 @@ def iter_shard(spec: ShardSpec, storage_options=None, max_source_bytes: int = 1 
     """The inputs of one shard in order, one at a time. Never raises for a bad input: an
     unreadable file or row becomes an item with status "error" and the reason."""
     if spec.kind == "files":
-        yield from _iter_files(spec, storage_options, max_source_bytes)
+        items = _iter_files(spec, storage_options, max_source_bytes)
     elif spec.kind == "tar":
-        yield from _iter_tar(spec, storage_options, max_source_bytes)
+        items = _iter_tar(spec, storage_options, max_source_bytes)
     elif spec.kind == "parquet":
-        yield from _iter_parquet(spec, storage_options, max_source_bytes)
+        items = _iter_parquet(spec, storage_options, max_source_bytes)
     else:
         raise SourceError(f"shard {spec.shard}: unknown kind {spec.kind!r}")
+    for item in items:
+        if item.status == "ok" and _CONTROL_CHARS.search(item.key):
+            # Such a key could be archived but never restored to a file (restore refuses it).
+            item.status, item.data = "error", None
+            item.error = (f"key {item.key!r} contains a control character (newline, tab, ...): refused, "
+                          "it could never be restored to a file")
+        yield item
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _too_big(size: int, limit: int) -> str:

@@ -95,6 +95,11 @@ class TrainConfig:
     lr: float = 1e-4
     warmup_steps: int = 500  # linear warm-up from 0
     lr_decay_at: float = 0.9  # lr / 10 from this fraction of the steps on
+    # Quantisation-aware training of the entropy model from this fraction of the steps on:
+    # at that step the exact (integer) model's exponents are calibrated on the batch's
+    # latents, and from then on the entropy model trains through the integer grid
+    # (m2t_core/exact.py). 1.0: float training throughout, calibration at export only.
+    qat_from: float = 0.8
     lmbda: float = 0.0067  # loss = bpp + lmbda * MSE(0..255)
     lambda_boost: float = 10.0  # lmbda x lambda_boost during the first lambda_boost_fraction
     lambda_boost_fraction: float = 0.15
@@ -143,7 +148,7 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0 and self.lmbda > 0 and self.lambda_boost > 0 and self.grad_clip > 0,
              "lr, lmbda, lambda_boost and grad_clip must be positive")
-        for name in ("lr_decay_at", "lambda_boost_fraction"):
+        for name in ("lr_decay_at", "lambda_boost_fraction", "qat_from"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.mt_mask_range if len(self.mt_mask_range) == 2 else (-1, -1)
         need(0.0 < lo <= hi <= 1.0, f"mt_mask_range must be [lo, hi] with 0 < lo <= hi <= 1, got {self.mt_mask_range}")
@@ -395,6 +400,37 @@ def lmbda_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lmbda * (cfg.lambda_boost if step <= cfg.lambda_boost_fraction * cfg.steps else 1.0)
 
 
+def qat_start_step(cfg: TrainConfig) -> int:
+    """The step at which quantisation-aware training starts (past the end: never)."""
+    return math.ceil(cfg.qat_from * cfg.steps) + 1 if cfg.qat_from < 1.0 else cfg.steps + 1
+
+
+@torch.no_grad()
+def start_qat(model: M2TCodec, x: torch.Tensor) -> None:
+    """Calibrate the exact entropy model on the latents of batch `x` (B, 3, H, W) in [0, 1]
+    and switch the entropy model to quantisation-aware training."""
+    from m2t_core.codec import pad_latent, to_windows
+
+    was_training = model.training
+    model.eval()
+    y = torch.round(model.g_a(x.float()))
+    tokens = to_windows(pad_latent(y, model.cfg.window), model.cfg.window)  # (B*nW, L, C)
+    model.calibrate_exact(tokens.float())
+    model.train(was_training)
+    model.qat = True
+
+
+def copy_weights(model: M2TCodec, source: M2TCodec) -> None:
+    """Load `source`'s transforms, float entropy model and (if it has one) exact model into
+    `model`; a source without an exact model leaves `model`'s to be re-exported."""
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("legacy_entropy_model.")}
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    if any(not k.startswith("exact.") for k in missing):
+        raise RuntimeError(f"checkpoint lacks tensors {missing[:5]}")
+    if source.exact is not None:
+        model.mark_exact_synced()
+
+
 def validate(model: M2TCodec, images: list[np.ndarray]) -> dict[str, float]:
     """Real entropy coding: mean bpp of the bitstreams and mean PSNR of the decoder's output."""
     was_training = model.training
@@ -450,7 +486,7 @@ def load_state(out_dir: Path, model: M2TCodec, optimizer: torch.optim.Optimizer)
     if weights_step != step or optim_step != step:
         raise RuntimeError(f"{out_dir}: checkpoint files disagree (state step {step}, weights {weights_step}, "
                            f"optimizer {optim_step}): the last save was interrupted")
-    model.load_state_dict(registry.load_checkpoint(out_dir / "last.safetensors").state_dict())
+    copy_weights(model, registry.load_checkpoint(out_dir / "last.safetensors"))
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         pid, name = key.split(".", 1)
@@ -552,7 +588,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     model = M2TCodec(model_cfg, model_id=cfg.model_id)
     resuming = bool(loop_config.get("resume")) and has_state(out_dir)
     if cfg.init_from and not resuming:
-        model.load_state_dict(registry.load_checkpoint(cfg.init_from).state_dict())
+        copy_weights(model, registry.load_checkpoint(cfg.init_from))
         log.info("initialised from %s", cfg.init_from)
     # On the device before the optimizer exists, so restored moments land next to their params.
     model.to(device)
@@ -562,6 +598,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     if resuming:
         start_step, elapsed_before = load_state(out_dir, model, optimizer)
         log.info("resuming %s at step %d", out_dir, start_step)
+    qat_step = qat_start_step(cfg)
+    model.qat = start_step >= qat_step  # the exponents were calibrated before the checkpoint
     if start_step >= cfg.steps:
         log.info("nothing to train: step %d >= steps %d", start_step, cfg.steps)
 
@@ -624,6 +662,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         x = next(batches).to(device, non_blocking=True).float().div_(255.0)
+        if step == qat_step:
+            start_qat(model, x)
+            log.info("step %d: exact entropy model calibrated; quantisation-aware training from here", step)
         with autocast:
             out = net(x, cfg.mt_mask_range)
         bpp, mse = rate_distortion(out, x)
@@ -659,6 +700,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_state(out_dir, model, optimizer, step, elapsed_before + time.time() - t_start, cfg)
         paused += time.time() - t_pause
+    if not model.qat and start_step < cfg.steps:  # qat_from = 1: calibrate for the export
+        start_qat(model, x)
     del batches, loader  # stops the DataLoader workers
 
     if is_main:
@@ -674,6 +717,7 @@ def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, 
     exported = M2TCodec(model.cfg, model_id=cfg.model_id)
     exported.load_state_dict({k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v
                               for k, v in model.state_dict().items()})
+    exported.mark_exact_synced()  # the exact integers are the model: not re-derived from fp16
     exported.to(device).eval()
     val = run_validation(step, exported, exported=True)
     info = {
@@ -685,7 +729,7 @@ def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, 
         "val_images": val["images"] if val else 0,
     }
     path = registry.save_checkpoint(exported, Path(cfg.output_dir) / f"{cfg.model_id}.safetensors",
-                                    cfg.model_id, info=info, dtype=dtype)
+                                    cfg.model_id, info=info, dtype=dtype, float_entropy_model=False)
     log.info("exported %s (%s)", path, cfg.export_dtype)
     return path
 

@@ -8,7 +8,10 @@ Shards are decoded on a pool of Ray actors (one GPU each where the cluster has G
 `--cpus-per-actor` CPUs each; sized from ray.cluster_resources() by pipeline/compress.py's
 helper), or in this process with --no-ray. Each shard is decoded exactly once.
 
-Nothing in the archive is trusted: every row's offset/length is checked against the blob's
+Nothing in the archive is trusted: the manifest is type-checked (checked_manifest; shard names
+must be the archive's own, 5-12 digits), the model is opened only from --model or the installed
+registry (name + weights hash; resolve_model never opens the manifest's source path/URL), each
+index is checked against archive.index_schema()'s types, every row's offset/length is checked against the blob's
 real size before any read, the bitstream's CRC-32 against the index, the bitstream header
 (m2t_core.bitstream.unpack, with the archive's max_pixels) before any decoding, the header's
 size against the index, and the decoded pixels' CRC-32 against decoded_crc32. Each problem is
@@ -37,12 +40,12 @@ import sys
 import tarfile
 import time
 import zlib
-from collections import deque
 from typing import Any, Mapping
 
 import numpy as np
 
 from m2t_core import bitstream as bs
+from m2t_core.codec import numerics_environment
 
 from . import archive as A
 from .sources import filesystem, join_url
@@ -52,7 +55,8 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ISSUES, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 ISSUE_KINDS = {
     "missing_blob": "shards/<shard>.bin is missing",
-    "missing_index": "shards/<shard>.parquet is missing or unreadable",
+    "missing_index": "shards/<shard>.parquet is missing, unreadable or malformed (wrong columns or types)",
+    "bad_manifest": "manifest.json is malformed (not an object, wrong types) or names an unsafe shard",
     "incomplete_shard": "shards/<shard>.stats.json (the completion marker) is missing",
     "truncated_blob": "the .bin is shorter (or longer) than the shard's stats say",
     "bad_offset": "an index row's offset/length is missing, negative, too large or outside the blob",
@@ -90,25 +94,37 @@ class ModelUnavailable(RuntimeError):
 def resolve_model(manifest: Mapping[str, Any], override: str | None, storage_options=None) -> str:
     """The model spec (name, path or URL) whose weights are the manifest's; ModelUnavailable
     names the model needed when none is."""
-    from m2t_core.registry import list_models
+    from m2t_core.registry import MODEL_NAME_RE, find_installed_model
 
-    info = manifest.get("model", {})
+    # Only two places are ever opened: what the user passed (--model) and the installed
+    # registry (matched by name and weights hash). The manifest's `source` (a path or URL the
+    # compress job used) is shown in messages, never opened: an archive is untrusted.
+    info = manifest.get("model") if isinstance(manifest, Mapping) else None
+    info = info if isinstance(info, Mapping) else {}
     want_id, want_hash = info.get("id"), info.get("weights_hash")
-    candidates = [c for c in (override, info.get("source"), want_id) if c]
+    if not (isinstance(want_id, str) and MODEL_NAME_RE.match(want_id) and isinstance(want_hash, str)
+            and re.fullmatch(r"[0-9a-f]{16}", want_hash)):
+        raise ModelUnavailable(f"the manifest's model is malformed (id {want_id!r}, weights hash {want_hash!r}): "
+                               "give the model with --model PATH|URL")
     tried = []
-    for spec in candidates + [str(m.path) for m in list_models() if str(m.path) not in candidates]:
+    if override:
         try:
-            model = A.open_model(spec, storage_options=storage_options)
+            model = A.open_model(override, storage_options=storage_options)
         except Exception as exc:  # not found, unreadable, not a checkpoint
-            tried.append(f"{spec} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
-            continue
-        if model.model_id == want_id and model.weights_hash().hex() == want_hash:
-            return spec
-        tried.append(f"{spec} ({model.model_id}, weights {model.weights_hash().hex()})")
+            tried.append(f"{override} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        else:
+            if model.model_id == want_id and model.weights_hash().hex() == want_hash:
+                return override
+            tried.append(f"{override} ({model.model_id}, weights {model.weights_hash().hex()})")
+    path = find_installed_model(want_id, want_hash)
+    if path is not None:
+        return str(path)
+    tried.append(f"installed models named {want_id!r} ($M2T_MODEL_PATH, package weights)")
     raise ModelUnavailable(
         f"the archive needs model {want_id!r} with weights hash {want_hash} "
-        f"(sha256 {info.get('weights_sha256')}, written from {info.get('source')!r}); no available checkpoint "
-        f"matches: give it with --model PATH|URL or put it in $M2T_MODEL_PATH (tried: {'; '.join(tried[:6])})")
+        f"(sha256 {info.get('weights_sha256')!r}, written from {str(info.get('source'))[:200]!r}, not opened); "
+        f"no available checkpoint matches: give it with --model PATH|URL or put it in $M2T_MODEL_PATH "
+        f"(tried: {'; '.join(tried[:6])})")
 
 
 # ====================================================================== one shard
@@ -128,9 +144,9 @@ def _read_source(source: str, storage_options, image_column, cache: dict) -> byt
             from .sources import _pick_columns
 
             with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(f, pre_buffer=False)  # no Arrow threads: see A.read_parquet
                 column, _ = _pick_columns(pf.schema_arrow, url, image_column, None)
-                col = pf.read(columns=[column]).column(0).combine_chunks()
+                col = pf.read(columns=[column], use_threads=False).column(0).combine_chunks()
             if hasattr(col.type, "num_fields"):
                 col = pc.struct_field(col, "bytes")
             cache[url] = col
@@ -179,7 +195,6 @@ def _check_stream(model, row, data: bytes, blob_crc_ok: bool, max_pixels: int, w
 
 def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
     """Verify (job["mode"] == "verify") or restore one shard; returns counts and issues."""
-    import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
     archive = A.Archive(job["archive"], job["storage_options"])
@@ -190,13 +205,25 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
     stats = None
     try:
         stats = json.loads(fs.cat_file(archive.shard_path(shard, ".stats.json")))
+        if not isinstance(stats, dict) or not isinstance(stats.get("compressed_bytes", 0), (int, type(None))):
+            stats = None
+            issues.append(issue(shard, None, "incomplete_shard", f"shard {shard}: shards/{shard}.stats.json is "
+                                "malformed (not an object, or compressed_bytes is not an integer)"))
     except FileNotFoundError:
         issues.append(issue(shard, None, "incomplete_shard",
                             f"shard {shard}: no completion marker shards/{shard}.stats.json "
                             "(the compression job did not finish this shard)"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        issues.append(issue(shard, None, "incomplete_shard", f"shard {shard}: shards/{shard}.stats.json is not "
+                            f"valid JSON ({exc})"))
     try:
-        with fs.open(archive.shard_path(shard, ".parquet"), "rb") as f:
-            rows = pq.read_table(f).to_pylist()
+        table = A.read_parquet(fs, archive.shard_path(shard, ".parquet"))
+        schema = A.index_schema()
+        bad = [f"{n} is {table.schema.field(n).type if n in table.schema.names else 'missing'}"
+               for n in schema.names if n not in table.schema.names or table.schema.field(n).type != schema.field(n).type]
+        if bad:
+            raise ValueError(f"malformed index ({'; '.join(bad[:5])})")
+        rows = table.select(schema.names).to_pylist()
     except Exception as exc:
         issues.append(issue(shard, None, "missing_index", f"shard {shard}: cannot read shards/{shard}.parquet: "
                             f"{type(exc).__name__}: {exc}"))
@@ -206,7 +233,8 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
     if job.get("keys") is not None:
         ok_rows = [r for r in ok_rows if r["key"] in job["keys"]]
     expect = job.get("manifest_shard")
-    if expect and job.get("keys") is None and (len(rows) != expect["images"] or len([r for r in rows if r["status"] == "ok"]) != expect["ok"]):
+    if expect and job.get("keys") is None and isinstance(expect.get("images"), int) \
+            and isinstance(expect.get("ok"), int) and (len(rows) != expect["images"] or len([r for r in rows if r["status"] == "ok"]) != expect["ok"]):
         issues.append(issue(shard, None, "index_mismatch", f"shard {shard}: the index has {len(rows)} rows, "
                             f"the manifest says {expect['images']} (ok: manifest {expect['ok']})"))
     blob_path = archive.shard_path(shard, ".bin")
@@ -271,7 +299,11 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
             continue
         out["pixels"] += header.height * header.width
         got = zlib.crc32(np.ascontiguousarray(rgb).tobytes())
-        if row["decoded_crc32"] is not None and got != row["decoded_crc32"]:
+        # The latent CRC (inside decompress) holds everywhere; pixels come from float g_s and
+        # are compared only under the numerics that wrote decoded_crc32.
+        same_numerics = header.portable is False or (expect or {}).get("numerics") == numerics_environment(model.device)
+        out.setdefault("pixel_checks", {"compared": 0, "skipped": 0})["compared" if same_numerics else "skipped"] += 1
+        if same_numerics and row["decoded_crc32"] is not None and got != row["decoded_crc32"]:
             issues.append(issue(shard, key, "decoded_mismatch", f"shard {shard}, key {key!r}: decoded pixels have "
                                 f"CRC-32 {got:08x}, index says {row['decoded_crc32']:08x}"))
             continue
@@ -347,13 +379,22 @@ class DecodeWorker:
     def __init__(self, job: dict[str, Any]):
         import torch
 
+        from .compress import ray_node_id
+
         torch.set_num_threads(max(1, int(job["cpus_per_actor"])))
         self.job = job
+        self.node_id = ray_node_id()
         self.model = A.open_model(job["model_source"], device="cuda" if job["use_gpu"] else "cpu",
                                   storage_options=job["storage_options"])
 
+    def ready(self) -> dict[str, Any]:
+        """The pool's placement probe: answers once the actor is placed and built."""
+        return {"node_id": self.node_id}
+
     def process(self, shard: str, manifest_shard) -> dict[str, Any]:
-        return process_shard(self.model, shard, {**self.job, "manifest_shard": manifest_shard})
+        result = process_shard(self.model, shard, {**self.job, "manifest_shard": manifest_shard})
+        result["node_id"] = self.node_id
+        return result
 
 
 # ====================================================================== the driver
@@ -383,10 +424,15 @@ class _Bar:
 
 
 def _run_ray(job, shards, manifest_shards, args, bar, results, failed) -> dict[str, Any]:
+    """Shards on a pool of DecodeWorker actors (pipeline.compress.run_actor_pool): a shard whose
+    actor died with its node is retried on the actors left; an actor that cannot be placed is
+    not waited for (--placement-timeout)."""
     import ray
 
     from . import compress as C
 
+    retries = getattr(args, "shard_retries", 2)
+    placement_timeout = getattr(args, "placement_timeout", 120.0)
     cfg = C.CompressConfig(ray=C.RayOptions(address=args.ray_address, actors=args.actors,
                                             cpus_per_actor=args.cpus_per_actor))
     C.connect_ray(cfg)
@@ -395,36 +441,91 @@ def _run_ray(job, shards, manifest_shards, args, bar, results, failed) -> dict[s
     job = {**job, "use_gpu": use_gpu}
     actor_cls = ray.remote(DecodeWorker).options(num_cpus=args.cpus_per_actor, num_gpus=plan.gpu_per_actor,
                                                  max_restarts=0, runtime_env=C.actor_runtime_env())
-    actors = [actor_cls.remote(job) for _ in range(n_actors)]
-    pending = deque(shards)
-    inflight: dict[Any, tuple[int, str]] = {}
-    load = [0] * n_actors
+    duplicates: list[str] = []
+
+    def on_result(shard: str, result: dict, node_id) -> None:
+        if shard in results:
+            duplicates.append(shard)
+            return
+        failed.pop(shard, None)
+        results[shard] = result
+        bar.update(result)
+
+    def on_failed(shard: str, reason: str) -> None:
+        failed[shard] = reason
+
     try:
-        while pending or inflight:
-            while pending and min(load) < 2:  # spread: the least loaded actor takes the next shard
-                slot = load.index(min(load))
-                shard = pending.popleft()
-                inflight[actors[slot].process.remote(shard, manifest_shards.get(shard))] = (slot, shard)
-                load[slot] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                slot, shard = inflight.pop(ref)
-                load[slot] -= 1
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    failed[shard] = C._cause_line(str(exc)) or type(exc).__name__
-                    if isinstance(exc, ray.exceptions.RayActorError) and "creation task" in str(exc):
-                        for s in list(pending):
-                            failed[s] = failed[shard]
-                        pending.clear()
-                    continue
-                results[shard] = result
-                bar.update(result)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    return {"ray": True, "actors": n_actors, "use_gpu": use_gpu}
+        events = C.run_actor_pool(
+            actor_cls, (job,), n_actors, [(shard, shard) for shard in shards],
+            lambda actor, shard: actor.process.remote(shard, manifest_shards.get(shard)), on_result, on_failed,
+            retries=retries, in_flight=2, cpus=args.cpus_per_actor, gpus=plan.gpu_per_actor,
+            placement_timeout_s=placement_timeout)
+    except C.JobError as exc:  # the actors cannot start (e.g. the model): every shard left fails
+        for shard in shards:
+            if shard not in results:
+                failed.setdefault(shard, str(exc))
+        events = None
+    if events is not None:
+        events["duplicate_results"] = duplicates
+    return {"ray": True, "actors": n_actors, "use_gpu": use_gpu, "faults": events}
+
+
+class _Unparsable(str):
+    pass
+
+
+def _count_ok(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def checked_manifest(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The parts of a manifest that verify/restore use, type-checked (the archive is untrusted):
+    each problem becomes a `bad_manifest` issue and the offending part is left out (a shard
+    entry with an unsafe name is never read). Returns (manifest, issues)."""
+    if not isinstance(raw, dict):
+        what = str(raw) if isinstance(raw, _Unparsable) else f"a JSON {type(raw).__name__}, not an object"
+        return {}, [issue(None, None, "bad_manifest", f"manifest.json is {what}: nothing can be checked")]
+    problems = []
+    manifest = dict(raw)
+    for part in ("model", "config"):
+        if not isinstance(raw.get(part, {}), dict):
+            problems.append(issue(None, None, "bad_manifest", f"manifest.json: {part!r} is a "
+                                  f"{type(raw[part]).__name__}, not an object"))
+            manifest[part] = {}
+    cfg = dict(manifest.get("config", {}))
+    if cfg.get("max_pixels") is not None and not (_count_ok(cfg["max_pixels"]) and cfg["max_pixels"] > 0):
+        problems.append(issue(None, None, "bad_manifest", f"manifest.json: config max_pixels {cfg['max_pixels']!r} "
+                              f"is not a positive integer; using {bs.DEFAULT_MAX_PIXELS}"))
+        cfg["max_pixels"] = None
+    if not isinstance(cfg.get("parquet_image_column"), (str, type(None))):
+        problems.append(issue(None, None, "bad_manifest", "manifest.json: config parquet_image_column is not a string"))
+        cfg["parquet_image_column"] = None
+    manifest["config"] = cfg
+    shards = raw.get("shards", [])
+    if not isinstance(shards, list):
+        problems.append(issue(None, None, "bad_manifest", f"manifest.json: 'shards' is a {type(shards).__name__}, "
+                              "not a list: no shard can be checked"))
+        shards = []
+    good, seen = [], set()
+    for i, entry in enumerate(shards):
+        name = entry.get("shard") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not A.SHARD_NAME_RE.match(name):
+            problems.append(issue(None, None, "bad_manifest", f"manifest.json: shard entry {i} has an unsafe or "
+                                  f"malformed shard name {str(name)[:100]!r} (shard names are 5 to 12 digits); "
+                                  "refused, nothing read for it"))
+            continue
+        if name in seen:
+            problems.append(issue(name, None, "bad_manifest", f"manifest.json: shard {name} is listed twice"))
+            continue
+        seen.add(name)
+        if not (_count_ok(entry.get("images")) and _count_ok(entry.get("ok"))):
+            problems.append(issue(name, None, "bad_manifest", f"manifest.json: shard {name}'s counts images "
+                                  f"{str(entry.get('images'))[:40]!r} / ok {str(entry.get('ok'))[:40]!r} are not "
+                                  "non-negative integers; not compared"))
+            entry = {k: v for k, v in entry.items() if k not in ("images", "ok")}
+        good.append(entry)
+    manifest["shards"] = good
+    return manifest, problems
 
 
 def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
@@ -437,6 +538,9 @@ def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
     except A.ArchiveError as exc:
         raise A.ArchiveError(f"{exc}: the archive is incomplete or not an m2t archive "
                              "(finish it with `m2t compress`)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # not JSON: reported like any other malformed manifest
+        manifest = _Unparsable(f"unparsable JSON ({exc})")
+    manifest, manifest_issues = checked_manifest(manifest)
     all_shards = [s["shard"] for s in manifest.get("shards", [])]
     manifest_shards = {s["shard"]: s for s in manifest.get("shards", [])}
     shards = all_shards
@@ -457,7 +561,7 @@ def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
                    keys=set(args.keys) if args.keys else None)
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    issues: list[dict] = []
+    issues: list[dict] = list(manifest_issues)
     runner: dict[str, Any] = {"ray": not args.no_ray}
     t_run = time.perf_counter()
     try:
@@ -487,7 +591,7 @@ def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
     kinds: dict[str, int] = {}
     for i in issues:
         kinds[i["kind"]] = kinds.get(i["kind"], 0) + 1
-    decode_kinds = {"decode_error", "corrupt_bitstream", "unsupported_version", "bad_offset", "missing_blob",
+    decode_kinds = {"bad_manifest", "decode_error", "corrupt_bitstream", "unsupported_version", "bad_offset", "missing_blob",
                     "missing_index", "worker_failed", "model_unavailable", "source_error", "write_error"}
     report = {
         "mode": mode, "archive": archive_url, "model": manifest.get("model", {}).get("id"),
@@ -497,12 +601,19 @@ def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
         "peak_rss_mib": {w: max(r.get("peak_rss_mib") or 0.0 for r in res if r["worker"] == w)
                          for w in sorted({r["worker"] for r in res})},  # per worker process
         "images": images, "verified": sum(r["verified"] for r in res),
+        # Every stream's latent CRC is checked (portable: the same on every machine); the
+        # decoded pixels' CRC only where this decoder's numerics are the encoder's.
+        "checks": {"latent": "every stream",
+                   "pixels_compared": sum(r.get("pixel_checks", {}).get("compared", 0) for r in res),
+                   "pixels_not_compared": sum(r.get("pixel_checks", {}).get("skipped", 0) for r in res),
+                   "numerics": numerics_environment("cuda" if job.get("device") == "cuda" else "cpu")},
         "mismatches": [i for i in issues if i["kind"] not in decode_kinds],
         "errors": [i for i in issues if i["kind"] in decode_kinds],
         "issues": issues, "issue_counts": kinds,
         "seconds": run_s,
         "images_per_s": images / run_s if run_s > 0 and images else None,
         "megapixels_per_s": sum(r["pixels"] for r in res) / 1e6 / run_s if run_s > 0 and images else None,
+        "faults": runner.pop("faults", None),  # Ray: actors lost with their node, shards retried
         "runner": runner, "finished_at": A.now_iso(),
     }
     if mode == "restore":
@@ -525,6 +636,15 @@ def format_report(report: dict[str, Any]) -> str:
              f"{len(report['mismatches'])}  errors {len(report['errors'])}"]
     if "written" in report:
         lines.append(f"{'files':<14}written {report['written']}  already there {report['skipped']}")
+    faults = report.get("faults")
+    if faults and (faults["actors_lost"] or faults["retries"] or faults["actors_unplaceable"]):
+        lines.append(f"{'faults':<14}{len(faults['actors_lost'])} actor(s) lost, {len(faults['retries'])} shard "
+                     f"retries, {faults['actors_unplaceable']} actor(s) not placeable; every shard checked once")
+    checks = report.get("checks")
+    if checks:
+        lines.append(f"{'checks':<14}latent CRC of every stream; decoded-pixel CRC of {checks['pixels_compared']}"
+                     + (f" ({checks['pixels_not_compared']} decoded under other numerics than the encoder's: "
+                        "pixels may differ in the last bit there, not compared)" if checks["pixels_not_compared"] else ""))
     lines.append(f"{'throughput':<14}{fmt(report['images_per_s'], '.2f')} images/s   "
                  f"{fmt(report['megapixels_per_s'], '.3f')} MP/s   ({report['seconds']:.1f} s)")
     if report["issues"]:
@@ -562,6 +682,10 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     p.add_argument("--actors", type=int, default=0, help="actors (0: one per GPU, else one per --cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--shard-retries", type=int, default=2,
+                   help="retries of a shard whose worker died (e.g. its node was lost); default 2")
+    p.add_argument("--placement-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="give up an actor not placed on a node within this (capacity lost); default 120")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -578,6 +702,8 @@ def _main(mode: str, argv) -> int:
         options = json.loads(args.storage_options) if args.storage_options else None
         if args.actors < 0 or args.cpus_per_actor < 0:
             raise ValueError("--actors and --cpus-per-actor must be >= 0")
+        if args.shard_retries < 0 or args.placement_timeout <= 0:
+            raise ValueError("--shard-retries must be >= 0 and --placement-timeout > 0")
         report, code = run(mode, args, options)
     except A.ArchiveError as exc:
         print(f"m2t {mode}: error: {exc}", file=sys.stderr)

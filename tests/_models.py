@@ -6,6 +6,7 @@ same arguments give bit-identical weights (and the same weights hash).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -70,3 +71,14 @@ def random_image(height: int, width: int, seed: int = 0, smooth: bool = True) ->
     chans = [127.5 + 90 * np.sin(freq[c, 0] * yy + freq[c, 1] * xx + phase[c]) for c in range(3)]
     img = np.stack(chans, axis=-1) + rng.normal(0, 12, size=(height, width, 3))
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` torch threads, restoring the caller's count afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -3,8 +3,13 @@
 A batch of 8 images of different sizes is compressed together in this process; every
 bitstream is then decoded alone in a FRESH Python process that finds the model through
 M2T_MODEL_PATH (the registry path a user takes), with 1 and with 2 torch threads, and
-the images are encoded again in fresh 1-thread and 2-thread processes. Everything must
-agree bit for bit: bitstreams, latents and decoded images.
+the images are encoded again in fresh 1-thread and 2-thread processes.
+
+What must agree bit for bit (format version 2): every decoded latent, in every process and
+thread count (the entropy model is exact); bitstreams and decoded images wherever the float
+transforms run with the same thread count. With another thread count g_a and g_s may round
+differently: a re-encoded stream may then hold another latent (it still decodes, anywhere),
+and decoded pixels may differ by a level or two (as between JPEG decoders).
 
 The 8 images use the m2t-small architecture (16x16-token windows, 12 steps of sizes
 1, 3, 8, 10, 15, 18, 23, 26, 31, 36, 40, 45) and each holds at least one full window, so
@@ -22,7 +27,6 @@ import os
 # every number computed, is unchanged (checked: identical bitstreams either way).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -31,13 +35,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 import m2t_core.codec as codec_mod
 from m2t_core import entropy_coding as ec
 from m2t_core.registry import load_checkpoint, save_checkpoint
 
-from _models import build_model, random_image, small_config, tiny_config
+from _models import build_model, random_image, small_config, tiny_config, torch_threads
 
 M2T_SIZES = [(256, 256), (257, 270), (270, 257), (256, 300), (300, 300), (256, 520), (513, 513), (290, 410)]
 MT_SIZES = [(140, 270), (300, 130)]  # a tiny MT model rides along in the all-images runs
@@ -93,16 +96,6 @@ class _CountingEncoder(ec.SymbolEncoder):
         super().encode(values, params)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bitexact")
@@ -120,14 +113,14 @@ def run(tmp_path_factory):
 
     # This process encodes with 1 thread (fresh processes below use 1 and 2), recording
     # the symbols coded at every step.
-    with _torch_threads(1), pytest.MonkeyPatch.context() as mp:
+    with torch_threads(1), pytest.MonkeyPatch.context() as mp:
         mp.setattr(codec_mod, "SymbolEncoder", _CountingEncoder)
         steps, encoded = [], []
         for img in m2t_images:
             _CountingEncoder.calls = []
             encoded.append(m2t_model.encode_image(img))
             steps.append(list(_CountingEncoder.calls))
-    with _torch_threads(1):
+    with torch_threads(1):
         batch_streams = m2t_model.compress(m2t_images)  # the batch, compressed together
         mt_encoded = [mt_model.encode_image(img) for img in mt_images]
         recon = [m2t_model.reconstruct(e) for e in encoded]
@@ -195,7 +188,7 @@ def run(tmp_path_factory):
         return out
 
     return dict(
-        model=m2t_model, names=names, encoded=encoded, mt_encoded=mt_encoded, steps=steps,
+        model=m2t_model, mt_model=mt_model, names=names, encoded=encoded, mt_encoded=mt_encoded, steps=steps,
         batch_streams=batch_streams, inproc=inproc, recon=recon, mt_recon=mt_recon,
         reports=reports, load=load, reencoded=reencoded,
     )
@@ -230,21 +223,31 @@ def test_batch_and_alone_give_identical_bytes(run):
     # A batch in another order, with other images around, changes nothing either.
     model = run["model"]
     imgs = [random_image(h, w, seed=i) for i, (h, w) in enumerate(M2T_SIZES[:3])]
-    with _torch_threads(1):
+    with torch_threads(1):
         assert model.compress([imgs[2], random_image(40, 50), imgs[0]])[::2] == [streams[2], streams[0]]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fresh_encoder_writes_identical_bitstreams(run, threads):
+    """1 thread, as this process: the same bytes. 2 threads: the same bytes unless g_a
+    rounded a latent value differently; then the stream still decodes to its own latent."""
     expected = [e.bitstream for e in run["encoded"]] + [e.bitstream for e in run["mt_encoded"]]
+    models = [run["model"]] * len(run["encoded"]) + [run["mt_model"]] * len(run["mt_encoded"])
     names = run["names"]
-    differ = [f"{names[i]} {(M2T_SIZES + MT_SIZES)[i]}" for i, (got, want)
-              in enumerate(zip(run["reencoded"](threads), expected)) if got != want]
-    assert not differ, (f"a fresh {threads}-thread encoder wrote other bytes than this process "
-                        f"(1 thread) for: {differ}")
+    differ = []
+    for i, (got, want) in enumerate(zip(run["reencoded"](threads), expected)):
+        assert got is not None, f"{names[i]}: the fresh encoder failed"
+        if got != want:
+            differ.append(names[i])
+            header, y = models[i].decode_latent(got)  # raises if the stream were not self-consistent
+            assert header.portable
+    if threads == 1:
+        assert not differ, f"a fresh 1-thread encoder wrote other bytes than this process for: {differ}"
+    print(f"{threads} threads: {len(differ)} of {len(expected)} streams differ from the 1-thread ones "
+          f"(g_a rounding): {differ}")
 
 
-def _check_decodes(run, kind, key, names):
+def _check_decodes(run, kind, key, names, threads):
     encs = run["encoded"] + run["mt_encoded"]
     recons = run["recon"] + run["mt_recon"]
     problems = []
@@ -258,21 +261,25 @@ def _check_decodes(run, kind, key, names):
             continue
         if not np.array_equal(latent, encs[i].y_hat.numpy()):
             problems.append(f"{name} {size}: latent differs")
-        elif not np.array_equal(rgb, recons[i]):
-            d = np.abs(rgb.astype(int) - recons[i].astype(int))
+            continue
+        d = np.abs(rgb.astype(int) - recons[i].astype(int))
+        # Same thread count as this process (1): the same pixels. Otherwise g_s may round
+        # differently in the last bit: a level or two at a few pixels.
+        limit = 0 if threads == 1 else 2
+        if d.max() > limit:
             problems.append(f"{name} {size}: decoded image != reconstruct(): {(d > 0).sum()} values "
-                            f"differ (max {d.max()})")
+                            f"differ (max {d.max()}, {threads} threads)")
     assert not problems, "; ".join(problems)
 
 
 @pytest.mark.parametrize("i", range(len(M2T_SIZES)))
 def test_fresh_process_decode_alone_matches_encoder(run, i):
-    _check_decodes(run, "alone", i, [f"m2t{i}"])
+    _check_decodes(run, "alone", i, [f"m2t{i}"], threads=1)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fresh_process_decode_all_matches_encoder(run, threads):
-    _check_decodes(run, "all", threads, run["names"])
+    _check_decodes(run, "all", threads, run["names"], threads=threads)
 
 
 def test_in_process_decode_matches_encoder(run):

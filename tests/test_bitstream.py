@@ -32,16 +32,23 @@ from _models import build_model, random_image, tiny_config, tiny_model
 
 TIME_LIMIT = 1.0  # to reject a stream from its header or checksums
 DECODE_TIME_LIMIT = 30.0  # a stream that passes them is decoded in full: only a hang guard
-FIXED = struct.Struct("<8sIIBBHIII")  # the header fields after the model id
+FIXED = struct.Struct("<8sIIIII")  # format version 2: the header fields after the model id
+FIXED_V1 = struct.Struct("<8sIIBBHIII")
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 def _layout(data: bytes) -> dict:
-    """Byte offsets of the header fields (docs/bitstream.md)."""
+    """Byte offsets of the header fields (docs/bitstream.md), by the stream's version."""
     id_len = data[6]
     fixed = 7 + id_len
+    if data[4] == 2:
+        return {
+            "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
+            "width": fixed + 12, "payload_len": fixed + 16, "latent_crc": fixed + 20,
+            "payload_crc": fixed + 24, "header_crc": fixed + 28, "payload": fixed + 32,
+        }
     return {
         "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
         "width": fixed + 12, "pad_bottom": fixed + 16, "pad_right": fixed + 17,
@@ -94,6 +101,14 @@ def stream(encoded) -> bytes:
     return encoded.bitstream
 
 
+@pytest.fixture(scope="module")
+def encoded_v1(model):
+    """The same image as a legacy format-1 stream."""
+    enc = model.encode_image(random_image(140, 61, seed=8), format_version=1)
+    assert np.array_equal(model.decompress(enc.bitstream), model.reconstruct(enc))
+    return enc
+
+
 def _header_len(data: bytes) -> int:
     return _layout(data)["payload"]
 
@@ -104,20 +119,40 @@ def _header_len(data: bytes) -> int:
 def test_header_layout_matches_spec(stream, model):
     lay = _layout(stream)
     assert stream[:4] == bs.MAGIC == b"M2TC"
-    assert stream[4] == bs.FORMAT_VERSION == 1
+    assert stream[4] == bs.FORMAT_VERSION == 2
     assert stream[7:7 + stream[6]] == model.model_id.encode()
     h = bs.read_header(stream)
+    assert h.portable and h.window_batch == 0
     assert stream[lay["hash"]:lay["hash"] + 8] == model.weights_hash() == h.weights_hash
     assert FIXED.unpack_from(stream, lay["hash"])[1:] == (
-        h.height, h.width, *h.padding, h.window_batch, h.payload_len, h.latent_crc, h.payload_crc)
+        h.height, h.width, h.payload_len, h.latent_crc, h.payload_crc)
     assert len(stream) == _header_len(stream) + h.payload_len
     assert h.payload_crc == zlib.crc32(stream[_header_len(stream):])
+    # The latent CRC covers the image size and the latent shape.
+    from m2t_core.codec import latent_checksum_v2
+
+    y = model.decode_latent(stream)[1].to(torch.int32)
+    assert h.latent_crc == latent_checksum_v2(y, h.height, h.width) != latent_checksum_v2(y, h.height - 1, h.width)
+
+
+def test_v1_header_layout(encoded_v1, model):
+    stream = encoded_v1.bitstream
+    lay = _layout(stream)
+    h = bs.read_header(stream)
+    assert stream[4] == 1 and not h.portable and h.window_batch >= 1
+    assert stream[lay["hash"]:lay["hash"] + 8] == model.weights_hash(1) == h.weights_hash
+    assert FIXED_V1.unpack_from(stream, lay["hash"])[1:] == (
+        h.height, h.width, *h.padding, h.window_batch, h.payload_len, h.latent_crc, h.payload_crc)
 
 
 @pytest.mark.parametrize("kw", [
-    dict(model_id="m", height=1, width=1, window_batch=1, flags=0),
-    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=8, flags=bs.FLAG_CUDA),
-    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=bs.MAX_WINDOW_BATCH),
+    dict(model_id="m", height=1, width=1, window_batch=0, flags=0),
+    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=0, flags=bs.FLAG_CUDA),
+    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=0),
+    dict(model_id="m", height=1, width=1, window_batch=1, flags=0, version=1),
+    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=8, flags=bs.FLAG_CUDA, version=1),
+    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=bs.MAX_WINDOW_BATCH,
+         version=1, flags=bs.FLAG_UNCACHED),
 ])
 def test_header_roundtrip(kw):
     payload = bytes(range(40))
@@ -205,7 +240,7 @@ def test_wrong_magic(model, stream):
     _expect_error(model.decompress, b"\x89PNG\r\n\x1a\n" + bytes(64))
 
 
-@pytest.mark.parametrize("version", [0, 2, 3, 255])
+@pytest.mark.parametrize("version", [0, 3, 255])
 def test_unknown_version(model, stream, version):
     bad = _patch(stream, "version", "<B", version)  # header CRC fixed: the version check fires
     assert zlib.crc32(bad[:_layout(bad)["header_crc"]]) == struct.unpack_from("<I", bad, _layout(bad)["header_crc"])[0]
@@ -260,12 +295,15 @@ def test_consistent_but_wrong_header_fields(model, stream, encoded):
     h = bs.read_header(stream)
     cases = {
         "latent_crc": (_patch(stream, "latent_crc", "<I", h.latent_crc ^ 1), ChecksumMismatchError),
-        "window_batch=0": (_patch(stream, "window_batch", "<H", 0), BitstreamError),
-        "window_batch>max": (_patch(stream, "window_batch", "<H", bs.MAX_WINDOW_BATCH + 1), BitstreamError),
+        # The size edited within the same 16-pixel block (same latent): the latent CRC covers it.
+        "height-1": (_patch(stream, "height", "<I", h.height - 1), ChecksumMismatchError),
+        "height+1": (_patch(stream, "height", "<I", h.height + 1), ChecksumMismatchError),
+        "width-1": (_patch(stream, "width", "<I", h.width - 1), ChecksumMismatchError),
+        "width+1": (_patch(stream, "width", "<I", h.width + 1), ChecksumMismatchError),
+        "flags=2": (_patch(stream, "flags", "<B", bs.FLAG_UNCACHED), BitstreamError),
         "height=0": (_patch(stream, "height", "<I", 0), BitstreamError),
         "width=0": (_patch(stream, "width", "<I", 0), BitstreamError),
         "width>max": (_patch(stream, "width", "<I", bs.MAX_SIDE + 1), BitstreamError),
-        "pad_bottom": (_patch(stream, "pad_bottom", "<B", (h.padding[0] + 1) % 16), BitstreamError),
         "payload_len": (_patch(stream, "payload_len", "<I", h.payload_len + 4), BitstreamError),
         "id_len=0": (stream[:6] + b"\x00" + stream[7:], BitstreamError),
         "id_len-1": (stream[:6] + bytes([stream[6] - 1]) + stream[7:], BitstreamError),
@@ -274,12 +312,21 @@ def test_consistent_but_wrong_header_fields(model, stream, encoded):
         "weights_hash": (_patch(stream, "hash", "<8s", bytes(8)), ModelMismatchError),
         "non-ascii id": (_patch(stream, "model_id", "<B", 0xFF), BitstreamError),
     }
-    assert lay["model_id"] == 7
+    assert lay["model_id"] == 7 and h.height % 16 not in (0, 1) and h.width % 16 not in (0, 1)
     for name, (bad, exc) in cases.items():
         # A wrong latent CRC is only found after decoding everything.
-        limit = DECODE_TIME_LIMIT if name == "latent_crc" else TIME_LIMIT
+        limit = DECODE_TIME_LIMIT if name.startswith(("latent_crc", "height", "width")) else TIME_LIMIT
         err = _expect_error(model.decompress, bad, exc, limit)
         assert isinstance(err, exc), name
+
+
+def test_v1_consistent_but_wrong_header_fields(model, encoded_v1):
+    """Format version 1's own fields (window batch, padding)."""
+    stream = encoded_v1.bitstream
+    h = bs.read_header(stream)
+    for bad in (_patch(stream, "window_batch", "<H", 0), _patch(stream, "window_batch", "<H", bs.MAX_WINDOW_BATCH + 1),
+                _patch(stream, "pad_bottom", "<B", (h.padding[0] + 1) % 16)):
+        _expect_error(model.decompress, bad, BitstreamError)
     # Another chunking of the windows than the encoder used: either decoded exactly as
     # written or rejected, never a different image.
     for wb in (1, 3, 1024):
@@ -287,7 +334,22 @@ def test_consistent_but_wrong_header_fields(model, stream, encoded):
             out = model.decompress(_patch(stream, "window_batch", "<H", wb))
         except BitstreamError:
             continue
-        assert np.array_equal(out, model.reconstruct(encoded)), f"window_batch={wb}: silently wrong image"
+        assert np.array_equal(out, model.reconstruct(encoded_v1)), f"window_batch={wb}: silently wrong image"
+
+
+def test_tiny_stream_cannot_declare_a_huge_image(model, stream, monkeypatch):
+    """A few dozen bytes declaring 65535 x 976 (within max_pixels): refused before any model
+    work, since the payload cannot hold that many windows (>= 4 bytes each)."""
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the decoder ran the model on a stream too short for its size")
+
+    monkeypatch.setattr(M2TCodec, "_run_steps", no_decoding)
+    bad = bytearray(stream)
+    struct.pack_into("<II", bad, _layout(stream)["height"], 976, 65535)
+    bad = _fix_crcs(bytes(bad))
+    err = _expect_error(model.decompress, bad, BitstreamError)
+    assert "at least" in str(err) and "payload bytes" in str(err)
 
 
 def test_huge_declared_size(model, stream, monkeypatch):
@@ -296,17 +358,17 @@ def test_huge_declared_size(model, stream, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("the decoder started decoding an image it should have refused")
 
-    monkeypatch.setattr(M2TCodec, "_code_latent", no_decoding)
+    monkeypatch.setattr(M2TCodec, "_run_steps", no_decoding)
     bad = bytearray(stream)
     lay = _layout(stream)
-    struct.pack_into("<IIBB", bad, lay["height"], bs.MAX_SIDE, bs.MAX_SIDE, *bs.image_padding(bs.MAX_SIDE, bs.MAX_SIDE))
+    struct.pack_into("<II", bad, lay["height"], bs.MAX_SIDE, bs.MAX_SIDE)
     bad = _fix_crcs(bytes(bad))
     _expect_error(model.decompress, bad, ImageTooLargeError)
     _expect_error(bs.read_header, bad, ImageTooLargeError)
     _expect_error(m2t_core.decompress, bad, ImageTooLargeError)
     # Large but below MAX_SIDE: refused by the pixel limit, which the caller can lower.
     bad = bytearray(stream)
-    struct.pack_into("<IIBB", bad, lay["height"], 10000, 10000, *bs.image_padding(10000, 10000))
+    struct.pack_into("<II", bad, lay["height"], 10000, 10000)
     _expect_error(model.decompress, _fix_crcs(bytes(bad)), ImageTooLargeError)
     _expect_error(lambda d: model.decompress(d, max_pixels=1000), stream, ImageTooLargeError)
 
@@ -371,9 +433,9 @@ def _ulp_twin(model: M2TCodec, name: str, index: int, monkeypatch) -> M2TCodec:
     assert not torch.equal(state[name], model.state_dict()[name])
     twin.load_state_dict(state)
     twin.eval()
-    true_hash = model.weights_hash()
-    assert twin.weights_hash() != true_hash
-    monkeypatch.setattr(twin, "weights_hash", lambda: true_hash)
+    true_hash = {v: model.weights_hash(v) for v in (1, 2)}
+    assert twin.weights_hash(1) != true_hash[1]
+    monkeypatch.setattr(twin, "weights_hash", lambda version=None: true_hash[version or 2])
     return twin
 
 
@@ -393,7 +455,7 @@ def test_one_ulp_decoder_mismatch_is_caught(monkeypatch):
         enc_model.entropy_model.head.weight[row].zero_()
         enc_model.entropy_model.head.bias[row] = 0.5 / MEAN_STEPS  # exact in float32
     img = random_image(140, 140, seed=2)
-    encoded = enc_model.encode_image(img)
+    encoded = enc_model.encode_image(img, format_version=1)  # the float entropy model's format
     assert np.array_equal(enc_model.decompress(encoded.bitstream), enc_model.reconstruct(encoded))
     twin = _ulp_twin(enc_model, "entropy_model.head.bias", row, monkeypatch)
     t0 = time.perf_counter()
@@ -411,9 +473,30 @@ def test_one_ulp_decoder_mismatch_is_caught(monkeypatch):
     ("entropy_model.pos_target", 0), ("entropy_model.blocks.0.attn.qkv.weight", 7),
     ("entropy_model.embed.weight", 3), ("entropy_model.head.weight", 11),
 ])
-def test_one_ulp_decoder_never_returns_a_wrong_image(name, index, model, encoded, monkeypatch):
-    """A natural one-ulp difference: usually absorbed by the snapping; if not, it must raise."""
+def test_one_ulp_decoder_never_returns_a_wrong_image(name, index, model, encoded_v1, monkeypatch):
+    """Format 1, a natural one-ulp difference: usually absorbed by the snapping; if not, it
+    must raise."""
     twin = _ulp_twin(model, name, index, monkeypatch)
+    try:
+        out = twin.decompress(encoded_v1.bitstream)
+    except BitstreamError:
+        return
+    _, y = twin.decode_latent(encoded_v1.bitstream)
+    assert torch.equal(y.to(torch.int32), encoded_v1.y_hat)
+    assert np.array_equal(out, model.reconstruct(encoded_v1))
+
+
+@pytest.mark.parametrize("layer,row", [("head", 0), ("head", 5), ("b0_qkv", 3), ("embed", 1)])
+def test_one_unit_integer_mismatch_never_returns_a_wrong_image(layer, row, model, encoded, monkeypatch):
+    """Format 2: a decoder whose integer model differs by one unit in one bias (its hash
+    faked to match) either decodes the very same latent or raises."""
+    twin = M2TCodec(model.cfg, model_id=model.model_id)
+    twin.load_state_dict(model.state_dict())
+    twin.mark_exact_synced()
+    twin.eval()
+    twin.exact.linears[layer].bias[row] += 1
+    true_hash = model.weights_hash(2)
+    monkeypatch.setattr(twin, "weights_hash", lambda version=None: true_hash)
     try:
         out = twin.decompress(encoded.bitstream)
     except BitstreamError:

@@ -22,15 +22,26 @@ from m2t_core.entropy_coding import (MAX_ABS_SYMBOL, SnappedParams, SymbolDecode
 
 # Pinned: a platform whose numpy/torch builds different integer tables writes bitstreams
 # no other platform can read. Change only together with a bitstream format version bump.
-TABLES_CHECKSUM = "959df644618bf1e3"
+TABLES_CHECKSUM_V1 = "959df644618bf1e3"  # float64 libm tables of format version 1 (this machine kind)
+TABLES_CHECKSUM_V2 = "dcad8e90b1065e84"  # integer-only tables of format version 2 (every machine)
 
 
 def test_tables_checksum_is_pinned():
-    assert ec.tables_checksum() == TABLES_CHECKSUM
+    """Version 2's tables come from integer-only code: the same digest on every machine."""
+    assert ec.tables_checksum(2) == TABLES_CHECKSUM_V2
+
+
+def test_v1_tables_are_the_legacy_ones():
+    """Version 1's tables (np.exp / ndtr at import) are what version-1 streams were coded
+    with; they differ from version 2 in a few rounding cases only."""
+    t1, t2 = ec.tables(1), ec.tables(2)
+    assert ec.tables_checksum(1) == TABLES_CHECKSUM_V1
+    assert np.abs(t1.cdf - t2.cdf).max() <= 1 and (t1.cdf != t2.cdf).mean() < 1e-3
+    assert (t1.weight == t2.weight).all() and (t1.support_radius == t2.support_radius).all()
 
 
 def test_tables_are_sane():
-    t = ec.tables()
+    t = ec.tables(1)
     assert t.cdf.dtype == np.int64 and t.cdf.shape == (ec.SCALE_LEVELS, 2 * t.half_width + 1)
     assert (np.diff(t.cdf, axis=1) >= 0).all()  # CDFs are monotone
     assert (t.cdf[:, 0] == 0).all() and (t.cdf[:, -1] == 1 << ec.CDF_BITS).all()
@@ -239,7 +250,7 @@ def test_snap_params_is_layout_invariant():
     n, K = 5000, 3
     m, ls, lg = _random_params(rng, n, K, mean_sd=30.0, log_scale=(-4.0, 6.0), logit_sd=5.0)
     # Values sitting exactly on rounding boundaries and bucket edges.
-    edges = ec.tables().log_scale_thresholds
+    edges = ec.tables(1).log_scale_thresholds
     m[:64, 0] = torch.arange(64, dtype=torch.float32) / 128.0 - 0.25  # k/128: half-way points
     ls[:63, 1] = edges
     lg[:64, 2] = torch.arange(64, dtype=torch.float32) / 16.0

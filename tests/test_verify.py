@@ -6,6 +6,7 @@ fixture), a loopback S3 server (moto), and a tiny random-init checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vmodel") / "tiny-verify.safetensors"
     save_checkpoint(build_model(TINY, model_id="tiny-verify"), path)
-    return path
+    # Installed (as a user would): an archive's bitstreams select their model from the
+    # registry by name + weights hash; the path in its manifest is never opened.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("M2T_MODEL_PATH", os.pathsep.join(filter(None, [str(path.parent), os.environ.get("M2T_MODEL_PATH")])))
+        yield path
 
 
 @pytest.fixture(scope="module")

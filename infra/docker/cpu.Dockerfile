@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# m2t for CPU-only Ray clusters and for the head of a GPU cluster (it runs only the driver).
+#
+#   docker build -f infra/docker/cpu.Dockerfile -t REGISTRY/m2t:0.2.0-cpu .      (from the repo root)
+#   docker run --rm REGISTRY/m2t:0.2.0-cpu                                         (smoke: m2t models)
+#
+# Base: the official Ray image of the Ray version the project is tested with (2.60.0; pyproject
+# allows ray>=2.40), Python 3.11, no CUDA. torch is installed first, pinned like the Makefile
+# (torch==2.13.0) and as its CPU wheel (an unpinned torch would pull a multi-GB CUDA build), as the
+# Makefile does; then the project with `pip install -e ".[pipeline]"`. The shipped weights
+# (m2t_core/weights/*.safetensors, 5 x 8.1 MB) are in the image. Runs as the base image's non-root
+# user `ray` (uid 1000, gid 100 `users`). Expected size: an estimate of ~3 GB uncompressed (the Ray CPU base ~2 GB,
+# the torch CPU wheel ~0.7 GB installed, the rest <0.5 GB); not built here (no Docker daemon).
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
+FROM ${RAY_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+USER 1000
+WORKDIR /home/ray/m2t
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MALLOC_ARENA_MAX=2
+
+# torch first (CPU wheel), in its own layer: the largest part, and it changes least often.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+
+COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 m2t_core ./m2t_core
+COPY --chown=1000:100 pipeline ./pipeline
+COPY --chown=1000:100 jobs ./jobs
+COPY --chown=1000:100 configs ./configs
+# As the Makefile does: a constraint pins the torch build just installed, so that the project's
+# install cannot swap it for another build.
+RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-constraint.txt \
+    && pip install --no-cache-dir -c /tmp/torch-constraint.txt -e ".[pipeline]" \
+    && rm /tmp/torch-constraint.txt \
+    && m2t --version \
+    && m2t models
+
+CMD ["m2t", "models"]

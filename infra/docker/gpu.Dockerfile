@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# m2t for GPU Ray clusters (KubeRay worker pods, the cluster launcher's nodes).
+#
+#   docker build -f infra/docker/gpu.Dockerfile -t REGISTRY/m2t:0.2.0-gpu .      (from the repo root)
+#   docker run --rm REGISTRY/m2t:0.2.0-gpu                                         (smoke: m2t models)
+#
+# Base: the official Ray image of the Ray version the project is tested with (2.60.0; pyproject
+# allows ray>=2.40), Python 3.11, CUDA 12.8. torch is installed first, pinned like the Makefile
+# (torch==2.13.0) but as the build for the base image's CUDA (cu128), exactly as the README says
+# for GPU machines; then the project with `pip install -e ".[pipeline]"`. The shipped weights
+# (m2t_core/weights/*.safetensors, 5 x 8.1 MB) are in the image. Runs as the base image's non-root
+# user `ray` (uid 1000, gid 100 `users`). Expected size: an estimate of ~11 GB uncompressed (the CUDA base ~6 GB,
+# torch cu128 with its nvidia-* wheels ~4.5 GB, the rest <0.5 GB); not built here (no Docker daemon).
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128
+FROM ${RAY_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+
+USER 1000
+WORKDIR /home/ray/m2t
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MALLOC_ARENA_MAX=2
+
+# torch first, in its own layer: the largest part, and it changes least often.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+
+COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 m2t_core ./m2t_core
+COPY --chown=1000:100 pipeline ./pipeline
+COPY --chown=1000:100 jobs ./jobs
+COPY --chown=1000:100 configs ./configs
+# As the Makefile does: a constraint pins the torch build just installed, so that the project's
+# install cannot swap it for another build.
+RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-constraint.txt \
+    && pip install --no-cache-dir -c /tmp/torch-constraint.txt -e ".[pipeline]" \
+    && rm /tmp/torch-constraint.txt \
+    && m2t --version \
+    && m2t models
+
+CMD ["m2t", "models"]

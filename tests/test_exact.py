@@ -1,0 +1,230 @@
+"""The exact entropy model: its integer outputs do not depend on how they are computed.
+
+For the shipped models and random-init ones, the coding parameters of a window (integers)
+are compared bit for bit: alone, batched with windows of 1..64 other images, M2T's
+teacher-forced pass against the incremental loop with and without the key/value cache,
+with 1 and 2 torch threads. Also: the exactness bound of every layer, the integer tables'
+digests, the integer helpers against Python's integers, and the quantisation-aware float
+forward against the integer path.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from m2t_core import exact as X
+from m2t_core import intmath
+from m2t_core.registry import PACKAGE_WEIGHTS, load_checkpoint
+
+from _models import build_model, small_config, tiny_config, torch_threads
+
+INTMATH_DIGEST = "a3e35bd53bd8cda7"  # exp, GELU and Phi tables (integer-only code)
+
+
+def _shipped():
+    return sorted(p.stem for p in PACKAGE_WEIGHTS.glob("*.safetensors"))
+
+
+def _model(name: str):
+    if name == "tiny-m2t":
+        return build_model(tiny_config("m2t"), seed=3)
+    if name == "tiny-mt":
+        return build_model(tiny_config("mt"), seed=3)
+    if name == "small-m2t":
+        return build_model(small_config("m2t"), seed=3)
+    return load_checkpoint(PACKAGE_WEIGHTS / f"{name}.safetensors")
+
+
+MODELS = ["tiny-m2t", "tiny-mt", "small-m2t"] + _shipped()
+
+
+def _windows(model, n: int, seed: int) -> torch.Tensor:
+    """n windows of plausible latents (B, L, C) int64: mostly small values, some large."""
+    gen = torch.Generator().manual_seed(seed)
+    L, C = model.cfg.tokens_per_window, model.cfg.C
+    base = torch.randint(-3, 4, (n, L, C), generator=gen)
+    spikes = torch.randint(-300, 301, (n, L, C), generator=gen) * (torch.rand(n, L, C, generator=gen) < 0.01)
+    return base + spikes
+
+
+def _all_steps(model, tokens: torch.Tensor, use_cache: bool = True) -> list[X.IntParams]:
+    """The decoder's loop: parameters of every step for windows `tokens` (B, L, C)."""
+    ops = X.CodingOps(model.exact)
+    state = X.ExactDecodeState()
+    known = torch.zeros_like(tokens)
+    out = []
+    for group in model.entropy_model.sched.groups:
+        out.append(X.step(ops, known, state, use_cache))
+        g = torch.as_tensor(group)
+        known[:, g] = tokens[:, g]
+    return out
+
+
+def _assert_same(a: X.IntParams, b: X.IntParams, what: str) -> None:
+    for f in ("mean_q", "level", "logit_q"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype == torch.int64, what
+        assert torch.equal(x, y), f"{what}: {f} differs in {(x != y).sum()} of {x.numel()} entries"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameters_do_not_depend_on_batching_threads_or_cache(name):
+    model = _model(name)
+    target = _windows(model, 1, seed=1)
+    with torch_threads(1):
+        alone = _all_steps(model, target)
+    # Batched with windows of other images: 1 other, and 64 others with the target in the middle.
+    for others, pos, threads in ((1, 0, 2), (64, 37, 1)):
+        batch = _windows(model, others + 1, seed=2 + others)
+        batch[pos] = target[0]
+        with torch_threads(threads):
+            batched = _all_steps(model, batch)
+        for i, (a, b) in enumerate(zip(alone, batched)):
+            _assert_same(a, b.index(slice(pos, pos + 1)), f"{name} step {i}, batch of {others + 1}, {threads} threads")
+    if model.cfg.mode == "m2t":
+        with torch_threads(2):
+            uncached = _all_steps(model, target, use_cache=False)
+            teacher = X.m2t_teacher_forced(X.CodingOps(model.exact), target)
+        for i, group in enumerate(model.entropy_model.sched.groups):
+            _assert_same(alone[i], uncached[i], f"{name} step {i}, without cache")
+            _assert_same(alone[i], teacher.index((slice(None), torch.as_tensor(group))),
+                         f"{name} step {i}, teacher-forced pass")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_product_is_provably_exact(name):
+    """The largest possible |partial sum| of every float64 product, from the integer weights
+    and the activation bounds, stays below 2^53 (then any summation order is exact)."""
+    model = _model(name)
+    margin = model.exact.exactness_margin_bits()
+    assert margin > 0, f"{name}: partial sums may reach 2^{53 - margin:.1f}"
+    # The integer tensors really are in their ranges (the bound assumes it).
+    for lin in model.exact.linears.values():
+        assert lin.weight.dtype == torch.int16 and int(lin.weight.abs().max()) <= X.ACT_MAX
+        assert int(lin.bias.abs().max()) < 2 ** 52
+    print(f"{name}: exactness margin {margin:.1f} bits")
+
+
+def test_large_products_stay_exact_in_any_order():
+    """The float64 products the model relies on, at the bound: summed forwards, backwards
+    and blocked, the result is the same integer (a float32 product would not be)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-X.ACT_MAX, X.ACT_MAX + 1, size=(4, 3072)).astype(np.float64)
+    w = rng.integers(-X.ACT_MAX, X.ACT_MAX + 1, size=(3072, 8)).astype(np.float64)
+    exact = (x.astype(object) @ w.astype(object)).astype(np.int64)
+    for order in (slice(None), slice(None, None, -1)):
+        got = torch.from_numpy(np.ascontiguousarray(x[:, order])) @ torch.from_numpy(np.ascontiguousarray(w[order]))
+        assert (got.numpy().astype(np.int64) == exact).all()
+    blocked = sum(torch.from_numpy(x[:, s:s + 100]) @ torch.from_numpy(w[s:s + 100]) for s in range(0, 3072, 100))
+    assert (blocked.numpy().astype(np.int64) == exact).all()
+
+
+def test_integer_tables_are_pinned_and_right():
+    assert intmath.tables_digest() == INTMATH_DIGEST
+    exp = intmath.exp_table()
+    ref = np.round(2 ** 15 * np.exp(-np.arange(exp.size) / 256))
+    assert np.abs(exp - ref).max() <= 1
+    gelu = intmath.gelu_table()
+    xs = np.arange(-intmath.GELU_HALF, intmath.GELU_HALF + 1) / 256
+    ref = np.round(256 * xs * 0.5 * (1 + np.vectorize(math.erf)(xs / math.sqrt(2))))
+    assert np.abs(gelu - ref).max() <= 1
+    phi = intmath.phi_table() / 2.0 ** 40
+    ref = np.array([0.5 * (1 + math.erf(i / 1024 / math.sqrt(2))) for i in range(phi.size)])
+    assert np.abs(phi - ref).max() < 1e-11
+
+
+def test_integer_helpers_match_python_integers():
+    rng = random.Random(0)
+    n = [rng.randrange(0, 2 ** 62) for _ in range(2000)] + [0, 1, 2, 3, 4, 2 ** 62 - 1, (2 ** 31 - 1) ** 2]
+    got = intmath.isqrt(torch.tensor(n, dtype=torch.int64)).tolist()
+    assert got == [math.isqrt(v) for v in n]
+    a = [rng.randrange(-2 ** 50, 2 ** 50) for _ in range(2000)]
+    s = [rng.randrange(-3, 30) for _ in range(2000)]
+    got = intmath.round_shift(torch.tensor(a), torch.tensor(s)).tolist()
+    want = [(v << -k) if k <= 0 else (v + (1 << (k - 1))) >> k for v, k in zip(a, s)]
+    assert got == want
+    d = [rng.randrange(1, 2 ** 30) for _ in range(2000)]
+    got = intmath.round_div(torch.tensor(a), torch.tensor(d)).tolist()
+    assert got == [(2 * v + q) // (2 * q) for v, q in zip(a, d)]
+
+
+@pytest.mark.parametrize("name", ["tiny-m2t", "tiny-mt"])
+def test_quantisation_aware_forward_matches_the_integer_path(name):
+    """Training's fake-quantised float forward sees (almost) the integer model's numbers:
+    mean and logit within a few units (of 1/64 and 1/8), scale levels within one."""
+    model = _model(name)
+    tokens = _windows(model, 4, seed=9)
+    masked = torch.rand(tokens.shape[:2], generator=torch.Generator().manual_seed(0)) < 0.5
+    ints = X.IntOps(model.exact)
+    fq = X.FloatOps(model.exact, model.entropy_model, quant=True)
+    with torch.no_grad():
+        if model.cfg.mode == "m2t":
+            a, (m, ls, lg) = X.m2t_teacher_forced(ints, tokens), X.m2t_teacher_forced(fq, tokens.float())
+        else:
+            a, (m, ls, lg) = X.mt_forward(ints, tokens, masked), X.mt_forward(fq, tokens.float(), masked)
+    mean_units = (m * 64 - a.mean_q).abs()
+    assert float(mean_units.max()) <= 3 and float(mean_units.mean()) < 0.5
+    level = torch.round((ls - X.LOG_SCALE_MIN) / X.LOG_SCALE_STEP)
+    assert float((level - a.level).abs().max()) <= 1 and float((level != a.level).float().mean()) < 0.05
+    assert float((lg * 8 - a.logit_q).abs().mean()) < 0.5
+
+
+def test_export_is_stable_and_load_into_round_trips():
+    """export(load_into(ints)) gives the same integers: a checkpoint's float entropy weights,
+    rebuilt from its integers, re-export to exactly those integers."""
+    model = _model("tiny-m2t")
+    before = {k: v.clone() for k, v in model.exact.state_dict().items()}
+    model.exact.load_into(model.entropy_model)
+    model.exact.export_from(model.entropy_model)
+    for k, v in model.exact.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_quantisation_aware_training_lowers_the_rate():
+    """A few steps of QAT on fixed latents lower their rate under the exact grid."""
+    from pipeline.convert_exact import rate_bits
+
+    model = _model("tiny-m2t")
+    tokens = _windows(model, 8, seed=4).float()
+    model.calibrate_exact(tokens)
+    with torch.no_grad():
+        before = float(rate_bits(model, tokens, quant=True))
+    opt = torch.optim.Adam(model.entropy_model.parameters(), lr=1e-3)
+    model.entropy_model.train()
+    for _ in range(15):
+        loss = rate_bits(model, tokens, quant=True) / tokens.numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.entropy_model.eval()
+    with torch.no_grad():
+        after = float(rate_bits(model, tokens, quant=True))
+    assert after < 0.97 * before, (before, after)
+    # The coder pays what the exact grid promises.
+    model.sync_exact()
+    from pipeline.convert_exact import exact_bits
+
+    assert abs(exact_bits(model, tokens) / after - 1) < 0.02
+
+
+@pytest.mark.parametrize("name", ["tiny-m2t", "tiny-mt", "small-m2t"] + [n for n in _shipped() if n.endswith("q3") or n.startswith("mt")])
+def test_float64_carrier_equals_the_int64_reference(name):
+    """The codec's arithmetic (Float64Ops: integers carried in float64) gives exactly the
+    integers of the int64 reference (IntOps), in every pass the codec runs."""
+    model = _model(name)
+    tokens = _windows(model, 3, seed=21)
+    masked = torch.rand(tokens.shape[:2], generator=torch.Generator().manual_seed(2)) < 0.4
+    ref, fast = X.IntOps(model.exact), X.CodingOps(model.exact)
+    _assert_same(X.mt_forward(ref, tokens, masked), X.mt_forward(fast, tokens, masked), f"{name} MT pass")
+    if model.cfg.mode == "m2t":
+        _assert_same(X.m2t_teacher_forced(ref, tokens), X.m2t_teacher_forced(fast, tokens), f"{name} teacher-forced")
+    s_ref, s_fast = X.ExactDecodeState(), X.ExactDecodeState()
+    known = torch.zeros_like(tokens)
+    for i, group in enumerate(model.entropy_model.sched.groups):
+        _assert_same(X.step(ref, known, s_ref), X.step(fast, known, s_fast), f"{name} step {i}")
+        known[:, torch.as_tensor(group)] = tokens[:, torch.as_tensor(group)]
