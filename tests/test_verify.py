@@ -75,7 +75,9 @@ def test_clean_archive_on_ray_decodes_each_shard_once(archive, tmp_path, ray_clu
     assert report["images"] == report["verified"] == 4 and not report["issues"]
     assert report["runner"] == {"ray": True, "actors": 2, "use_gpu": False}
     assert report["shards"]["decode_counts"] == {"00000": 1, "00001": 1}
-    assert len(report["workers"]) == 2  # one shard on each actor
+    # Usually one shard on each actor; an actor that is up first may take both while the
+    # other starts (the pool never lets a ready actor idle), so that is allowed too.
+    assert 1 <= len(report["workers"]) <= 2
     assert sorted(report["peak_rss_mib"]) == report["workers"] and min(report["peak_rss_mib"].values()) > 0
     assert report["images_per_s"] > 0
     assert "CLEAN" in capsys.readouterr().out
