@@ -568,8 +568,9 @@ def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tup
       `replan_interval_s` it also starts actors up to `target` if capacity came back.
     * With no actor alive and none placeable, the remaining items fail with the reason.
 
-    `submit(actor, payload)` returns an ObjectRef; `on_result(id, result, node_id)` and
-    `on_failed(id, reason)` receive the outcomes. The constructor raising is a JobError (every
+    `submit(actor, payload)` returns an ObjectRef; `on_result(id, result, node_id)` (once per
+    id: a second answer is only counted, in "duplicate_results") and `on_failed(id, reason)`
+    receive the outcomes. The constructor raising is a JobError (every
     replacement would fail the same way). Returns what happened, for the report."""
     import ray
 
@@ -578,7 +579,23 @@ def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tup
     pending = deque((key, payload, 0) for key, payload in items)
     inflight: dict[Any, tuple[_Slot, str, Any, int]] = {}
     events: dict[str, Any] = {"actors_started": 0, "actors_lost": [], "actors_unplaceable": 0, "retries": [],
-                              "recovered": [], "nodes": {}}
+                              "recovered": [], "nodes": {}, "duplicate_results": []}
+    answered: set[str] = set()
+
+    def deliver(key: str, result, node_id) -> None:
+        if key in answered:  # never expected: an item is only re-sent after its attempt failed
+            events["duplicate_results"].append(key)
+            log.error("%s %s came back twice", what, key)
+            return
+        answered.add(key)
+        on_result(key, result, node_id)
+
+    def worker_died(exc) -> str:
+        """Why an actor died; a constructor that raised is a JobError (any replacement would too)."""
+        text = str(exc)
+        if "creation task" in text and not _node_died(text):
+            raise JobError(f"a worker failed to start: {_cause_line(text)}") from None
+        return _cause_line(text) or type(exc).__name__
 
     max_starts = target * (retries + 2)  # replacements are bounded: never a restart loop
 
@@ -609,7 +626,7 @@ def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tup
             got = recover(key)
             if got is not None:  # the dead actor finished it before its answer was lost
                 events["recovered"].append(key)
-                on_result(key, got, None)
+                deliver(key, got, None)
                 return
         if attempt < retries:
             log.warning("%s %s failed (attempt %d of %d), retrying: %s", what, key, attempt + 1, retries + 1, reason)
@@ -667,10 +684,7 @@ def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tup
                     try:
                         info = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:
-                        text = str(exc)
-                        if "creation task" in text and not _node_died(text):
-                            raise JobError(f"a worker failed to start: {_cause_line(text)}") from None
-                        lose(slot, f"died while starting: {_cause_line(text) or type(exc).__name__}")
+                        lose(slot, f"died while starting: {worker_died(exc)}")
                         continue
                     slot.ready, slot.node_id = True, info.get("node_id")
                     events["nodes"].setdefault(slot.node_id, 0)
@@ -682,11 +696,9 @@ def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tup
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
-                    text = str(exc)
-                    if "creation task" in text and not _node_died(text):
-                        raise JobError(f"a worker failed to start: {_cause_line(text)}") from None
-                    lose(slot, _cause_line(text) or type(exc).__name__, key)
-                    retry_or_fail(key, payload, attempt, f"worker died: {_cause_line(text) or type(exc).__name__}")
+                    reason = worker_died(exc)
+                    lose(slot, reason, key)
+                    retry_or_fail(key, payload, attempt, f"worker died: {reason}")
                     continue
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
@@ -697,7 +709,7 @@ def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tup
                     retry_or_fail(key, payload, attempt, f"{type(exc).__name__}: {_cause_line(str(exc))}")
                     continue
                 events["nodes"][slot.node_id] = events["nodes"].get(slot.node_id, 0) + 1
-                on_result(key, result, slot.node_id)
+                deliver(key, result, slot.node_id)
             now = time.monotonic()
             for slot in [s for s in live() if not s.ready]:
                 if now - slot.started > placement_timeout_s:
@@ -744,14 +756,8 @@ def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any],
     log.info("%d shard(s) to compress on %d actor(s) (%g CPU each, %s)", len(todo), n_actors,
              cfg.ray.cpus_per_actor, plan.description)
     specs = {spec.shard: spec for spec in todo}
-    duplicates: list[str] = []
 
     def on_result(shard: str, stats: dict, node_id) -> None:
-        if shard in done:  # never expected: a shard is only re-sent after its attempt failed
-            duplicates.append(shard)
-            log.error("shard %s came back twice", shard)
-            return
-        failed.pop(shard, None)
         done[shard] = stats
         progress.update(stats)
 
@@ -773,7 +779,6 @@ def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any],
         lambda actor, payload: actor.process.remote(payload), on_result, on_failed,
         retries=cfg.ray.shard_retries, in_flight=cfg.ray.shards_in_flight, cpus=cfg.ray.cpus_per_actor,
         gpus=plan.gpu_per_actor, placement_timeout_s=cfg.ray.placement_timeout_s, recover=recover)
-    events["duplicate_results"] = duplicates
     return {"actors": n_actors, "use_gpu": use_gpu, "cpus_per_actor": cfg.ray.cpus_per_actor, "nodes": len(nodes),
             "faults": events}
 

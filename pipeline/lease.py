@@ -39,6 +39,7 @@ agree to well within `timeout_s`.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -144,25 +145,30 @@ def _pid_alive(pid: int) -> bool:
 # ====================================================================== storage back ends
 
 
-class _Store:
-    """Read / create-exclusively / replace-if-ours / delete-if-ours one small object."""
+class _Store(abc.ABC):
+    """Read / create-exclusively / replace-if-ours / delete-if-ours one small object; one
+    subclass per kind of storage (local, S3, best-effort fsspec)."""
 
     atomic = True
 
     def __init__(self, fs, path: str):
         self.fs, self.path = fs, path
 
+    @abc.abstractmethod
     def read(self) -> tuple[LeaseInfo, Any] | None:  # (info, version token) or None if absent
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def create(self, info: LeaseInfo) -> Any:  # returns the version token; raises FileExistsError
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def replace(self, info: LeaseInfo, version: Any) -> Any:  # raises LeaseLostError if not `version`
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def delete(self, version: Any) -> bool:  # False if it was not `version` (or absent)
-        raise NotImplementedError
+        ...
 
 
 class _LocalStore(_Store):

@@ -441,13 +441,7 @@ def _run_ray(job, shards, manifest_shards, args, bar, results, failed) -> dict[s
     job = {**job, "use_gpu": use_gpu}
     actor_cls = ray.remote(DecodeWorker).options(num_cpus=args.cpus_per_actor, num_gpus=plan.gpu_per_actor,
                                                  max_restarts=0, runtime_env=C.actor_runtime_env())
-    duplicates: list[str] = []
-
     def on_result(shard: str, result: dict, node_id) -> None:
-        if shard in results:
-            duplicates.append(shard)
-            return
-        failed.pop(shard, None)
         results[shard] = result
         bar.update(result)
 
@@ -465,8 +459,6 @@ def _run_ray(job, shards, manifest_shards, args, bar, results, failed) -> dict[s
             if shard not in results:
                 failed.setdefault(shard, str(exc))
         events = None
-    if events is not None:
-        events["duplicate_results"] = duplicates
     return {"ray": True, "actors": n_actors, "use_gpu": use_gpu, "faults": events}
 
 
