@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch first: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv install demo test test-cluster bench bench-peers clean
+.PHONY: venv install demo test test-cluster browser-deps bench bench-peers clean
 
 # After torch, a constraints file pins the build that was installed (for example
 # 2.13.0+cpu), so the project's own install cannot replace it with another (CUDA) build;
@@ -35,6 +35,11 @@ test: $(VENV)/.installed
 # 4 min 12 s to 4 min 54 s on the 2-core VM (shared with other work); CI runs them after `make test`.
 test-cluster: $(VENV)/.installed
 	$(PY) -m pytest -q -m cluster tests/test_multinode.py tests/test_job_submit.py
+
+# Debian's chromium and chromium-driver for the browser test of `m2t browse`
+# (tests/test_browse.py; it skips without them, fails under M2T_REQUIRE_BROWSER=1). Needs root.
+browser-deps:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 
 bench: $(VENV)/.installed
 	$(PY) bench/codec_speed.py --quick

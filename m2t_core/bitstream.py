@@ -1,6 +1,31 @@
 """The versioned M2T bitstream container (specified in docs/bitstream.md).
 
-Format version 2 (written now; portable: integer entropy model), little-endian:
+Format version 3 (written now; portable and progressive), little-endian:
+
+    magic            4 bytes  b"M2TC"
+    version          u8       3
+    flags            u8       bit 0: encoded on a CUDA device (informational);
+                              bit 2: MT's confidence-adaptive order (else the fixed schedule)
+    model_id_len     u8       1..MAX_MODEL_ID_LEN
+    model_id         bytes    ASCII registry name of the model
+    weights_hash     8 bytes  first 8 bytes of the model's weights digest (as version 2)
+    height, width    u32 x2   original image size in pixels
+    payload_len      u32      bytes of the payload (>= 4 per latent window)
+    latent_crc       u32      as version 2
+    payload_crc      u32      CRC-32 of the payload
+    num_steps        u8       S, the model's coding steps
+    num_chunks       varint   chunks of up to CHUNK_WINDOWS windows (each its own range coder)
+    step table       varints  S * num_chunks - 1 piece lengths in 4-byte words, step-major
+                              (step 1: chunk 1, 2, ...; step 2: ...); the last piece is the
+                              rest of the payload
+    header_crc       u32      CRC-32 of every header byte before this field
+    payload          the pieces in table order
+
+Piece (k, c) is the part of chunk c's range-coded stream that step k adds: so the header plus
+the first K steps' pieces, a prefix of the stream, decodes the first K steps of every window
+(a preview). `Header.step_ends[k]` is the stream length that holds steps 1..k+1.
+
+Format version 2 (portable: integer entropy model; decode only), little-endian:
 
     magic            4 bytes  b"M2TC"
     version          u8       2
@@ -44,16 +69,20 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"M2TC"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
-PORTABLE_VERSIONS = (2,)  # decode on any machine (exact integer entropy model)
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
+PORTABLE_VERSIONS = (2, 3)  # decode on any machine (exact integer entropy model)
+PROGRESSIVE_VERSIONS = (3,)  # a prefix of the stream decodes the first steps (previews)
 MAX_MODEL_ID_LEN = 64
 MAX_SIDE = 65535
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_WINDOW_BATCH = 1024
 FLAG_CUDA = 1  # encoded on a CUDA device (informational)
 FLAG_UNCACHED = 2  # M2T steps recomputed without the key/value cache (numerics differ)
-KNOWN_FLAGS = {1: FLAG_CUDA | FLAG_UNCACHED, 2: FLAG_CUDA}
+FLAG_ADAPTIVE_ORDER = 4  # MT: each step's positions chosen by the model's confidence
+KNOWN_FLAGS = {1: FLAG_CUDA | FLAG_UNCACHED, 2: FLAG_CUDA, 3: FLAG_CUDA | FLAG_ADAPTIVE_ORDER}
+MAX_CHUNKS = 1 << 16  # 64 MP at the smallest window (16 latent tokens = 256 px a side) is ~1000
+WORD_BYTES = 4  # the range coder's word
 DOWNSAMPLING = 16
 # Format version 2: the payload holds at least one coder word per latent window (the encoder
 # pads with zero words), so a tiny stream cannot declare a huge image and make the decoder
@@ -66,6 +95,7 @@ CHUNK_WINDOWS = 64
 _FIXED_AFTER_ID = {
     1: struct.Struct("<8sIIBBHIII"),  # hash, h, w, pads, window_batch, len, crcs
     2: struct.Struct("<8sIIIII"),  # hash, h, w, len, crcs
+    3: struct.Struct("<8sIIIIIB"),  # hash, h, w, len, crcs, num_steps (then the step table)
 }
 _HEADER_CRC = struct.Struct("<I")
 
@@ -111,6 +141,31 @@ def min_payload_len(num_windows: int) -> int:
     return MIN_PAYLOAD_BYTES_PER_WINDOW * num_windows
 
 
+def _varint(value: int) -> bytes:
+    """LEB128: 7 bits a byte, low first."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    """(value, next position); at most 5 bytes (values below 2^35), canonical."""
+    value = 0
+    for i in range(5):
+        if pos + i >= len(data):
+            raise BitstreamError(f"truncated bitstream: the header's {what} runs past the end")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if byte == 0 and i:
+                raise BitstreamError(f"corrupt header: non-canonical {what}")
+            return value, pos + i + 1
+    raise BitstreamError(f"corrupt header: {what} longer than 5 bytes")
+
+
 @dataclass(frozen=True)
 class Header:
     model_id: str
@@ -123,6 +178,8 @@ class Header:
     payload_crc: int
     version: int = FORMAT_VERSION
     flags: int = 0
+    # Version 3: step_pieces[k][c] = payload bytes that step k adds to chunk c's stream.
+    step_pieces: tuple[tuple[int, ...], ...] = ()
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -130,9 +187,41 @@ class Header:
 
     @property
     def portable(self) -> bool:
-        """Whether any machine decodes this stream (format version 2), or only the kind of
-        machine that wrote it (version 1)."""
+        """Whether any machine decodes this stream (format version 2 and 3), or only the kind
+        of machine that wrote it (version 1)."""
         return self.version in PORTABLE_VERSIONS
+
+    @property
+    def progressive(self) -> bool:
+        """Whether a prefix of the stream decodes the first steps (format version 3)."""
+        return self.version in PROGRESSIVE_VERSIONS
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_pieces)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.step_pieces[0]) if self.step_pieces else 0
+
+    @property
+    def size(self) -> int:
+        """Bytes of the header (the payload starts here)."""
+        return len(self.to_bytes())
+
+    @property
+    def step_ends(self) -> tuple[int, ...]:
+        """Version 3: for each step k, the length of the stream prefix (header included) that
+        holds steps 1..k+1; the last equals the whole stream's length. () for older versions."""
+        ends, total = [], self.size
+        for pieces in self.step_pieces:
+            total += sum(pieces)
+            ends.append(total)
+        return tuple(ends)
+
+    def steps_in(self, available: int) -> int:
+        """How many complete steps a prefix of `available` bytes of the stream holds."""
+        return sum(1 for end in self.step_ends if end <= available)
 
     def to_bytes(self) -> bytes:
         model_id = self.model_id.encode("ascii")
@@ -148,12 +237,28 @@ class Header:
                 self.weights_hash, self.height, self.width, pad_bottom, pad_right,
                 self.window_batch, self.payload_len, self.latent_crc, self.payload_crc,
             )
-        else:
+        elif self.version == 2:
             fixed = _FIXED_AFTER_ID[2].pack(
                 self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc, self.payload_crc,
             )
+        else:
+            fixed = _FIXED_AFTER_ID[3].pack(
+                self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc,
+                self.payload_crc, self.num_steps,
+            ) + self._step_table()
         body = MAGIC + bytes([self.version, self.flags, len(model_id)]) + model_id + fixed
         return body + _HEADER_CRC.pack(zlib.crc32(body))
+
+    def _step_table(self) -> bytes:
+        pieces = [p for step in self.step_pieces for p in step]
+        if not 1 <= self.num_steps <= 255 or not 1 <= self.num_chunks <= MAX_CHUNKS:
+            raise ValueError(f"step table of {self.num_steps} steps x {self.num_chunks} chunks is out of range")
+        if any(len(step) != self.num_chunks for step in self.step_pieces):
+            raise ValueError("every step needs one piece per chunk")
+        if any(p < 0 or p % WORD_BYTES for p in pieces) or sum(pieces) != self.payload_len:
+            raise ValueError("step pieces must be whole words that add up to payload_len")
+        # The last piece is implied by payload_len.
+        return _varint(self.num_chunks) + b"".join(_varint(p // WORD_BYTES) for p in pieces[:-1])
 
 
 def pack(header: Header, payload: bytes) -> bytes:
@@ -162,8 +267,12 @@ def pack(header: Header, payload: bytes) -> bytes:
     return header.to_bytes() + payload
 
 
-def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, bytes]:
-    """Parse and validate a bitstream; returns (header, payload). Raises BitstreamError."""
+def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = False) -> tuple[Header, bytes]:
+    """Parse and validate a bitstream; returns (header, payload). Raises BitstreamError.
+
+    prefix=True (format version 3 only) accepts a stream cut short: the payload returned is
+    what there is (its checksum cannot be checked; `header.steps_in(len(data))` says how many
+    steps it holds). Older versions and a cut inside the header are still errors."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -182,9 +291,23 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, b
         raise BitstreamError(f"corrupt header: model id length {id_len}")
     fixed_start = 7 + id_len
     layout = _FIXED_AFTER_ID[version]
-    header_end = fixed_start + layout.size + _HEADER_CRC.size
-    if len(data) < header_end:
-        raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {header_end}")
+    table_start = fixed_start + layout.size
+    if len(data) < table_start + _HEADER_CRC.size:
+        raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {table_start + _HEADER_CRC.size}")
+    step_pieces: tuple[tuple[int, ...], ...] = ()
+    if version == 1:
+        (weights_hash, height, width, pad_bottom, pad_right, window_batch, payload_len,
+         latent_crc, payload_crc) = layout.unpack_from(data, fixed_start)
+        header_end = table_start + _HEADER_CRC.size
+    else:
+        weights_hash, height, width, payload_len, latent_crc, payload_crc, *rest = layout.unpack_from(data, fixed_start)
+        (pad_bottom, pad_right), window_batch = image_padding(height, width), 0
+        table_end = table_start
+        if version == 3:
+            step_pieces, table_end = _read_step_table(data, table_start, rest[0], payload_len)
+        header_end = table_end + _HEADER_CRC.size
+        if len(data) < header_end:
+            raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {header_end}")
     (stored_header_crc,) = _HEADER_CRC.unpack_from(data, header_end - _HEADER_CRC.size)
     if zlib.crc32(data[: header_end - _HEADER_CRC.size]) != stored_header_crc:
         raise BitstreamError("corrupt header: header checksum mismatch")
@@ -192,12 +315,6 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, b
         model_id = data[7:fixed_start].decode("ascii")
     except UnicodeDecodeError:
         raise BitstreamError("corrupt header: model id is not ASCII") from None
-    if version == 1:
-        (weights_hash, height, width, pad_bottom, pad_right, window_batch, payload_len,
-         latent_crc, payload_crc) = layout.unpack_from(data, fixed_start)
-    else:
-        weights_hash, height, width, payload_len, latent_crc, payload_crc = layout.unpack_from(data, fixed_start)
-        (pad_bottom, pad_right), window_batch = image_padding(height, width), 0
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
         raise BitstreamError(f"corrupt header: image size {height}x{width} out of range")
     if height * width > max_pixels:
@@ -210,20 +327,48 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, b
     if version == 1 and not 1 <= window_batch <= MAX_WINDOW_BATCH:
         raise BitstreamError(f"corrupt header: window batch {window_batch}")
     payload = data[header_end:]
-    if len(payload) != payload_len:
+    cut_short = prefix and version in PROGRESSIVE_VERSIONS and len(payload) < payload_len
+    if len(payload) != payload_len and not cut_short:
         kind = "truncated" if len(payload) < payload_len else "trailing bytes after"
         raise BitstreamError(
             f"{kind} payload: header says {payload_len} bytes, found {len(payload)}"
+            + (" (a preview decodes the complete steps of a cut stream)" if kind == "truncated"
+               and version in PROGRESSIVE_VERSIONS else "")
         )
-    if zlib.crc32(payload) != payload_crc:
+    if not cut_short and zlib.crc32(payload) != payload_crc:
         raise BitstreamError("corrupt payload: payload checksum mismatch")
     header = Header(
         model_id=model_id, weights_hash=weights_hash, height=height, width=width,
         window_batch=window_batch, payload_len=payload_len, latent_crc=latent_crc,
-        payload_crc=payload_crc, version=version, flags=flags,
+        payload_crc=payload_crc, version=version, flags=flags, step_pieces=step_pieces,
     )
     return header, payload
 
 
-def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
-    return unpack(data, max_pixels)[0]
+def _read_step_table(data: bytes, pos: int, num_steps: int, payload_len: int):
+    """Version 3's step table at data[pos:] -> (step_pieces in bytes, end position)."""
+    if not 1 <= num_steps <= 255:
+        raise BitstreamError(f"corrupt header: {num_steps} coding steps")
+    num_chunks, pos = _read_varint(data, pos, "chunk count")
+    if not 1 <= num_chunks <= MAX_CHUNKS:
+        raise BitstreamError(f"corrupt header: {num_chunks} chunks (1..{MAX_CHUNKS})")
+    count = num_steps * num_chunks - 1
+    if len(data) < pos + count + _HEADER_CRC.size:  # each entry is at least one byte
+        raise BitstreamError(f"truncated bitstream: the header's step table needs at least {count} more bytes")
+    if payload_len % WORD_BYTES:
+        raise BitstreamError(f"corrupt header: payload length {payload_len} is not whole words")
+    words, left = [], payload_len // WORD_BYTES
+    for _ in range(count):
+        value, pos = _read_varint(data, pos, "step table")
+        if value > left:
+            raise BitstreamError("corrupt header: the step table adds up to more than the payload")
+        words.append(value)
+        left -= value
+    words.append(left)
+    pieces = tuple(tuple(WORD_BYTES * w for w in words[k * num_chunks:(k + 1) * num_chunks])
+                   for k in range(num_steps))
+    return pieces, pos
+
+
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = False) -> Header:
+    return unpack(data, max_pixels, prefix)[0]

@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 EXIT_ERROR = 2
@@ -52,7 +53,8 @@ def cmd_encode(args) -> int:
     for note in notes:  # e.g. a multi-frame GIF/TIFF: only its first frame is coded
         print(f"m2t encode: warning: {args.input}: {note}", file=sys.stderr)
     t0 = time.perf_counter()
-    encoded = model.encode_image(rgb, window_batch=args.window_batch, max_pixels=args.max_pixels)
+    encoded = model.encode_image(rgb, window_batch=args.window_batch, max_pixels=args.max_pixels,
+                                 adaptive_order=args.adaptive_order)
     elapsed = time.perf_counter() - t0
     Path(args.output).write_bytes(encoded.bitstream)
     h, w = rgb.shape[:2]
@@ -69,8 +71,12 @@ def cmd_decode(args) -> int:
     from .bitstream import read_header
     from .image_io import save_image
 
-    data = _read_bitstream(args.input)
-    header = read_header(data, max_pixels=args.max_pixels)
+    preview = args.steps is not None or args.bytes is not None
+    if args.steps is not None and args.steps < 0 or args.bytes is not None and args.bytes < 0:
+        raise CliError("--steps and --bytes must be >= 0")
+    # --bytes N reads only the first N bytes of the file (as a ranged read would).
+    data = _read_bitstream(args.input, limit=args.bytes)
+    header = read_header(data, max_pixels=args.max_pixels, prefix=preview)
     if args.model:  # the user's choice: a registry name or a checkpoint path
         model = _model(args.model, _device(args.device))
     else:  # the header only selects among installed models (name + weights hash), never a file
@@ -78,10 +84,20 @@ def cmd_decode(args) -> int:
 
         model = load_model_for_header(header, device=_device(args.device))
     t0 = time.perf_counter()
-    rgb = model.decompress(data, max_pixels=args.max_pixels)
+    if preview:
+        result = model.preview(data, steps=args.steps, max_pixels=args.max_pixels)
+        rgb = result.image
+        what = (f"preview of {result.steps}/{result.num_steps} steps from {result.bytes_read} of "
+                f"{result.total_bytes} bytes")
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rgb = model.decompress(data, max_pixels=args.max_pixels)
+        what = "; ".join(str(w.message) for w in caught) or "full"
     elapsed = time.perf_counter() - t0
     save_image(rgb, args.output)
-    print(f"{args.input} -> {args.output}: {header.width}x{header.height}, model {header.model_id}, {elapsed:.2f} s")
+    print(f"{args.input} -> {args.output}: {header.width}x{header.height}, model {header.model_id}, {what}, "
+          f"{elapsed:.2f} s")
     return 0
 
 
@@ -90,7 +106,7 @@ def cmd_info(args) -> int:
     from .registry import MODEL_NAME_RE
 
     data = _read_bitstream(args.input)
-    h = read_header(data, max_pixels=args.max_pixels)
+    h = read_header(data, max_pixels=args.max_pixels, prefix=True)
     pad_b, pad_r = h.padding
     fields = [
         ("format version", h.version),
@@ -102,6 +118,12 @@ def cmd_info(args) -> int:
         ("padding", f"bottom {pad_b}, right {pad_r}"),
         *([("window batch", h.window_batch), ("kv cache", "off (measurement mode)" if h.flags & 2 else "on")]
           if h.version == 1 else []),
+        *([("progressive", f"{h.num_steps} steps in {h.num_chunks} chunk(s); the first K steps are the "
+                             f"first bytes: {', '.join(f'{k + 1}: {e}' for k, e in enumerate(h.step_ends))}"),
+           ("order", "confidence-adaptive (MT)" if h.flags & 4 else "fixed schedule"),
+           ("held", f"{h.steps_in(len(data))} of {h.num_steps} steps" + ("" if len(data) >= h.step_ends[-1]
+                                                                      else " (a cut stream: a preview source)"))]
+          if h.progressive else []),
         ("encoded on", "CUDA" if h.flags & 1 else "CPU"),
         ("payload", f"{h.payload_len} bytes"),
         ("total size", f"{len(data)} bytes"),
@@ -139,6 +161,7 @@ PIPELINE_COMMANDS = {
     "verify": ("pipeline.verify", "verify_main", "decode a whole archive and check every checksum (Ray)"),
     "restore": ("pipeline.verify", "restore_main", "write an archive's images back to files (Ray)"),
     "eval": ("pipeline.evaluate", "main", "rate-distortion of models and classic codecs over datasets (Ray)"),
+    "browse": ("pipeline.browse", "main", "a local web page to browse an archive's images (previews from stream prefixes)"),
 }
 
 
@@ -153,12 +176,13 @@ def run_pipeline_command(command: str, rest: list[str]) -> int:
     return getattr(module, func_name)(rest)
 
 
-def _read_bitstream(path: str) -> bytes:
+def _read_bitstream(path: str, limit: int | None = None) -> bytes:
     p = Path(path)
     size = p.stat().st_size
     if size > 1 << 31:
         raise CliError(f"{path}: {size} bytes is too large for a single-image bitstream")
-    return p.read_bytes()
+    with p.open("rb") as f:
+        return f.read() if limit is None else f.read(limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,11 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, "registry name or checkpoint path (default: the shipped default model)")
     p.add_argument("--window-batch", type=int, default=8, help="windows per transformer call")
     p.add_argument("--psnr", action="store_true", help="also print the PSNR of the reconstruction")
+    p.add_argument("--adaptive-order", action="store_true",
+                   help="MT models: choose each step's positions by the model's confidence (MaskGIT)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="decompress an .m2t bitstream to an image file")
     p.add_argument("input")
     p.add_argument("output")
+    p.add_argument("--steps", type=int, default=None, metavar="K",
+                   help="preview: decode the first K coding steps, predict the rest (format 3)")
+    p.add_argument("--bytes", type=int, default=None, metavar="N",
+                   help="preview from the first N bytes of the file: as many complete steps as fit")
     common(p, "override the model named in the header (its weights hash must still match)")
     p.set_defaults(func=cmd_decode)
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -38,7 +39,8 @@ from torch import nn
 from . import bitstream as bs
 from .config import ModelConfig
 from . import exact as X
-from .entropy_coding import MAX_ABS_SYMBOL, SymbolDecoder, SymbolEncoder, snap_integer, snap_params
+from .entropy_coding import (MAX_ABS_SYMBOL, MEAN_STEPS, SymbolDecoder, SymbolEncoder, mixture_mean_q,
+                             snap_integer, snap_params)
 from .image_io import ImageLike, to_rgb_array
 from .transformer import DecodeState, EntropyTransformer, MixtureParams, mixture_likelihood
 from .transforms import AnalysisTransform, SynthesisTransform
@@ -218,8 +220,9 @@ class M2TCodec(nn.Module):
     def weights_digest(self, version: int | None = None) -> bytes:
         """SHA-256 over the config and the tensors of `_hashed_state(version)` (names,
         shapes, float32 bytes for float tensors, little-endian bytes for integer ones).
-        Default: the version this model writes (2, or 1 for a model without exact model)."""
-        version = version or (2 if self.exact is not None else 1)
+        Default: the version this model writes (2 and 3 share one digest; 1 for a model
+        without exact model)."""
+        version = min(version or 2, 2 if self.exact is not None else 1)  # 3 codes with 2's numbers
         if version == 2:
             self.sync_exact()  # the integers follow the float entropy weights (training, edits)
         state = self._hashed_state(version)
@@ -345,78 +348,128 @@ class M2TCodec(nn.Module):
     @torch.inference_mode()
     def encode_image(self, image: ImageLike, window_batch: int = DEFAULT_WINDOW_BATCH,
                      max_pixels: int = bs.DEFAULT_MAX_PIXELS, use_cache: bool = True,
-                     format_version: int = bs.FORMAT_VERSION) -> EncodedImage:
-        """Encode one image. Format version 2 (default) is portable; `window_batch` and
-        `use_cache` only matter for the legacy version 1 (kept for tests of old streams)."""
+                     format_version: int = bs.FORMAT_VERSION, adaptive_order: bool = False) -> EncodedImage:
+        """Encode one image. Format version 3 (default) is portable and progressive; 2 is
+        portable; `window_batch` and `use_cache` only matter for the legacy version 1 (kept
+        for tests of old streams). `adaptive_order` (MT only, version 3): choose each step's
+        positions by the model's confidence (MaskGIT) instead of the fixed schedule."""
         self._check_codable()
         rgb = to_rgb_array(image)
         H, W = rgb.shape[:2]
         bs.check_image_size(H, W, max_pixels)
         if not 1 <= window_batch <= bs.MAX_WINDOW_BATCH:
             raise ValueError(f"window_batch must be in 1..{bs.MAX_WINDOW_BATCH}")
+        if adaptive_order and (self.cfg.mode != "mt" or format_version < 3):
+            raise ValueError("adaptive_order needs an MT model and format version 3 (M2T's attention "
+                             "mask fixes its order)")
         if format_version == 1:
             return self._encode_v1(rgb, window_batch, max_pixels, use_cache)
-        if format_version != 2:
-            raise ValueError(f"cannot write bitstream format version {format_version} (writes 1 or 2)")
+        if format_version not in (2, 3):
+            raise ValueError(f"cannot write bitstream format version {format_version} (writes 1, 2 or 3)")
         if self.exact is None:
             raise bs.BitstreamError(
                 f"model {self.model_id!r} has no exact entropy model (a checkpoint from before format "
                 "version 2): convert it first (python -m pipeline.convert_exact, see docs/models.md)")
         self.sync_exact()
         y_hat = self.analysis(rgb)
-        return self._encode_latent_v2(y_hat, H, W)
+        return self.encode_latent(y_hat, H, W, format_version, adaptive_order)
 
-    def _encode_latent_v2(self, y_hat: torch.Tensor, H: int, W: int) -> EncodedImage:
-        """y_hat (C, h, w) -> format version 2 bitstream. Payload order: the windows in raster
-        order, CHUNK_WINDOWS at a time; within a chunk, step by step (each step's windows in
-        order, then position within the group, then channel). M2T's parameters come from one
-        teacher-forced pass per chunk; MT runs the decoder's loop."""
-        ww = self.cfg.window
+    def encode_latent(self, y_hat: torch.Tensor, H: int, W: int, format_version: int = bs.FORMAT_VERSION,
+                      adaptive_order: bool = False) -> EncodedImage:
+        """y_hat (C, h, w) integer-valued -> format version 2 or 3 bitstream.
+
+        Payload order: the windows in raster order, CHUNK_WINDOWS at a time; within a chunk,
+        step by step (each step's windows in order, then position within the group, then
+        channel). Version 2 codes all chunks into one range coder, chunk after chunk.
+        Version 3 gives each chunk its own range coder and notes, after each step, how many
+        words a decoder of that step needs (`STEP_READ_AHEAD_WORDS` past what the coder has
+        committed); the payload holds those step pieces step-major (`_interleave_steps`), so
+        a prefix of it decodes the first steps of every window. M2T's parameters come from
+        one teacher-forced pass per chunk; MT runs the decoder's loop."""
+        ww, C = self.cfg.window, self.cfg.C
         y_int = y_hat.to(torch.int32)
         truth = to_windows(pad_latent(y_int[None], ww), ww)  # (nW, L, C) int32
         valid = _valid_tokens(y_hat.shape[-2:], ww, y_hat.device)  # (nW, L)
         groups = self._groups(y_hat.device)
-        encoder = SymbolEncoder()
+        shared = SymbolEncoder() if format_version == 2 else None
+        streams: list[bytes] = []
+        marks: list[list[int]] = []
         ops = X.CodingOps(self.exact)
         for start in range(0, truth.shape[0], bs.CHUNK_WINDOWS):
             chunk, keep_chunk = truth[start:start + bs.CHUNK_WINDOWS], valid[start:start + bs.CHUNK_WINDOWS]
+            encoder = shared or SymbolEncoder()
+            chunk_marks: list[int] = []
 
-            def code(i: int, params: X.IntParams) -> torch.Tensor:
-                keep = keep_chunk[:, groups[i]]  # (b, n_i)
+            def code(i: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
+                keep = keep_chunk.gather(1, positions)  # (b, n_i)
+                values = chunk.gather(1, positions[..., None].expand(-1, -1, C))  # (b, n_i, C)
                 flat = params.flat(keep)
-                encoder.encode(chunk[:, groups[i]][keep].reshape(-1).cpu().numpy().astype(np.int64),
+                encoder.encode(values[keep].reshape(-1).cpu().numpy().astype(np.int64),
                                snap_integer(flat.mean_q, flat.level, flat.logit_q))
-                return chunk[:, groups[i]]
+                chunk_marks.append(encoder.num_words())
+                return values
 
             if self.cfg.mode == "m2t":  # every step's parameters from one pass (exact: the same)
                 every = _teacher_forced(ops, chunk)  # (b, L, C, K)
                 for i, group in enumerate(groups):
-                    code(i, every.index((slice(None), group)))
+                    code(i, every.index((slice(None), group)), group[None].expand(chunk.shape[0], -1))
             else:
-                self._run_steps(torch.zeros_like(chunk), code)
-        payload = encoder.finish()
-        payload += bytes(max(0, bs.min_payload_len(truth.shape[0]) - len(payload)))
+                self._run_steps(torch.zeros_like(chunk), code, keep_chunk, adaptive_order)
+            if shared is None:
+                streams.append(encoder.finish())
+                marks.append(chunk_marks)
+        min_len = bs.min_payload_len(truth.shape[0])
+        pieces: tuple = ()
+        if shared is not None:
+            payload = shared.finish()
+            payload += bytes(max(0, min_len - len(payload)))
+        else:
+            streams[-1] += bytes(max(0, min_len - sum(map(len, streams))))  # zero words: still valid
+            payload, pieces = _interleave_steps(streams, marks)
         y_int32 = y_int.cpu()
         header = bs.Header(
             model_id=self.model_id, weights_hash=self.weights_hash(2), height=H, width=W,
             window_batch=0, payload_len=len(payload),
             latent_crc=latent_checksum_v2(y_int32, H, W), payload_crc=zlib.crc32(payload),
-            version=2, flags=bs.FLAG_CUDA if y_hat.device.type == "cuda" else 0,
+            version=format_version, step_pieces=pieces,
+            flags=(bs.FLAG_CUDA if y_hat.device.type == "cuda" else 0)
+            | (bs.FLAG_ADAPTIVE_ORDER if adaptive_order else 0),
         )
         return EncodedImage(bs.pack(header, payload), y_int32, H, W)
 
     def _groups(self, device) -> list[torch.Tensor]:
         return [torch.as_tensor(g, device=device) for g in self.entropy_model.sched.groups]
 
-    def _run_steps(self, tokens: torch.Tensor, code: Callable[[int, X.IntParams], torch.Tensor]) -> torch.Tensor:
+    def _run_steps(self, tokens: torch.Tensor, code: Callable[[int, X.IntParams, torch.Tensor], torch.Tensor],
+                   valid: torch.Tensor, adaptive_order: bool = False) -> torch.Tensor:
         """The decoder's loop over one chunk of windows `tokens` (b, L, C) int32: for each
-        step, the parameters of that step's group (incrementally, with the key/value cache),
-        then `code(step, params)` returns the group's values (b, n_i, C), written into
-        `tokens`. Only what was written before a step is read by it."""
+        step i, the parameters of the positions coded at step i (b, n_i) (incrementally, with
+        the key/value cache for M2T), then `code(i, params, positions)` returns their values
+        (b, n_i, C), written into `tokens`. Only what was written before a step is read by it.
+
+        The positions are the schedule's group i, or with `adaptive_order` (MT) the n_i still
+        masked positions the model is most confident about (`_confident_positions`): both
+        sides compute them from the same exact integers."""
         ops = X.CodingOps(self.exact)
-        state = X.ExactDecodeState()
-        for i, group in enumerate(self._groups(tokens.device)):
-            tokens[:, group] = code(i, X.step(ops, tokens, state))
+        b, L, C = tokens.shape
+        if not adaptive_order:
+            state = X.ExactDecodeState()
+            for i, group in enumerate(self._groups(tokens.device)):
+                tokens[:, group] = code(i, X.step(ops, tokens, state), group[None].expand(b, -1))
+            return tokens
+        if self.cfg.mode != "mt":
+            raise bs.BitstreamError("the confidence-adaptive order is defined for MT models only")
+        sched = self.entropy_model.sched
+        rank = torch.empty(L, dtype=torch.int64, device=tokens.device)
+        rank[torch.as_tensor(sched.order, device=tokens.device)] = torch.arange(L, device=tokens.device)
+        masked = torch.ones(b, L, dtype=torch.bool, device=tokens.device)
+        for i, n_i in enumerate(sched.sizes):
+            every = X.mt_forward(ops, tokens, masked)  # (b, L, C, K)
+            positions = _confident_positions(every, masked, valid, rank, n_i)  # (b, n_i)
+            at = positions[..., None, None].expand(-1, -1, C, every.mean_q.shape[-1])
+            params = X.IntParams(*(t.gather(1, at) for t in (every.mean_q, every.level, every.logit_q)))
+            tokens.scatter_(1, positions[..., None].expand(-1, -1, C), code(i, params, positions))
+            masked.scatter_(1, positions, False)
         return tokens
 
     def _encode_v1(self, rgb: np.ndarray, window_batch: int, max_pixels: int, use_cache: bool) -> EncodedImage:
@@ -466,48 +519,15 @@ class M2TCodec(nn.Module):
 
     @torch.inference_mode()
     def decode_latent(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> tuple[bs.Header, torch.Tensor]:
-        """Entropy-decode y_hat (C, h, w) and verify it against the header's checksum."""
+        """Entropy-decode y_hat (C, h, w) of a whole stream and verify it against the header's
+        checksum."""
         self._check_codable()
         header, payload = bs.unpack(data, max_pixels)
         self.check_header(header)
-        h = math.ceil(header.height / bs.DOWNSAMPLING)
-        w = math.ceil(header.width / bs.DOWNSAMPLING)
+        h, w = _latent_size(header)
         if header.version == 1:
             return header, self._decode_latent_v1(header, payload, h, w)
-        ww = self.cfg.window
-        num_windows = math.ceil(h / ww) * math.ceil(w / ww)
-        if len(payload) < bs.min_payload_len(num_windows):
-            # Checked before any model work: decoding time stays proportional to the bytes given.
-            raise bs.BitstreamError(
-                f"corrupt bitstream: a {header.width}x{header.height} image needs at least "
-                f"{bs.min_payload_len(num_windows)} payload bytes, the stream has {len(payload)}")
-        self.sync_exact()
-        try:
-            decoder = SymbolDecoder(payload)
-        except Exception as exc:  # constriction rejects malformed word streams
-            raise bs.BitstreamError(f"corrupt payload: {exc}") from None
-        device = self.device
-        valid = _valid_tokens((h, w), ww, device)  # (nW, L)
-        groups = self._groups(device)
-
-        tokens = torch.zeros(num_windows, ww * ww, self.cfg.C, dtype=torch.int32, device=device)
-        for start in range(0, num_windows, bs.CHUNK_WINDOWS):  # memory bounded by one chunk
-            keep_chunk = valid[start:start + bs.CHUNK_WINDOWS]
-
-            def decode(i: int, params: X.IntParams) -> torch.Tensor:
-                keep = keep_chunk[:, groups[i]]  # (b, n_i)
-                flat = params.flat(keep)
-                try:
-                    symbols = decoder.decode(snap_integer(flat.mean_q, flat.level, flat.logit_q))
-                except Exception as exc:
-                    raise bs.BitstreamError(f"entropy decoding failed: {exc}") from None
-                values = torch.zeros(keep.shape + (self.cfg.C,), dtype=torch.int32, device=device)
-                values[keep] = torch.from_numpy(symbols.astype(np.int32)).to(device).view(-1, self.cfg.C)
-                return values
-
-            self._run_steps(tokens[start:start + bs.CHUNK_WINDOWS], decode)
-        hp, wp = h + (-h) % ww, w + (-w) % ww
-        y_hat = from_windows(tokens, 1, hp, wp, ww)[0, :, :h, :w].contiguous()  # (C, h, w)
+        y_hat, _ = self._decode_latent_portable(header, payload, self.cfg.num_steps)
         y_int = y_hat.to(torch.int32).cpu()
         if latent_checksum_v2(y_int, header.height, header.width) != header.latent_crc:
             raise bs.ChecksumMismatchError(
@@ -515,6 +535,107 @@ class M2TCodec(nn.Module):
                 "corrupt (its payload and header checksums were consistent, so it was written wrongly "
                 "or tampered with)")
         return header, y_hat.float()
+
+    def _decode_latent_portable(self, header: bs.Header, payload: bytes, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Format version 2 or 3: decode the first `steps` steps of every window; the tokens
+        of later steps are the entropy model's prediction given what came before (the
+        mixture mean, rounded where it is the model's context). Returns the latent as the
+        model's context sees it, int32 (C, h, w), and for a preview the latent for g_s, float
+        (C, h, w) with the unrounded means (None when steps = S)."""
+        h, w = _latent_size(header)
+        ww, C, S = self.cfg.window, self.cfg.C, self.cfg.num_steps
+        num_windows = math.ceil(h / ww) * math.ceil(w / ww)
+        num_chunks = math.ceil(num_windows / bs.CHUNK_WINDOWS)
+        if header.payload_len < bs.min_payload_len(num_windows):
+            # Checked before any model work: decoding time stays proportional to the bytes declared.
+            raise bs.BitstreamError(
+                f"corrupt bitstream: a {header.width}x{header.height} image needs at least "
+                f"{bs.min_payload_len(num_windows)} payload bytes, the stream has {header.payload_len}")
+        if header.version >= 3 and (header.num_steps, header.num_chunks) != (S, num_chunks):
+            raise bs.BitstreamError(
+                f"corrupt header: its step table has {header.num_steps} steps x {header.num_chunks} chunks, the "
+                f"model codes {S} steps and a {header.width}x{header.height} image is {num_chunks} chunks")
+        adaptive = bool(header.flags & bs.FLAG_ADAPTIVE_ORDER)
+        if adaptive and self.cfg.mode != "mt":
+            raise bs.BitstreamError("corrupt header: the adaptive-order flag is set for an M2T model")
+        self.sync_exact()
+        try:
+            if header.version == 2:
+                shared = SymbolDecoder(payload)
+                decoders = [shared] * num_chunks
+            else:
+                decoders = [SymbolDecoder(s) for s in _chunk_streams(header, payload, steps)]
+        except Exception as exc:  # constriction rejects malformed word streams
+            raise bs.BitstreamError(f"corrupt payload: {exc}") from None
+        device = self.device
+        valid = _valid_tokens((h, w), ww, device)  # (nW, L)
+        tokens = torch.zeros(num_windows, ww * ww, C, dtype=torch.int32, device=device)
+        filled = torch.zeros(num_windows, ww * ww, C, dtype=torch.float32, device=device) if steps < S else None
+        for c, start in enumerate(range(0, num_windows, bs.CHUNK_WINDOWS)):  # memory bounded by one chunk
+            keep_chunk = valid[start:start + bs.CHUNK_WINDOWS]
+            decoder = decoders[c]
+
+            def decode(i: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
+                if i >= steps:  # not in the stream (a preview): the model's prediction
+                    mean_q = mixture_mean_q(params.mean_q, params.logit_q)  # (b, n_i, C) 1/MEAN_STEPS
+                    filled[start:start + len(positions)].scatter_(
+                        1, positions[..., None].expand(-1, -1, C), mean_q.float() / MEAN_STEPS)
+                    return torch.div(2 * mean_q + MEAN_STEPS, 2 * MEAN_STEPS, rounding_mode="floor").clamp(
+                        -MAX_ABS_SYMBOL, MAX_ABS_SYMBOL).to(torch.int32)
+                keep = keep_chunk.gather(1, positions)  # (b, n_i)
+                flat = params.flat(keep)
+                try:
+                    symbols = decoder.decode(snap_integer(flat.mean_q, flat.level, flat.logit_q))
+                except Exception as exc:
+                    raise bs.BitstreamError(f"entropy decoding failed: {exc}") from None
+                values = torch.zeros(keep.shape + (C,), dtype=torch.int32, device=device)
+                values[keep] = torch.from_numpy(symbols.astype(np.int32)).to(device).view(-1, C)
+                if filled is not None:
+                    filled[start:start + len(positions)].scatter_(
+                        1, positions[..., None].expand(-1, -1, C), values.float())
+                return values
+
+            self._run_steps(tokens[start:start + bs.CHUNK_WINDOWS], decode, keep_chunk, adaptive)
+        hp, wp = h + (-h) % ww, w + (-w) % ww
+        y_hat = from_windows(tokens, 1, hp, wp, ww)[0, :, :h, :w].contiguous()  # (C, h, w)
+        if filled is None:
+            return y_hat, None
+        return y_hat, from_windows(filled, 1, hp, wp, ww)[0, :, :h, :w].contiguous()  # (C, h, w)
+
+    @torch.inference_mode()
+    def preview(self, data: bytes, steps: int | None = None, max_bytes: int | None = None,
+                max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> "Preview":
+        """Decode the first `steps` coding steps of a format version 3 stream (all of them by
+        default), reading at most `max_bytes` of it: as many complete steps as fit. `data`
+        may be a prefix of the stream (a ranged read); the steps it does not hold are
+        predicted by the entropy model (the mixture mean given what was decoded), then g_s
+        runs. A preview of all S steps from the whole stream is the full decode, bit for bit
+        (latent checksum checked); a partial one has no checksum to check."""
+        self._check_codable()
+        if steps is not None and not 0 <= steps:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        if max_bytes is not None:
+            if max_bytes < 0:
+                raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+            data = bytes(data[:max_bytes])
+        header, payload = bs.unpack(data, max_pixels, prefix=True)
+        if not header.progressive:
+            raise bs.BitstreamError(
+                f"previews need format version 3 (this stream is version {header.version}): decode it in "
+                "full, or re-encode it")
+        self.check_header(header)
+        S = self.cfg.num_steps
+        held = header.steps_in(len(data))
+        want = S if steps is None else min(steps, S)
+        k = min(want, held)
+        if k == S and len(payload) == header.payload_len:
+            _, y = self.decode_latent(data, max_pixels)
+        else:
+            _, y = self._decode_latent_portable(header, payload, k)  # k < S: the filled latent
+        image = self.synthesis(y, header.height, header.width)
+        return Preview(image=image, y=y, steps=k, num_steps=S,
+                       bytes_read=header.step_ends[k - 1] if k else header.size,
+                       total_bytes=header.step_ends[-1])
 
     def _decode_latent_v1(self, header: bs.Header, payload: bytes, h: int, w: int) -> torch.Tensor:
         try:
@@ -546,7 +667,24 @@ class M2TCodec(nn.Module):
         return y_hat
 
     @torch.inference_mode()
-    def decompress(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> np.ndarray:
+    def decompress(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS, steps: int | None = None,
+                   max_bytes: int | None = None) -> np.ndarray:
+        """Decode a bitstream to RGB uint8 (H, W, 3).
+
+        `steps` / `max_bytes` ask for a preview (format version 3, see `preview`). Without
+        them a version 3 stream cut exactly at a step boundary decodes as the preview of the
+        steps it holds (with a `PartialStreamWarning`); cut anywhere else it is an error."""
+        if steps is not None or max_bytes is not None:
+            return self.preview(data, steps, max_bytes, max_pixels).image
+        header = bs.read_header(data, max_pixels, prefix=True)
+        if header.progressive and len(data) < header.step_ends[-1]:
+            held = header.steps_in(len(data))
+            if held == 0 or header.step_ends[held - 1] != len(data):
+                bs.unpack(data, max_pixels)  # raises: truncated
+            warnings.warn(PartialStreamWarning(
+                f"the stream holds {held} of {self.cfg.num_steps} coding steps ({len(data)} of "
+                f"{header.step_ends[-1]} bytes): decoded a preview"), stacklevel=2)
+            return self.preview(data, max_pixels=max_pixels).image
         header, y_hat = self.decode_latent(data, max_pixels)
         if header.version == 1:
             with deterministic_kernels(self.device):
@@ -560,6 +698,86 @@ class M2TCodec(nn.Module):
             with deterministic_kernels(self.device):  # as version 1's decoder runs g_s
                 return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)
         return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)
+
+
+class PartialStreamWarning(UserWarning):
+    """A stream cut at a step boundary was decoded as a preview of the steps it holds."""
+
+
+@dataclass
+class Preview:
+    image: np.ndarray  # RGB uint8 (H, W, 3)
+    y: torch.Tensor  # (C, h, w) float32: the latent g_s ran on (decoded steps exact, the rest predicted)
+    steps: int  # coding steps decoded from the stream (the rest predicted)
+    num_steps: int  # S
+    bytes_read: int  # stream bytes those steps need, header included
+    total_bytes: int  # the whole stream's length
+
+
+# Version 3: a decoder of steps 1..k reads at most this many words past what the encoder had
+# committed after step k (num_words() counts those plus 1-2 sealing words; the range coder's
+# state is 2 words), so the prefix that ends there decodes steps 1..k exactly.
+STEP_READ_AHEAD_WORDS = 2
+
+
+def _interleave_steps(streams: list[bytes], marks: list[list[int]]) -> tuple[bytes, tuple]:
+    """Version 3's payload from each chunk's range-coded stream and the coder's num_words()
+    after each step: piece (k, c) = chunk c's words from the end of step k-1's prefix to the
+    end of step k's, laid out step-major. Returns (payload, step_pieces in bytes)."""
+    W = bs.WORD_BYTES
+    ends = []
+    for stream, chunk_marks in zip(streams, marks):
+        words, prev, chunk_ends = len(stream) // W, 0, []
+        for k, mark in enumerate(chunk_marks):
+            end = words if k == len(chunk_marks) - 1 else min(words, max(prev, mark + STEP_READ_AHEAD_WORDS))
+            chunk_ends.append(end)
+            prev = end
+        ends.append(chunk_ends)
+    num_steps = len(marks[0])
+    pieces, parts = [], []
+    for k in range(num_steps):
+        row = []
+        for c, stream in enumerate(streams):
+            lo, hi = (ends[c][k - 1] if k else 0) * W, ends[c][k] * W
+            parts.append(stream[lo:hi])
+            row.append(hi - lo)
+        pieces.append(tuple(row))
+    return b"".join(parts), tuple(pieces)
+
+
+def _chunk_streams(header: bs.Header, payload: bytes, steps: int) -> list[bytes]:
+    """Version 3: each chunk's range-coded stream, from the pieces of its first `steps` steps
+    (which `payload`, possibly a prefix, must hold), zero-padded for the decoder's read-ahead."""
+    out = [bytearray() for _ in range(header.num_chunks)]
+    pos = 0
+    for k, row in enumerate(header.step_pieces[:steps]):
+        for c, size in enumerate(row):
+            if pos + size > len(payload):
+                raise bs.BitstreamError(f"truncated payload: step {k + 1} is not complete")
+            out[c] += payload[pos:pos + size]
+            pos += size
+    pad = bytes(bs.WORD_BYTES * STEP_READ_AHEAD_WORDS) if steps < header.num_steps else b""
+    return [bytes(s) + pad for s in out]
+
+
+def _latent_size(header: bs.Header) -> tuple[int, int]:
+    return math.ceil(header.height / bs.DOWNSAMPLING), math.ceil(header.width / bs.DOWNSAMPLING)
+
+
+def _confident_positions(params: X.IntParams, masked: torch.Tensor, valid: torch.Tensor,
+                         rank: torch.Tensor, count: int) -> torch.Tensor:
+    """MaskGIT's confidence order for MT: the `count` masked positions (b, count) whose
+    predicted distributions have the lowest entropy, measured as the scale level (a log
+    scale) of each channel's dominant component summed over channels; padding positions
+    after real ones; ties broken by the schedule's order (`rank`). Integers only: encoder
+    and decoder choose the same positions on any device."""
+    K = params.logit_q.shape[-1]
+    top = params.logit_q == params.logit_q.max(dim=-1, keepdim=True).values  # (b, L, C, K)
+    first = torch.where(top, torch.arange(K, device=top.device), K).min(dim=-1, keepdim=True).values
+    spread = params.level.gather(-1, first)[..., 0].to(torch.int64).sum(-1)  # (b, L) < 2^20
+    key = (spread + (~valid).to(torch.int64) * (1 << 24)) * rank.numel() + rank[None]
+    key = key.masked_fill(~masked, 1 << 60)  # already coded: never chosen again
+    return torch.sort(key, dim=1, stable=True).indices[:, :count]
 
 
 V1_PORTABILITY = (

@@ -204,6 +204,17 @@ def snap_integer(mean_q: torch.Tensor, level: torch.Tensor, logit_q: torch.Tenso
     return SnappedParams(mean_q=mean_q, level=level, weight=t.weight[gap], table_version=2)
 
 
+def mixture_mean_q(mean_q: torch.Tensor, logit_q: torch.Tensor) -> torch.Tensor:
+    """The mixture's mean in 1/MEAN_STEPS units, rounded half up, from integer parameters
+    (..., K) int64 -> (...) int64: the coder's own weights, integer operations only, so
+    every device gives the same value (previews fill undecoded tokens with it)."""
+    t = tables(2)
+    gap = (logit_q.max(dim=-1, keepdim=True).values - logit_q).clamp(max=MAX_LOGIT_GAP)
+    weight = torch.as_tensor(t.weight, device=gap.device)[gap]  # (..., K)
+    num, den = (weight * mean_q).sum(-1), weight.sum(-1)  # den >= 2^WEIGHT_BITS
+    return torch.div(2 * num + den, 2 * den, rounding_mode="floor")
+
+
 # --------------------------------------------------------------------------------------
 # Probability tables per symbol.
 # --------------------------------------------------------------------------------------
@@ -375,6 +386,11 @@ class SymbolEncoder:
                     low[has_low].astype(np.int32), _UNIFORM,
                     (1 << length_minus_1[has_low]).astype(np.int32),
                 )
+
+    def num_words(self) -> int:
+        """Words the stream would have if it ended here (what is written plus the words
+        that seal the coder's state)."""
+        return self._coder.num_words()
 
     def finish(self) -> bytes:
         words = self._coder.get_compressed()

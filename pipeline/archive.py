@@ -100,6 +100,9 @@ def index_schema():
         ("decoded_crc32", pa.int64()),  # CRC-32 of the decoder's RGB uint8 output (H, W, 3), C order
         ("status", pa.string()),  # "ok", "error" or "duplicate"
         ("error", pa.string()),  # why, when status is not ok
+        # Format version 3: for each coding step k, the length of the bitstream's prefix that
+        # holds steps 1..k (header included): a preview of K steps is one ranged read.
+        ("step_ends", pa.list_(pa.int64())),
     ])
 
 
@@ -108,7 +111,18 @@ def keys_schema():
 
     return pa.schema([("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
                       ("length", pa.int64()), ("crc32", pa.int64()), ("status", pa.string()),
-                      ("error", pa.string())])
+                      ("error", pa.string()), ("step_ends", pa.list_(pa.int64()))])
+
+
+# Columns added after the first archives were written: a reader accepts an index without them.
+OPTIONAL_COLUMNS = ("step_ends",)
+
+
+def schema_problems(actual, expected) -> list[str]:
+    """What is wrong with an index's columns: missing ones (but the optional) or wrong types."""
+    return [f"{n} is {actual.field(n).type if n in actual.names else 'missing'}" for n in expected.names
+            if (n not in actual.names and n not in OPTIONAL_COLUMNS)
+            or (n in actual.names and actual.field(n).type != expected.field(n).type)]
 
 
 def _json_default(value: Any):
@@ -293,11 +307,16 @@ def write_keys_index(archive: Archive, shards: list[str]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = keys_schema().names
+    schema = keys_schema()
     tables = []
     for shard in shards:
-        tables.append(read_parquet(archive.fs, archive.shard_path(shard, ".parquet"), columns=columns))
-    table = pa.concat_tables(tables) if tables else keys_schema().empty_table()
+        path = archive.shard_path(shard, ".parquet")
+        table = read_parquet(archive.fs, path, columns=schema.names)  # a column not there is left out
+        for name in OPTIONAL_COLUMNS:  # a shard indexed before the column existed (resumed archive)
+            if name not in table.schema.names:
+                table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+        tables.append(table.select(schema.names).cast(schema))
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = table.sort_by([("key", "ascending"), ("shard", "ascending")])
     archive.write_table(archive.path(KEYS_INDEX), table, row_group_size=KEYS_ROW_GROUP,
                         write_statistics=True)
@@ -325,9 +344,7 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
             pf = pq.ParquetFile(f, pre_buffer=False)
         except Exception as exc:
             raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} is not a readable Parquet file: {exc}") from None
-        bad = [f"{n} is {pf.schema_arrow.field(n).type if n in pf.schema_arrow.names else 'missing'}"
-               for n in schema.names if n not in pf.schema_arrow.names
-               or pf.schema_arrow.field(n).type != schema.field(n).type]
+        bad = schema_problems(pf.schema_arrow, schema)
         if bad:
             raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} is malformed ({'; '.join(bad)}; "
                                f"expected {', '.join(f'{f.name}: {f.type}' for f in schema)})")
@@ -344,8 +361,9 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
                 raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} is malformed: row group {g} holds "
                                    f"{group.num_rows} rows / {group.total_byte_size} bytes (at most "
                                    f"{KEYS_ROW_GROUP} rows / {MAX_KEYS_GROUP_BYTES} bytes)")
-            table = pf.read_row_group(g, columns=schema.names, use_threads=False)
-            rows += [r for r in table.to_pylist() if r["key"] == key]
+            names = [n for n in schema.names if n in pf.schema_arrow.names]
+            table = pf.read_row_group(g, columns=names, use_threads=False)
+            rows += [{"step_ends": None, **r} for r in table.to_pylist() if r["key"] == key]
     if not rows:
         raise ArchiveError(f"key {key!r} is not in the archive {archive.url}")
     ok = [r for r in rows if r["status"] == "ok"]
@@ -355,8 +373,13 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
     return ok[0]
 
 
-def read_bitstream(archive_url: str, key: str, storage_options=None) -> bytes:
-    """The bitstream of `key`: one index lookup and one byte-range read, CRC-checked."""
+def read_bitstream(archive_url: str, key: str, storage_options=None, steps: int | None = None) -> bytes:
+    """The bitstream of `key`: one index lookup and one byte-range read, CRC-checked.
+
+    steps=K reads only the prefix that holds the first K coding steps (format version 3):
+    one ranged read at the index's step_ends (an index written before that column existed
+    costs one more small read, of the header). A prefix cannot be checked against the index's
+    CRC-32 (which covers the whole stream); the decoder checks the header's own CRC."""
     row = lookup(archive_url, key, storage_options)
     archive = Archive(archive_url, storage_options)
     # Nothing in the index is trusted: the shard name, offset and length are checked before
@@ -373,6 +396,13 @@ def read_bitstream(archive_url: str, key: str, storage_options=None) -> bytes:
     if start + length > size:
         raise ArchiveError(f"key {key!r}: offset {start} + length {length} lies outside shards/{row['shard']}.bin "
                            f"({size} bytes)")
+    if steps is not None:
+        want = _prefix_length(archive, path, row, key, steps)
+        if want < length:
+            data = archive.fs.cat_file(path, start=start, end=start + want)
+            if len(data) != want:
+                raise ArchiveError(f"key {key!r}: read {len(data)} bytes from shard {row['shard']}, wanted {want}")
+            return data
     data = archive.fs.cat_file(path, start=start, end=start + length)
     if len(data) != length:
         raise ArchiveError(f"key {key!r}: read {len(data)} bytes from shard {row['shard']}, the index says "
@@ -381,6 +411,33 @@ def read_bitstream(archive_url: str, key: str, storage_options=None) -> bytes:
         raise ArchiveError(f"key {key!r}: the bytes in shard {row['shard']} do not match the index "
                            f"(CRC-32 {zlib.crc32(data):08x}, index says {crc & 0xFFFFFFFF:08x})")
     return data
+
+
+# The most a format-3 header can need to be read before its step table is known (64 MP at the
+# smallest window: ~1000 chunks x 12 steps x 2 bytes); only for indexes without step_ends.
+MAX_HEADER_READ = 1 << 17
+
+
+def _prefix_length(archive: "Archive", path: str, row: Mapping[str, Any], key: str, steps: int) -> int:
+    """Bytes of `key`'s stream that hold its first `steps` coding steps (the whole stream when
+    it has fewer, or is not progressive)."""
+    from m2t_core import bitstream as bs
+
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    length, ends = row["length"], row.get("step_ends")
+    if ends is not None:
+        if not (ends and len(ends) <= 255 and all(isinstance(e, int) for e in ends)
+                and all(0 < a <= b for a, b in zip(ends, ends[1:] + [length])) and ends[-1] == length):
+            raise ArchiveError(f"key {key!r}: the index's step_ends are not valid (increasing, ending at the "
+                               f"stream length {length})")
+        if 1 <= steps:
+            return ends[min(steps, len(ends)) - 1]
+    head = archive.fs.cat_file(path, start=row["offset"], end=row["offset"] + min(length, MAX_HEADER_READ))
+    header = bs.read_header(head, max_pixels=bs.MAX_SIDE ** 2, prefix=True)
+    if not header.progressive:
+        return length
+    return header.step_ends[min(steps, header.num_steps) - 1] if steps else header.size
 
 
 def open_model(spec: str | None, device: str = "cpu", storage_options=None):
@@ -415,13 +472,16 @@ def _archive_model(archive_url: str, header, override: str | None, storage_optio
     return load_model_for_header(header)
 
 
-def get_image(archive_url: str, key: str, model: str | None = None, storage_options=None) -> np.ndarray:
-    """Decode one image of an archive: RGB uint8 (H, W, 3)."""
+def get_image(archive_url: str, key: str, model: str | None = None, storage_options=None,
+              steps: int | None = None) -> np.ndarray:
+    """Decode one image of an archive: RGB uint8 (H, W, 3). steps=K: a preview from the first
+    K coding steps, read as one prefix of the stream (format version 3)."""
     from m2t_core import read_header
 
-    data = read_bitstream(archive_url, key, storage_options)
-    header = read_header(data)
-    return _archive_model(archive_url, header, model, storage_options).decompress(data)
+    data = read_bitstream(archive_url, key, storage_options, steps=steps)
+    header = read_header(data, prefix=steps is not None)
+    codec = _archive_model(archive_url, header, model, storage_options)
+    return codec.decompress(data) if steps is None else codec.preview(data, steps=steps).image
 
 
 def get_main(argv: list[str] | None = None) -> int:
@@ -432,6 +492,8 @@ def get_main(argv: list[str] | None = None) -> int:
     parser.add_argument("key", help="the image's key, as in the archive's index")
     parser.add_argument("output", help="image file to write (PNG by default; the extension picks the format)")
     parser.add_argument("--bitstream", action="store_true", help="write the .m2t bitstream instead of pixels")
+    parser.add_argument("--preview", type=int, default=None, metavar="K",
+                        help="decode only the first K coding steps, read as one prefix of the stream")
     parser.add_argument("--model", default=None, help="decode with this model (name, path or URL)")
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help='fsspec options per protocol, e.g. \'{"s3": {"endpoint_url": "http://..."}}\'')
@@ -439,7 +501,7 @@ def get_main(argv: list[str] | None = None) -> int:
     try:
         options = json.loads(args.storage_options) if args.storage_options else None
         if args.bitstream:
-            data = read_bitstream(args.archive, args.key, options)
+            data = read_bitstream(args.archive, args.key, options, steps=args.preview)
             if args.output == "-":
                 sys.stdout.buffer.write(data)
             else:
@@ -447,10 +509,11 @@ def get_main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         from m2t_core import save_image
 
-        rgb = get_image(args.archive, args.key, args.model, options)
+        rgb = get_image(args.archive, args.key, args.model, options, steps=args.preview)
         out = Path(args.output)
         save_image(rgb, out, format=None if out.suffix else "PNG")
-        print(f"{args.key} -> {out}: {rgb.shape[1]}x{rgb.shape[0]}")
+        what = "" if args.preview is None else f" (preview of {args.preview} steps)"
+        print(f"{args.key} -> {out}: {rgb.shape[1]}x{rgb.shape[0]}{what}")
         return EXIT_OK
     except Exception as exc:  # one clear line for users; M2T_DEBUG=1 shows the traceback
         if os.environ.get("M2T_DEBUG"):

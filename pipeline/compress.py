@@ -309,7 +309,8 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
             item, rgb = decoded.item, decoded.rgb
             row = dict(key=item.key, source=item.source, shard=spec.shard, offset=None, length=None,
                        height=None, width=None, source_bytes=item.source_bytes, bpp=None, psnr=None,
-                       mse=None, crc32=None, decoded_crc32=None, status=item.status, error=item.error or None)
+                       mse=None, crc32=None, decoded_crc32=None, status=item.status, error=item.error or None,
+                       step_ends=None)
             encoded = recon = None
             if rgb is not None:
                 row["height"], row["width"] = int(rgb.shape[0]), int(rgb.shape[1])
@@ -323,7 +324,8 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
             if encoded is not None:
                 data = encoded.bitstream
                 # Outside the try above: a failed write to the archive fails the shard, not the image.
-                row.update(offset=blob.append(data), length=len(data), bpp=encoded.bpp, crc32=zlib.crc32(data))
+                row.update(offset=blob.append(data), length=len(data), bpp=encoded.bpp, crc32=zlib.crc32(data),
+                           step_ends=list(bitstream.read_header(data).step_ends) or None)
                 totals["ok"] += 1
                 totals["source_bytes"] += item.source_bytes
                 totals["compressed_bytes"] += len(data)

@@ -65,6 +65,7 @@ ISSUE_KINDS = {
     "corrupt_bitstream": "the bitstream header or payload is invalid",
     "model_mismatch": "the bitstream was written by another model than the manifest's",
     "size_mismatch": "the bitstream's image size differs from the index",
+    "step_index_mismatch": "the index's step_ends (preview byte ranges) differ from the bitstream's header",
     "decode_error": "decoding failed (e.g. latent checksum mismatch)",
     "decoded_mismatch": "the decoded pixels' CRC-32 differs from decoded_crc32",
     "index_mismatch": "the index disagrees with the manifest (row or ok counts)",
@@ -190,6 +191,10 @@ def _check_stream(model, row, data: bytes, blob_crc_ok: bool, max_pixels: int, w
         return None, issue(shard, key, "size_mismatch",
                            f"shard {shard}, key {key!r}: bitstream is {header.height}x{header.width}, "
                            f"index says {row['height']}x{row['width']}")
+    if row.get("step_ends") is not None and list(row["step_ends"]) != list(header.step_ends):
+        return None, issue(shard, key, "step_index_mismatch",
+                           f"shard {shard}, key {key!r}: the index's step_ends {list(row['step_ends'])[:4]}... differ "
+                           f"from the bitstream's {list(header.step_ends)[:4]}... (previews would read wrong bytes)")
     return header, None
 
 
@@ -219,11 +224,11 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
     try:
         table = A.read_parquet(fs, archive.shard_path(shard, ".parquet"))
         schema = A.index_schema()
-        bad = [f"{n} is {table.schema.field(n).type if n in table.schema.names else 'missing'}"
-               for n in schema.names if n not in table.schema.names or table.schema.field(n).type != schema.field(n).type]
+        bad = A.schema_problems(table.schema, schema)
         if bad:
             raise ValueError(f"malformed index ({'; '.join(bad[:5])})")
-        rows = table.select(schema.names).to_pylist()
+        rows = [{"step_ends": None, **r}
+                for r in table.select([n for n in schema.names if n in table.schema.names]).to_pylist()]
     except Exception as exc:
         issues.append(issue(shard, None, "missing_index", f"shard {shard}: cannot read shards/{shard}.parquet: "
                             f"{type(exc).__name__}: {exc}"))

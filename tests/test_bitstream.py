@@ -26,13 +26,13 @@ import m2t_core
 from m2t_core import bitstream as bs
 from m2t_core.bitstream import (BitstreamError, ChecksumMismatchError, Header, ImageTooLargeError,
                                 ModelMismatchError, UnsupportedVersionError)
-from m2t_core.codec import M2TCodec
+from m2t_core.codec import M2TCodec, PartialStreamWarning
 
 from _models import build_model, random_image, tiny_config, tiny_model
 
 TIME_LIMIT = 1.0  # to reject a stream from its header or checksums
 DECODE_TIME_LIMIT = 30.0  # a stream that passes them is decoded in full: only a hang guard
-FIXED = struct.Struct("<8sIIIII")  # format version 2: the header fields after the model id
+FIXED = struct.Struct("<8sIIIII")  # format versions 2 and 3: the header fields after the model id
 FIXED_V1 = struct.Struct("<8sIIBBHIII")
 
 
@@ -43,6 +43,21 @@ def _layout(data: bytes) -> dict:
     """Byte offsets of the header fields (docs/bitstream.md), by the stream's version."""
     id_len = data[6]
     fixed = 7 + id_len
+    if data[4] == 3:  # then num_steps (u8), num_chunks and the step table (varints)
+        pos, num_steps = fixed + 29, data[fixed + 28]
+        values = []
+        while len(values) < 1 + num_steps * (values[0] if values else 1) - 1:
+            end = pos
+            while data[end] & 0x80:
+                end += 1
+            values.append(sum((b & 0x7F) << (7 * i) for i, b in enumerate(data[pos:end + 1])))
+            pos = end + 1
+        return {
+            "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
+            "width": fixed + 12, "payload_len": fixed + 16, "latent_crc": fixed + 20,
+            "payload_crc": fixed + 24, "num_steps": fixed + 28, "table": fixed + 29,
+            "header_crc": pos, "payload": pos + 4,
+        }
     if data[4] == 2:
         return {
             "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
@@ -119,10 +134,15 @@ def _header_len(data: bytes) -> int:
 def test_header_layout_matches_spec(stream, model):
     lay = _layout(stream)
     assert stream[:4] == bs.MAGIC == b"M2TC"
-    assert stream[4] == bs.FORMAT_VERSION == 2
+    assert stream[4] == bs.FORMAT_VERSION == 3
     assert stream[7:7 + stream[6]] == model.model_id.encode()
     h = bs.read_header(stream)
-    assert h.portable and h.window_batch == 0
+    assert h.portable and h.progressive and h.window_batch == 0
+    # The step table: S steps x 1 chunk (2 windows), the last piece implied by payload_len.
+    assert stream[lay["num_steps"]] == h.num_steps == model.cfg.num_steps and h.num_chunks == 1
+    assert stream[lay["table"]] == 1 and _header_len(stream) == h.size
+    assert sum(map(sum, h.step_pieces)) == h.payload_len and h.step_ends[-1] == len(stream)
+    assert list(h.step_ends) == sorted(h.step_ends) and all(p % 4 == 0 for row in h.step_pieces for p in row)
     assert stream[lay["hash"]:lay["hash"] + 8] == model.weights_hash() == h.weights_hash
     assert FIXED.unpack_from(stream, lay["hash"])[1:] == (
         h.height, h.width, h.payload_len, h.latent_crc, h.payload_crc)
@@ -146,9 +166,13 @@ def test_v1_header_layout(encoded_v1, model):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(model_id="m", height=1, width=1, window_batch=0, flags=0),
-    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=0, flags=bs.FLAG_CUDA),
-    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=0),
+    dict(model_id="m", height=1, width=1, window_batch=0, flags=0, step_pieces=((40,),)),
+    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=0, flags=bs.FLAG_CUDA,
+         step_pieces=((0, 4, 8), (4, 0, 0), (0, 0, 24))),
+    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=0,
+         flags=bs.FLAG_ADAPTIVE_ORDER, step_pieces=tuple((4,) * 5 for _ in range(2))),
+    dict(model_id="m", height=1, width=1, window_batch=0, flags=0, version=2),
+    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=0, flags=bs.FLAG_CUDA, version=2),
     dict(model_id="m", height=1, width=1, window_batch=1, flags=0, version=1),
     dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=8, flags=bs.FLAG_CUDA, version=1),
     dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=bs.MAX_WINDOW_BATCH,
@@ -203,10 +227,18 @@ def test_empty_and_non_bytes(model):
 
 
 def test_truncated(model, stream):
+    """A cut inside the header or inside a step is an error. A cut exactly at a step boundary
+    is a preview source (format version 3): it decodes, with a PartialStreamWarning, to the
+    preview of the steps it holds (tests/test_progressive.py)."""
     hl = _header_len(stream)
+    boundaries = set(bs.read_header(stream).step_ends)
     cuts = sorted({0, 1, 3, 4, 5, 6, 7, 9, hl // 2, hl - 5, hl - 4, hl - 1, hl, hl + 1, hl + 4,
-                   (hl + len(stream)) // 2, len(stream) - 4, len(stream) - 1})
+                   (hl + len(stream)) // 2, len(stream) - 4, len(stream) - 1} | boundaries - {len(stream)})
     for cut in cuts:
+        if cut in boundaries:
+            with pytest.warns(PartialStreamWarning):
+                assert model.decompress(stream[:cut]).shape == model.decompress(stream).shape
+            continue
         _expect_error(model.decompress, stream[:cut])
         _expect_error(m2t_core.decompress, stream[:cut])
 
@@ -240,7 +272,7 @@ def test_wrong_magic(model, stream):
     _expect_error(model.decompress, b"\x89PNG\r\n\x1a\n" + bytes(64))
 
 
-@pytest.mark.parametrize("version", [0, 3, 255])
+@pytest.mark.parametrize("version", [0, 4, 255])
 def test_unknown_version(model, stream, version):
     bad = _patch(stream, "version", "<B", version)  # header CRC fixed: the version check fires
     assert zlib.crc32(bad[:_layout(bad)["header_crc"]]) == struct.unpack_from("<I", bad, _layout(bad)["header_crc"])[0]

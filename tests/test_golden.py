@@ -5,16 +5,17 @@ Round-trip tests cannot see a change that encoder and decoder make together; the
 * the entropy coder's output for fixed integer parameters is pinned (integer arithmetic and
   constriction: the same on every machine), for both formats' tables;
 * tests/data/golden-v2-<model>.m2t were written by every shipped model from a synthetic
-  image, next to the latent they code (golden-v2-<model>.latent.npy). On ANY machine the
-  stream must decode to exactly that latent, and coding that latent must give exactly those
-  bytes. (Re-encoding the image is not the test: g_a is float, and another machine may round
+  image, next to the latent they code (golden-v2-<model>.latent.npy); golden-v3-<model>.m2t
+  code the same latents in format version 3 (progressive). On ANY machine each stream must
+  decode to exactly that latent, and coding that latent must give exactly those bytes. (Re-encoding the image is not the test: g_a is float, and another machine may round
   a latent value differently and write other, equally valid bytes.)
 * tests/data/golden-v1-*.m2t are format-1 streams written before the exact entropy model by
   the same models' float weights (kept as `legacy_entropy_model`): they decode on the kind of
   machine that wrote them and elsewhere fail with a message that says why. Never silently
   wrong.
 
-Regenerate the version-2 files (only with a new format version): python tests/test_golden.py --write
+Write the files of a new format version from the committed latents (never rewrite an old
+version's): python tests/test_golden.py --write
 """
 
 from __future__ import annotations
@@ -82,31 +83,37 @@ def test_integer_entropy_coder_output_is_pinned():
     np.testing.assert_array_equal(SymbolDecoder(data).decode(params), values)
 
 
+PORTABLE = [(version, name) for version in ("v2", "v3") for name in sorted(GOLDEN.get(version, {}))]
+
+
+def _latent(name: str) -> np.ndarray:
+    return np.load(DATA / f"golden-v2-{name}.latent.npy", allow_pickle=False)
+
+
 def test_every_shipped_model_has_golden_streams():
     shipped = sorted(p.stem for p in PACKAGE_WEIGHTS.glob("*.safetensors"))
-    assert sorted(GOLDEN["v2"]) == shipped
+    assert sorted(GOLDEN["v2"]) == sorted(GOLDEN["v3"]) == shipped
 
 
-@pytest.mark.parametrize("name", sorted(GOLDEN["v2"]))
-def test_golden_stream_decodes_to_its_latent_anywhere(name):
+@pytest.mark.parametrize("version,name", PORTABLE)
+def test_golden_stream_decodes_to_its_latent_anywhere(version, name):
     model = load_model(name)
-    data = (DATA / f"golden-v2-{name}.m2t").read_bytes()
-    latent = np.load(DATA / f"golden-v2-{name}.latent.npy", allow_pickle=False)
+    data = (DATA / f"golden-{version}-{name}.m2t").read_bytes()
     header, y_hat = model.decode_latent(data)
-    assert header.version == 2 and header.portable
-    np.testing.assert_array_equal(y_hat.to(torch.int32).numpy(), latent)
+    assert header.version == int(version[1]) and header.portable
+    np.testing.assert_array_equal(y_hat.to(torch.int32).numpy(), _latent(name))
     rgb = golden_image()
     decoded = model.decompress(data)
     assert decoded.shape == rgb.shape and psnr(rgb, decoded) > 20.0
 
 
-@pytest.mark.parametrize("name", sorted(GOLDEN["v2"]))
-def test_coding_the_golden_latent_gives_the_golden_bytes(name):
+@pytest.mark.parametrize("version,name", PORTABLE)
+def test_coding_the_golden_latent_gives_the_golden_bytes(version, name):
     model = load_model(name)
-    latent = torch.from_numpy(np.load(DATA / f"golden-v2-{name}.latent.npy", allow_pickle=False).astype(np.float32))
+    latent = torch.from_numpy(_latent(name).astype(np.float32))
     rgb = golden_image()
-    encoded = model._encode_latent_v2(latent, rgb.shape[0], rgb.shape[1])
-    assert encoded.bitstream == (DATA / f"golden-v2-{name}.m2t").read_bytes()
+    encoded = model.encode_latent(latent, rgb.shape[0], rgb.shape[1], format_version=int(version[1]))
+    assert encoded.bitstream == (DATA / f"golden-{version}-{name}.m2t").read_bytes()
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN["v1"]))
@@ -125,18 +132,18 @@ def test_format_1_golden_streams_decode_or_say_why(name):
     assert decoded.shape == rgb.shape and psnr(rgb, decoded) > 20.0
 
 
-def write_golden() -> None:  # pragma: no cover - run by hand for a new format version
+def write_golden(version: str = "v3") -> None:  # pragma: no cover - run by hand for a new format version
     rgb = golden_image()
-    manifest = {"v1": GOLDEN.get("v1", {}), "v2": {}, "coder_bytes_sha256_v2": None}
+    manifest = dict(GOLDEN)
+    manifest[version] = {}
     for path in sorted(PACKAGE_WEIGHTS.glob("*.safetensors")):
         model = load_model(path.stem)
-        enc = model.encode_image(rgb)
-        (DATA / f"golden-v2-{path.stem}.m2t").write_bytes(enc.bitstream)
-        np.save(DATA / f"golden-v2-{path.stem}.latent.npy", enc.y_hat.numpy().astype(np.int32))
-        manifest["v2"][path.stem] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4)}
-    manifest["coder_bytes_sha256_v2"] = hashlib.sha256(_v2_coder_bytes()[0]).hexdigest()
+        latent = torch.from_numpy(_latent(path.stem).astype(np.float32))
+        enc = model.encode_latent(latent, rgb.shape[0], rgb.shape[1], format_version=int(version[1]))
+        (DATA / f"golden-{version}-{path.stem}.m2t").write_bytes(enc.bitstream)
+        manifest[version][path.stem] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4)}
     (DATA / "golden.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(json.dumps(manifest, indent=1))
+    print(json.dumps(manifest[version], indent=1))
 
 
 if __name__ == "__main__":
