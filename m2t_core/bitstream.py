@@ -64,6 +64,7 @@ Every field is validated before anything is allocated from it.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -204,12 +205,12 @@ class Header:
     def num_chunks(self) -> int:
         return len(self.step_pieces[0]) if self.step_pieces else 0
 
-    @property
+    @functools.cached_property  # a frozen header: computed once
     def size(self) -> int:
         """Bytes of the header (the payload starts here)."""
         return len(self.to_bytes())
 
-    @property
+    @functools.cached_property
     def step_ends(self) -> tuple[int, ...]:
         """Version 3: for each step k, the length of the stream prefix (header included) that
         holds steps 1..k+1; the last equals the whole stream's length. () for older versions."""

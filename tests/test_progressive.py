@@ -16,6 +16,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see test_bitstream.py
 
+import dataclasses
 import warnings
 import zlib
 
@@ -179,11 +180,11 @@ def test_the_step_table_is_checked():
     enc = model.encode_image(random_image(40, 50, seed=7))
     header, payload = bs.unpack(enc.bitstream)
     # A table with the wrong number of chunks for the image (the header CRC fixed up).
-    bad = bs.Header(**{**header.__dict__, "step_pieces": tuple(row + (0,) for row in header.step_pieces)})
+    bad = dataclasses.replace(header, step_pieces=tuple(row + (0,) for row in header.step_pieces))
     with pytest.raises(bs.BitstreamError, match="chunks"):
         model.decompress(bs.pack(bad, payload))
     # The adaptive-order flag on an M2T stream.
-    bad = bs.Header(**{**header.__dict__, "flags": bs.FLAG_ADAPTIVE_ORDER})
+    bad = dataclasses.replace(header, flags=bs.FLAG_ADAPTIVE_ORDER)
     with pytest.raises(bs.BitstreamError, match="adaptive"):
         model.decompress(bs.pack(bad, payload))
     # A table that adds up to more than the payload; a chunk count far beyond the bytes given.
