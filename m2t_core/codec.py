@@ -43,7 +43,7 @@ from .entropy_coding import (MAX_ABS_SYMBOL, MEAN_STEPS, SymbolDecoder, SymbolEn
                              snap_integer, snap_params)
 from .image_io import ImageLike, to_rgb_array
 from .transformer import DecodeState, EntropyTransformer, MixtureParams, mixture_likelihood
-from .transforms import AnalysisTransform, SynthesisTransform
+from .transforms import CPU_TRANSFORMS, AnalysisTransform, SynthesisTransform, frozen_for_inference
 
 DEFAULT_WINDOW_BATCH = 8  # format version 1 only
 UNTRAINED_MODEL_ID = "untrained"
@@ -140,6 +140,7 @@ class M2TCodec(nn.Module):
         self.qat = False  # training: quantisation-aware forward through the exact model's grid
         self._digest_cache: dict[str, tuple[tuple, bytes]] = {}
         self._exact_source = self._entropy_fingerprint()
+        self._frozen: dict[str, tuple[tuple, torch.jit.ScriptModule]] = {}  # CPU inference g_a / g_s
 
     @property
     def device(self) -> torch.device:
@@ -327,6 +328,12 @@ class M2TCodec(nn.Module):
         if self.training:
             raise RuntimeError("call model.eval() before compress/decompress")
 
+    def _check_exact(self) -> None:
+        if self.exact is None:
+            raise bs.BitstreamError(
+                f"model {self.model_id!r} has no exact entropy model (a checkpoint from before format "
+                "version 2): convert it first (python -m pipeline.convert_exact, see docs/models.md)")
+
     # ------------------------------------------------------------------ compress
 
     def analysis(self, rgb: np.ndarray) -> torch.Tensor:
@@ -335,15 +342,130 @@ class M2TCodec(nn.Module):
 
         rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch wants writable memory
         x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
-        y = tiling.analysis(self.g_a, x)  # edge-padded to multiples of 16, scaled to [0, 1]
+        # edge-padded to multiples of 16, scaled to [0, 1]
+        y = tiling.analysis(self.g_a, x, run=self._inference_transform("g_a"))
         return torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
 
-    def synthesis(self, y_hat: torch.Tensor, height: int, width: int) -> np.ndarray:
-        """y_hat (C, h, w) -> RGB uint8 (height, width, 3)."""
+    def synthesis(self, y_hat: torch.Tensor, height: int, width: int, frozen: bool = True) -> np.ndarray:
+        """y_hat (C, h, w) -> RGB uint8 (height, width, 3). `frozen=False`: the eager g_s
+        (format version 1 decodes its streams with it, as it was written)."""
         from . import tiling  # large images run in overlapping tiles: memory does not grow with them
 
-        x_hat = tiling.synthesis(self.g_s, y_hat[None].to(self.device, torch.float32).contiguous(), height, width)
+        run = self._inference_transform("g_s") if frozen else None
+        x_hat = tiling.synthesis(self.g_s, y_hat[None].to(self.device, torch.float32).contiguous(), height, width,
+                                 run=run)
         return x_hat.permute(1, 2, 0).cpu().numpy()  # (3, height, width) uint8 -> (height, width, 3)
+
+    @torch.inference_mode()
+    def analysis_batch(self, rgbs: Sequence[np.ndarray], batch: int | None = None) -> list[torch.Tensor]:
+        """analysis() of many RGB images: images of one size go through g_a `batch` at a time
+        (default TRANSFORM_BATCH[device type]: 1 on a CPU, where a batch is no faster, measured
+        in bench/codec_speed.py; many on a GPU). Returns y_hat (C, h, w) per image, in order.
+        A batch may change g_a's float rounding and so a few latent values (see
+        bench/batch_consistency.py); any latent codes and decodes exactly."""
+        from . import tiling
+
+        batch = batch or TRANSFORM_BATCH.get(self.device.type, 1)
+        out: list[torch.Tensor | None] = [None] * len(rgbs)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, rgb in enumerate(rgbs):
+            by_size.setdefault(rgb.shape[:2], []).append(i)
+        run = self._inference_transform("g_a")
+        for idx in by_size.values():
+            for s in range(0, len(idx), batch) if batch > 1 else ():
+                part = idx[s:s + batch]
+                if len(part) < 2:
+                    continue
+                x = torch.from_numpy(np.stack([rgbs[i] for i in part])).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W)
+                y = tiling.analysis_batch(self.g_a, x, run=run)
+                if y is None:
+                    break  # a size that runs in tiles: one image at a time
+                y = torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
+                for k, i in enumerate(part):
+                    out[i] = y[k]
+        return [y if y is not None else self.analysis(rgbs[i]) for i, y in enumerate(out)]
+
+    @torch.inference_mode()
+    def synthesis_batch(self, latents: Sequence[tuple[torch.Tensor, int, int]], batch: int | None = None) -> list[np.ndarray]:
+        """synthesis() of many (y_hat (C, h, w), H, W): latents of one size through g_s `batch`
+        at a time (default TRANSFORM_BATCH[device type]). RGB uint8 (H, W, 3) per latent."""
+        from . import tiling
+
+        batch = batch or TRANSFORM_BATCH.get(self.device.type, 1)
+        out: list[np.ndarray | None] = [None] * len(latents)
+        by_size: dict[tuple, list[int]] = {}
+        for i, (y, H, W) in enumerate(latents):
+            by_size.setdefault((tuple(y.shape), H, W), []).append(i)
+        run = self._inference_transform("g_s")
+        for (_, H, W), idx in by_size.items():
+            for s in range(0, len(idx), batch) if batch > 1 else ():
+                part = idx[s:s + batch]
+                if len(part) < 2:
+                    continue
+                y = torch.stack([latents[i][0] for i in part]).to(self.device, torch.float32)  # (B, C, h, w)
+                x_hat = tiling.synthesis_batch(self.g_s, y, H, W, run=run)
+                if x_hat is None:
+                    break
+                x_hat = x_hat.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+                for k, i in enumerate(part):
+                    out[i] = x_hat[k]
+        return [x if x is not None else self.synthesis(latents[i][0], latents[i][1], latents[i][2])
+                for i, x in enumerate(out)]
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[ImageLike], format_version: int = bs.FORMAT_VERSION,
+                      max_pixels: int = bs.DEFAULT_MAX_PIXELS, batch: int | None = None,
+                      adaptive_order: bool = False) -> list[EncodedImage]:
+        """Encode many images, batched on the device: g_a (`analysis_batch`), then the entropy
+        model over the windows of all of them (`plan_latents`), then range coding
+        (`code_plan`). Each result is what encode_image gives for the same latent."""
+        self._check_codable()
+        self._check_exact()
+        if format_version not in (2, 3):
+            raise ValueError(f"encode_images writes format version 2 or 3, not {format_version}")
+        if adaptive_order and (self.cfg.mode != "mt" or format_version < 3):
+            raise ValueError("adaptive_order needs an MT model and format version 3")
+        rgbs = [to_rgb_array(img) for img in images]
+        for rgb in rgbs:
+            bs.check_image_size(rgb.shape[0], rgb.shape[1], max_pixels)
+        ys = self.analysis_batch(rgbs, batch)
+        plans = self.plan_latents([(y, rgb.shape[0], rgb.shape[1]) for y, rgb in zip(ys, rgbs)], adaptive_order)
+        return [code_plan(plan, format_version) for plan in plans]
+
+    def transforms_implementation(self) -> str:
+        """How analysis() and synthesis() run g_a and g_s here: "frozen" or "eager" (see
+        transforms.CPU_TRANSFORMS; GPUs run the modules eagerly, and so does a CPU where
+        freezing failed)."""
+        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen":
+            return "eager"
+        with torch.inference_mode():
+            return "frozen" if self._inference_transform("g_s") is not None else "eager"
+
+    def numerics(self) -> dict:
+        """numerics_environment() of this codec's device and transforms: what decides the
+        decoded pixels' last bits (an archive records it; verify compares pixels under it)."""
+        return numerics_environment(self.device, self.transforms_implementation())
+
+    def _inference_transform(self, name: str):
+        """The frozen CPU form of g_a or g_s (built on first use and again whenever the weights
+        changed), or None to run the module itself."""
+        module = getattr(self, name)
+        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen" or torch.is_grad_enabled() or module.training:
+            return None
+        if self._frozen.get("failed"):
+            return None
+        fingerprint = tuple((t.data_ptr(), t._version) for t in module.state_dict().values())
+        built = self._frozen.get(name)
+        if built is None or built[0] != fingerprint:
+            in_channels = 3 if name == "g_a" else self.cfg.C
+            try:
+                frozen = frozen_for_inference(module, in_channels)
+            except Exception as exc:  # e.g. a torch without TorchScript: the eager modules, said once
+                warnings.warn(f"running g_a/g_s eagerly: freezing them for CPU inference failed ({exc})")
+                self._frozen["failed"] = (fingerprint, None)
+                return None
+            built = self._frozen[name] = (fingerprint, frozen)
+        return built[1]
 
     @torch.inference_mode()
     def encode_image(self, image: ImageLike, window_batch: int = DEFAULT_WINDOW_BATCH,
@@ -366,76 +488,83 @@ class M2TCodec(nn.Module):
             return self._encode_v1(rgb, window_batch, max_pixels, use_cache)
         if format_version not in (2, 3):
             raise ValueError(f"cannot write bitstream format version {format_version} (writes 1, 2 or 3)")
-        if self.exact is None:
-            raise bs.BitstreamError(
-                f"model {self.model_id!r} has no exact entropy model (a checkpoint from before format "
-                "version 2): convert it first (python -m pipeline.convert_exact, see docs/models.md)")
-        self.sync_exact()
+        self._check_exact()
         y_hat = self.analysis(rgb)
         return self.encode_latent(y_hat, H, W, format_version, adaptive_order)
 
     def encode_latent(self, y_hat: torch.Tensor, H: int, W: int, format_version: int = bs.FORMAT_VERSION,
                       adaptive_order: bool = False) -> EncodedImage:
-        """y_hat (C, h, w) integer-valued -> format version 2 or 3 bitstream.
+        """y_hat (C, h, w) integer-valued -> format version 2 or 3 bitstream: the device stage
+        (`plan_latents`) then the coding stage (`code_plan`) for one image."""
+        return code_plan(self.plan_latents([(y_hat, H, W)], adaptive_order)[0], format_version)
 
-        Payload order: the windows in raster order, CHUNK_WINDOWS at a time; within a chunk,
-        step by step (each step's windows in order, then position within the group, then
-        channel). Version 2 codes all chunks into one range coder, chunk after chunk.
-        Version 3 gives each chunk its own range coder and notes, after each step, how many
-        words a decoder of that step needs (`STEP_READ_AHEAD_WORDS` past what the coder has
-        committed); the payload holds those step pieces step-major (`_interleave_steps`), so
-        a prefix of it decodes the first steps of every window. M2T's parameters come from
-        one teacher-forced pass per chunk; MT runs the decoder's loop."""
+    @torch.inference_mode()
+    def plan_latents(self, latents: Sequence[tuple[torch.Tensor, int, int]], adaptive_order: bool = False,
+                     windows_per_pass: int | None = None) -> list["CodingPlan"]:
+        """The device stage of encoding: for each (y_hat (C, h, w), H, W), every symbol of every
+        chunk and step with its integer parameters, moved to the CPU for `code_plan`.
+
+        The windows of all the images go through the entropy model together, up to
+        `windows_per_pass` at a time (default: WINDOWS_PER_PASS[device type]), each image's
+        chunks whole. The exact model's integers do not depend on what else is in a pass, so
+        the plan of an image, and the bytes coded from it, are the same in any batch.
+
+        Payload order (what `code_plan` writes): the windows in raster order, CHUNK_WINDOWS at
+        a time; within a chunk, step by step (each step's windows in order, then position
+        within the group, then channel). M2T's parameters come from one teacher-forced pass;
+        MT runs the decoder's loop (the encoder knows every token, so no coding is needed
+        between its steps)."""
+        self._check_codable()
+        self._check_exact()
+        if adaptive_order and self.cfg.mode != "mt":
+            raise ValueError("adaptive_order needs an MT model (M2T's attention mask fixes its order)")
+        self.sync_exact()
         ww, C = self.cfg.window, self.cfg.C
-        y_int = y_hat.to(torch.int32)
-        truth = to_windows(pad_latent(y_int[None], ww), ww)  # (nW, L, C) int32
-        valid = _valid_tokens(y_hat.shape[-2:], ww, y_hat.device)  # (nW, L)
-        groups = self._groups(y_hat.device)
-        shared = SymbolEncoder() if format_version == 2 else None
-        streams: list[bytes] = []
-        marks: list[list[int]] = []
+        identity = (self.model_id, self.weights_hash(2))
+        plans: list[CodingPlan] = []
+        chunks: list[tuple[CodingPlan, int, torch.Tensor, torch.Tensor]] = []
+        for y_hat, H, W in latents:
+            y_int = y_hat.to(self.device, torch.int32)
+            truth = to_windows(pad_latent(y_int[None], ww), ww)  # (nW, L, C) int32
+            valid = _valid_tokens(y_hat.shape[-2:], ww, y_int.device)  # (nW, L)
+            starts = range(0, truth.shape[0], bs.CHUNK_WINDOWS)
+            plan = CodingPlan(*identity, H, W, y_int.cpu(), truth.shape[0], [[] for _ in starts], adaptive_order,
+                              y_int.device.type == "cuda")
+            plans.append(plan)
+            for c, start in enumerate(starts):
+                chunks.append((plan, c, truth[start:start + bs.CHUNK_WINDOWS], valid[start:start + bs.CHUNK_WINDOWS]))
+        limit = windows_per_pass or WINDOWS_PER_PASS.get(self.device.type, bs.CHUNK_WINDOWS)
         ops = X.CodingOps(self.exact)
-        for start in range(0, truth.shape[0], bs.CHUNK_WINDOWS):
-            chunk, keep_chunk = truth[start:start + bs.CHUNK_WINDOWS], valid[start:start + bs.CHUNK_WINDOWS]
-            encoder = shared or SymbolEncoder()
-            chunk_marks: list[int] = []
+        groups = self._groups(self.device)
+        i = 0
+        while i < len(chunks):  # passes of whole chunks, at most `limit` windows (at least one chunk)
+            j, n = i + 1, chunks[i][2].shape[0]
+            while j < len(chunks) and n + chunks[j][2].shape[0] <= limit:
+                n += chunks[j][2].shape[0]
+                j += 1
+            part = chunks[i:j]
+            truth = torch.cat([c[2] for c in part])  # (b, L, C)
+            keep = torch.cat([c[3] for c in part])  # (b, L)
+            bounds = np.cumsum([0] + [c[2].shape[0] for c in part])
 
-            def code(i: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
-                keep = keep_chunk.gather(1, positions)  # (b, n_i)
-                values = chunk.gather(1, positions[..., None].expand(-1, -1, C))  # (b, n_i, C)
-                flat = params.flat(keep)
-                encoder.encode(values[keep].reshape(-1).cpu().numpy().astype(np.int64),
-                               snap_integer(flat.mean_q, flat.level, flat.logit_q))
-                chunk_marks.append(encoder.num_words())
+            def record(step: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
+                values = truth.gather(1, positions[..., None].expand(-1, -1, C))  # (b, n_i, C)
+                kept = keep.gather(1, positions)  # (b, n_i)
+                for (plan, c, _, _), a, b in zip(part, bounds[:-1], bounds[1:]):
+                    k = kept[a:b]
+                    flat = params.index(slice(a, b)).flat(k)
+                    plan.steps[c].append((values[a:b][k].reshape(-1).to("cpu", torch.int64).numpy(),
+                                          X.IntParams(*(t.cpu() for t in (flat.mean_q, flat.level, flat.logit_q)))))
                 return values
 
             if self.cfg.mode == "m2t":  # every step's parameters from one pass (exact: the same)
-                every = _teacher_forced(ops, chunk)  # (b, L, C, K)
-                for i, group in enumerate(groups):
-                    code(i, every.index((slice(None), group)), group[None].expand(chunk.shape[0], -1))
+                every = _teacher_forced(ops, truth)  # (b, L, C, K)
+                for step, group in enumerate(groups):
+                    record(step, every.index((slice(None), group)), group[None].expand(truth.shape[0], -1))
             else:
-                self._run_steps(torch.zeros_like(chunk), code, keep_chunk, adaptive_order)
-            if shared is None:
-                streams.append(encoder.finish())
-                marks.append(chunk_marks)
-        min_len = bs.min_payload_len(truth.shape[0])
-        pieces: tuple = ()
-        if shared is not None:
-            payload = shared.finish()
-            payload += bytes(max(0, min_len - len(payload)))
-        else:
-            streams[-1] += bytes(max(0, min_len - sum(map(len, streams))))  # zero words: still valid
-            payload, pieces = _interleave_steps(streams, marks)
-        y_int32 = y_int.cpu()
-        header = bs.Header(
-            model_id=self.model_id, weights_hash=self.weights_hash(2), height=H, width=W,
-            window_batch=0, payload_len=len(payload),
-            latent_crc=latent_checksum_v2(y_int32, H, W), payload_crc=zlib.crc32(payload),
-            version=format_version, step_pieces=pieces,
-            flags=(bs.FLAG_CUDA if y_hat.device.type == "cuda" else 0)
-            | (bs.FLAG_ADAPTIVE_ORDER if adaptive_order else 0),
-        )
-        return EncodedImage(bs.pack(header, payload), y_int32, H, W)
+                self._run_steps(torch.zeros_like(truth), record, keep, adaptive_order)
+            i = j
+        return plans
 
     def _groups(self, device) -> list[torch.Tensor]:
         return [torch.as_tensor(g, device=device) for g in self.entropy_model.sched.groups]
@@ -688,7 +817,7 @@ class M2TCodec(nn.Module):
         header, y_hat = self.decode_latent(data, max_pixels)
         if header.version == 1:
             with deterministic_kernels(self.device):
-                return self.synthesis(y_hat, header.height, header.width)
+                return self.synthesis(y_hat, header.height, header.width, frozen=False)
         return self.synthesis(y_hat, header.height, header.width)
 
     @torch.inference_mode()
@@ -696,7 +825,7 @@ class M2TCodec(nn.Module):
         """The decoder's output for an encoded image, computed on the encoder side."""
         if bs.read_header(encoded.bitstream, max_pixels=bs.MAX_SIDE ** 2).version == 1:
             with deterministic_kernels(self.device):  # as version 1's decoder runs g_s
-                return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)
+                return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width, frozen=False)
         return self.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)
 
 
@@ -718,6 +847,73 @@ class Preview:
 # committed after step k (num_words() counts those plus 1-2 sealing words; the range coder's
 # state is 2 words), so the prefix that ends there decodes steps 1..k exactly.
 STEP_READ_AHEAD_WORDS = 2
+
+
+# Windows the entropy model takes in one pass when encoding (plan_latents): on a CPU one chunk
+# (bigger passes only cost memory); a GPU needs many images' windows at once to be busy.
+WINDOWS_PER_PASS = {"cpu": bs.CHUNK_WINDOWS, "cuda": 16 * bs.CHUNK_WINDOWS}
+# Images per g_a / g_s call (analysis_batch, synthesis_batch): one on a CPU, where a batch is
+# slower per image (bench/codec_speed.py); a GPU needs many.
+TRANSFORM_BATCH = {"cpu": 1, "cuda": 16}
+
+
+@dataclass
+class CodingPlan:
+    """What the device stage (`M2TCodec.plan_latents`) hands to the coding stage (`code_plan`)
+    for one image: every symbol with its integer parameters, on the CPU. Coding it needs no
+    model and no device, so it can run on other threads while the device plans the next images."""
+
+    model_id: str
+    weights_hash: bytes
+    height: int
+    width: int
+    y_int: torch.Tensor  # (C, h, w) int32, CPU
+    num_windows: int
+    steps: list  # per chunk, per step: (symbols (n,) int64 ndarray, IntParams (n, K) int CPU tensors)
+    adaptive_order: bool = False
+    on_cuda: bool = False
+
+
+def code_plan(plan: CodingPlan, format_version: int = bs.FORMAT_VERSION) -> EncodedImage:
+    """The coding stage: range-code a plan into a format version 2 or 3 bitstream.
+
+    Version 2 codes all chunks into one range coder, chunk after chunk. Version 3 gives each
+    chunk its own range coder and notes, after each step, how many words a decoder of that
+    step needs (`STEP_READ_AHEAD_WORDS` past what the coder has committed); the payload holds
+    those step pieces step-major (`_interleave_steps`), so a prefix of it decodes the first
+    steps of every window."""
+    if format_version not in (2, 3):
+        raise ValueError(f"code_plan writes format version 2 or 3, not {format_version}")
+    if plan.adaptive_order and format_version < 3:
+        raise ValueError("adaptive_order needs format version 3")
+    shared = SymbolEncoder() if format_version == 2 else None
+    streams: list[bytes] = []
+    marks: list[list[int]] = []
+    for chunk_steps in plan.steps:
+        encoder = shared or SymbolEncoder()
+        chunk_marks: list[int] = []
+        for symbols, params in chunk_steps:
+            encoder.encode(symbols, snap_integer(params.mean_q, params.level, params.logit_q))
+            chunk_marks.append(encoder.num_words())
+        if shared is None:
+            streams.append(encoder.finish())
+            marks.append(chunk_marks)
+    min_len = bs.min_payload_len(plan.num_windows)
+    pieces: tuple = ()
+    if shared is not None:
+        payload = shared.finish()
+        payload += bytes(max(0, min_len - len(payload)))
+    else:
+        streams[-1] += bytes(max(0, min_len - sum(map(len, streams))))  # zero words: still valid
+        payload, pieces = _interleave_steps(streams, marks)
+    header = bs.Header(
+        model_id=plan.model_id, weights_hash=plan.weights_hash, height=plan.height, width=plan.width,
+        window_batch=0, payload_len=len(payload),
+        latent_crc=latent_checksum_v2(plan.y_int, plan.height, plan.width), payload_crc=zlib.crc32(payload),
+        version=format_version, step_pieces=pieces,
+        flags=(bs.FLAG_CUDA if plan.on_cuda else 0) | (bs.FLAG_ADAPTIVE_ORDER if plan.adaptive_order else 0),
+    )
+    return EncodedImage(bs.pack(header, payload), plan.y_int, plan.height, plan.width)
 
 
 def _interleave_steps(streams: list[bytes], marks: list[list[int]]) -> tuple[bytes, tuple]:
@@ -799,12 +995,14 @@ def _teacher_forced(ops, windows: torch.Tensor) -> X.IntParams:
                          for f in ("mean_q", "level", "logit_q")))
 
 
-def numerics_environment(device: torch.device | str = "cpu") -> dict:
+def numerics_environment(device: torch.device | str = "cpu", transforms: str | None = None) -> dict:
     """What decides g_a's and g_s's float results (not the entropy model's: that is exact):
     two decoders with the same environment give the same pixels; others may differ in the
-    last bit of a few pixels."""
+    last bit of a few pixels. `transforms`: how g_a/g_s run (M2TCodec.numerics() fills it)."""
     device = torch.device(device)
-    env = {"device": device.type, "torch": torch.__version__}
+    if transforms is None:
+        transforms = CPU_TRANSFORMS if device.type == "cpu" else "eager"
+    env = {"device": device.type, "torch": torch.__version__, "transforms": transforms}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:

@@ -168,24 +168,26 @@ def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0
 
 
-def analysis(g_a: nn.Module, x: torch.Tensor, plan: TilePlan | None = None) -> torch.Tensor:
+def analysis(g_a: nn.Module, x: torch.Tensor, plan: TilePlan | None = None, run=None) -> torch.Tensor:
     """g_a of an RGB image: x (1, 3, H, W) uint8 -> y (C, ceil(H/16), ceil(W/16)) float.
 
     The image is edge-padded to a multiple of 16 (as the bitstream specifies). Images that fit
-    in one tile of `plan` (default: from g_a's receptive field) run whole, exactly as before."""
+    in one tile of `plan` (default: from g_a's receptive field) run whole, exactly as before.
+    `run` computes g_a (default: the module itself; e.g. its frozen CPU form)."""
+    run = g_a if run is None else run
     H, W = x.shape[-2:]
     pad_b, pad_r = bs.image_padding(H, W)
     h, w = (H + pad_b) // SCALE, (W + pad_r) // SCALE
     plan = _resolve(g_a, "analysis", plan, h, w)
     if plan is None:
-        return g_a(F.pad(_to_unit_float(x), (0, pad_r, 0, pad_b), mode="replicate"))[0]
+        return run(F.pad(_to_unit_float(x), (0, pad_r, 0, pad_b), mode="replicate"))[0]
     y = None
     for (cy0, cy1), (cx0, cx1), (ty0, ty1), (tx0, tx1) in tiles(h, w, plan):
         # The crop in pixels; beyond the image's bottom/right edge, the same edge padding.
         py0, py1, px0, px1 = ty0 * SCALE, ty1 * SCALE, tx0 * SCALE, tx1 * SCALE
         crop = _to_unit_float(x[:, :, py0:min(py1, H), px0:min(px1, W)])
         crop = F.pad(crop, (0, px1 - min(px1, W), 0, py1 - min(py1, H)), mode="replicate").contiguous()
-        out = g_a(crop)[0]  # (C, ty1 - ty0, tx1 - tx0)
+        out = run(crop)[0]  # (C, ty1 - ty0, tx1 - tx0)
         if y is None:
             y = out.new_empty(out.shape[0], h, w)
         y[:, cy0:cy1, cx0:cx1] = out[:, cy0 - ty0:cy1 - ty0, cx0 - tx0:cx1 - tx0]
@@ -197,19 +199,20 @@ def _to_uint8(x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def synthesis(g_s: nn.Module, y: torch.Tensor, height: int, width: int,
-              plan: TilePlan | None = None) -> torch.Tensor:
+              plan: TilePlan | None = None, run=None) -> torch.Tensor:
     """g_s of a latent, rounded to pixels: y (1, C, h, w) float -> (3, height, width) uint8.
 
     Latents that fit in one tile of `plan` (default: from g_s's receptive field) run whole,
     exactly as before; otherwise each tile's pixels are rounded and written into the output,
-    so no full-size float image exists."""
+    so no full-size float image exists. `run` computes g_s (default: the module itself)."""
+    run = g_s if run is None else run
     h, w = y.shape[-2:]
     plan = _resolve(g_s, "synthesis", plan, h, w)
     if plan is None:
-        return _to_uint8(g_s(y)[0, :, :height, :width])
+        return _to_uint8(run(y)[0, :, :height, :width])
     out = torch.empty(3, height, width, dtype=torch.uint8, device=y.device)
     for (cy0, cy1), (cx0, cx1), (ty0, ty1), (tx0, tx1) in tiles(h, w, plan):
-        x_hat = g_s(y[:, :, ty0:ty1, tx0:tx1].contiguous())[0]  # (3, 16 (ty1 - ty0), 16 (tx1 - tx0))
+        x_hat = run(y[:, :, ty0:ty1, tx0:tx1].contiguous())[0]  # (3, 16 (ty1 - ty0), 16 (tx1 - tx0))
         oy0, ox0 = cy0 * SCALE, cx0 * SCALE
         oy1, ox1 = min(height, cy1 * SCALE), min(width, cx1 * SCALE)
         if oy1 <= oy0 or ox1 <= ox0:
@@ -217,3 +220,24 @@ def synthesis(g_s: nn.Module, y: torch.Tensor, height: int, width: int,
         out[:, oy0:oy1, ox0:ox1] = _to_uint8(x_hat[:, oy0 - ty0 * SCALE:oy1 - ty0 * SCALE,
                                                    ox0 - tx0 * SCALE:ox1 - tx0 * SCALE])
     return out
+
+
+def analysis_batch(g_a: nn.Module, x: torch.Tensor, run=None) -> torch.Tensor | None:
+    """g_a of B images of one size in one call: x (B, 3, H, W) uint8 -> y (B, C, h, w), or None
+    when images of this size run in tiles (then each goes through `analysis`). The batch may
+    change the float rounding of a few values (other kernels), never which inputs are used."""
+    run = g_a if run is None else run
+    H, W = x.shape[-2:]
+    pad_b, pad_r = bs.image_padding(H, W)
+    if _resolve(g_a, "analysis", None, (H + pad_b) // SCALE, (W + pad_r) // SCALE) is not None:
+        return None
+    return run(F.pad(_to_unit_float(x), (0, pad_r, 0, pad_b), mode="replicate"))
+
+
+def synthesis_batch(g_s: nn.Module, y: torch.Tensor, height: int, width: int, run=None) -> torch.Tensor | None:
+    """g_s of B latents of one size: y (B, C, h, w) float -> (B, 3, height, width) uint8, or None
+    when latents of this size run in tiles (then each goes through `synthesis`)."""
+    run = g_s if run is None else run
+    if _resolve(g_s, "synthesis", None, *y.shape[-2:]) is not None:
+        return None
+    return _to_uint8(run(y)[:, :, :height, :width])

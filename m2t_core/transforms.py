@@ -6,6 +6,8 @@ g_s mirrors it with stride-2 transposed convolutions.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,3 +132,34 @@ class SynthesisTransform(nn.Module):
 
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         return self.layers(y_hat)
+
+
+# ---------------------------------------------------------------------- CPU inference
+
+# How g_a and g_s run for inference on a CPU: "frozen" (TorchScript, frozen and optimised for
+# inference: oneDNN convolutions with pre-packed weights and fused element-wise work; 1.7 to
+# 2x faster on one thread, bench/codec_speed.py) or "eager" (the nn.Modules as they are;
+# M2T_EAGER_TRANSFORMS=1). The two differ only in float rounding, which g_a and g_s may: the
+# entropy model, the only part a decoder must reproduce, is exact integer arithmetic either way.
+# The choice is part of the numerics an archive records, since it decides the last bits of a
+# few decoded pixels.
+CPU_TRANSFORMS = "eager" if os.environ.get("M2T_EAGER_TRANSFORMS", "") not in ("", "0") else "frozen"
+
+
+def frozen_for_inference(module: nn.Module, in_channels: int) -> torch.jit.ScriptModule:
+    """`module` (g_a or g_s, float32 on the CPU) traced, frozen and optimised for inference.
+
+    The trace holds no shape: every layer of g_a and g_s is a convolution, pixel shuffle or
+    element-wise op, so the one graph serves every input size (tests/test_codec.py compares it
+    with the eager module at several sizes). Its weights are copies: a module trained further
+    needs a new one (M2TCodec rebuilds it when the weights change)."""
+    import warnings
+
+    example = torch.zeros(1, in_channels, 32, 32)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated upstream in favour of torch.compile, which would need a C++
+        # compiler on every worker and minutes of compilation per input shape; should a future
+        # torch drop it, M2TCodec falls back to the eager modules (and says so in its numerics).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(module.eval(), example, check_trace=False)  # SubpixelConvTranspose2d's inference path
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))

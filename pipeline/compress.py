@@ -45,6 +45,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -54,7 +55,7 @@ import numpy as np
 from m2t_core.config import ConfigError, load_config_file
 from m2t_core.registry import DEFAULT_MODEL, CheckpointError, ModelNotFoundError
 from m2t_core import bitstream
-from m2t_core.codec import numerics_environment
+from m2t_core.codec import code_plan
 
 from . import archive as A
 from .lease import ArchiveLease, LeaseError, LeaseHeldError, LeaseLostError, check_holder
@@ -99,6 +100,11 @@ class CompressConfig:
     max_source_bytes: int = 268_435_456  # larger files are refused before they are read
     window_batch: int = 8  # windows per transformer call; stored in every bitstream
     compute_psnr: bool = True  # decode-side reconstruction for PSNR and decoded_crc32 (~1.5x time)
+    # Images per model call (g_a, the entropy model, g_s); 0: 16 on a GPU, 1 on a CPU.
+    batch_images: int = 0
+    # Threads that range-code while the model runs the next batch; -1: 1 on a CPU, on a GPU
+    # all the actor's CPUs but one; 0: code in the model's thread.
+    coding_threads: int = -1
     prefetch: int = 2  # decoded images queued ahead of the model, per actor
     torch_threads: int = 0  # 0: cpus_per_actor (at least 1) on Ray; PyTorch's default in-process
     device: str = "auto"  # in-process runs: "auto" (cuda if available), "cpu", "cuda"
@@ -133,6 +139,10 @@ class CompressConfig:
         need(self.max_pixels <= bitstream.DEFAULT_MAX_PIXELS,
              f"max_pixels must be <= {bitstream.DEFAULT_MAX_PIXELS} (the decoder's default limit)")
         need(self.torch_threads >= 0 and self.max_shards >= 0, "torch_threads and max_shards must be >= 0")
+        need(isinstance(self.batch_images, int) and 0 <= self.batch_images <= 1024,
+             f"batch_images must be 0 (auto) to 1024, got {self.batch_images!r}")
+        need(isinstance(self.coding_threads, int) and -1 <= self.coding_threads <= 256,
+             f"coding_threads must be -1 (auto), 0 (none) or up to 256, got {self.coding_threads!r}")
         need(isinstance(self.verify_existing, bool), f"verify_existing must be true or false, got {self.verify_existing!r}")
         need(self.lease_timeout_s > 0, f"lease_timeout_s must be > 0, got {self.lease_timeout_s}")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
@@ -289,12 +299,89 @@ def _fence(job: Mapping[str, Any], shard: str, step: str) -> None:
         check_holder(job["output"], job["storage_options"], owner, what=f"shard {shard} not {step}")
 
 
+def _batches(decoded: Iterator[_Decoded], size: int) -> Iterator[list[_Decoded]]:
+    batch: list[_Decoded] = []
+    for d in decoded:
+        batch.append(d)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _coded(plan, format_version: int):
+    """The coding stage of one image (CPU only): its EncodedImage, or the exception."""
+    try:
+        return code_plan(plan, format_version)
+    except Exception as exc:
+        return exc
+
+
+def _model_stage(model, batch: list[_Decoded], job: Mapping[str, Any], rows: list[dict]) -> list[tuple]:
+    """The device stage of a batch: g_a over the images, the entropy model over all their
+    windows (plan_latents), g_s for PSNR. Returns (row, rgb, plan, recon) per image that got
+    that far; an image that fails gets its row's error. A batch that fails as a whole is redone
+    one image at a time, so the error lands on the image that caused it."""
+    todo = []
+    for d, row in zip(batch, rows):
+        if d.rgb is None:
+            continue
+        row["height"], row["width"] = int(d.rgb.shape[0]), int(d.rgb.shape[1])
+        try:  # e.g. ImageTooLargeError for a side over 65535
+            bitstream.check_image_size(d.rgb.shape[0], d.rgb.shape[1], job["max_pixels"])
+        except Exception as exc:
+            row["status"], row["error"] = "error", f"encoding failed: {_image_error(exc)}"
+            continue
+        todo.append((d, row))
+
+    def run(part):
+        ys = model.analysis_batch([d.rgb for d, _ in part], job["batch_images"])
+        latents = [(y, d.rgb.shape[0], d.rgb.shape[1]) for y, (d, _) in zip(ys, part)]
+        plans = model.plan_latents(latents)
+        recons = model.synthesis_batch(latents, job["batch_images"]) if job["compute_psnr"] else [None] * len(part)
+        return [(row, d.rgb, plan, recon) for (d, row), plan, recon in zip(part, plans, recons)]
+
+    if len(todo) > 1:
+        try:
+            return run(todo)
+        except Exception as exc:  # find the image that failed; the others are coded as usual
+            log.warning("a batch of %d images failed (%s): coding them one at a time", len(todo), exc)
+    staged = []
+    for one in todo:
+        try:
+            staged += run([one])
+        except Exception as exc:
+            one[1]["status"], one[1]["error"] = "error", f"encoding failed: {_image_error(exc)}"
+    return staged
+
+
+def stage_settings(job: Mapping[str, Any], device: str) -> dict[str, int]:
+    """The worker's batch size and coding threads: the job's, or (0 / -1) the defaults for
+    its device: on a GPU, batches of 16 and every CPU of the actor but one coding."""
+    gpu = device.startswith("cuda")
+    batch = int(job.get("batch_images") or 0) or (16 if gpu else 1)
+    threads = int(job.get("coding_threads", -1))
+    if threads < 0:
+        threads = max(1, int(job.get("cpus_per_actor") or 1) - 1) if gpu else 1
+    return {"batch_images": batch, "coding_threads": threads}
+
+
 def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, Any]:
-    """Compress one shard and write its .bin, index and (last) stats file; returns the stats."""
+    """Compress one shard and write its .bin, index and (last) stats file; returns the stats.
+
+    Three stages overlap: a thread reads and decodes images (`_prefetch`); this thread runs
+    the model on batches of `batch_images` (`_model_stage`: g_a, the entropy model's
+    parameters for all their windows, g_s for PSNR); `coding_threads` threads range-code the
+    plans (`code_plan`) while the model works on the next batch. Results are written in input
+    order. An image's bytes do not depend on the threads, nor on the batch on a CPU (which
+    runs g_a one image at a time); a GPU's batched g_a may round a few latents differently
+    (bench/batch_consistency.py)."""
     import pyarrow as pa
     from m2t_core.metrics import mse as mse_of, psnr_from_mse
 
     t0 = time.perf_counter()
+    job = {**job, **stage_settings(job, str(model.device))}
     archive = A.Archive(job["output"], job["storage_options"])
     _fence(job, spec.shard, "cleared")  # an orphaned worker of a stopped job stops here
     archive.clear_shard(spec.shard)
@@ -303,31 +390,24 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
                   sum_bpp=0.0, sum_psnr=0.0, psnr_images=0, sum_mse=0.0, mse_images=0, model_s=0.0)
     failures: list[dict[str, str]] = []
     blob = archive.open_blob(spec.shard)
-    try:
-        items = iter_shard(spec, job["storage_options"], job["max_source_bytes"])
-        for decoded in _prefetch(items, job["max_pixels"], job["prefetch"]):
-            item, rgb = decoded.item, decoded.rgb
-            row = dict(key=item.key, source=item.source, shard=spec.shard, offset=None, length=None,
-                       height=None, width=None, source_bytes=item.source_bytes, bpp=None, psnr=None,
-                       mse=None, crc32=None, decoded_crc32=None, status=item.status, error=item.error or None,
-                       step_ends=None)
-            encoded = recon = None
-            if rgb is not None:
-                row["height"], row["width"] = int(rgb.shape[0]), int(rgb.shape[1])
-                t_model = time.perf_counter()
-                try:
-                    encoded = model.encode_image(rgb, window_batch=job["window_batch"], max_pixels=job["max_pixels"])
-                    recon = model.reconstruct(encoded) if job["compute_psnr"] else None
-                except Exception as exc:  # e.g. ImageTooLargeError for a side over 65535
-                    row["status"], row["error"] = "error", f"encoding failed: {exc}"
-                totals["model_s"] += time.perf_counter() - t_model
+    threads = job["coding_threads"]
+    coder = ThreadPoolExecutor(threads, thread_name_prefix="m2t-code") if threads else None
+
+    def write(batch_rows: list[dict], staged: list[tuple], coded: list) -> None:
+        """Commit one batch to the blob and the index rows, in input order."""
+        results = {id(row): (rgb, enc.result() if coder else enc, recon)
+                   for (row, rgb, _, recon), enc in zip(staged, coded)}
+        for row in batch_rows:
+            rgb, encoded, recon = results.get(id(row), (None, None, None))
+            if isinstance(encoded, Exception):
+                row["status"], row["error"], encoded = "error", f"encoding failed: {_image_error(encoded)}", None
             if encoded is not None:
                 data = encoded.bitstream
-                # Outside the try above: a failed write to the archive fails the shard, not the image.
+                # A failed write to the archive fails the shard, not the image.
                 row.update(offset=blob.append(data), length=len(data), bpp=encoded.bpp, crc32=zlib.crc32(data),
                            step_ends=list(bitstream.read_header(data).step_ends) or None)
                 totals["ok"] += 1
-                totals["source_bytes"] += item.source_bytes
+                totals["source_bytes"] += row["source_bytes"]
                 totals["compressed_bytes"] += len(data)
                 totals["pixels"] += encoded.height * encoded.width
                 totals["sum_bpp"] += encoded.bpp
@@ -347,11 +427,33 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
                                      "error": row["error"]})
             totals["images"] += 1
             rows.append(row)
+
+    try:
+        waiting = None  # the previous batch: coded on the coding threads while the model runs this one
+        items = iter_shard(spec, job["storage_options"], job["max_source_bytes"])
+        for batch in _batches(_prefetch(items, job["max_pixels"], max(job["prefetch"], job["batch_images"])), job["batch_images"]):
+            batch_rows = [dict(key=d.item.key, source=d.item.source, shard=spec.shard, offset=None, length=None,
+                               height=None, width=None, source_bytes=d.item.source_bytes, bpp=None, psnr=None,
+                               mse=None, crc32=None, decoded_crc32=None, status=d.item.status,
+                               error=d.item.error or None, step_ends=None) for d in batch]
+            t_model = time.perf_counter()
+            staged = _model_stage(model, batch, job, batch_rows)
+            fv = bitstream.FORMAT_VERSION
+            coded = [coder.submit(_coded, plan, fv) if coder else _coded(plan, fv) for _, _, plan, _ in staged]
+            totals["model_s"] += time.perf_counter() - t_model
+            if waiting is not None:
+                write(*waiting)
+            waiting = (batch_rows, staged, coded)
+        if waiting is not None:
+            write(*waiting)
         _fence(job, spec.shard, "committed")
         blob.commit()
     except BaseException:
         blob.abort()
         raise
+    finally:
+        if coder is not None:
+            coder.shutdown(wait=True, cancel_futures=True)
     archive.write_table(archive.shard_path(spec.shard, ".parquet"),
                         pa.Table.from_pylist(rows, schema=A.index_schema()))
     stats = {
@@ -361,7 +463,7 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
         "plan_shard_size": job.get("plan_shard_size"),
         # What decided the decoded pixels (g_s is float): verify compares decoded_crc32 only
         # under the same numerics; the latent CRC is checked everywhere.
-        "numerics": numerics_environment(model.device),
+        "numerics": model.numerics(),
         "peak_rss_mib": peak_rss_mib(), "finished_at": A.now_iso(),
     }
     _fence(job, spec.shard, "marked complete")
@@ -1012,6 +1114,7 @@ def _compress_dataset(cfg: CompressConfig, overwrite: bool, progress: bool, brea
         "output": cfg.output, "storage_options": cfg.storage_options, "model_source": cfg.model,
         "model_id": model.model_id, "weights_sha256": model.weights_digest().hex(),
         "window_batch": cfg.window_batch, "max_pixels": cfg.max_pixels, "compute_psnr": cfg.compute_psnr,
+        "batch_images": cfg.batch_images, "coding_threads": cfg.coding_threads,
         "max_source_bytes": cfg.max_source_bytes, "prefetch": cfg.prefetch, "torch_threads": cfg.torch_threads,
         "cpus_per_actor": cfg.ray.cpus_per_actor, "use_gpu": False, "shard_retries": cfg.ray.shard_retries,
     }

@@ -306,7 +306,7 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
         got = zlib.crc32(np.ascontiguousarray(rgb).tobytes())
         # The latent CRC (inside decompress) holds everywhere; pixels come from float g_s and
         # are compared only under the numerics that wrote decoded_crc32.
-        same_numerics = header.portable is False or (expect or {}).get("numerics") == numerics_environment(model.device)
+        same_numerics = header.portable is False or (expect or {}).get("numerics") == model.numerics()
         out.setdefault("pixel_checks", {"compared": 0, "skipped": 0})["compared" if same_numerics else "skipped"] += 1
         if same_numerics and row["decoded_crc32"] is not None and got != row["decoded_crc32"]:
             issues.append(issue(shard, key, "decoded_mismatch", f"shard {shard}, key {key!r}: decoded pixels have "
