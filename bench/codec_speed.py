@@ -3,6 +3,15 @@
 
     python bench/codec_speed.py --quick        # 768x512 only, 2 repeats (~30 s on a 2-core CPU)
     python bench/codec_speed.py                # 768x512 and 2000x1500, 3 repeats
+    python bench/codec_speed.py --stages --checkpoint m2t-small-q3 --threads 1 --sizes 768x512,1920x1080
+                                               # per-stage times of the staged, batched coder (~3 min)
+
+--stages times, per image, each stage the compression and verify jobs run (one thread: as an
+actor with one CPU): g_a and g_s eager vs frozen (the TorchScript form a CPU runs by default)
+and on a batch of --stage-batch images; the entropy model's device stage (plan_latents) for
+one image and for a batch; range coding (code_plan); decoding one latent (decode_latent) and
+a batch (decode_latents); and encode_image / decompress end to end. It writes
+bench/results/codec_stages.json (or --json).
 
 What is measured, per image size and mode (same preset, same image, same weights):
   * encode: `model.encode_image(rgb)` (analysis + transformer schedule + range coding);
@@ -413,6 +422,74 @@ def fmt_table(results: dict, steps: int) -> str:
     return "\n".join(lines)
 
 
+def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log) -> dict:
+    """Median seconds per image of each stage of staged coding (see the module docstring)."""
+    from m2t_core import tiling
+    from m2t_core.codec import code_plan
+
+    rgbs = [rgb, rgb[:, ::-1], rgb[::-1], rgb[::-1, ::-1]] * (batch // 4 + 1)
+    rgbs = [np.ascontiguousarray(r) for r in rgbs[:batch]]  # same size, different content
+    H, W = rgb.shape[:2]
+    x = torch.from_numpy(rgbs[0]).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    with torch.inference_mode():
+        ys = model.analysis_batch(rgbs, batch=1)
+        latents = [(y, H, W) for y in ys]
+        plan = model.plan_latents(latents[:1])[0]
+        stream = code_plan(plan).bitstream
+        streams = [code_plan(p).bitstream for p in model.plan_latents(latents)]
+    stages: dict[str, tuple[Callable, int]] = {  # name -> (work, images it covers)
+        "g_a eager": (lambda: tiling.analysis(model.g_a, x), 1),
+        "g_a frozen": (lambda: model.analysis(rgbs[0]), 1),
+        f"g_a frozen, batch {batch}": (lambda: model.analysis_batch(rgbs, batch=batch), batch),
+        "entropy model plan, 1 image": (lambda: model.plan_latents(latents[:1]), 1),
+        f"entropy model plan, batch {batch}": (lambda: model.plan_latents(latents), batch),
+        "range coding (code_plan)": (lambda: code_plan(plan), 1),
+        "decode_latent": (lambda: model.decode_latent(stream), 1),
+        f"decode_latents, batch {batch}": (lambda: model.decode_latents(streams), batch),
+        "g_s eager": (lambda: model.synthesis(ys[0], H, W, frozen=False), 1),
+        "g_s frozen": (lambda: model.synthesis(ys[0], H, W), 1),
+        f"g_s frozen, batch {batch}": (lambda: model.synthesis_batch(latents, batch=batch), batch),
+        "encode_image (end to end)": (lambda: model.encode_image(rgbs[0]), 1),
+        "decompress (end to end)": (lambda: model.decompress(stream), 1),
+    }
+    out = {}
+    with torch.inference_mode():
+        for name, (work, n) in stages.items():
+            work()  # warm-up (the frozen transforms are built on first use)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                work()
+                times.append((time.perf_counter() - t0) / n)
+            out[name] = {"median_s_per_image": statistics.median(times), "runs_s_per_image": times}
+            log(f"  {name:<34} {out[name]['median_s_per_image']:.3f} s per image")
+    return out
+
+
+def main_stages(args, log) -> int:
+    sizes = [parse_size(s) for s in (args.sizes or "768x512").split(",")]
+    repeats = args.repeats if args.repeats is not None else 3
+    models, desc = build_models(args.checkpoint, torch.device(args.device))
+    model = models["m2t"]
+    machine = machine_info(torch.device(args.device))
+    log(f"machine: {machine['cpu']}, torch {machine['torch']}, {torch.get_num_threads()} torch threads; model {desc}; "
+        f"transforms {model.transforms_implementation()}")
+    results, images = {}, {}
+    meter = LoadMeter()
+    for size in sizes:
+        key = f"{size[0]}x{size[1]}"
+        rgb, images[key] = bench_image(size, args.data_root)
+        log(f"{key} ({images[key]}), median of {repeats}:")
+        results[key] = bench_stages(model, rgb, args.stage_batch, repeats, log)
+    report = {"benchmark": "codec_stages",
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine,
+              "model": desc, "transforms": model.transforms_implementation(), "batch": args.stage_batch,
+              "repeats": repeats, "images": images, "results": results, "load_average_after": load_avg(),
+              "other_processes_cores": meter.other_cores()}
+    write_report(args.json or REPO / "bench" / "results" / "codec_stages.json", report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Encode/decode speed of the M2T vs MT codec (median of repeats).")
     ap.add_argument("--quick", action="store_true", help="768x512 only, 2 repeats (< 5 min on a 2-core CPU)")
@@ -437,7 +514,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None,
                     help="where to write results (default bench/results/codec_speed.json, "
                          "--quick: bench/results/codec_speed_quick.json)")
+    ap.add_argument("--stages", action="store_true",
+                    help="only the per-stage times of staged, batched coding (M2T; see the module docstring)")
+    ap.add_argument("--stage-batch", type=int, default=4, help="--stages: the batch (default 4)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stages:
+        if args.stage_batch < 1:
+            ap.error("--stage-batch must be >= 1")
+        return main_stages(args, lambda msg: print(msg, flush=True))
 
     sizes = [parse_size(s) for s in (args.sizes or ("768x512" if args.quick else DEFAULT_SIZES)).split(",")]
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)

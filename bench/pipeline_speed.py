@@ -5,6 +5,7 @@ with 1 and 2 Ray actors, and the peak memory of an actor as the dataset grows 10
     python bench/pipeline_speed.py --quick     # 4 images, 1 repeat; RSS at 2 and 20 images (~1.5 min)
     python bench/pipeline_speed.py             # 24 images, 3 repeats; RSS at 8 and 80 images (~8.5 min on
                                                # 2 idle cores; ~12 min with one core busy elsewhere)
+    python bench/pipeline_speed.py --size 1920x1080 --images 6 --skip-memory   # ~2 MP images
 
 What runs: the real jobs, through their library entries: `pipeline.compress.compress_dataset`
 (as jobs/compress.py and tests/test_compress.py call it) and `pipeline.verify.verify_main`
@@ -15,9 +16,11 @@ torch thread each (the defaults), with the default model (m2t-small-q3) and the 
 settings (compute_psnr on: the compression job also reconstructs each image, for PSNR and
 the decoded CRC that verify checks).
 
-The corpus: real photographs at 768x512, written to a temporary folder: the Kodak images
-(../shared/datasets/kodak, portrait ones turned) as PNG, then 768x512 crops of the Debian
-wallpapers (each cover-resized to 1536x1024, four quadrants) as JPEG (quality 92); without
+The corpus: real photographs at --size (default 768x512, Kodak's), written to a temporary
+folder: at 768x512, the Kodak images (../shared/datasets/kodak, portrait ones turned) as
+PNG, then 768x512 crops of the Debian wallpapers (each cover-resized to 1536x1024, four
+quadrants) as JPEG (quality 92); at a larger size, the wallpapers only (all 1.3-13 MP),
+each cover-resized to the size, as JPEG (quality 92), never an upscaled Kodak image; without
 ../shared/datasets, scikit-image's sample photos, resized, cropped and mirrored. Shards of
 --shard-size images (default 2: with few images, small shards keep two actors evenly busy
 to the end; the job's default is 256).
@@ -68,7 +71,7 @@ from m2t_core.sysinfo import cpu_model  # noqa: E402
 from bench._common import (DEFAULT_DATA, FamilyCpu, LoadMeter, code_state, cover_resize,  # noqa: E402
                            load_avg, write_report)
 
-SIZE = (768, 512)
+SIZE = (768, 512)  # width, height; --size changes it
 CLUSTER_CPUS = 2
 
 
@@ -81,6 +84,10 @@ def photos(data_root: Path) -> Iterator[tuple[str, object, str]]:
 
     kodak = data_root / "kodak"
     walls = data_root / "train" / "debian-wallpapers"
+    if SIZE[0] * SIZE[1] > 768 * 512 and walls.is_dir():
+        for path in sorted(walls.rglob("*.jpg")):
+            yield f"wall-{path.stem}", cover_resize(Image.open(path).convert("RGB"), SIZE), "JPEG"
+        return
     if kodak.is_dir() or walls.is_dir():
         for path in sorted(kodak.glob("kodim*.png")) if kodak.is_dir() else []:
             img = Image.open(path).convert("RGB")
@@ -252,6 +259,8 @@ def fmt_tables(throughput: dict, ratios: dict, rss: dict) -> str:
         for job, r in ratios.items():
             lines.append(f"| {job} | {r['ratio']:.2f}x | {r['ratio_excl_startup']:.2f}x | >= 1.7x |")
         lines.append("")
+    if not rss:
+        return "\n".join(lines)
     lines.append("| compress, 2 actors | images | shards | seconds | images/s | peak RSS per actor, MiB |")
     lines.append("|---|---:|---:|---:|---:|---|")
     for label, r in rss["runs"].items():
@@ -276,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-images", type=int, default=None,
                     help="N for the memory runs at N and 10N images (default 8; --quick: 2)")
     ap.add_argument("--skip-throughput", action="store_true", help="only the memory runs (N and 10N images)")
+    ap.add_argument("--skip-memory", action="store_true", help="only the throughput runs (no N / 10N memory runs)")
+    ap.add_argument("--size", default="768x512", metavar="WxH",
+                    help="image size (default 768x512, Kodak's; e.g. 1920x1080 for ~2 MP)")
     ap.add_argument("--shard-size", type=int, default=2, help="images per shard (default 2)")
     ap.add_argument("--malloc-arena-max", type=int, default=0,
                     help="run every Ray worker with MALLOC_ARENA_MAX=N (glibc), through the cluster's runtime_env; "
@@ -288,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to write results (default bench/results/pipeline_speed.json; --quick: "
                          "bench/results/pipeline_speed_quick.json)")
     args = ap.parse_args(argv)
+    global SIZE
+    try:
+        SIZE = tuple(int(v) for v in args.size.lower().split("x"))
+        assert len(SIZE) == 2 and min(SIZE) >= 16
+    except (ValueError, AssertionError):
+        ap.error(f"--size must be WIDTHxHEIGHT, got {args.size!r}")
+    if args.skip_memory and args.skip_throughput:
+        ap.error("--skip-memory and --skip-throughput leave nothing to measure")
     n_images = args.images or (4 if args.quick else 24)
     repeats = args.repeats or (1 if args.quick else 3)
     n_rss = args.rss_images or (2 if args.quick else 8)
@@ -309,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     family = FamilyCpu()  # CPU time of this process and its Ray cluster: not "other processes"
     try:
         t0 = time.perf_counter()
-        pool = write_pool(work / "pool", max(n_images, 10 * n_rss), args.data_root)
+        pool = write_pool(work / "pool", n_images if args.skip_memory else max(n_images, 10 * n_rss), args.data_root)
         log(f"corpus:  {len(pool)} photos at {SIZE[0]}x{SIZE[1]} written to {work / 'pool'} in "
             f"{time.perf_counter() - t0:.1f} s (first: {pool[0].name}, last: {pool[-1].name})")
         t0 = time.perf_counter()
@@ -363,19 +383,22 @@ def main(argv: list[str] | None = None) -> int:
 
         meter = LoadMeter(family)
         rss_runs: dict[str, dict] = {}
-        for label, n in ((f"N = {n_rss}", n_rss), (f"10N = {10 * n_rss}", 10 * n_rss)):
+        for label, n in () if args.skip_memory else ((f"N = {n_rss}", n_rss), (f"10N = {10 * n_rss}", 10 * n_rss)):
             res = measured(run_compress, corpus(pool, n, work / f"rss-in-{n}"), work / f"rss-{n}.m2t", 2,
                            args.shard_size, args.model)
             rss_runs[label] = res
             log(f"  memory: compress {n} images on 2 actors in {res['seconds']:.1f} s; peak RSS per actor "
                 + ", ".join(f"{v:.0f}" for v in sorted(res["peak_rss_mib"].values())) + " MiB")
             shutil.rmtree(work / f"rss-{n}.m2t", ignore_errors=True)
-        small, large = (max(r["peak_rss_mib"].values()) for r in rss_runs.values())
-        # Growth within the long run: each actor's peak at the end over its peak halfway through.
-        halves = [v[-1] / v[(len(v) - 1) // 2] for v in rss_runs[f"10N = {10 * n_rss}"][
-            "peak_rss_mib_after_each_shard"].values()]
-        rss = {"n": n_rss, "runs": rss_runs, "max_peak_rss_mib": {"N": small, "10N": large}, "ratio": large / small,
-               "second_half_growth_max": max(halves), "other_processes_cores": meter.other_cores()}
+        rss = None
+        if rss_runs:
+            small, large = (max(r["peak_rss_mib"].values()) for r in rss_runs.values())
+            # Growth within the long run: each actor's peak at the end over its peak halfway through.
+            halves = [v[-1] / v[(len(v) - 1) // 2] for v in rss_runs[f"10N = {10 * n_rss}"][
+                "peak_rss_mib_after_each_shard"].values()]
+            rss = {"n": n_rss, "runs": rss_runs, "max_peak_rss_mib": {"N": small, "10N": large},
+                   "ratio": large / small, "second_half_growth_max": max(halves),
+                   "other_processes_cores": meter.other_cores()}
         other_cores = overall.other_cores()
     finally:
         ray.shutdown()
@@ -390,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         "subtracts the separately measured start-up.)")
     for job, r in ratios.items():
         log(f"{job}: 2 actors / 1 actor throughput: {r['ratio']:.2f}x ({r['ratio_excl_startup']:.2f}x excl. start-up)")
-    log(f"compress, max per-actor peak RSS: {small:.0f} MiB at {n_rss} images, {large:.0f} MiB at {10 * n_rss} "
-        f"images: {rss['ratio']:.3f}x")
+    if rss:
+        log(f"compress, max per-actor peak RSS: {rss['max_peak_rss_mib']['N']:.0f} MiB at {n_rss} images, "
+            f"{rss['max_peak_rss_mib']['10N']:.0f} MiB at {10 * n_rss} images: {rss['ratio']:.3f}x")
     if other_cores is not None:
         log(f"other processes kept {other_cores:.2f} of {os.cpu_count()} cores busy on average"
             + (": the 2-actor figures are contended (two actors need both cores)" if contended else ""))
@@ -402,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "code": code_state(),
         "settings": {"model": args.model, "image_size": f"{SIZE[0]}x{SIZE[1]}", "images": n_images,
-                     "repeats": repeats, "shard_size": args.shard_size, "rss_images": [n_rss, 10 * n_rss],
+                     "repeats": repeats, "shard_size": args.shard_size, "rss_images": None if args.skip_memory else [n_rss, 10 * n_rss],
                      "malloc_arena_max": args.malloc_arena_max or None, "skip_throughput": args.skip_throughput,
                      "cpus_per_actor": 1, "torch_threads_per_actor": 1, "compute_psnr": True,
                      "timing": "the jobs' own clocks: from just before the actors start to the last shard; the Ray "

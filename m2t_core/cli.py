@@ -1,15 +1,14 @@
-"""The `m2t` command line: one program, subcommands.
+"""The codec's own commands of the `m2t` command line (single images, one machine):
 
     m2t encode IN.png OUT.m2t [--model NAME_OR_PATH]
     m2t decode IN.m2t OUT.png
     m2t info IN.m2t
     m2t models
-    m2t train --config configs/train/NAME.yaml [--set key=value ...]
-    m2t compress INPUT_URL OUTPUT_URL [--model NAME] [--config F] [--set key=value ...]
-    m2t get ARCHIVE KEY OUT.png
-    m2t verify ARCHIVE_URL [--shards ...] [--against-source]
-    m2t restore ARCHIVE_URL OUTPUT_URL [--format png] [--keys ...]
-    m2t eval --data URL [URL ...] [--models all] [--baselines jpeg,webp,avif,jpeg2000,jxl] [--anchor jpeg] OUTPUT_URL
+
+This module knows nothing of the packages built on the codec. The full `m2t` program (these
+commands plus the dataset-scale ones) is assembled on top of it from the pieces here:
+`new_parser()`, `add_codec_commands(subparsers)`, `CODEC_COMMANDS` and `run_command()`.
+`python -m m2t_core.cli ...` runs the codec commands alone (a codec-only install).
 
 Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG=1 shows it.
 """
@@ -22,6 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 EXIT_ERROR = 2
 
@@ -152,28 +152,13 @@ def cmd_models(args) -> int:
     return 0
 
 
-# Subcommands implemented by the pipeline package (which depends on the codec, never the
-# reverse): they parse their own arguments and choose their own exit codes.
-PIPELINE_COMMANDS = {
-    "train": ("pipeline.training", "main", "train a model (see configs/train/)"),
-    "compress": ("pipeline.compress", "main", "compress a dataset into an archive (Ray)"),
-    "get": ("pipeline.archive", "get_main", "decode one image of an archive by key"),
-    "verify": ("pipeline.verify", "verify_main", "decode a whole archive and check every checksum (Ray)"),
-    "restore": ("pipeline.verify", "restore_main", "write an archive's images back to files (Ray)"),
-    "eval": ("pipeline.evaluate", "main", "rate-distortion of models and classic codecs over datasets (Ray)"),
-    "browse": ("pipeline.browse", "main", "a local web page to browse an archive's images (previews from stream prefixes)"),
+# The codec's commands, in the order `m2t --help` lists them: name -> handler(args) -> exit code.
+CODEC_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "encode": cmd_encode,
+    "decode": cmd_decode,
+    "info": cmd_info,
+    "models": cmd_models,
 }
-
-
-def run_pipeline_command(command: str, rest: list[str]) -> int:
-    import importlib
-
-    module_name, func_name, _ = PIPELINE_COMMANDS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise CliError(f"'{command}' needs the pipeline extras (pip install -e '.[pipeline]'): {exc}")
-    return getattr(module, func_name)(rest)
 
 
 def _read_bitstream(path: str, limit: int | None = None) -> bytes:
@@ -185,12 +170,18 @@ def _read_bitstream(path: str, limit: int | None = None) -> bytes:
         return f.read() if limit is None else f.read(limit)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The `m2t` top-level parser (--version) and its (empty) subcommand set."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="m2t", description="M2T learned image compression")
     parser.add_argument("--version", action="version", version=f"m2t {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    return parser, sub
+
+
+def add_codec_commands(sub: argparse._SubParsersAction) -> None:
+    """Add encode, decode, info and models to `sub`; each sets `func` (its CODEC_COMMANDS handler)."""
 
     def common(p, model_help):
         p.add_argument("--model", default=None, help=model_help)
@@ -205,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--psnr", action="store_true", help="also print the PSNR of the reconstruction")
     p.add_argument("--adaptive-order", action="store_true",
                    help="MT models: choose each step's positions by the model's confidence (MaskGIT)")
-    p.set_defaults(func=cmd_encode)
+    p.set_defaults(func=CODEC_COMMANDS["encode"])
 
     p = sub.add_parser("decode", help="decompress an .m2t bitstream to an image file")
     p.add_argument("input")
@@ -215,40 +206,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bytes", type=int, default=None, metavar="N",
                    help="preview from the first N bytes of the file: as many complete steps as fit")
     common(p, "override the model named in the header (its weights hash must still match)")
-    p.set_defaults(func=cmd_decode)
+    p.set_defaults(func=CODEC_COMMANDS["decode"])
 
     p = sub.add_parser("info", help="print a bitstream's header")
     p.add_argument("input")
     p.add_argument("--max-pixels", type=int, default=64_000_000)
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=CODEC_COMMANDS["info"])
 
     p = sub.add_parser("models", help="list the installed models")
-    p.set_defaults(func=cmd_models)
+    p.set_defaults(func=CODEC_COMMANDS["models"])
 
-    for name, (_, _, help_text) in PIPELINE_COMMANDS.items():
-        sub.add_parser(name, help=help_text + f" (m2t {name} --help)", add_help=False)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The codec-only `m2t` parser: encode, decode, info, models."""
+    parser, sub = new_parser()
+    add_codec_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv and argv[0] in PIPELINE_COMMANDS:
-        args, rest = argparse.Namespace(command=argv[0]), argv[1:]
-    else:
-        args, rest = parser.parse_args(argv), []
+def run_command(command: str, call: Callable[[], int]) -> int:
+    """Run one subcommand under the CLI's error policy: an error prints one line to stderr
+    and returns EXIT_ERROR (M2T_DEBUG=1: the traceback instead); Ctrl-C returns 130."""
     try:
-        if args.command in PIPELINE_COMMANDS:
-            return run_pipeline_command(args.command, rest)
-        return args.func(args)
+        return call()
     except KeyboardInterrupt:
         print("m2t: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line, no traceback
         if os.environ.get("M2T_DEBUG"):
             raise
-        print(f"m2t {args.command}: error: {_describe(exc)}", file=sys.stderr)
+        print(f"m2t {command}: error: {_describe(exc)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The codec commands alone (`python -m m2t_core.cli`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, lambda: args.func(args))
 
 
 def _describe(exc: Exception) -> str:

@@ -29,7 +29,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -231,7 +231,7 @@ class M2TCodec(nn.Module):
         # and version counter miss edits through `.data` and dtype round trips, so an exact
         # integer sum of every tensor's bits is part of it too (~5 ms for 4M parameters).
         fingerprint = tuple(
-            (k, t.dtype, tuple(t.shape), t.data_ptr(), t._version, _bit_sum(t)) for k, t in state.items()
+            (k, t.dtype, tuple(t.shape), t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in state.items()
         )
         cached = self._digest_cache.get(str(version))
         if cached is not None and cached[0] == fingerprint:
@@ -255,7 +255,7 @@ class M2TCodec(nn.Module):
     # ------------------------------------------------------------------ the exact model
 
     def _entropy_fingerprint(self) -> tuple:
-        return tuple((k, t.data_ptr(), t._version, _bit_sum(t)) for k, t in self.entropy_model.state_dict().items())
+        return tuple((k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.entropy_model.state_dict().items())
 
     def sync_exact(self) -> None:
         """Re-export the exact model if the float entropy weights changed since (training),
@@ -454,7 +454,7 @@ class M2TCodec(nn.Module):
             return None
         if self._frozen.get("failed"):
             return None
-        fingerprint = tuple((t.data_ptr(), t._version) for t in module.state_dict().values())
+        fingerprint = tuple((t.data_ptr(), _changes(t, bits=True)) for t in module.state_dict().values())
         built = self._frozen.get(name)
         if built is None or built[0] != fingerprint:
             in_channels = 3 if name == "g_a" else self.cfg.C
@@ -536,13 +536,7 @@ class M2TCodec(nn.Module):
         limit = windows_per_pass or WINDOWS_PER_PASS.get(self.device.type, bs.CHUNK_WINDOWS)
         ops = X.CodingOps(self.exact)
         groups = self._groups(self.device)
-        i = 0
-        while i < len(chunks):  # passes of whole chunks, at most `limit` windows (at least one chunk)
-            j, n = i + 1, chunks[i][2].shape[0]
-            while j < len(chunks) and n + chunks[j][2].shape[0] <= limit:
-                n += chunks[j][2].shape[0]
-                j += 1
-            part = chunks[i:j]
+        for part in _passes(chunks, lambda c: c[2].shape[0], limit):
             truth = torch.cat([c[2] for c in part])  # (b, L, C)
             keep = torch.cat([c[3] for c in part])  # (b, L)
             bounds = np.cumsum([0] + [c[2].shape[0] for c in part])
@@ -563,7 +557,6 @@ class M2TCodec(nn.Module):
                     record(step, every.index((slice(None), group)), group[None].expand(truth.shape[0], -1))
             else:
                 self._run_steps(torch.zeros_like(truth), record, keep, adaptive_order)
-            i = j
         return plans
 
     def _groups(self, device) -> list[torch.Tensor]:
@@ -657,22 +650,97 @@ class M2TCodec(nn.Module):
         if header.version == 1:
             return header, self._decode_latent_v1(header, payload, h, w)
         y_hat, _ = self._decode_latent_portable(header, payload, self.cfg.num_steps)
-        y_int = y_hat.to(torch.int32).cpu()
-        if latent_checksum_v2(y_int, header.height, header.width) != header.latent_crc:
-            raise bs.ChecksumMismatchError(
-                "decoded latent or image size does not match the encoder's checksum: the stream is "
-                "corrupt (its payload and header checksums were consistent, so it was written wrongly "
-                "or tampered with)")
-        return header, y_hat.float()
+        return header, _checked_latent(header, y_hat)
 
-    def _decode_latent_portable(self, header: bs.Header, payload: bytes, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Format version 2 or 3: decode the first `steps` steps of every window; the tokens
-        of later steps are the entropy model's prediction given what came before (the
-        mixture mean, rounded where it is the model's context). Returns the latent as the
-        model's context sees it, int32 (C, h, w), and for a preview the latent for g_s, float
-        (C, h, w) with the unrounded means (None when steps = S)."""
+    @torch.inference_mode()
+    def decode_latents(self, streams: Sequence[bytes], max_pixels: int = bs.DEFAULT_MAX_PIXELS,
+                       windows_per_pass: int | None = None) -> list:
+        """decode_latent() of many whole streams, with the windows of many images in each
+        transformer step (up to `windows_per_pass`, default WINDOWS_PER_PASS[device type]).
+        Returns, per stream in order, (header, y_hat) or the exception decode_latent would
+        raise for it: one bad stream never fails the others. The exact model's integers do
+        not depend on the batch, so each latent is the one decode_latent gives."""
+        self._check_codable()
+        results: list = [None] * len(streams)
+        batchable: dict[bool, list] = {False: [], True: []}  # by adaptive order
+        for n, data in enumerate(streams):
+            try:
+                header, payload = bs.unpack(data, max_pixels)
+                self.check_header(header)
+                if header.version < 3:  # version 2 codes chunk after chunk into one coder: one at a time
+                    results[n] = self.decode_latent(data, max_pixels)
+                    continue
+                decoders, num_windows = self._portable_decoders(header, payload, self.cfg.num_steps)
+            except Exception as exc:
+                results[n] = exc
+                continue
+            batchable[bool(header.flags & bs.FLAG_ADAPTIVE_ORDER)].append((n, header, decoders, num_windows))
+        ww, C = self.cfg.window, self.cfg.C
+        limit = windows_per_pass or WINDOWS_PER_PASS.get(self.device.type, bs.CHUNK_WINDOWS)
+        device = self.device
+        for adaptive, images in batchable.items():
+            chunks = []  # (image, window start, windows, decoder)
+            tokens: dict[int, torch.Tensor] = {}
+            valid: dict[int, torch.Tensor] = {}
+            for n, header, decoders, num_windows in images:
+                tokens[n] = torch.zeros(num_windows, ww * ww, C, dtype=torch.int32, device=device)
+                valid[n] = _valid_tokens(_latent_size(header), ww, device)  # (nW, L)
+                for c, start in enumerate(range(0, num_windows, bs.CHUNK_WINDOWS)):
+                    chunks.append((n, start, min(bs.CHUNK_WINDOWS, num_windows - start), decoders[c]))
+            failed: set[int] = set()
+            for part in _passes(chunks, lambda c: c[2], limit):
+                part = [c for c in part if c[0] not in failed]
+                if not part:
+                    continue
+                keep = torch.cat([valid[n][a:a + k] for n, a, k, _ in part])  # (b, L)
+                bounds = np.cumsum([0] + [k for _, _, k, _ in part])
+
+                def decode(i: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
+                    kept = keep.gather(1, positions)  # (b, n_i)
+                    values = torch.zeros(kept.shape + (C,), dtype=torch.int32, device=device)
+                    for (n, _, _, decoder), a, b in zip(part, bounds[:-1], bounds[1:]):
+                        flat = params.index(slice(a, b)).flat(kept[a:b])
+                        try:
+                            symbols = decoder.decode(snap_integer(flat.mean_q, flat.level, flat.logit_q))
+                        except Exception as exc:
+                            raise _ChunkError(n, bs.BitstreamError(f"entropy decoding failed: {exc}")) from None
+                        values[a:b][kept[a:b]] = torch.from_numpy(symbols.astype(np.int32)).to(device).view(-1, C)
+                    return values
+
+                try:
+                    out = self._run_steps(torch.zeros(int(bounds[-1]), ww * ww, C, dtype=torch.int32, device=device),
+                                          decode, keep, adaptive)
+                except _ChunkError as exc:  # that image fails; its pass-mates are decoded again without it
+                    failed.add(exc.image)
+                    results[exc.image] = exc.error
+                    for n in {c[0] for c in part} - failed:
+                        header, payload = bs.unpack(streams[n], max_pixels)
+                        try:
+                            y_hat, _ = self._decode_latent_portable(header, payload, self.cfg.num_steps)
+                            results[n] = (header, _checked_latent(header, y_hat))
+                        except Exception as again:
+                            results[n] = again
+                        failed.add(n)
+                    continue
+                for (n, a, k, _), lo in zip(part, bounds[:-1]):
+                    tokens[n][a:a + k] = out[lo:lo + k]
+            for n, header, _, _ in images:
+                if n in failed:
+                    continue
+                h, w = _latent_size(header)
+                hp, wp = h + (-h) % ww, w + (-w) % ww
+                y_hat = from_windows(tokens[n], 1, hp, wp, ww)[0, :, :h, :w].contiguous()  # (C, h, w)
+                try:
+                    results[n] = (header, _checked_latent(header, y_hat))
+                except Exception as exc:
+                    results[n] = exc
+        return results
+
+    def _portable_decoders(self, header: bs.Header, payload: bytes, steps: int) -> tuple[list, int]:
+        """Format version 2 or 3: checks of the header against the model, then one entropy
+        decoder per chunk (version 2: one shared) and the number of windows."""
         h, w = _latent_size(header)
-        ww, C, S = self.cfg.window, self.cfg.C, self.cfg.num_steps
+        ww, S = self.cfg.window, self.cfg.num_steps
         num_windows = math.ceil(h / ww) * math.ceil(w / ww)
         num_chunks = math.ceil(num_windows / bs.CHUNK_WINDOWS)
         if header.payload_len < bs.min_payload_len(num_windows):
@@ -684,18 +752,26 @@ class M2TCodec(nn.Module):
             raise bs.BitstreamError(
                 f"corrupt header: its step table has {header.num_steps} steps x {header.num_chunks} chunks, the "
                 f"model codes {S} steps and a {header.width}x{header.height} image is {num_chunks} chunks")
-        adaptive = bool(header.flags & bs.FLAG_ADAPTIVE_ORDER)
-        if adaptive and self.cfg.mode != "mt":
+        if header.flags & bs.FLAG_ADAPTIVE_ORDER and self.cfg.mode != "mt":
             raise bs.BitstreamError("corrupt header: the adaptive-order flag is set for an M2T model")
         self.sync_exact()
         try:
             if header.version == 2:
-                shared = SymbolDecoder(payload)
-                decoders = [shared] * num_chunks
-            else:
-                decoders = [SymbolDecoder(s) for s in _chunk_streams(header, payload, steps)]
+                return [SymbolDecoder(payload)] * num_chunks, num_windows
+            return [SymbolDecoder(s) for s in _chunk_streams(header, payload, steps)], num_windows
         except Exception as exc:  # constriction rejects malformed word streams
             raise bs.BitstreamError(f"corrupt payload: {exc}") from None
+
+    def _decode_latent_portable(self, header: bs.Header, payload: bytes, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Format version 2 or 3: decode the first `steps` steps of every window; the tokens
+        of later steps are the entropy model's prediction given what came before (the
+        mixture mean, rounded where it is the model's context). Returns the latent as the
+        model's context sees it, int32 (C, h, w), and for a preview the latent for g_s, float
+        (C, h, w) with the unrounded means (None when steps = S)."""
+        h, w = _latent_size(header)
+        ww, C, S = self.cfg.window, self.cfg.C, self.cfg.num_steps
+        decoders, num_windows = self._portable_decoders(header, payload, steps)
+        adaptive = bool(header.flags & bs.FLAG_ADAPTIVE_ORDER)
         device = self.device
         valid = _valid_tokens((h, w), ww, device)  # (nW, L)
         tokens = torch.zeros(num_windows, ww * ww, C, dtype=torch.int32, device=device)
@@ -821,6 +897,43 @@ class M2TCodec(nn.Module):
         return self.synthesis(y_hat, header.height, header.width)
 
     @torch.inference_mode()
+    def decompress_many(self, streams: Sequence[bytes], max_pixels: int = bs.DEFAULT_MAX_PIXELS,
+                        batch: int | None = None) -> list:
+        """decompress() of many whole streams, batched on the device: the entropy model over
+        the windows of many images per step (`decode_latents`), then g_s `batch` latents at a
+        time (`synthesis_batch`). Returns, per stream in order, RGB uint8 (H, W, 3) or the
+        exception decompress would raise for it: one bad stream never fails the others.
+        Latents are exactly decompress()'s; pixels equal them where g_s runs one image at a
+        time (a CPU by default) and may differ in float rounding in a batch. A cut version 3
+        stream is an error here (decompress() previews it)."""
+        results: list = list(self.decode_latents(streams, max_pixels))
+        modern = []  # (n, y_hat, H, W) of format version 2/3 latents: g_s may batch them
+        for n, got in enumerate(results):
+            if isinstance(got, Exception):
+                continue
+            header, y_hat = got
+            if header.version == 1:
+                try:
+                    with deterministic_kernels(self.device):
+                        results[n] = self.synthesis(y_hat, header.height, header.width, frozen=False)
+                except Exception as exc:
+                    results[n] = exc
+            else:
+                modern.append((n, y_hat, header.height, header.width))
+        try:
+            images = self.synthesis_batch([(y, H, W) for _, y, H, W in modern], batch)
+        except Exception:  # e.g. out of memory in a batch: one at a time, each failing alone
+            images = []
+            for _, y, H, W in modern:
+                try:
+                    images.append(self.synthesis(y, H, W))
+                except Exception as exc:
+                    images.append(exc)
+        for (n, _, _, _), image in zip(modern, images):
+            results[n] = image
+        return results
+
+    @torch.inference_mode()
     def reconstruct(self, encoded: EncodedImage) -> np.ndarray:
         """The decoder's output for an encoded image, computed on the encoder side."""
         if bs.read_header(encoded.bitstream, max_pixels=bs.MAX_SIDE ** 2).version == 1:
@@ -914,6 +1027,36 @@ def code_plan(plan: CodingPlan, format_version: int = bs.FORMAT_VERSION) -> Enco
         flags=(bs.FLAG_CUDA if plan.on_cuda else 0) | (bs.FLAG_ADAPTIVE_ORDER if plan.adaptive_order else 0),
     )
     return EncodedImage(bs.pack(header, payload), plan.y_int, plan.height, plan.width)
+
+
+class _ChunkError(Exception):
+    """A chunk of image `image` failed to decode inside a batched pass."""
+
+    def __init__(self, image: int, error: Exception):
+        super().__init__(str(error))
+        self.image, self.error = image, error
+
+
+def _passes(chunks: list, size: Callable, limit: int) -> Iterator[list]:
+    """Consecutive runs of whole chunks of at most `limit` windows (at least one chunk each)."""
+    i = 0
+    while i < len(chunks):
+        j, n = i + 1, size(chunks[i])
+        while j < len(chunks) and n + size(chunks[j]) <= limit:
+            n += size(chunks[j])
+            j += 1
+        yield chunks[i:j]
+        i = j
+
+
+def _checked_latent(header: bs.Header, y_hat: torch.Tensor) -> torch.Tensor:
+    """y_hat (C, h, w) as float, after checking it against the header's latent checksum."""
+    if latent_checksum_v2(y_hat.to(torch.int32).cpu(), header.height, header.width) != header.latent_crc:
+        raise bs.ChecksumMismatchError(
+            "decoded latent or image size does not match the encoder's checksum: the stream is "
+            "corrupt (its payload and header checksums were consistent, so it was written wrongly "
+            "or tampered with)")
+    return y_hat.float()
 
 
 def _interleave_steps(streams: list[bytes], marks: list[list[int]]) -> tuple[bytes, tuple]:
@@ -1018,6 +1161,14 @@ def _valid_tokens(latent_hw, window: int, device) -> torch.Tensor:
     """(nW, L) bool: the latent positions of each window that exist (not padding)."""
     h, w = latent_hw
     return to_windows(pad_latent(torch.ones(1, 1, h, w, device=device), window), window)[..., 0] > 0
+
+
+def _changes(t: torch.Tensor, bits: bool = False) -> int:
+    """How often `t` was changed in place (its version counter). Inference tensors (a model
+    built or copied under inference_mode) keep none: 0, or with `bits` their _bit_sum."""
+    if t.is_inference():
+        return _bit_sum(t) if bits else 0
+    return t._version
 
 
 def _bit_sum(t: torch.Tensor) -> int:

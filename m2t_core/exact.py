@@ -94,8 +94,10 @@ class IntLinear(nn.Module):
         self._f64: tuple | None = None
 
     def weight_f64(self) -> torch.Tensor:
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
-        if self._f64 is None or self._f64[0] != key:
+        # Inference tensors (a model made under inference_mode) keep no version counter:
+        # never cached, so an in-place sync_exact is always seen.
+        key = None if self.weight.is_inference() else (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        if self._f64 is None or key is None or self._f64[0] != key:
             self._f64 = (key, self.weight.to(torch.float64).t().contiguous())  # (in, out)
         return self._f64[1]
 

@@ -18,7 +18,7 @@ How it runs:
 
 A bad input never stops the job: it becomes an index row with status "error" (or
 "duplicate") and the reason. A shard whose worker fails (I/O error on the output, a dead
-actor) is retried `ray.shard_retries` times, then reported. The actor pool (run_actor_pool)
+actor) is retried `ray.shard_retries` times, then reported. The actor pool (pipeline/runner.py)
 survives lost nodes: it retries their shards on the actors left, replaces a lost actor only
 where the cluster has room, never waits longer than `ray.placement_timeout_s` for an actor to
 be placed, and the report's `faults` says what was lost and retried.
@@ -44,7 +44,6 @@ import sys
 import threading
 import time
 import zlib
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +57,15 @@ from m2t_core import bitstream
 from m2t_core.codec import code_plan
 
 from . import archive as A
+from .runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
+from .runner import (JobError, PoolOptions, Progress, actor_class, connect_ray, exit_code, hms, peak_rss_mib,
+                     plan_actors, plan_pool, ray_node_id, run_actor_pool, run_in_process)
 from .lease import ArchiveLease, LeaseError, LeaseHeldError, LeaseLostError, check_holder
 from .sources import ShardSpec, SourceError, SourceItem, iter_shard, plan_shards
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_FAILED_IMAGES = EXIT_ISSUES  # 0 / 1 / 2 / 3: see the docstring and runner.exit_code
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pipeline" / "default.yaml"
 FAILURE_EXAMPLES = 10  # per shard stats; the report shows up to 20 overall
 SECRET_RE = re.compile(r"(secret|token|password|passwd|credential|key)", re.IGNORECASE)
@@ -217,16 +219,6 @@ _DONE = object()
 
 def _image_error(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
-
-
-def peak_rss_mib() -> float | None:
-    """This process's peak resident memory so far, MiB (the worker that did a shard), or None."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _prefetch(items: Iterator[SourceItem], max_pixels: int, depth: int) -> Iterator[_Decoded]:
@@ -462,8 +454,9 @@ def compress_shard(model, spec: ShardSpec, job: Mapping[str, Any]) -> dict[str, 
         "worker": f"{socket.gethostname()}:{os.getpid()}", "node_id": job.get("node_id"),
         "plan_shard_size": job.get("plan_shard_size"),
         # What decided the decoded pixels (g_s is float): verify compares decoded_crc32 only
-        # under the same numerics; the latent CRC is checked everywhere.
-        "numerics": model.numerics(),
+        # under the same numerics, never when g_s ran on batches (it rounds by batch shape);
+        # the latent CRC is checked everywhere.
+        "numerics": {**model.numerics(), **({"transform_batch": job["batch_images"]} if job["batch_images"] > 1 else {})},
         "peak_rss_mib": peak_rss_mib(), "finished_at": A.now_iso(),
     }
     _fence(job, spec.shard, "marked complete")
@@ -496,43 +489,22 @@ class ShardWorker:
         return compress_shard(self.model, ShardSpec.from_dict(spec), self.job)
 
 
-def ray_node_id() -> str | None:
-    """The Ray node this process runs on (None outside Ray)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:
-        return None
-
-
 # ====================================================================== the driver
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        self.images = self.failed = 0
-        self.t0 = time.perf_counter()
-        if enabled and total:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="shard", desc="compress", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, stats: dict[str, Any]) -> None:
-        self.images += stats["images"]
-        self.failed += stats["error"] + stats["duplicate"]
-        if self.bar is not None:
-            rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(images=self.images, failed=self.failed, img_s=f"{rate:.2f}", refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _pool_options(r: RayOptions) -> PoolOptions:
+    return PoolOptions(address=r.address, actors=r.actors, cpus_per_actor=r.cpus_per_actor, use_gpu=r.use_gpu,
+                       actors_per_gpu=r.actors_per_gpu, in_flight=r.shards_in_flight, retries=r.shard_retries,
+                       placement_timeout_s=r.placement_timeout_s)
 
 
-def _run_in_process(todo: list[ShardSpec], job: dict[str, Any], device: str, progress: _Progress,
+def _progress(todo: list[ShardSpec], enabled: bool) -> Progress:
+    planned = [s.planned_images for s in todo]
+    return Progress(len(todo), enabled, "compress",
+                    total_images=sum(planned) if planned and None not in planned else None)
+
+
+def _run_in_process(todo: list[ShardSpec], job: dict[str, Any], device: str, progress: Progress,
                     done: dict[str, dict], failed: dict[str, str]) -> None:
     import torch
 
@@ -541,313 +513,23 @@ def _run_in_process(todo: list[ShardSpec], job: dict[str, Any], device: str, pro
         torch.set_num_threads(job["torch_threads"])
     try:
         model = A.open_model(job["model_source"], device=device, storage_options=job["storage_options"])
-        for spec in todo:
-            for attempt in range(job["shard_retries"] + 1):
-                try:
-                    stats = compress_shard(model, spec, job)
-                except Exception as exc:
-                    log.warning("shard %s failed (attempt %d): %s", spec.shard, attempt + 1, exc)
-                    failed[spec.shard] = f"{type(exc).__name__}: {exc}"
-                    continue
-                failed.pop(spec.shard, None)
-                done[spec.shard] = stats
-                progress.update(stats)
-                break
+
+        def on_result(shard: str, stats: dict) -> None:
+            done[shard] = stats
+            progress.update(stats["images"], stats["error"] + stats["duplicate"])
+
+        run_in_process([(spec.shard, spec) for spec in todo], lambda spec: compress_shard(model, spec, job),
+                       on_result, failed.__setitem__, retries=job["shard_retries"])
     finally:
         torch.set_num_threads(threads_before)  # the caller's process keeps its own setting
 
 
-def connect_ray(cfg) -> None:
-    """Join cfg.ray.address, else $RAY_ADDRESS, else start a local cluster (once per process)."""
-    import ray
-
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, **({} if address else {"include_dashboard": False}))
-
-
-MAX_AUTO_ACTORS_PER_GPU = 4
-
-
-def actor_runtime_env() -> dict[str, Any]:
-    """The environment of the job's actors. glibc gives every new thread its own malloc arena
-    and keeps the freed memory; with a reader thread per shard an actor's resident memory rose
-    18% over its first 14 shards before levelling off (bench/pipeline_speed.py). Two arenas
-    keep it flat at no measured cost. $MALLOC_ARENA_MAX on the driver overrides the 2."""
-    return {"env_vars": {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}}
-
-
-@dataclass(frozen=True)
-class ActorPlan:
-    actors: int
-    use_gpu: bool
-    gpu_per_actor: float  # the fraction of one GPU each actor asks Ray for (0 without GPUs)
-
-    @property
-    def description(self) -> str:
-        if not self.use_gpu:
-            return "CPU only"
-        share = round(1 / self.gpu_per_actor)
-        return "1 GPU each" if share == 1 else f"{share} actors per GPU"
-
-
-def plan_actors(options: RayOptions, gpus: int, cpus: float, n_shards: int) -> ActorPlan:
-    """How many actors, on what, from what the cluster has: an actor asking for a resource
-    the cluster lacks would wait forever, so ask only for what exists."""
-    use_gpu = gpus >= 1 if options.use_gpu is None else bool(options.use_gpu)
-    if use_gpu and gpus < 1:
-        raise ConfigError("ray.use_gpu is true but the cluster has no GPUs")
-    per = options.cpus_per_actor
-    per_gpu = 1
-    if use_gpu:
-        cpus_per_gpu = cpus / gpus
-        per_gpu = options.actors_per_gpu or max(1, min(MAX_AUTO_ACTORS_PER_GPU,
-                                                       int(cpus_per_gpu // per) if per > 0 else 1))
-    if options.actors:
-        actors = options.actors
-        if use_gpu and actors > gpus * per_gpu:
-            raise ConfigError(f"ray.actors={actors} GPU actors requested, the cluster has {gpus} GPU(s) "
-                              f"x ray.actors_per_gpu={per_gpu}")
-        if actors * per > cpus:
-            raise ConfigError(f"ray.actors={actors} x ray.cpus_per_actor={per:g} CPUs requested, "
-                              f"the cluster has {cpus:g} CPUs")
-    elif use_gpu:
-        actors = gpus * per_gpu
-        if actors * per > cpus:
-            raise ConfigError(f"{gpus} GPU(s) x ray.actors_per_gpu={per_gpu} actors need {actors * per:g} CPUs "
-                              f"(ray.cpus_per_actor={per:g}), the cluster has {cpus:g}")
-    else:
-        actors = max(1, int(cpus // per) if per > 0 else int(cpus))
-    return ActorPlan(max(1, min(actors, n_shards)), use_gpu, 1.0 / per_gpu if use_gpu else 0.0)
-
-
-def _ray_resources(cfg: CompressConfig, n_shards: int) -> ActorPlan:
-    import ray
-
-    resources = ray.cluster_resources()
-    return plan_actors(cfg.ray, int(resources.get("GPU", 0)), resources.get("CPU", 0), n_shards)
-
-
-# ---------------------------------------------------------------------- the actor pool
-
-
-def _node_died(text: str) -> bool:
-    """Whether a RayActorError says the actor's node (or its process) went away, not that its
-    constructor raised."""
-    markers = ("node was terminated", "node has died", "node died", "node is dead", "its node",
-               "preempted", "worker process has died", "process has died", "out of memory", "OOM", "SIGKILL")
-    return any(m.lower() in text.lower() for m in markers)
-
-
-def _free(resources: Mapping[str, float], cpus: float, gpus: float) -> bool:
-    return resources.get("CPU", 0.0) + 1e-9 >= cpus and resources.get("GPU", 0.0) + 1e-9 >= gpus
-
-
-class _Slot:
-    """One actor of the pool: starting (its `ready` probe pending), ready, or gone."""
-
-    def __init__(self, index: int, actor, ready_ref, started: float):
-        self.index, self.actor, self.ready_ref, self.started = index, actor, ready_ref, started
-        self.ready = False
-        self.gone = False
-        self.node_id: str | None = None
-        self.load = 0
-
-
-def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tuple[str, Any]], submit,
-                   on_result, on_failed, *, retries: int, in_flight: int, cpus: float, gpus: float,
-                   placement_timeout_s: float, recover=None, what: str = "shard",
-                   replan_interval_s: float = 5.0) -> dict[str, Any]:
-    """Run `items` ((id, payload) pairs) on a pool of up to `target` Ray actors that survives
-    the loss of actors and nodes.
-
-    * An actor gets work only once its `ready()` probe answered (it was placed and built);
-      one that is not placed within `placement_timeout_s` is killed and counted as
-      unplaceable, so the job never waits on capacity that is gone.
-    * An actor that dies (its node was removed, out of memory) takes its queued items with it:
-      each is retried on the actors left (`retries` more attempts per item); `recover(id)` may
-      first find that the dead actor committed the item before its answer came back.
-    * The pool re-plans from what the cluster has *now*: a lost actor is replaced only when
-      `ray.available_resources()` shows room for one (`cpus`, `gpus`); every
-      `replan_interval_s` it also starts actors up to `target` if capacity came back.
-    * With no actor alive and none placeable, the remaining items fail with the reason.
-
-    `submit(actor, payload)` returns an ObjectRef; `on_result(id, result, node_id)` (once per
-    id: a second answer is only counted, in "duplicate_results") and `on_failed(id, reason)`
-    receive the outcomes. The constructor raising is a JobError (every
-    replacement would fail the same way). Returns what happened, for the report."""
-    import ray
-
-    t0 = time.monotonic()
-    slots: list[_Slot] = []
-    pending = deque((key, payload, 0) for key, payload in items)
-    inflight: dict[Any, tuple[_Slot, str, Any, int]] = {}
-    events: dict[str, Any] = {"actors_started": 0, "actors_lost": [], "actors_unplaceable": 0, "retries": [],
-                              "recovered": [], "nodes": {}, "duplicate_results": []}
-    answered: set[str] = set()
-
-    def deliver(key: str, result, node_id) -> None:
-        if key in answered:  # never expected: an item is only re-sent after its attempt failed
-            events["duplicate_results"].append(key)
-            log.error("%s %s came back twice", what, key)
-            return
-        answered.add(key)
-        on_result(key, result, node_id)
-
-    def worker_died(exc) -> str:
-        """Why an actor died; a constructor that raised is a JobError (any replacement would too)."""
-        text = str(exc)
-        if "creation task" in text and not _node_died(text):
-            raise JobError(f"a worker failed to start: {_cause_line(text)}") from None
-        return _cause_line(text) or type(exc).__name__
-
-    max_starts = target * (retries + 2)  # replacements are bounded: never a restart loop
-
-    def start() -> None:
-        actor = actor_cls.remote(*init_args)
-        slots.append(_Slot(len(slots), actor, actor.ready.remote(), time.monotonic()))
-        events["actors_started"] += 1
-
-    def live() -> list[_Slot]:
-        return [s for s in slots if not s.gone]
-
-    def lose(slot: _Slot, reason: str, holding: str | None = None) -> None:
-        if slot.gone:
-            return
-        slot.gone = True
-        queued = sorted([key for s, key, _, _ in inflight.values() if s is slot] + [holding] * bool(holding))
-        events["actors_lost"].append({"actor": slot.index, "node_id": slot.node_id, "reason": reason,
-                                      "lost_" + what + "s": queued, "at_s": round(time.monotonic() - t0, 2)})
-        log.warning("actor %d on node %s lost (%s); %d %s(s) in its queue go back to the others", slot.index,
-                    (slot.node_id or "?")[:12], reason, len(queued), what)
-        try:
-            ray.kill(slot.actor)
-        except Exception:  # already gone with its node
-            pass
-
-    def retry_or_fail(key: str, payload, attempt: int, reason: str) -> None:
-        if recover is not None:
-            got = recover(key)
-            if got is not None:  # the dead actor finished it before its answer was lost
-                events["recovered"].append(key)
-                deliver(key, got, None)
-                return
-        if attempt < retries:
-            log.warning("%s %s failed (attempt %d of %d), retrying: %s", what, key, attempt + 1, retries + 1, reason)
-            events["retries"].append({what: key, "attempt": attempt + 1, "reason": reason})
-            pending.append((key, payload, attempt + 1))
-        else:
-            log.error("%s %s failed after %d attempts: %s", what, key, attempt + 1, reason)
-            on_failed(key, reason)
-
-    def room() -> bool:
-        try:
-            return _free(ray.available_resources(), cpus, gpus)
-        except Exception:
-            return False
-
-    for _ in range(target):
-        start()
-    last_replan = time.monotonic()
-    try:
-        while pending or inflight:
-            # A fair share per live actor (starting ones included), so that the first actor up
-            # does not take every item of a small job; never below 1, so no ready actor idles.
-            share = -(-(len(pending) + len(inflight)) // max(1, len(live())))
-            cap = min(in_flight, max(1, share))
-            for slot in sorted((s for s in slots if s.ready and not s.gone), key=lambda s: s.load):
-                while pending and slot.load < cap:
-                    key, payload, attempt = pending.popleft()
-                    inflight[submit(slot.actor, payload)] = (slot, key, payload, attempt)
-                    slot.load += 1
-            starting = [s for s in live() if not s.ready]
-            if not inflight and not starting:
-                # Nobody is left to do the work: start one if it can be placed, else give up.
-                if pending and events["actors_started"] < max_starts and room():
-                    log.info("no actor left: starting one on the capacity that is free")
-                    start()
-                    continue
-                free = ray.available_resources()
-                reason = (f"no worker can be placed: every actor was lost ({events['actors_started']} started) "
-                          f"and the cluster has "
-                          f"{free.get('CPU', 0):g} CPU / {free.get('GPU', 0):g} GPU free "
-                          f"(an actor needs {cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "") + ")")
-                log.error("%s; %d %s(s) left undone (rerun to resume)", reason, len(pending), what)
-                while pending:
-                    key, _, _ = pending.popleft()
-                    on_failed(key, reason)
-                break
-            now = time.monotonic()
-            deadlines = [s.started + placement_timeout_s for s in starting]
-            timeout = max(0.05, min([replan_interval_s] + [d - now for d in deadlines]))
-            ready_refs = {s.ready_ref: s for s in starting}
-            done, _ = ray.wait(list(inflight) + list(ready_refs), num_returns=1, timeout=timeout)
-            for ref in done:
-                if ref in ready_refs:
-                    slot = ready_refs[ref]
-                    try:
-                        info = ray.get(ref)
-                    except ray.exceptions.RayActorError as exc:
-                        lose(slot, f"died while starting: {worker_died(exc)}")
-                        continue
-                    slot.ready, slot.node_id = True, info.get("node_id")
-                    events["nodes"].setdefault(slot.node_id, 0)
-                    log.info("actor %d ready on node %s after %.1f s", slot.index, slot.node_id,
-                             time.monotonic() - slot.started)
-                    continue
-                slot, key, payload, attempt = inflight.pop(ref)
-                slot.load -= 1
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    reason = worker_died(exc)
-                    lose(slot, reason, key)
-                    retry_or_fail(key, payload, attempt, f"worker died: {reason}")
-                    continue
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    first = str(cause).splitlines()[0] if str(cause) else ""
-                    retry_or_fail(key, payload, attempt, f"{type(cause).__name__}: {first}")
-                    continue
-                except ray.exceptions.RayError as exc:  # object lost, owner died, ...
-                    retry_or_fail(key, payload, attempt, f"{type(exc).__name__}: {_cause_line(str(exc))}")
-                    continue
-                events["nodes"][slot.node_id] = events["nodes"].get(slot.node_id, 0) + 1
-                deliver(key, result, slot.node_id)
-            now = time.monotonic()
-            for slot in [s for s in live() if not s.ready]:
-                if now - slot.started > placement_timeout_s:
-                    events["actors_unplaceable"] += 1
-                    slot.gone = True
-                    log.warning("actor %d was not placed within %.0f s (the cluster lacks %g CPU%s free): "
-                                "going on without it", slot.index, placement_timeout_s, cpus,
-                                f" / {gpus:g} GPU" if gpus else "")
-                    ray.kill(slot.actor)
-            if now - last_replan >= replan_interval_s or (events["actors_lost"] and now - last_replan >= 0.5):
-                last_replan = now
-                alive = live()
-                if (len(alive) < target and pending and not any(not s.ready for s in alive)
-                        and events["actors_started"] < max_starts
-                        and len(pending) > sum(in_flight - s.load for s in alive if s.ready) and room()):
-                    log.info("re-plan: %d actor(s) alive of %d planned, and the cluster has room: starting one",
-                             len(alive), target)
-                    start()
-    finally:
-        for slot in slots:
-            try:
-                ray.kill(slot.actor)
-            except Exception:
-                pass
-    events["actors_final"] = len([s for s in slots if s.ready and not s.gone])
-    events["nodes"] = {k: v for k, v in events["nodes"].items() if k}
-    return events
-
-
-def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any], progress: _Progress,
+def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any], progress: Progress,
                 done: dict[str, dict], failed: dict[str, str]) -> dict[str, Any]:
     import ray
 
-    plan = _ray_resources(cfg, len(todo))
+    options = _pool_options(cfg.ray)
+    plan = plan_pool(options, len(todo))
     n_actors, use_gpu = plan.actors, plan.use_gpu
     job = {**job, "use_gpu": use_gpu}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -855,15 +537,13 @@ def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any],
     if len(nodes) > 1 and archive.local:
         log.warning("the output %s is a local path but the cluster has %d nodes: each node writes its shards "
                     "to its own disk unless that path is a shared filesystem", job["output"], len(nodes))
-    actor_cls = ray.remote(ShardWorker).options(num_cpus=cfg.ray.cpus_per_actor, num_gpus=plan.gpu_per_actor,
-                                                max_restarts=0, runtime_env=actor_runtime_env())
     log.info("%d shard(s) to compress on %d actor(s) (%g CPU each, %s)", len(todo), n_actors,
              cfg.ray.cpus_per_actor, plan.description)
     specs = {spec.shard: spec for spec in todo}
 
     def on_result(shard: str, stats: dict, node_id) -> None:
         done[shard] = stats
-        progress.update(stats)
+        progress.update(stats["images"], stats["error"] + stats["duplicate"])
 
     def on_failed(shard: str, reason: str) -> None:
         failed[shard] = reason
@@ -879,23 +559,12 @@ def _run_on_ray(cfg: CompressConfig, todo: list[ShardSpec], job: dict[str, Any],
         return stats if ok else None
 
     events = run_actor_pool(
-        actor_cls, (job,), n_actors, [(spec.shard, spec.to_dict()) for spec in todo],
+        actor_class(ShardWorker, options, plan), (job,), n_actors, [(spec.shard, spec.to_dict()) for spec in todo],
         lambda actor, payload: actor.process.remote(payload), on_result, on_failed,
-        retries=cfg.ray.shard_retries, in_flight=cfg.ray.shards_in_flight, cpus=cfg.ray.cpus_per_actor,
-        gpus=plan.gpu_per_actor, placement_timeout_s=cfg.ray.placement_timeout_s, recover=recover)
+        retries=options.retries, in_flight=options.in_flight, cpus=options.cpus_per_actor,
+        gpus=plan.gpu_per_actor, placement_timeout_s=options.placement_timeout_s, recover=recover)
     return {"actors": n_actors, "use_gpu": use_gpu, "cpus_per_actor": cfg.ray.cpus_per_actor, "nodes": len(nodes),
             "faults": events}
-
-
-class JobError(RuntimeError):
-    """The job cannot go on (e.g. its workers cannot start); completed shards are kept."""
-
-
-def _cause_line(text: str) -> str:
-    """The most telling line of a Ray error: the last line that names an exception."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
-    return (named or lines or [""])[-1]
 
 
 def _check_resume(planned: dict[str, ShardSpec], completed: dict[str, dict], settings: dict[str, Any]) -> None:
@@ -934,7 +603,7 @@ def _spread_small_corpus(cfg: CompressConfig, shards: list[ShardSpec], overwrite
         return shards, cfg.shard_size
     import ray
 
-    connect_ray(cfg)
+    connect_ray(cfg.ray.address)
     resources = ray.cluster_resources()
     actors = plan_actors(cfg.ray, int(resources.get("GPU", 0)), resources.get("CPU", 0), 1 << 30).actors
     if len(shards) >= actors:
@@ -1154,11 +823,11 @@ def _compress_dataset(cfg: CompressConfig, overwrite: bool, progress: bool, brea
 
     done: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    bar = _Progress(len(todo), progress)
+    bar = _progress(todo, progress)
     runner: dict[str, Any] = {"ray": cfg.ray.enabled}
     interrupted = False
     if todo and cfg.ray.enabled:
-        connect_ray(cfg)  # before the clock starts: a local cluster takes seconds to start
+        connect_ray(cfg.ray.address)  # before the clock starts: a local cluster takes seconds to start
     t_run = time.perf_counter()
     try:
         if not todo:
@@ -1235,12 +904,7 @@ def _compress_dataset(cfg: CompressConfig, overwrite: bool, progress: bool, brea
             "totals": totals,
         }
         archive.write_json(archive.path(A.MANIFEST), manifest)
-    if not complete or interrupted:
-        code = EXIT_INCOMPLETE
-    elif totals["failed"]:
-        code = EXIT_FAILED_IMAGES
-    else:
-        code = EXIT_OK
+    code = exit_code(complete, interrupted=interrupted, issues=totals["failed"])
     report["exit_code"] = code
     report["wall_s"] = time.perf_counter() - t_start
     archive.write_json(archive.path(A.REPORT), report)
@@ -1249,11 +913,6 @@ def _compress_dataset(cfg: CompressConfig, overwrite: bool, progress: bool, brea
 
 def _fmt(value: Any, spec: str, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _mb(n: int) -> str:
@@ -1275,8 +934,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"({_mb(t['source_bytes'])} -> {_mb(t['compressed_bytes'])})   "
         f"{_fmt(t['ratio_vs_raw_rgb'], '.1f', 'x')} vs 24-bit RGB",
         f"{'throughput':<14}{_fmt(run['images_per_s'], '.2f')} images/s   {_fmt(run['megapixels_per_s'], '.3f')} MP/s"
-        f"   (this run: {run['images']} images in {_hms(run['seconds'])})",
-        f"{'wall time':<14}{_hms(report['wall_s'])}",
+        f"   (this run: {run['images']} images in {hms(run['seconds'])})",
+        f"{'wall time':<14}{hms(report['wall_s'])}",
     ]
     faults = report.get("faults")
     if faults and (faults["actors_lost"] or faults["retries"] or faults["actors_unplaceable"]):

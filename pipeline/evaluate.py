@@ -55,7 +55,6 @@ import shlex
 import socket
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -68,12 +67,14 @@ from m2t_core.registry import CheckpointError, ModelNotFoundError
 from . import archive as A
 from . import classic_codecs as CC
 from . import rd
-from .compress import absolute_url, connect_ray, redact
+from .compress import absolute_url, redact
+from .runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
+from .runner import Progress, connect_ray, exit_code, run_in_process, run_task_pool
 from .sources import ShardSpec, SourceError, iter_shard, plan_shards
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_FAILED_ROWS = EXIT_ISSUES  # 0 / 1 / 2 / 3: see the docstring and runner.exit_code
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pipeline" / "evaluate.yaml"
 EVAL_VERSION = 1  # part of every unit's hash: bump when a row's meaning changes
 PARTS_DIR = "parts"
@@ -462,76 +463,41 @@ def _ray_run_unit(unit: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 # ====================================================================== the driver
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        self.rows = self.failed = 0
-        if enabled and total:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="unit", desc="eval", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, stats: Mapping[str, Any]) -> None:
-        self.rows += stats["rows"]
-        self.failed += stats["error"] + stats["mismatch"]
-        if self.bar is not None:
-            self.bar.set_postfix(rows=self.rows, failed=self.failed, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _progress(todo: list[Unit], enabled: bool) -> Progress:
+    """Counts rows (images x rate points); the ETA from rows/s when every shard's size is known."""
+    planned = [u.shard.planned_images for u in todo]
+    total = (sum(n * len(u.points) for n, u in zip(planned, todo))
+             if planned and None not in planned else None)
+    return Progress(len(todo), enabled, "eval", unit="unit", total_images=total, count="rows")
 
 
-def _cause_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "cause", None) or exc)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
-    return (named or lines or [type(exc).__name__])[-1]
+def _update(progress: Progress, stats: Mapping[str, Any]) -> None:
+    progress.update(stats["rows"], stats["error"] + stats["mismatch"])
 
 
-def _run_in_process(todo: list[Unit], job: dict[str, Any], progress: _Progress, done: dict, failed: dict,
+def _run_in_process(todo: list[Unit], job: dict[str, Any], progress: Progress, done: dict, failed: dict,
                     retries: int) -> None:
     import torch
 
     threads_before = torch.get_num_threads()
+
+    def on_result(uid: str, stats: dict) -> None:
+        done[uid] = stats
+        _update(progress, stats)
+
     try:
-        for unit in todo:
-            for attempt in range(retries + 1):
-                try:
-                    stats = run_unit(unit.to_dict(), job)
-                except Exception as exc:
-                    log.warning("unit %s failed (attempt %d): %s", unit.uid, attempt + 1, exc)
-                    failed[unit.uid] = f"{type(exc).__name__}: {exc}"
-                    continue
-                failed.pop(unit.uid, None)
-                done[unit.uid] = stats
-                progress.update(stats)
-                break
+        run_in_process([(unit.uid, unit) for unit in todo], lambda unit: run_unit(unit.to_dict(), job),
+                       on_result, failed.__setitem__, retries=retries, what="unit")
     finally:
         torch.set_num_threads(threads_before)
         _THREADS.clear()
 
 
-def _placeable(demand: tuple[float, float]) -> bool:
-    """Whether some live node of the cluster has (CPUs, GPUs) at all (free or not)."""
-    import ray
-
-    cpus, gpus = demand
-    for node in ray.nodes():
-        if node.get("Alive"):
-            have = node.get("Resources", {})
-            if have.get("CPU", 0) + 1e-9 >= cpus and have.get("GPU", 0) + 1e-9 >= gpus:
-                return True
-    return False
-
-
-def _run_on_ray(cfg: EvalConfig, todo: list[Unit], job: dict[str, Any], progress: _Progress, done: dict,
+def _run_on_ray(cfg: EvalConfig, todo: list[Unit], job: dict[str, Any], progress: Progress, done: dict,
                 failed: dict) -> dict[str, Any]:
-    """Units as Ray tasks. Retries are the driver's (not Ray's), so that the summary counts
-    them: a unit whose task raised or whose worker or node died is resubmitted up to
-    `ray.unit_retries` times and lands on whatever nodes are left. A task that no live node
-    could ever run (its GPU node is gone) is not waited for beyond `ray.placement_timeout_s`."""
+    """Units as Ray tasks (pipeline.runner.run_task_pool): a unit whose task failed is
+    resubmitted up to `ray.unit_retries` times; one that no live node could ever run is failed
+    after `ray.placement_timeout_s`."""
     import ray
 
     resources = ray.cluster_resources()
@@ -546,67 +512,18 @@ def _run_on_ray(cfg: EvalConfig, todo: list[Unit], job: dict[str, Any], progress
     if len(nodes) > 1 and A.Archive(job["output"], job["storage_options"]).local:
         log.warning("the output %s is a local path but the cluster has %d nodes: each node writes its parts "
                     "to its own disk unless that path is a shared filesystem", job["output"], len(nodes))
-    task = ray.remote(_ray_run_unit)
-    limit = cfg.ray.tasks_in_flight or max(2, int(2 * cpus))
-    job_ref = ray.put(job)
-    pending = deque((unit, 0) for unit in todo)
-    inflight: dict[Any, tuple[Unit, int, tuple[float, float]]] = {}
-    stuck_since: dict[Any, float] = {}
-    faults: dict[str, Any] = {"retries": [], "unplaceable": []}
     log.info("%d unit(s) on Ray (%g CPUs, %d GPUs; %g CPU per task%s)", len(todo), cpus, gpus,
              cfg.ray.cpus_per_task, ", our models on 1 GPU each" if use_gpu else "")
 
-    def retry_or_fail(unit: Unit, attempt: int, reason: str) -> None:
-        if attempt < cfg.ray.unit_retries:
-            log.warning("unit %s failed (attempt %d of %d), retrying: %s", unit.uid, attempt + 1,
-                        cfg.ray.unit_retries + 1, reason)
-            faults["retries"].append({"unit": unit.uid, "attempt": attempt + 1, "reason": reason})
-            pending.append((unit, attempt + 1))
-        else:
-            log.error("unit %s failed after %d attempt(s): %s", unit.uid, attempt + 1, reason)
-            failed[unit.uid] = reason
+    def on_result(uid: str, stats: dict) -> None:
+        done[uid] = stats
+        _update(progress, stats)
 
-    try:
-        while pending or inflight:
-            while pending and len(inflight) < limit:
-                unit, attempt = pending.popleft()
-                demand = (cfg.ray.cpus_per_task, 1.0 if (use_gpu and unit.kind == "ours") else 0.0)
-                options = {"num_cpus": demand[0], "num_gpus": demand[1], "max_retries": 0}
-                inflight[task.options(**options).remote(unit.to_dict(), job_ref)] = (unit, attempt, demand)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
-            for ref in ready:
-                unit, attempt, _ = inflight.pop(ref)
-                stuck_since.pop(ref, None)
-                try:
-                    stats = ray.get(ref)
-                except Exception as exc:  # the task raised, or its worker or node died
-                    retry_or_fail(unit, attempt, _cause_line(exc))
-                    continue
-                done[unit.uid] = stats
-                progress.update(stats)
-            if ready:
-                continue
-            # Nothing finished for a while: is some task asking for what no live node has?
-            now = time.monotonic()
-            for ref, (unit, attempt, demand) in list(inflight.items()):
-                if _placeable(demand):
-                    stuck_since.pop(ref, None)
-                    continue
-                since = stuck_since.setdefault(ref, now)
-                if now - since >= cfg.ray.placement_timeout_s:
-                    ray.cancel(ref, force=True)
-                    inflight.pop(ref)
-                    stuck_since.pop(ref)
-                    reason = (f"cannot be placed: no live node has {demand[0]:g} CPU"
-                              + (f" and {demand[1]:g} GPU" if demand[1] else "")
-                              + f" (waited {cfg.ray.placement_timeout_s:g} s)")
-                    log.error("unit %s %s; rerun when the cluster has the capacity", unit.uid, reason)
-                    faults["unplaceable"].append(unit.uid)
-                    failed[unit.uid] = reason
-    except BaseException:
-        for ref in inflight:
-            ray.cancel(ref, force=True)
-        raise
+    items = [(unit.uid, unit.to_dict(), (cfg.ray.cpus_per_task, 1.0 if (use_gpu and unit.kind == "ours") else 0.0))
+             for unit in todo]
+    faults = run_task_pool(_ray_run_unit, items, on_result, failed.__setitem__, shared=job,
+                           retries=cfg.ray.unit_retries, in_flight=cfg.ray.tasks_in_flight or max(2, int(2 * cpus)),
+                           placement_timeout_s=cfg.ray.placement_timeout_s, what="unit")
     return {"ray": True, "cpus": cpus, "gpus": gpus, "nodes": len(nodes), "use_gpu": use_gpu,
             "cpus_per_task": cfg.ray.cpus_per_task, "faults": faults}
 
@@ -718,8 +635,8 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True,
     runner: dict[str, Any] = {"ray": cfg.ray.enabled}
     interrupted = False
     if todo and cfg.ray.enabled:
-        connect_ray(cfg)
-    bar = _Progress(len(todo), progress)
+        connect_ray(cfg.ray.address)
+    bar = _progress(todo, progress)
     t_run = time.perf_counter()
     try:
         if not todo:
@@ -757,12 +674,11 @@ def evaluate(cfg: EvalConfig, overwrite: bool = False, progress: bool = True,
         "faults": runner.pop("faults", None),  # Ray: units retried (lost workers or nodes), unplaceable units
         "runs": runs,  # every run on this output (resumed runs add one each): compute time = the sum
     }
-    code = EXIT_INCOMPLETE
+    issues = 0
     if complete:
         summary.update(_write_results(out, cfg, units, datasets, classic, models, anchor, summary))
-        code = EXIT_FAILED_ROWS if summary["rows"]["failed"] + summary["rows"]["duplicate"] else EXIT_OK
-    if interrupted or not complete:
-        code = EXIT_INCOMPLETE
+        issues = summary["rows"]["failed"] + summary["rows"]["duplicate"]
+    code = exit_code(complete, interrupted=interrupted, issues=issues)
     summary["exit_code"] = code
     summary["wall_s"] = time.perf_counter() - t_start
     out.write_json(out.path(SUMMARY), summary)

@@ -5,7 +5,7 @@
     python jobs/decompress.py verify ... | restore ...     (same arguments; for `ray job submit`)
 
 Shards are decoded on a pool of Ray actors (one GPU each where the cluster has GPUs, else
-`--cpus-per-actor` CPUs each; sized from ray.cluster_resources() by pipeline/compress.py's
+`--cpus-per-actor` CPUs each; sized from ray.cluster_resources() by pipeline/runner.py's
 helper), or in this process with --no-ray. Each shard is decoded exactly once.
 
 Nothing in the archive is trusted: the manifest is type-checked (checked_manifest; shard names
@@ -48,11 +48,13 @@ from m2t_core import bitstream as bs
 from m2t_core.codec import numerics_environment
 
 from . import archive as A
+from .runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
+from .runner import (JobError, PoolOptions, Progress, actor_class, connect_ray, exit_code, peak_rss_mib, plan_pool,
+                     ray_node_id, run_actor_pool, run_in_process)
 from .sources import filesystem, join_url
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ISSUES, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 ISSUE_KINDS = {
     "missing_blob": "shards/<shard>.bin is missing",
     "missing_index": "shards/<shard>.parquet is missing, unreadable or malformed (wrong columns or types)",
@@ -260,11 +262,12 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
                             f"{stats['compressed_bytes']} ({'truncated' if size < stats['compressed_bytes'] else 'extra bytes'})"))
     max_pixels = int(job["max_pixels"])
     max_length = 3 * max_pixels + 65536  # never more bytes than raw RGB: bounds every read
-    from m2t_core.image_io import load_image, save_image
-    from m2t_core.metrics import mse as mse_of, psnr_from_mse
-
     out_archive = A.Archive(job["output"], job["storage_options"]) if job["mode"] == "restore" else None
     source_cache: dict = {}
+    batch = decode_batch(job, model)
+    # A bad row becomes an issue here; good ones are decoded `batch` at a time
+    # (decompress_many: the windows of many images share each transformer step).
+    pending: list[tuple[dict, bytes, Any, str | None]] = []  # (row, stream, header, dest)
     for row in ok_rows:
         key = row["key"]
         out["images"] += 1
@@ -296,17 +299,53 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
         if problem:
             issues.append(problem)
             continue
-        try:
-            rgb = model.decompress(data, max_pixels=max_pixels)
-        except Exception as exc:  # ChecksumMismatchError, BitstreamError from the entropy decoder
+        pending.append((row, data, header, dest))
+        if len(pending) >= batch:
+            _decode_and_check(model, pending, job, out, out_archive, source_cache, batch)
+            pending = []
+    if pending:
+        _decode_and_check(model, pending, job, out, out_archive, source_cache, batch)
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mib"] = peak_rss_mib()  # of the worker process that decoded this shard
+    return out
+
+
+def decode_batch(job: Mapping[str, Any], model) -> int:
+    """Streams decoded together: the job's --batch-images, or (0) 16 on a GPU, 1 on a CPU
+    (where batching is no faster: bench/codec_speed.py)."""
+    return int(job.get("batch_images") or 0) or (16 if model.device.type == "cuda" else 1)
+
+
+def pixels_comparable(expect: Mapping[str, Any] | None, model, batch: int) -> bool:
+    """Whether this worker's decoded pixels can be held to the index's decoded_crc32: only
+    under the numerics that wrote it (the latent CRC, checked inside decoding, holds
+    everywhere). g_s run on a batch rounds by the batch's shape, so batched pixels (the
+    writer's or ours) are never compared."""
+    written = (expect or {}).get("numerics")
+    if not isinstance(written, Mapping) or written.get("transform_batch", 1) != 1:
+        return False
+    return batch == 1 and written == model.numerics()
+
+
+def _decode_and_check(model, pending: list, job: Mapping[str, Any], out: dict, out_archive, source_cache: dict,
+                      batch: int) -> None:
+    """Decode `pending` streams together, then check (and restore) each decoded image."""
+    from m2t_core.image_io import load_image, save_image
+    from m2t_core.metrics import mse as mse_of, psnr_from_mse
+
+    shard, issues, max_pixels = out["shard"], out["issues"], int(job["max_pixels"])
+    expect = job.get("manifest_shard")
+    decoded = model.decompress_many([data for _, data, _, _ in pending], max_pixels=max_pixels, batch=batch)
+    for (row, data, header, dest), rgb in zip(pending, decoded):
+        key = row["key"]
+        if isinstance(rgb, Exception):  # ChecksumMismatchError, BitstreamError from the entropy decoder
             issues.append(issue(shard, key, "decode_error", f"shard {shard}, key {key!r}: "
-                                f"{type(exc).__name__}: {exc}"))
+                                f"{type(rgb).__name__}: {rgb}"))
             continue
         out["pixels"] += header.height * header.width
         got = zlib.crc32(np.ascontiguousarray(rgb).tobytes())
-        # The latent CRC (inside decompress) holds everywhere; pixels come from float g_s and
-        # are compared only under the numerics that wrote decoded_crc32.
-        same_numerics = header.portable is False or (expect or {}).get("numerics") == model.numerics()
+        # Pixels come from float g_s: compared only under the numerics that wrote decoded_crc32.
+        same_numerics = header.portable is False or pixels_comparable(expect, model, batch)
         out.setdefault("pixel_checks", {"compared": 0, "skipped": 0})["compared" if same_numerics else "skipped"] += 1
         if same_numerics and row["decoded_crc32"] is not None and got != row["decoded_crc32"]:
             issues.append(issue(shard, key, "decoded_mismatch", f"shard {shard}, key {key!r}: decoded pixels have "
@@ -327,7 +366,7 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
                 quality = psnr_from_mse(mse_of(src, rgb))
                 if row["psnr"] is not None and not _close(quality, row["psnr"]):
                     bad.append(f"PSNR {quality:.6f} dB, index says {row['psnr']:.6f}")
-            bpp = 8.0 * length / (header.height * header.width)
+            bpp = 8.0 * len(data) / (header.height * header.width)
             if row["bpp"] is not None and not _close(bpp, row["bpp"]):
                 bad.append(f"bpp {bpp:.6f}, index says {row['bpp']:.6f}")
             if bad:
@@ -343,11 +382,6 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
                 issues.append(issue(shard, key, "write_error", f"shard {shard}, key {key!r}: {dest}: {exc}"))
                 continue
         out["verified"] += 1
-    out["seconds"] = time.perf_counter() - t0
-    from .compress import peak_rss_mib
-
-    out["peak_rss_mib"] = peak_rss_mib()  # of the worker process that decoded this shard
-    return out
 
 
 def _close(a: float, b: float) -> bool:
@@ -384,8 +418,6 @@ class DecodeWorker:
     def __init__(self, job: dict[str, Any]):
         import torch
 
-        from .compress import ray_node_id
-
         torch.set_num_threads(max(1, int(job["cpus_per_actor"])))
         self.job = job
         self.node_id = ray_node_id()
@@ -405,66 +437,55 @@ class DecodeWorker:
 # ====================================================================== the driver
 
 
-class _Bar:
-    def __init__(self, total: int, enabled: bool, desc: str):
-        self.bar = None
-        self.images = self.issues = 0
-        self.t0 = time.perf_counter()
-        if enabled and total:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="shard", desc=desc, dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, result: dict) -> None:
-        self.images += result["images"]
-        self.issues += len(result["issues"])
-        if self.bar is not None:
-            rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(images=self.images, issues=self.issues, img_s=f"{rate:.2f}", refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _pool_options(args) -> PoolOptions:
+    return PoolOptions(address=args.ray_address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                       retries=getattr(args, "shard_retries", 2),
+                       placement_timeout_s=getattr(args, "placement_timeout", 120.0))
 
 
 def _run_ray(job, shards, manifest_shards, args, bar, results, failed) -> dict[str, Any]:
-    """Shards on a pool of DecodeWorker actors (pipeline.compress.run_actor_pool): a shard whose
+    """Shards on a pool of DecodeWorker actors (pipeline.runner.run_actor_pool): a shard whose
     actor died with its node is retried on the actors left; an actor that cannot be placed is
     not waited for (--placement-timeout)."""
-    import ray
-
-    from . import compress as C
-
-    retries = getattr(args, "shard_retries", 2)
-    placement_timeout = getattr(args, "placement_timeout", 120.0)
-    cfg = C.CompressConfig(ray=C.RayOptions(address=args.ray_address, actors=args.actors,
-                                            cpus_per_actor=args.cpus_per_actor))
-    C.connect_ray(cfg)
-    plan = C._ray_resources(cfg, len(shards))
+    options = _pool_options(args)
+    connect_ray(options.address)
+    plan = plan_pool(options, len(shards))
     n_actors, use_gpu = plan.actors, plan.use_gpu
     job = {**job, "use_gpu": use_gpu}
-    actor_cls = ray.remote(DecodeWorker).options(num_cpus=args.cpus_per_actor, num_gpus=plan.gpu_per_actor,
-                                                 max_restarts=0, runtime_env=C.actor_runtime_env())
+
     def on_result(shard: str, result: dict, node_id) -> None:
         results[shard] = result
-        bar.update(result)
+        bar.update(result["images"], len(result["issues"]))
 
     def on_failed(shard: str, reason: str) -> None:
         failed[shard] = reason
 
     try:
-        events = C.run_actor_pool(
-            actor_cls, (job,), n_actors, [(shard, shard) for shard in shards],
+        events = run_actor_pool(
+            actor_class(DecodeWorker, options, plan), (job,), n_actors, [(shard, shard) for shard in shards],
             lambda actor, shard: actor.process.remote(shard, manifest_shards.get(shard)), on_result, on_failed,
-            retries=retries, in_flight=2, cpus=args.cpus_per_actor, gpus=plan.gpu_per_actor,
-            placement_timeout_s=placement_timeout)
-    except C.JobError as exc:  # the actors cannot start (e.g. the model): every shard left fails
+            retries=options.retries, in_flight=options.in_flight, cpus=options.cpus_per_actor,
+            gpus=plan.gpu_per_actor, placement_timeout_s=options.placement_timeout_s)
+    except JobError as exc:  # the actors cannot start (e.g. the model): every shard left fails
         for shard in shards:
             if shard not in results:
                 failed.setdefault(shard, str(exc))
         events = None
     return {"ray": True, "actors": n_actors, "use_gpu": use_gpu, "faults": events}
+
+
+def _run_in_process(job, shards, manifest_shards, args, bar, results, failed) -> None:
+    """Shards one after the other in this process; a shard whose worker raised is tried
+    --shard-retries more times (then it is `worker_failed`)."""
+    model = A.open_model(job["model_source"], storage_options=job["storage_options"])
+
+    def on_result(shard: str, result: dict) -> None:
+        results[shard] = result
+        bar.update(result["images"], len(result["issues"]))
+
+    run_in_process([(shard, shard) for shard in shards],
+                   lambda shard: process_shard(model, shard, {**job, "manifest_shard": manifest_shards.get(shard)}),
+                   on_result, failed.__setitem__, retries=getattr(args, "shard_retries", 2))
 
 
 class _Unparsable(str):
@@ -551,7 +572,8 @@ def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
     job = {"mode": mode, "archive": archive_url, "storage_options": options,
            "max_pixels": min(int(cfg.get("max_pixels") or bs.DEFAULT_MAX_PIXELS), bs.DEFAULT_MAX_PIXELS),
            "against_source": getattr(args, "against_source", False),
-           "image_column": cfg.get("parquet_image_column"), "cpus_per_actor": args.cpus_per_actor, "use_gpu": False}
+           "image_column": cfg.get("parquet_image_column"), "cpus_per_actor": args.cpus_per_actor, "use_gpu": False,
+           "batch_images": getattr(args, "batch_images", 0)}
     if mode == "restore":
         fmt, ext = FORMATS[args.format]
         job.update(output=args.output if "://" in args.output else os.path.abspath(args.output), format=fmt, ext=ext,
@@ -566,13 +588,13 @@ def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
     except ModelUnavailable as exc:
         issues.append(issue(None, None, "model_unavailable", str(exc)))
         shards = []
-    bar = _Bar(len(shards), not args.no_progress, mode)
+    # The ETA from images/s needs the image count: the manifest's (not with --keys: a subset).
+    counts = [manifest_shards.get(s, {}).get("images") for s in shards] if job.get("keys") is None else []
+    bar = Progress(len(shards), not args.no_progress, mode, failures="issues",
+                   total_images=sum(counts) if counts and all(isinstance(c, int) for c in counts) else None)
     try:
         if shards and args.no_ray:
-            model = A.open_model(job["model_source"], storage_options=options)
-            for shard in shards:
-                results[shard] = process_shard(model, shard, {**job, "manifest_shard": manifest_shards.get(shard)})
-                bar.update(results[shard])
+            _run_in_process(job, shards, manifest_shards, args, bar, results, failed)
         elif shards:
             runner.update(_run_ray(job, shards, manifest_shards, args, bar, results, failed))
     finally:
@@ -617,7 +639,7 @@ def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
         report.update(output=job["output"], format=args.format, written=sum(r["written"] for r in res),
                       skipped=sum(r["skipped"] for r in res),
                       files={k: v for r in res for k, v in sorted(r["files"].items())})
-    code = EXIT_INCOMPLETE if failed else (EXIT_ISSUES if issues else EXIT_OK)
+    code = exit_code(True, failed_items=len(failed), issues=len(issues))
     report["exit_code"] = code
     report["wall_s"] = time.perf_counter() - t_start
     return report, code
@@ -680,9 +702,14 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=0, help="actors (0: one per GPU, else one per --cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--shard-retries", type=int, default=2,
-                   help="retries of a shard whose worker died (e.g. its node was lost); default 2")
+                   help="retries of a shard whose worker failed (it raised, or died with its node), "
+                        "with Ray or without; default 2")
     p.add_argument("--placement-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="give up an actor not placed on a node within this (capacity lost); default 120")
+    p.add_argument("--batch-images", type=int, default=0, metavar="N",
+                   help="streams decoded together (the windows of all of them share each transformer step; "
+                        "g_s runs on N at a time); 0: 16 on a GPU, 1 on a CPU. Pixels of batched g_s are not "
+                        "compared with the index's decoded_crc32 (the latent CRC always is)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -701,6 +728,8 @@ def _main(mode: str, argv) -> int:
             raise ValueError("--actors and --cpus-per-actor must be >= 0")
         if args.shard_retries < 0 or args.placement_timeout <= 0:
             raise ValueError("--shard-retries must be >= 0 and --placement-timeout > 0")
+        if not 0 <= args.batch_images <= 1024:
+            raise ValueError(f"--batch-images must be 0 (auto) to 1024, got {args.batch_images}")
         report, code = run(mode, args, options)
     except A.ArchiveError as exc:
         print(f"m2t {mode}: error: {exc}", file=sys.stderr)

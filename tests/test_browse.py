@@ -30,7 +30,7 @@ from PIL import Image
 
 import m2t_core
 from m2t_core import save_checkpoint
-from m2t_core.cli import main as m2t_main
+from pipeline.cli import main as m2t_main
 from pipeline import archive as A
 from pipeline import browse as B
 from pipeline import compress as C

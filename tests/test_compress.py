@@ -261,11 +261,38 @@ def test_three_formats_on_ray(local_archive, corpus, tiny_checkpoint, tmp_path):
 
 
 def test_in_process_run_gives_the_same_archive(local_archive, corpus, tiny_checkpoint, tmp_path):
-    out = tmp_path / "inproc.m2t"
-    report, code = C.compress_dataset(job_config(str(corpus[0]), out, tiny_checkpoint, "ray.enabled=false"),
-                                      progress=False)
+    out = tmp_path / "inproc.m2t"  # and range coding on the model's own thread
+    report, code = C.compress_dataset(job_config(str(corpus[0]), out, tiny_checkpoint, "ray.enabled=false",
+                                                 "coding_threads=0"), progress=False)
     assert code == C.EXIT_OK and not report["this_run"]["runner"]["ray"]
     assert_same_archive(local_archive[0], out)
+
+
+def test_one_actor_writes_the_bytes_two_actors_wrote(local_archive, corpus, tiny_checkpoint, tmp_path):
+    """Same input, same settings, same machine: every .bin byte for byte whatever the actor
+    count (the reference ran on 2), and with 2 threads range-coding while the model runs."""
+    out = tmp_path / "one-actor.m2t"
+    report, code = C.compress_dataset(job_config(str(corpus[0]), out, tiny_checkpoint, "ray.actors=1",
+                                                 "coding_threads=2"), progress=False)
+    assert code == C.EXIT_OK and report["this_run"]["runner"]["actors"] == 1
+    assert_same_archive(local_archive[0], out)
+
+
+def test_batched_model_stage_decodes_exactly(local_archive, corpus, tiny_checkpoint, tmp_path):
+    """batch_images=4: g_a and g_s run on batches (float rounding may move a few latents, so
+    no byte equality is claimed); every stream still decodes exactly to its latent, and the
+    archive records that its pixels came from a batched g_s."""
+    out = tmp_path / "batched.m2t"
+    report, code = C.compress_dataset(job_config(str(corpus[0]), out, tiny_checkpoint, "ray.enabled=false",
+                                                 "batch_images=4", "coding_threads=1"), progress=False)
+    assert code == C.EXIT_OK and report["totals"]["ok"] == 14
+    stats = A.Archive(str(out)).completed_shards()
+    assert all(s["numerics"]["transform_batch"] == 4 for s in stats.values())
+    model = build_model(TINY, model_id="tiny-pipeline")
+    blobs = {p.stem: p.read_bytes() for p in (out / "shards").glob("*.bin")}
+    rows = all_rows(out)
+    decoded = model.decode_latents([blobs[r["shard"]][r["offset"]:r["offset"] + r["length"]] for r in rows])
+    assert all(not isinstance(d, Exception) and d[0].height == H for d in decoded)
 
 
 def test_resume_after_a_partial_run_and_a_crash_mid_shard(local_archive, corpus, tiny_checkpoint, tmp_path):
@@ -472,7 +499,8 @@ def test_bad_inputs_get_the_expected_statuses(tmp_path, tiny_checkpoint, ray_clu
     ({"actors": 3}, 1, 16, 100, (3, True, 0.25)),
 ])
 def test_actor_plan_from_cluster_resources(options, gpus, cpus, shards, expected):
-    from pipeline.compress import RayOptions, plan_actors
+    from pipeline.compress import RayOptions
+    from pipeline.runner import plan_actors
 
     plan = plan_actors(RayOptions(**options), gpus, cpus, shards)
     assert (plan.actors, plan.use_gpu, plan.gpu_per_actor) == expected
@@ -485,7 +513,8 @@ def test_actor_plan_from_cluster_resources(options, gpus, cpus, shards, expected
     ({"actors_per_gpu": 8}, 1, 4, "need 8 CPUs"),
 ])
 def test_actor_plan_refuses_what_the_cluster_lacks(options, gpus, cpus, message):
-    from pipeline.compress import RayOptions, plan_actors
+    from pipeline.compress import RayOptions
+    from pipeline.runner import plan_actors
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         plan_actors(RayOptions(**options), gpus, cpus, 100)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from m2t_core import cli
+from pipeline import cli
 from pipeline import classic_codecs as CC
 from pipeline import evaluate as E
 from pipeline import rd

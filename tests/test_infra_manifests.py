@@ -165,7 +165,7 @@ def test_dockerfile_installs_like_the_makefile_and_readme(path):
 
 
 def test_cli_has_version_and_models():
-    from m2t_core.cli import build_parser
+    from pipeline.cli import build_parser
 
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["--version"])
@@ -295,7 +295,8 @@ def test_kuberay_manifest_names_only_v1_fields_and_no_credentials(path):
 
 
 def test_raycluster_is_sized_from_the_measured_per_actor_figures():
-    from pipeline.compress import RayOptions, plan_actors
+    from pipeline.compress import RayOptions
+    from pipeline.runner import plan_actors
 
     [cluster] = load_all(INFRA / "kuberay" / "raycluster.yaml")
     spec = cluster["spec"]
@@ -335,7 +336,7 @@ def parse_or_fail(parser, argv: list[str]):
 
 @pytest.mark.parametrize("name", ["rayjob-compress.yaml", "rayjob-verify.yaml", "rayjob-eval.yaml"])
 def test_rayjob_entrypoint_is_a_command_the_cli_accepts(name):
-    from m2t_core.cli import PIPELINE_COMMANDS
+    from pipeline.cli import PIPELINE_COMMANDS
     from pipeline import compress as C
     from pipeline import evaluate as E
     from pipeline import verify as V

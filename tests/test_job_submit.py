@@ -120,7 +120,14 @@ def submit(head, entrypoint: list[str], submission_id: str) -> str:
     """`ray job submit --working-dir` the checkout, without waiting; returns the job id."""
     cmd = [RAY, "job", "submit", "--address", head["address"], "--submission-id", submission_id, "--no-wait",
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--", *entrypoint]
-    rc = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=120)
+    deadline = time.monotonic() + 90
+    while True:
+        rc = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=120)
+        # The head's job agent registers some seconds after its dashboard answers (longer on a
+        # loaded machine); until then Ray answers 500 "No available agent ... try again later".
+        if rc.returncode == 0 or "No available agent" not in rc.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-2000:]
     return submission_id
 

@@ -389,7 +389,7 @@ def test_get_of_an_error_key_exits_2_every_time(archive, installed, tmp_path):
     3 runs: Arrow threads reading keys.parquet through the Python file object were still
     alive at interpreter exit."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "m2t_core.cli", "get", str(archive), "empty.png", str(tmp_path / "o.png")]
+    cmd = [sys.executable, "-m", "pipeline.cli", "get", str(archive), "empty.png", str(tmp_path / "o.png")]
     codes, errs = [], []
     for batch in range(4):
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -408,7 +408,7 @@ def test_get_of_an_error_key_exits_2_every_time(archive, installed, tmp_path):
 
 def test_cli_and_job_agree_on_empty_files_and_side_limits(tmp_path, capsys):
     from m2t_core import ImageError
-    from m2t_core.cli import main as m2t_main
+    from pipeline.cli import main as m2t_main
 
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")

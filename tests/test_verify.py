@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from m2t_core import save_checkpoint
-from m2t_core.cli import main as m2t_main
+from pipeline.cli import main as m2t_main
 from pipeline import archive as A
 from pipeline import compress as C
 from pipeline import verify as V
@@ -160,6 +160,48 @@ def test_tampering_is_detected(archive, tmp_path, tamper, capsys):
     assert kind in capsys.readouterr().out  # in the printed table too
 
 
+def test_batched_decoding_isolates_a_stream_that_decodes_wrong(archive, tmp_path):
+    """--batch-images 4: the windows of several images share each transformer step. A stream
+    that passes every header check but decodes wrong (a payload byte changed, both CRCs
+    rewritten to match) is one decode_error; the rest of its batch verifies."""
+    import dataclasses
+
+    from m2t_core import bitstream as bs
+
+    code, report = verify(archive, tmp_path, "--no-ray", "--batch-images", "4")
+    assert code == V.EXIT_OK and report["verified"] == 4, report["issues"]
+    # Batched g_s rounds by batch shape: its pixels are never held to the index's CRC.
+    assert report["checks"]["pixels_compared"] == 0 and report["checks"]["pixels_not_compared"] == 4
+    model = build_model(TINY, model_id="tiny-verify")
+    same = {"numerics": model.numerics()}
+    assert V.pixels_comparable(same, model, 1)
+    assert not V.pixels_comparable(same, model, 4)
+    assert not V.pixels_comparable({"numerics": {**model.numerics(), "transform_batch": 16}}, model, 1)
+    assert not V.pixels_comparable({"numerics": {**model.numerics(), "threads": 99}}, model, 1)
+    assert not V.pixels_comparable(None, model, 1)
+
+    copy = tmp_path / "b.m2t"
+    shutil.copytree(archive, copy)
+    rows = rows_of(copy, "00000")
+    row = rows[0]
+    blob = bytearray((copy / "shards" / "00000.bin").read_bytes())
+    header, payload = bs.unpack(bytes(blob[row["offset"]:row["offset"] + row["length"]]))
+    bad = bytearray(payload)
+    bad[len(bad) // 3] ^= 0x5A
+    data = bs.pack(dataclasses.replace(header, payload_crc=zlib.crc32(bytes(bad))), bytes(bad))
+    assert len(data) == row["length"]
+    blob[row["offset"]:row["offset"] + row["length"]] = data
+    row["crc32"] = zlib.crc32(data)
+    (copy / "shards" / "00000.bin").write_bytes(bytes(blob))
+    write_rows(copy, "00000", rows)
+    for extra in (["--batch-images", "4"], []):
+        code, report = verify(copy, tmp_path, "--no-ray", *extra)
+        assert code == V.EXIT_ISSUES
+        assert [(i["kind"], i["key"]) for i in report["issues"]] == [("decode_error", row["key"])], extra
+        assert report["verified"] == 3
+    assert V.verify_main([str(archive), "--no-ray", "--batch-images", "-1"]) == V.EXIT_USAGE
+
+
 def test_restore_matches_m2t_decode_and_resumes(archive, tmp_path, checkpoint):
     out = tmp_path / "restored"
     assert V.restore_main([str(archive), str(out), "--no-ray", "--no-progress"]) == V.EXIT_OK
@@ -205,3 +247,38 @@ def test_usage_errors_and_job_entry(archive, tmp_path):
                         timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
     assert json.loads((tmp_path / "job.json").read_text())["verified"] == 4
+
+
+def test_no_ray_retries_a_shard_whose_worker_failed(archive, tmp_path, monkeypatch, caplog):
+    """In-process runs retry a shard whose worker raised (--shard-retries), as the Ray pool does:
+    a transient failure (here: the first read of shard 00001 fails) leaves the run clean."""
+    real, calls = V.process_shard, []
+
+    def flaky(model, shard, job):
+        calls.append(shard)
+        if shard == "00001" and calls.count(shard) == 1:
+            raise ConnectionResetError("transient: connection reset by peer")
+        return real(model, shard, job)
+
+    monkeypatch.setattr(V, "process_shard", flaky)
+    code, report = verify(archive, tmp_path, "--no-ray")
+    assert code == V.EXIT_OK, report["issues"]
+    assert calls == ["00000", "00001", "00001"] and report["verified"] == 4
+    assert report["shards"]["failed"] == {} and report["shards"]["decode_counts"] == {"00000": 1, "00001": 1}
+    assert "shard 00001 failed (attempt 1 of 3), retrying" in caplog.text
+
+
+def test_no_ray_shard_failing_every_attempt_is_incomplete(archive, tmp_path, monkeypatch):
+    real, calls = V.process_shard, []
+
+    def broken(model, shard, job):
+        calls.append(shard)
+        if shard == "00000":
+            raise OSError("disk gone")
+        return real(model, shard, job)
+
+    monkeypatch.setattr(V, "process_shard", broken)
+    code, report = verify(archive, tmp_path, "--no-ray", "--shard-retries", "1")
+    assert code == V.EXIT_INCOMPLETE and calls.count("00000") == 2  # 1 + --shard-retries
+    assert report["shards"]["failed"] == {"00000": "OSError: disk gone"}
+    assert [i["kind"] for i in report["issues"]] == ["worker_failed"] and report["verified"] == 2

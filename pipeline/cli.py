@@ -1,0 +1,121 @@
+"""The `m2t` command line: one program, subcommands.
+
+    m2t encode IN.png OUT.m2t [--model NAME_OR_PATH]
+    m2t decode IN.m2t OUT.png
+    m2t info IN.m2t
+    m2t models
+    m2t train --config configs/train/NAME.yaml [--set key=value ...]
+    m2t compress INPUT_URL OUTPUT_URL [--model NAME] [--config F] [--set key=value ...]
+    m2t get ARCHIVE KEY OUT.png
+    m2t verify ARCHIVE_URL [--shards ...] [--against-source]
+    m2t restore ARCHIVE_URL OUTPUT_URL [--format png] [--keys ...]
+    m2t eval --data URL [URL ...] [--models all] [--baselines jpeg,webp,avif,jpeg2000,jxl] [--anchor jpeg] OUTPUT_URL
+    m2t browse ARCHIVE_URL
+
+The CLI sits above both packages: the codec's commands (encode, decode, info, models) and its
+error policy come from m2t_core/cli.py, which knows nothing of this package; the dataset
+commands below are this package's. Each pipeline module is imported only when its command
+runs, so `m2t encode` never imports Ray or pyarrow.
+
+Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG=1 shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from m2t_core import cli as codec_cli
+from m2t_core.cli import EXIT_ERROR, CliError  # noqa: F401  (re-exported: the program's error policy)
+
+Command = Callable[[list[str]], int]
+
+
+# The pipeline's subcommands parse their own arguments and choose their own exit codes. Each
+# loader imports its module on first use and returns the command's `main(argv)`.
+def _train() -> Command:
+    from .training import main
+
+    return main
+
+
+def _compress() -> Command:
+    from .compress import main
+
+    return main
+
+
+def _get() -> Command:
+    from .archive import get_main
+
+    return get_main
+
+
+def _verify() -> Command:
+    from .verify import verify_main
+
+    return verify_main
+
+
+def _restore() -> Command:
+    from .verify import restore_main
+
+    return restore_main
+
+
+def _eval() -> Command:
+    from .evaluate import main
+
+    return main
+
+
+def _browse() -> Command:
+    from .browse import main
+
+    return main
+
+
+# name -> (loader, help), in the order `m2t --help` lists them (after the codec's commands).
+PIPELINE_COMMANDS: dict[str, tuple[Callable[[], Command], str]] = {
+    "train": (_train, "train a model (see configs/train/)"),
+    "compress": (_compress, "compress a dataset into an archive (Ray)"),
+    "get": (_get, "decode one image of an archive by key"),
+    "verify": (_verify, "decode a whole archive and check every checksum (Ray)"),
+    "restore": (_restore, "write an archive's images back to files (Ray)"),
+    "eval": (_eval, "rate-distortion of models and classic codecs over datasets (Ray)"),
+    "browse": (_browse, "a local web page to browse an archive's images (previews from stream prefixes)"),
+}
+
+
+def run_pipeline_command(command: str, rest: list[str]) -> int:
+    loader, _ = PIPELINE_COMMANDS[command]
+    try:
+        func = loader()
+    except ImportError as exc:
+        raise CliError(f"'{command}' needs the pipeline extras (pip install -e '.[pipeline]'): {exc}")
+    return func(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `m2t` parser: the codec's commands, then the pipeline's (listed for --help;
+    `main` hands their arguments to the command's own parser)."""
+    parser, sub = codec_cli.new_parser()
+    codec_cli.add_codec_commands(sub)
+    for name, (_, help_text) in PIPELINE_COMMANDS.items():
+        sub.add_parser(name, help=help_text + f" (m2t {name} --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in PIPELINE_COMMANDS:
+        command, rest = argv[0], argv[1:]
+        return codec_cli.run_command(command, lambda: run_pipeline_command(command, rest))
+    args = parser.parse_args(argv)
+    return codec_cli.run_command(args.command, lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

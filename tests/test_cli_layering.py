@@ -1,0 +1,107 @@
+"""The CLI sits above both packages: m2t_core keeps no knowledge of pipeline/.
+
+The `m2t` program is pipeline/cli.py (the codec's commands from m2t_core/cli.py plus the
+pipeline's); m2t_core must never import pipeline, and `m2t encode` must not import Ray.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = REPO / "m2t_core"
+
+
+def _is_pipeline(name: str | None) -> bool:
+    return bool(name) and (name == "pipeline" or name.startswith("pipeline."))
+
+
+def _dynamic_import_target(node: ast.Call) -> str | None:
+    """The module name of importlib.import_module("...") / __import__("...") / import_module("...")."""
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    if name not in ("import_module", "__import__", "find_spec") or not node.args:
+        return None
+    arg = node.args[0]
+    return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+
+
+def test_m2t_core_source_never_imports_pipeline():
+    files = sorted(CORE.rglob("*.py"))
+    assert CORE / "cli.py" in files
+    offences = []
+    for path in files:
+        text = path.read_text()
+        rel = path.relative_to(REPO)
+        for n, line in enumerate(text.splitlines(), 1):
+            if re.match(r"\s*(import\s+pipeline\b|from\s+pipeline\b)", line):
+                offences.append(f"{rel}:{n}: {line.strip()}")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, ast.Import):
+                offences += [f"{rel}:{node.lineno}: import {a.name}" for a in node.names if _is_pipeline(a.name)]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and _is_pipeline(node.module):
+                offences.append(f"{rel}:{node.lineno}: from {node.module} import ...")
+            elif isinstance(node, ast.Call) and _is_pipeline(_dynamic_import_target(node)):
+                offences.append(f"{rel}:{node.lineno}: dynamic import of {_dynamic_import_target(node)!r}")
+    assert not offences, "m2t_core must not import pipeline:\n" + "\n".join(offences)
+    cli = (CORE / "cli.py").read_text()
+    assert "PIPELINE_COMMANDS" not in cli and "importlib" not in cli and "pipeline" not in cli.lower()
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_importing_the_codec_loads_no_pipeline_module():
+    out = _run("import m2t_core, m2t_core.cli, m2t_core.codec; import sys; "
+               "bad = [m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.')]; "
+               "assert not bad, bad")
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_codec_commands_through_the_program_do_not_import_ray():
+    # A codec command dispatched by the full program: an error path (exit 2), no model loaded.
+    out = _run("import sys; from pipeline.cli import main; "
+               "assert main(['info', 'no-such-file.m2t']) == 2; "
+               "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow', 'fsspec')]; "
+               "assert not bad, bad[:5]")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "m2t info: error: no such file: no-such-file.m2t" in out.stderr
+
+
+def test_program_help_lists_codec_and_pipeline_commands():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    for command in ("encode", "decode", "info", "models", "train", "compress", "get", "verify", "restore",
+                    "eval", "browse"):
+        assert re.search(rf"^\s+{command}\s", out.stdout, re.M), (command, out.stdout)
+
+
+def test_codec_only_program_lists_only_codec_commands():
+    from m2t_core.cli import CODEC_COMMANDS, build_parser
+
+    assert list(CODEC_COMMANDS) == ["encode", "decode", "info", "models"]
+    help_text = build_parser().format_help()
+    assert "{encode,decode,info,models}" in help_text, help_text
+    assert not re.search(r"^\s+(train|compress|get|verify|restore|eval|browse)\s", help_text, re.M), help_text
+
+
+def test_full_program_routes_pipeline_commands_to_their_own_parsers(capsys):
+    from pipeline.cli import PIPELINE_COMMANDS, main
+
+    assert list(PIPELINE_COMMANDS) == ["train", "compress", "get", "verify", "restore", "eval", "browse"]
+    with pytest.raises(SystemExit) as exc:
+        main(["get", "--help"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+    assert main(["info", "no-such-file.m2t"]) == 2
+    assert capsys.readouterr().err.strip() == "m2t info: error: no such file: no-such-file.m2t"
