@@ -62,7 +62,7 @@ def encode_eager(model, rgbs: list[np.ndarray]) -> list:
     with torch.inference_mode():
         latents = []
         for rgb in rgbs:
-            x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+            x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8, a writable copy
             y = torch.round(tiling.analysis(model.g_a, x)).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
             latents.append((y, rgb.shape[0], rgb.shape[1]))
         return [code_plan(p) for p in model.plan_latents(latents)]

@@ -430,7 +430,7 @@ def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log
     rgbs = [rgb, rgb[:, ::-1], rgb[::-1], rgb[::-1, ::-1]] * (batch // 4 + 1)
     rgbs = [np.ascontiguousarray(r) for r in rgbs[:batch]]  # same size, different content
     H, W = rgb.shape[:2]
-    x = torch.from_numpy(rgbs[0]).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    x = torch.from_numpy(rgbs[0].copy()).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
     with torch.inference_mode():
         ys = model.analysis_batch(rgbs, batch=1)
         latents = [(y, H, W) for y in ys]
@@ -469,8 +469,12 @@ def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log
 def main_stages(args, log) -> int:
     sizes = [parse_size(s) for s in (args.sizes or "768x512").split(",")]
     repeats = args.repeats if args.repeats is not None else 3
-    models, desc = build_models(args.checkpoint, torch.device(args.device))
-    model = models["m2t"]
+    if args.checkpoint:
+        model = m2t_core.load_model(args.checkpoint, device=args.device, cache=False)
+        desc = f"checkpoint {args.checkpoint!r} (model_id {model.model_id!r}, mode {model.cfg.mode})"
+    else:
+        models, desc = build_models(None, torch.device(args.device))
+        model = models["m2t"]
     machine = machine_info(torch.device(args.device))
     log(f"machine: {machine['cpu']}, torch {machine['torch']}, {torch.get_num_threads()} torch threads; model {desc}; "
         f"transforms {model.transforms_implementation()}")

@@ -43,7 +43,7 @@ from .entropy_coding import (MAX_ABS_SYMBOL, MEAN_STEPS, SymbolDecoder, SymbolEn
                              snap_integer, snap_params)
 from .image_io import ImageLike, to_rgb_array
 from .transformer import DecodeState, EntropyTransformer, MixtureParams, mixture_likelihood
-from .transforms import CPU_TRANSFORMS, AnalysisTransform, SynthesisTransform, frozen_for_inference
+from .transforms import CPU_TRANSFORMS, FROZEN_TRANSFORMS, AnalysisTransform, SynthesisTransform, frozen_for_inference
 
 DEFAULT_WINDOW_BATCH = 8  # format version 1 only
 UNTRAINED_MODEL_ID = "untrained"
@@ -433,10 +433,9 @@ class M2TCodec(nn.Module):
         return [code_plan(plan, format_version) for plan in plans]
 
     def transforms_implementation(self) -> str:
-        """How analysis() and synthesis() run g_a and g_s here: "frozen" or "eager" (see
-        transforms.CPU_TRANSFORMS; GPUs run the modules eagerly, and so does a CPU where
-        freezing failed)."""
-        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen":
+        """How synthesis() runs g_s here, which decides the decoded pixels: "frozen" or
+        "eager" (see transforms.FROZEN_TRANSFORMS: g_s runs eagerly; so do GPUs)."""
+        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen" or "g_s" not in FROZEN_TRANSFORMS:
             return "eager"
         with torch.inference_mode():
             return "frozen" if self._inference_transform("g_s") is not None else "eager"
@@ -447,10 +446,11 @@ class M2TCodec(nn.Module):
         return numerics_environment(self.device, self.transforms_implementation())
 
     def _inference_transform(self, name: str):
-        """The frozen CPU form of g_a or g_s (built on first use and again whenever the weights
-        changed), or None to run the module itself."""
+        """The frozen CPU form of g_a (or of any transform in FROZEN_TRANSFORMS; built on first
+        use and again whenever the weights changed), or None to run the module itself."""
         module = getattr(self, name)
-        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen" or torch.is_grad_enabled() or module.training:
+        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen" or name not in FROZEN_TRANSFORMS \
+                or torch.is_grad_enabled() or module.training:
             return None
         if self._frozen.get("failed"):
             return None
@@ -962,9 +962,12 @@ class Preview:
 STEP_READ_AHEAD_WORDS = 2
 
 
-# Windows the entropy model takes in one pass when encoding (plan_latents): on a CPU one chunk
-# (bigger passes only cost memory); a GPU needs many images' windows at once to be busy.
-WINDOWS_PER_PASS = {"cpu": bs.CHUNK_WINDOWS, "cuda": 16 * bs.CHUNK_WINDOWS}
+# Windows the entropy model takes in one pass (plan_latents, decode_latents); a pass holds
+# whole chunks, at least one. On a CPU one chunk: merging images' chunks makes the integer
+# attention's score tensors outgrow the caches (4 Kodak images planned in passes of 2 took
+# 0.59 s per image, one at a time 0.45 s: bench/codec_speed.py --stages). A GPU needs many
+# images' windows at once to be busy.
+WINDOWS_PER_PASS = {"cpu": 1, "cuda": 16 * bs.CHUNK_WINDOWS}
 # Images per g_a / g_s call (analysis_batch, synthesis_batch): one on a CPU, where a batch is
 # slower per image (bench/codec_speed.py); a GPU needs many.
 TRANSFORM_BATCH = {"cpu": 1, "cuda": 16}
@@ -1144,7 +1147,8 @@ def numerics_environment(device: torch.device | str = "cpu", transforms: str | N
     last bit of a few pixels. `transforms`: how g_a/g_s run (M2TCodec.numerics() fills it)."""
     device = torch.device(device)
     if transforms is None:
-        transforms = CPU_TRANSFORMS if device.type == "cpu" else "eager"
+        frozen = device.type == "cpu" and CPU_TRANSFORMS == "frozen" and "g_s" in FROZEN_TRANSFORMS
+        transforms = "frozen" if frozen else "eager"  # g_s's: it decides the pixels
     env = {"device": device.type, "torch": torch.__version__, "transforms": transforms}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

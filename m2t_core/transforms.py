@@ -136,13 +136,14 @@ class SynthesisTransform(nn.Module):
 
 # ---------------------------------------------------------------------- CPU inference
 
-# How g_a and g_s run for inference on a CPU: "frozen" (TorchScript, frozen and optimised for
-# inference: oneDNN convolutions with pre-packed weights and fused element-wise work; 1.7 to
-# 2x faster on one thread, bench/codec_speed.py) or "eager" (the nn.Modules as they are;
-# M2T_EAGER_TRANSFORMS=1). The two differ only in float rounding, which g_a and g_s may: the
-# entropy model, the only part a decoder must reproduce, is exact integer arithmetic either way.
-# The choice is part of the numerics an archive records, since it decides the last bits of a
-# few decoded pixels.
+# How g_a runs for inference on a CPU: "frozen" (TorchScript, frozen and optimised for
+# inference: oneDNN convolutions with pre-packed weights and fused element-wise work) or
+# "eager" (the nn.Module as it is; M2T_EAGER_TRANSFORMS=1). Frozen g_a is 1.4x faster on one
+# thread at 768x512 and 1920x1080 (bench/codec_speed.py --stages). g_s stays eager: frozen it
+# was no faster at 768x512 and 15 % slower at 1920x1080 (FROZEN_TRANSFORMS). The two forms
+# differ only in float rounding, which g_a may: the entropy model, the only part a decoder
+# must reproduce, is exact integer arithmetic either way.
+FROZEN_TRANSFORMS = ("g_a",)
 CPU_TRANSFORMS = "eager" if os.environ.get("M2T_EAGER_TRANSFORMS", "") not in ("", "0") else "frozen"
 
 

@@ -135,14 +135,14 @@ def test_frozen_transforms_are_the_modules_and_follow_their_weights():
 
 
 def _check_frozen_transforms(model):
-    assert model.transforms_implementation() == "frozen" and model.numerics()["transforms"] == "frozen"
-    for h, w in SIZES[:2] + [(48, 400)]:
+    # g_a runs frozen; g_s, which decides the decoded pixels, eagerly (and the numerics say so).
+    assert model._inference_transform("g_s") is None
+    assert model.transforms_implementation() == "eager" and model.numerics()["transforms"] == "eager"
+    for h, w in SIZES[:2] + [(48, 400)]:  # one traced graph serves every size
         x = torch.from_numpy(random_image(h + (-h) % 16, w + (-w) % 16, seed=h)).permute(2, 0, 1)[None].float() / 255
         y_ref = model.g_a(x)
         y = model._inference_transform("g_a")(x)
         assert y.shape == y_ref.shape and torch.allclose(y, y_ref, rtol=1e-4, atol=1e-3 * y_ref.abs().max().item())
-        x_ref = model.g_s(y_ref)
-        assert torch.allclose(model._inference_transform("g_s")(y_ref), x_ref, atol=1e-4)
     # Weights changed in place (as training or loading a checkpoint does): rebuilt, not stale.
     x = torch.rand(1, 3, 64, 64)
     before = model._inference_transform("g_a")(x)
