@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     images = kodak(args.data_root, args.images)
     names, rgbs = [n for n, _ in images], [r for _, r in images]
     cpu = load_model(args.model, device="cpu")
+    with torch.inference_mode():
+        g_a = "frozen" if cpu._inference_transform("g_a") is not None else "eager"
     print(f"{len(rgbs)} Kodak images, model {args.model}, {cpu_model()}, torch {torch.__version__}, "
-          f"transforms {cpu.transforms_implementation()}", flush=True)
+          f"g_a {g_a}, g_s {cpu.transforms_implementation()}", flush=True)
 
     variants = {"cpu batch 1 (reference)": lambda: cpu.encode_images(rgbs, batch=1),
                 f"cpu batch {args.batch}": lambda: cpu.encode_images(rgbs, batch=args.batch),
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cpu": cpu_model(), "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
               "code": code_state(), "model": args.model, "images": len(rgbs), "size": "768x512",
-              "reference": "this CPU, g_a one image at a time, " + cpu.transforms_implementation() + " transforms",
+              "reference": f"this CPU, g_a ({g_a}) one image at a time",
               "variants": results}
     write_report(args.json, report)
     return 0 if all(r["decodes_exactly"] for r in results.values()) else 1

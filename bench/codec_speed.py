@@ -7,8 +7,8 @@
                                                # per-stage times of the staged, batched coder (~3 min)
 
 --stages times, per image, each stage the compression and verify jobs run (one thread: as an
-actor with one CPU): g_a and g_s eager vs frozen (the TorchScript form a CPU runs by default)
-and on a batch of --stage-batch images; the entropy model's device stage (plan_latents) for
+actor with one CPU): g_a and g_s eager vs frozen (TorchScript; a CPU runs g_a frozen, g_s
+eager: transforms.FROZEN_TRANSFORMS) and on a batch of --stage-batch images; the entropy model's device stage (plan_latents) for
 one image and for a batch; range coding (code_plan); decoding one latent (decode_latent) and
 a batch (decode_latents); and encode_image / decompress end to end. It writes
 bench/results/codec_stages.json (or --json).
@@ -422,10 +422,23 @@ def fmt_table(results: dict, steps: int) -> str:
     return "\n".join(lines)
 
 
+def encode_with_eager_g_a(model: M2TCodec, rgb: np.ndarray):
+    """encode_image as it runs with M2T_EAGER_TRANSFORMS=1 (the module global it sets)."""
+    before = codec_module.CPU_TRANSFORMS
+    codec_module.CPU_TRANSFORMS = "eager"
+    try:
+        return model.encode_image(rgb)
+    finally:
+        codec_module.CPU_TRANSFORMS = before
+
+
 def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log) -> dict:
     """Median seconds per image of each stage of staged coding (see the module docstring)."""
     from m2t_core import tiling
     from m2t_core.codec import code_plan
+    from m2t_core.transforms import frozen_for_inference
+
+    frozen_g_s = frozen_for_inference(model.g_s, model.cfg.C)
 
     rgbs = [rgb, rgb[:, ::-1], rgb[::-1], rgb[::-1, ::-1]] * (batch // 4 + 1)
     rgbs = [np.ascontiguousarray(r) for r in rgbs[:batch]]  # same size, different content
@@ -447,9 +460,11 @@ def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log
         "decode_latent": (lambda: model.decode_latent(stream), 1),
         f"decode_latents, batch {batch}": (lambda: model.decode_latents(streams), batch),
         "g_s eager": (lambda: model.synthesis(ys[0], H, W, frozen=False), 1),
-        "g_s frozen": (lambda: model.synthesis(ys[0], H, W), 1),
-        f"g_s frozen, batch {batch}": (lambda: model.synthesis_batch(latents, batch=batch), batch),
+        # The codec runs g_s eagerly (transforms.FROZEN_TRANSFORMS): this is the alternative.
+        "g_s frozen": (lambda: tiling.synthesis(model.g_s, ys[0][None].float(), H, W, run=frozen_g_s), 1),
+        f"g_s, batch {batch}": (lambda: model.synthesis_batch(latents, batch=batch), batch),
         "encode_image (end to end)": (lambda: model.encode_image(rgbs[0]), 1),
+        "encode_image, g_a eager (M2T_EAGER_TRANSFORMS=1)": (lambda: encode_with_eager_g_a(model, rgbs[0]), 1),
         "decompress (end to end)": (lambda: model.decompress(stream), 1),
     }
     out = {}
