@@ -23,6 +23,7 @@ Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable
 
@@ -32,66 +33,24 @@ from m2t_core.cli import EXIT_ERROR, CliError  # noqa: F401  (re-exported: the p
 Command = Callable[[list[str]], int]
 
 
-# The pipeline's subcommands parse their own arguments and choose their own exit codes. Each
-# loader imports its module on first use and returns the command's `main(argv)`.
-def _train() -> Command:
-    from .training import main
-
-    return main
-
-
-def _compress() -> Command:
-    from .compress import main
-
-    return main
-
-
-def _get() -> Command:
-    from .archive import get_main
-
-    return get_main
-
-
-def _verify() -> Command:
-    from .verify import verify_main
-
-    return verify_main
-
-
-def _restore() -> Command:
-    from .verify import restore_main
-
-    return restore_main
-
-
-def _eval() -> Command:
-    from .evaluate import main
-
-    return main
-
-
-def _browse() -> Command:
-    from .browse import main
-
-    return main
-
-
-# name -> (loader, help), in the order `m2t --help` lists them (after the codec's commands).
-PIPELINE_COMMANDS: dict[str, tuple[Callable[[], Command], str]] = {
-    "train": (_train, "train a model (see configs/train/)"),
-    "compress": (_compress, "compress a dataset into an archive (Ray)"),
-    "get": (_get, "decode one image of an archive by key"),
-    "verify": (_verify, "decode a whole archive and check every checksum (Ray)"),
-    "restore": (_restore, "write an archive's images back to files (Ray)"),
-    "eval": (_eval, "rate-distortion of models and classic codecs over datasets (Ray)"),
-    "browse": (_browse, "a local web page to browse an archive's images (previews from stream prefixes)"),
+# The pipeline's subcommands parse their own arguments and choose their own exit codes.
+# name -> (module of this package, its entry point, help), in the order `m2t --help` lists
+# them (after the codec's commands); a module is imported only when its command runs.
+PIPELINE_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("training", "main", "train a model (see configs/train/)"),
+    "compress": ("compress", "main", "compress a dataset into an archive (Ray)"),
+    "get": ("archive", "get_main", "decode one image of an archive by key"),
+    "verify": ("verify", "verify_main", "decode a whole archive and check every checksum (Ray)"),
+    "restore": ("verify", "restore_main", "write an archive's images back to files (Ray)"),
+    "eval": ("evaluate", "main", "rate-distortion of models and classic codecs over datasets (Ray)"),
+    "browse": ("browse", "main", "a local web page to browse an archive's images (previews from stream prefixes)"),
 }
 
 
 def run_pipeline_command(command: str, rest: list[str]) -> int:
-    loader, _ = PIPELINE_COMMANDS[command]
+    module, entry, _ = PIPELINE_COMMANDS[command]
     try:
-        func = loader()
+        func: Command = getattr(importlib.import_module(f".{module}", __package__), entry)
     except ImportError as exc:
         raise CliError(f"'{command}' needs the pipeline extras (pip install -e '.[pipeline]'): {exc}")
     return func(rest)
@@ -102,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     `main` hands their arguments to the command's own parser)."""
     parser, sub = codec_cli.new_parser()
     codec_cli.add_codec_commands(sub)
-    for name, (_, help_text) in PIPELINE_COMMANDS.items():
+    for name, (_, _, help_text) in PIPELINE_COMMANDS.items():
         sub.add_parser(name, help=help_text + f" (m2t {name} --help)", add_help=False)
     return parser
 
