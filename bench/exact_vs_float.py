@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     m2t = [n for n in names if per_model[n]["mode"] == "m2t"]
     bd = None
     if len(m2t) >= 4:
-        from pipeline.rd import bd_rate
+        from pipeline.evaluation.rd import bd_rate
 
         curve = lambda key: {"bpp": [per_model[n][key] for n in m2t], "psnr": [per_model[n]["psnr"] for n in m2t]}  # noqa: E731
         bd = bd_rate(curve("bpp_float"), curve("bpp_exact"))

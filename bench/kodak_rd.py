@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import evaluate as E
+    from pipeline.evaluation import evaluate as E
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="all", help="comma-separated names/paths, or 'all' installed")

@@ -156,7 +156,7 @@ def startup_seconds(actors: int, model: str) -> float:
             import torch
 
             torch.set_num_threads(1)
-            from pipeline import archive as A
+            from pipeline.storage import archive as A
 
             self.model = A.open_model(name, device="cpu")
 
@@ -170,8 +170,8 @@ def startup_seconds(actors: int, model: str) -> float:
 
 
 def run_compress(inp: Path, out: Path, actors: int, shard_size: int, model: str) -> dict:
-    from pipeline import archive as A
-    from pipeline import compress as C
+    from pipeline.storage import archive as A
+    from pipeline.jobs import compress as C
 
     cfg = C.load_config(None, [f"shard_size={shard_size}", f"ray.actors={actors}"])
     cfg = dataclasses.replace(cfg, input=str(inp), output=str(out), model=model)
@@ -193,7 +193,7 @@ def run_compress(inp: Path, out: Path, actors: int, shard_size: int, model: str)
 
 
 def run_verify(archive: Path, actors: int, report_path: Path) -> dict:
-    from pipeline import verify as V
+    from pipeline.jobs import verify as V
 
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         code = V.verify_main([str(archive), "--actors", str(actors), "--no-progress", "--report", str(report_path)])

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import m2t_core  # noqa: E402
 from m2t_core import bitstream as bs  # noqa: E402
 from m2t_core.metrics import psnr  # noqa: E402
-from pipeline.rd import ms_ssim  # noqa: E402
+from pipeline.evaluation.rd import ms_ssim  # noqa: E402
 
 SCALES = (2, 3, 4, 6, 8)
 

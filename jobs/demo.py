@@ -59,8 +59,8 @@ def run_dataset_job(photos: dict[str, np.ndarray], model_name: str | None, use_r
                     expected_crc: dict[str, int]) -> int:
     """The compression job on the photos as a tiny corpus; returns its exit code (or 1 if the
     archived images differ from what the codec gave above)."""
-    from pipeline.archive import get_image
-    from pipeline.compress import EXIT_OK, CompressConfig, RayOptions, compress_dataset, format_report
+    from pipeline.storage.archive import get_image
+    from pipeline.jobs.compress import EXIT_OK, CompressConfig, RayOptions, compress_dataset, format_report
 
     with tempfile.TemporaryDirectory(prefix="m2t-demo-") as tmp:
         corpus, archive = Path(tmp) / "photos", Path(tmp) / "photos.m2t"
@@ -82,7 +82,7 @@ def run_dataset_job(photos: dict[str, np.ndarray], model_name: str | None, use_r
         print(f"get {name}.png: {rgb.shape[1]}x{rgb.shape[0]} in {time.perf_counter() - t0:.2f} s, "
               f"{'identical to' if same else 'DIFFERENT from'} the decoded image above")
         # The verify job decodes every bitstream of the archive and checks every checksum.
-        from pipeline.verify import verify_main
+        from pipeline.jobs.verify import verify_main
 
         print(f"\nverify job: {archive}")
         verify_args = [str(archive), "--no-progress", "--report", str(Path(tmp) / "verify.json")]

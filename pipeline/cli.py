@@ -37,13 +37,13 @@ Command = Callable[[list[str]], int]
 # name -> (module of this package, its entry point, help), in the order `m2t --help` lists
 # them (after the codec's commands); a module is imported only when its command runs.
 PIPELINE_COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("training", "main", "train a model (see configs/train/)"),
-    "compress": ("compress", "main", "compress a dataset into an archive (Ray)"),
-    "get": ("archive", "get_main", "decode one image of an archive by key"),
-    "verify": ("verify", "verify_main", "decode a whole archive and check every checksum (Ray)"),
-    "restore": ("verify", "restore_main", "write an archive's images back to files (Ray)"),
-    "eval": ("evaluate", "main", "rate-distortion of models and classic codecs over datasets (Ray)"),
-    "browse": ("browse", "main", "a local web page to browse an archive's images (previews from stream prefixes)"),
+    "train": ("training.trainer", "main", "train a model (see configs/train/)"),
+    "compress": ("jobs.compress", "main", "compress a dataset into an archive (Ray)"),
+    "get": ("storage.archive", "get_main", "decode one image of an archive by key"),
+    "verify": ("jobs.verify", "verify_main", "decode a whole archive and check every checksum (Ray)"),
+    "restore": ("jobs.verify", "restore_main", "write an archive's images back to files (Ray)"),
+    "eval": ("evaluation.evaluate", "main", "rate-distortion of models and classic codecs over datasets (Ray)"),
+    "browse": ("browse.server", "main", "a local web page to browse an archive's images (previews from stream prefixes)"),
 }
 
 

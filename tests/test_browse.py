@@ -31,9 +31,9 @@ from PIL import Image
 import m2t_core
 from m2t_core import save_checkpoint
 from pipeline.cli import main as m2t_main
-from pipeline import archive as A
-from pipeline import browse as B
-from pipeline import compress as C
+from pipeline.storage import archive as A
+from pipeline.browse.server import server as B
+from pipeline.jobs import compress as C
 from test_compress import TINY, build_model, job_config, png_bytes, random_image
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,9 +31,9 @@ import torch
 from m2t_core import M2TCodec, ModelConfig, load_image, save_checkpoint
 from m2t_core.config import ConfigError, dataclass_from_dict, load_mapping
 from m2t_core.metrics import psnr
-from pipeline import archive as A
-from pipeline import compress as C
-from pipeline.sources import plan_shards
+from pipeline.storage import archive as A
+from pipeline.jobs import compress as C
+from pipeline.storage.sources import plan_shards
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ModelConfig(N=16, C=8, blocks_per_stage=1, window=4, d_model=32, n_layers=1, n_heads=2, d_mlp=64,
@@ -499,8 +499,8 @@ def test_bad_inputs_get_the_expected_statuses(tmp_path, tiny_checkpoint, ray_clu
     ({"actors": 3}, 1, 16, 100, (3, True, 0.25)),
 ])
 def test_actor_plan_from_cluster_resources(options, gpus, cpus, shards, expected):
-    from pipeline.compress import RayOptions
-    from pipeline.runner import plan_actors
+    from pipeline.jobs.compress import RayOptions
+    from pipeline.jobs.runner import plan_actors
 
     plan = plan_actors(RayOptions(**options), gpus, cpus, shards)
     assert (plan.actors, plan.use_gpu, plan.gpu_per_actor) == expected
@@ -513,8 +513,8 @@ def test_actor_plan_from_cluster_resources(options, gpus, cpus, shards, expected
     ({"actors_per_gpu": 8}, 1, 4, "need 8 CPUs"),
 ])
 def test_actor_plan_refuses_what_the_cluster_lacks(options, gpus, cpus, message):
-    from pipeline.compress import RayOptions
-    from pipeline.runner import plan_actors
+    from pipeline.jobs.compress import RayOptions
+    from pipeline.jobs.runner import plan_actors
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         plan_actors(RayOptions(**options), gpus, cpus, 100)

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from pipeline import cli
-from pipeline import classic_codecs as CC
-from pipeline import evaluate as E
-from pipeline import rd
+from pipeline.evaluation import classic_codecs as CC
+from pipeline.evaluation import evaluate as E
+from pipeline.evaluation import rd
 
 MODEL = "m2t-small-q1"
 CROP_H, CROP_W = 168, 200

@@ -187,7 +187,7 @@ def test_export_is_stable_and_load_into_round_trips():
 
 def test_quantisation_aware_training_lowers_the_rate():
     """A few steps of QAT on fixed latents lower their rate under the exact grid."""
-    from pipeline.convert_exact import rate_bits
+    from pipeline.training.convert_exact import rate_bits
 
     model = _model("tiny-m2t")
     tokens = _windows(model, 8, seed=4).float()
@@ -207,7 +207,7 @@ def test_quantisation_aware_training_lowers_the_rate():
     assert after < 0.97 * before, (before, after)
     # The coder pays what the exact grid promises.
     model.sync_exact()
-    from pipeline.convert_exact import exact_bits
+    from pipeline.training.convert_exact import exact_bits
 
     assert abs(exact_bits(model, tokens) / after - 1) < 0.02
 

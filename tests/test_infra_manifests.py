@@ -295,8 +295,8 @@ def test_kuberay_manifest_names_only_v1_fields_and_no_credentials(path):
 
 
 def test_raycluster_is_sized_from_the_measured_per_actor_figures():
-    from pipeline.compress import RayOptions
-    from pipeline.runner import plan_actors
+    from pipeline.jobs.compress import RayOptions
+    from pipeline.jobs.runner import plan_actors
 
     [cluster] = load_all(INFRA / "kuberay" / "raycluster.yaml")
     spec = cluster["spec"]
@@ -337,9 +337,9 @@ def parse_or_fail(parser, argv: list[str]):
 @pytest.mark.parametrize("name", ["rayjob-compress.yaml", "rayjob-verify.yaml", "rayjob-eval.yaml"])
 def test_rayjob_entrypoint_is_a_command_the_cli_accepts(name):
     from pipeline.cli import PIPELINE_COMMANDS
-    from pipeline import compress as C
-    from pipeline import evaluate as E
-    from pipeline import verify as V
+    from pipeline.jobs import compress as C
+    from pipeline.evaluation import evaluate as E
+    from pipeline.jobs import verify as V
 
     [doc] = load_all(INFRA / "kuberay" / name)
     [cluster] = load_all(INFRA / "kuberay" / "raycluster.yaml")

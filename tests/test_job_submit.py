@@ -22,8 +22,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import archive as A
-from pipeline import compress as C
+from pipeline.storage import archive as A
+from pipeline.jobs import compress as C
 from test_multinode import IMAGES, MID, SIZE, stats_files
 from test_compress import build_model, png_bytes, random_image
 from m2t_core import save_checkpoint

@@ -34,8 +34,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import archive as A
-from pipeline import compress as C
+from pipeline.storage import archive as A
+from pipeline.jobs import compress as C
 from m2t_core import ModelConfig, save_checkpoint
 from test_compress import build_model, png_bytes, random_image
 
@@ -371,6 +371,6 @@ def test_an_actor_that_can_never_be_placed_is_not_waited_for(cluster, photos, mo
     ([1], 0, 256, 4, 1),        # fewer images than actors: one per shard
 ])
 def test_small_corpus_shard_size(counts, tars, size, least, expected):
-    from pipeline.sources import small_corpus_shard_size
+    from pipeline.storage.sources import small_corpus_shard_size
 
     assert small_corpus_shard_size(counts, tars, size, least) == expected

@@ -23,10 +23,10 @@ from PIL import Image
 
 from m2t_core import M2TCodec, ModelConfig, save_checkpoint
 from m2t_core.config import ConfigError
-from pipeline import archive as A
-from pipeline import compress as C
-from pipeline import lease as L
-from pipeline.sources import plan_shards
+from pipeline.storage import archive as A
+from pipeline.jobs import compress as C
+from pipeline.storage import lease as L
+from pipeline.storage.sources import plan_shards
 
 TINY = ModelConfig(N=16, C=8, blocks_per_stage=1, window=4, d_model=32, n_layers=1, n_heads=2, d_mlp=64,
                    num_steps=4)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import compress as C
-from pipeline import evaluate as E
-from pipeline import runner as R
-from pipeline import verify as V
+from pipeline.jobs import compress as C
+from pipeline.evaluation import evaluate as E
+from pipeline.jobs import runner as R
+from pipeline.jobs import verify as V
 
 
 class Flaky:

@@ -18,7 +18,7 @@ import m2t_core
 from m2t_core import registry
 from m2t_core.codec import M2TCodec
 from m2t_core.config import ConfigError
-from pipeline import training as T
+from pipeline.training.trainer import trainer as T
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "train" / "tiny-test.yaml"

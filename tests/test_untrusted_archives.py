@@ -27,9 +27,9 @@ import pytest
 from PIL import Image
 
 from m2t_core import load_image, save_checkpoint
-from pipeline import archive as A
-from pipeline import compress as C
-from pipeline import verify as V
+from pipeline.storage import archive as A
+from pipeline.jobs import compress as C
+from pipeline.jobs import verify as V
 from test_compress import TINY, H, W, build_model, job_config, png_bytes, random_image
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .sources import filesystem, join_url
+from pipeline.storage.sources import filesystem, join_url
 
 ARCHIVE_FORMAT = "m2t-archive"
 ARCHIVE_VERSION = 1
@@ -46,7 +46,7 @@ REPORT = "report.json"
 KEYS_INDEX = "keys.parquet"
 KEYS_ROW_GROUP = 65536  # rows per row group of keys.parquet: what one lookup reads
 MAX_KEYS_GROUP_BYTES = 1 << 28  # a lookup refuses a row group that declares more (uncompressed)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 EXIT_OK, EXIT_USAGE = 0, 2
 # Shard ids are what plan_shards writes: zero-padded decimal numbers. Anything else read

@@ -51,7 +51,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from .sources import filesystem, join_url
+from pipeline.storage.sources import filesystem, join_url
 
 log = logging.getLogger(__name__)
 

@@ -47,11 +47,11 @@ import numpy as np
 from m2t_core import bitstream as bs
 from m2t_core.codec import numerics_environment
 
-from . import archive as A
-from .runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
-from .runner import (JobError, PoolOptions, Progress, actor_class, connect_ray, exit_code, peak_rss_mib, plan_pool,
+from pipeline.storage import archive as A
+from pipeline.jobs.runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
+from pipeline.jobs.runner import (JobError, PoolOptions, Progress, actor_class, connect_ray, exit_code, peak_rss_mib, plan_pool,
                      ray_node_id, run_actor_pool, run_in_process)
-from .sources import filesystem, join_url
+from pipeline.storage.sources import filesystem, join_url
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _read_source(source: str, storage_options, image_column, cache: dict) -> byt
             import pyarrow.compute as pc
             import pyarrow.parquet as pq
 
-            from .sources import _pick_columns
+            from pipeline.storage.sources import _pick_columns
 
             with fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f, pre_buffer=False)  # no Arrow threads: see A.read_parquet

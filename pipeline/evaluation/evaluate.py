@@ -64,18 +64,18 @@ import numpy as np
 from m2t_core.config import ConfigError, load_config_file
 from m2t_core.registry import CheckpointError, ModelNotFoundError
 
-from . import archive as A
-from . import classic_codecs as CC
-from . import rd
-from .compress import absolute_url, redact
-from .runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
-from .runner import Progress, connect_ray, exit_code, run_in_process, run_task_pool
-from .sources import ShardSpec, SourceError, iter_shard, plan_shards
+from pipeline.storage import archive as A
+from pipeline.evaluation import classic_codecs as CC
+from pipeline.evaluation import rd
+from pipeline.jobs.compress import absolute_url, redact
+from pipeline.jobs.runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
+from pipeline.jobs.runner import Progress, connect_ray, exit_code, run_in_process, run_task_pool
+from pipeline.storage.sources import ShardSpec, SourceError, iter_shard, plan_shards
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED_ROWS = EXIT_ISSUES  # 0 / 1 / 2 / 3: see the docstring and runner.exit_code
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pipeline" / "evaluate.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pipeline" / "evaluate.yaml"
 EVAL_VERSION = 1  # part of every unit's hash: bump when a row's meaning changes
 PARTS_DIR = "parts"
 PER_IMAGE = "per_image.parquet"

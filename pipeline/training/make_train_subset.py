@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a compact, deterministic training set to carry to a GPU machine.
 
-    python infra/make_train_subset.py --src ../shared/datasets/train --out .traindata \
+    python -m pipeline.training.make_train_subset --src ../shared/datasets/train --out .traindata \
         --budget-mb 44 --val 16
 
 Writes

@@ -2,15 +2,15 @@
 # Trains the shipped models side by side on ONE GPU machine (each run is small enough that
 # several share an H100 well), without Ray. This is how m2t_core/weights/ was produced;
 # docs/models.md gives the figures. Usage (from the repo root, after building .traindata with
-# `python infra/make_train_subset.py --out .traindata --budget-mb 56 --quality 90 --short-side 256 400`):
+# `python -m pipeline.training.make_train_subset --out .traindata --budget-mb 56 --quality 90 --short-side 256 400`):
 #
-#   STEPS=12000 infra/train_shipped_models.sh start     # launch in the background
-#   infra/train_shipped_models.sh status                 # last log line of each run
-#   STEPS=12000 infra/train_shipped_models.sh resume     # continue after an interruption
+#   STEPS=12000 pipeline/training/train_shipped_models.sh start     # launch in the background
+#   pipeline/training/train_shipped_models.sh status                 # last log line of each run
+#   STEPS=12000 pipeline/training/train_shipped_models.sh resume     # continue after an interruption
 #
 # Rate points: lambda (weight of MSE on the 0..255 scale) as in CompressAI's quality ladder.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 STEPS=${STEPS:-12000}
 RUNS=${RUNS:-runs}
 WORKERS=${WORKERS:-3}

@@ -1,6 +1,6 @@
 """Export the latest weights of training runs as fp16 registry checkpoints.
 
-    python infra/export_runs.py runs/ OUT_DIR [--names a,b]
+    python -m pipeline.training.export_runs runs/ OUT_DIR [--names a,b]
 
 For every run folder holding `last.safetensors` (the training state's weights), writes
 OUT_DIR/<run>.safetensors in float16 with the run's step in its info. Used to bring weights

@@ -3,7 +3,7 @@
 The server reads every completed shard's index (shards/<shard>.parquet) once into one Arrow
 table (a few compact columns, not a Python object per row), and serves:
 
-    GET /                           the page (pipeline/browse_static/: plain HTML, CSS, JS)
+    GET /                           the page (pipeline/browse/static/: plain HTML, CSS, JS)
     GET /api/summary                archive URL, row counts by status, preview steps, warnings
     GET /api/rows?offset=&limit=&status=&q=
                                     one page of rows (sorted by key); status: all|ok|error|duplicate,
@@ -41,9 +41,9 @@ import numpy as np
 
 from m2t_core.bitstream import BitstreamError
 
-from .archive import (EXIT_OK, EXIT_USAGE, Archive, ArchiveError, SHARDS_DIR, index_schema, read_parquet)
+from pipeline.storage.archive import (EXIT_OK, EXIT_USAGE, Archive, ArchiveError, SHARDS_DIR, index_schema, read_parquet)
 
-STATIC_DIR = Path(__file__).resolve().parent / "browse_static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_PORT = 8765
 DEFAULT_PREVIEW_STEPS = 4
 PREVIEW_MAX_SIDE = 384  # previews are scaled down to this (tiles are ~200 CSS px; HiDPI screens)
@@ -180,7 +180,7 @@ class Browser:
         self.cache = PngCache(cache_bytes)
         self._decode_lock = threading.Lock()  # one decode at a time: torch on the CPU
         if get_image is None:
-            from . import archive as _archive
+            from pipeline.storage import archive as _archive
             get_image = _archive.get_image
         self._get_image = get_image
         try:

@@ -56,17 +56,17 @@ from m2t_core.registry import DEFAULT_MODEL, CheckpointError, ModelNotFoundError
 from m2t_core import bitstream
 from m2t_core.codec import code_plan
 
-from . import archive as A
-from .runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
-from .runner import (JobError, PoolOptions, Progress, actor_class, connect_ray, exit_code, hms, peak_rss_mib,
+from pipeline.storage import archive as A
+from pipeline.jobs.runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
+from pipeline.jobs.runner import (JobError, PoolOptions, Progress, actor_class, connect_ray, exit_code, hms, peak_rss_mib,
                      plan_actors, plan_pool, ray_node_id, run_actor_pool, run_in_process)
-from .lease import ArchiveLease, LeaseError, LeaseHeldError, LeaseLostError, check_holder
-from .sources import ShardSpec, SourceError, SourceItem, iter_shard, plan_shards
+from pipeline.storage.lease import ArchiveLease, LeaseError, LeaseHeldError, LeaseLostError, check_holder
+from pipeline.storage.sources import ShardSpec, SourceError, SourceItem, iter_shard, plan_shards
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED_IMAGES = EXIT_ISSUES  # 0 / 1 / 2 / 3: see the docstring and runner.exit_code
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pipeline" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pipeline" / "default.yaml"
 FAILURE_EXAMPLES = 10  # per shard stats; the report shows up to 20 overall
 SECRET_RE = re.compile(r"(secret|token|password|passwd|credential|key)", re.IGNORECASE)
 
@@ -589,7 +589,7 @@ def _spread_small_corpus(cfg: CompressConfig, shards: list[ShardSpec], overwrite
     shard on one actor). Each image's bitstream is the same whatever the split. A resumed run
     reuses the size its archive's shards were planned with (recorded in their stats), so that
     it plans the same shards on any cluster."""
-    from .sources import plan_shards_with_size
+    from pipeline.storage.sources import plan_shards_with_size
 
     replan = lambda size, least=1: plan_shards_with_size(cfg.input, size, cfg.storage_options,
                                                         cfg.parquet_image_column, cfg.parquet_key_column, least)
@@ -616,14 +616,14 @@ def _spread_small_corpus(cfg: CompressConfig, shards: list[ShardSpec], overwrite
 
 def _is_archive(archive: A.Archive) -> bool:
     """An m2t archive, or a folder where a job took the lease and died before writing more."""
-    from .lease import LEASE
+    from pipeline.storage.lease import LEASE
 
     return archive.looks_like_archive() or archive.fs.exists(archive.path(LEASE))
 
 
 def _clear_for_overwrite(archive: A.Archive) -> None:
     """--overwrite: delete everything in the archive but the lease this job holds."""
-    from .lease import LEASE
+    from pipeline.storage.lease import LEASE
 
     archive.fs.invalidate_cache()
     for path in archive.fs.ls(archive.root, detail=False):

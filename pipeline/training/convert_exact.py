@@ -1,6 +1,6 @@
 """Convert a float-entropy-model checkpoint (bitstream format 1) into a portable one (format 2).
 
-    python -m pipeline.convert_exact m2t-small-q3 out/m2t-small-q3.safetensors \
+    python -m pipeline.training.convert_exact m2t-small-q3 out/m2t-small-q3.safetensors \
         --data ../shared/datasets/train --crops 768 --steps 300
 
 What it does, with the transforms frozen (so the latents, and the distortion, do not change):
@@ -41,7 +41,7 @@ log = logging.getLogger("convert_exact")
 
 def training_latents(model: M2TCodec, data: str, crops: int, crop_size: int, seed: int) -> torch.Tensor:
     """Rounded latents of random crops of the images under `data`, as windows (B, L, C)."""
-    from pipeline.training import list_samples, random_crop, read_sample
+    from pipeline.training.trainer import list_samples, random_crop, read_sample
 
     samples = list_samples(data)
     if not samples:

@@ -1,0 +1,1 @@
+"""`m2t browse`: a local web page over an archive."""

@@ -1,0 +1,1 @@
+"""Rate-distortion evaluation: the eval job, baselines, RD statistics and reports."""

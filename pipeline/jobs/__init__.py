@@ -1,0 +1,1 @@
+"""The shard jobs and their skeleton: the runner, compress, verify/restore, get."""

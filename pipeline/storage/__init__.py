@@ -1,0 +1,1 @@
+"""Where archives and inputs live: the archive format, its lease, the input sources."""

@@ -1,0 +1,1 @@
+"""Training: the trainer, its data, the exact-model conversion, training-set tools."""
