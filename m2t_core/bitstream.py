@@ -8,10 +8,10 @@ Format version 3 (written now; portable and progressive), little-endian:
                               bit 2: MT's confidence-adaptive order (else the fixed schedule)
     model_id_len     u8       1..MAX_MODEL_ID_LEN
     model_id         bytes    ASCII registry name of the model
-    weights_hash     8 bytes  first 8 bytes of the model's weights digest (as version 2)
+    weights_hash     8 bytes  first 8 bytes of the model's weights digest (M2TCodec.weights_digest)
     height, width    u32 x2   original image size in pixels
     payload_len      u32      bytes of the payload (>= 4 per latent window)
-    latent_crc       u32      as version 2
+    latent_crc       u32      CRC-32 of (height, width, C, h, w as u32) + y_hat (int32, C order)
     payload_crc      u32      CRC-32 of the payload
     num_steps        u8       S, the model's coding steps
     num_chunks       varint   chunks of up to CHUNK_WINDOWS windows (each its own range coder)
@@ -25,39 +25,10 @@ Piece (k, c) is the part of chunk c's range-coded stream that step k adds: so th
 the first K steps' pieces, a prefix of the stream, decodes the first K steps of every window
 (a preview). `Header.step_ends[k]` is the stream length that holds steps 1..k+1.
 
-Format version 2 (portable: integer entropy model; decode only), little-endian:
-
-    magic            4 bytes  b"M2TC"
-    version          u8       2
-    flags            u8       bit 0: encoded on a CUDA device (informational); others 0
-    model_id_len     u8       1..MAX_MODEL_ID_LEN
-    model_id         bytes    ASCII registry name of the model
-    weights_hash     8 bytes  first 8 bytes of the model's format-2 weights digest
-    height, width    u32 x2   original image size in pixels
-    payload_len      u32      bytes of the entropy-coded payload (>= 4 per latent window)
-    latent_crc       u32      CRC-32 of (height, width, C, h, w as u32) + y_hat (int32, C order)
-    payload_crc      u32      CRC-32 of the payload
-    header_crc       u32      CRC-32 of every header byte before this field
-    payload          payload_len bytes (range coder words, u32 little-endian, zero-padded)
-
-Format version 1 (legacy, decode only; float entropy model, not portable):
-
-    magic            4 bytes  b"M2TC"
-    version          u8       FORMAT_VERSION
-    flags            u8       bit 0: encoded on a CUDA device (informational);
-                              bit 1: M2T coded without the key/value cache
-    model_id_len     u8       1..MAX_MODEL_ID_LEN
-    model_id         bytes    ASCII registry name of the model
-    weights_hash     8 bytes  first 8 bytes of the model's weights digest
-    height, width    u32 x2   original image size in pixels
-    pad_bottom       u8       rows added to reach a multiple of 16 (derivable; checked)
-    pad_right        u8       columns added to reach a multiple of 16 (derivable; checked)
-    window_batch     u16      windows per transformer call used by the encoder
-    payload_len      u32      bytes of the entropy-coded payload
-    latent_crc       u32      CRC-32 of y_hat (int32, C x h x w, C order)
-    payload_crc      u32      CRC-32 of the payload
-    header_crc       u32      CRC-32 of every header byte before this field
-    payload          payload_len bytes (range coder words, u32 little-endian)
+Earlier versions are refused with UnsupportedVersionError: version 1 (a float entropy model;
+its streams decoded only on the kind of machine that wrote them) and version 2 (one range
+coder for the whole image, no previews) were written by m2t 0.2.0 and earlier, which still
+reads them: decode there and re-encode.
 
 Every field is validated before anything is allocated from it.
 """
@@ -71,33 +42,26 @@ from dataclasses import dataclass
 
 MAGIC = b"M2TC"
 FORMAT_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
-PORTABLE_VERSIONS = (2, 3)  # decode on any machine (exact integer entropy model)
-PROGRESSIVE_VERSIONS = (3,)  # a prefix of the stream decodes the first steps (previews)
+RETIRED_VERSIONS = (1, 2)  # read by m2t 0.2.0 and earlier (see the module docstring)
+LAST_RELEASE_READING_RETIRED = "0.2.0"
 MAX_MODEL_ID_LEN = 64
 MAX_SIDE = 65535
 DEFAULT_MAX_PIXELS = 64_000_000
-MAX_WINDOW_BATCH = 1024
 FLAG_CUDA = 1  # encoded on a CUDA device (informational)
-FLAG_UNCACHED = 2  # M2T steps recomputed without the key/value cache (numerics differ)
 FLAG_ADAPTIVE_ORDER = 4  # MT: each step's positions chosen by the model's confidence
-KNOWN_FLAGS = {1: FLAG_CUDA | FLAG_UNCACHED, 2: FLAG_CUDA, 3: FLAG_CUDA | FLAG_ADAPTIVE_ORDER}
+KNOWN_FLAGS = FLAG_CUDA | FLAG_ADAPTIVE_ORDER
 MAX_CHUNKS = 1 << 16  # 64 MP at the smallest window (16 latent tokens = 256 px a side) is ~1000
 WORD_BYTES = 4  # the range coder's word
 DOWNSAMPLING = 16
-# Format version 2: the payload holds at least one coder word per latent window (the encoder
-# pads with zero words), so a tiny stream cannot declare a huge image and make the decoder
-# run the network over it: work is bounded by the bytes given.
+# The payload holds at least one coder word per latent window (the encoder pads with zero
+# words), so a tiny stream cannot declare a huge image and make the decoder run the network
+# over it: work is bounded by the bytes given.
 MIN_PAYLOAD_BYTES_PER_WINDOW = 4
-# Format version 2 codes the windows in chunks of this many (all steps of a chunk before the
-# next): coder and decoder memory stay bounded by one chunk whatever the image size.
+# The windows are coded in chunks of this many, each its own range coder: coder and decoder
+# memory stay bounded by one chunk whatever the image size.
 CHUNK_WINDOWS = 64
 
-_FIXED_AFTER_ID = {
-    1: struct.Struct("<8sIIBBHIII"),  # hash, h, w, pads, window_batch, len, crcs
-    2: struct.Struct("<8sIIIII"),  # hash, h, w, len, crcs
-    3: struct.Struct("<8sIIIIIB"),  # hash, h, w, len, crcs, num_steps (then the step table)
-}
+_FIXED_AFTER_ID = struct.Struct("<8sIIIIIB")  # hash, h, w, len, crcs, num_steps (then the step table)
 _HEADER_CRC = struct.Struct("<I")
 
 
@@ -138,7 +102,7 @@ def check_image_size(height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXE
 
 
 def min_payload_len(num_windows: int) -> int:
-    """The fewest payload bytes a format-2 stream of `num_windows` latent windows may have."""
+    """The fewest payload bytes a stream of `num_windows` latent windows may have."""
     return MIN_PAYLOAD_BYTES_PER_WINDOW * num_windows
 
 
@@ -173,29 +137,17 @@ class Header:
     weights_hash: bytes
     height: int
     width: int
-    window_batch: int
     payload_len: int
     latent_crc: int
     payload_crc: int
-    version: int = FORMAT_VERSION
+    # step_pieces[k][c] = payload bytes that step k adds to chunk c's stream.
+    step_pieces: tuple[tuple[int, ...], ...]
     flags: int = 0
-    # Version 3: step_pieces[k][c] = payload bytes that step k adds to chunk c's stream.
-    step_pieces: tuple[tuple[int, ...], ...] = ()
+    version: int = FORMAT_VERSION
 
     @property
     def padding(self) -> tuple[int, int]:
         return image_padding(self.height, self.width)
-
-    @property
-    def portable(self) -> bool:
-        """Whether any machine decodes this stream (format version 2 and 3), or only the kind
-        of machine that wrote it (version 1)."""
-        return self.version in PORTABLE_VERSIONS
-
-    @property
-    def progressive(self) -> bool:
-        """Whether a prefix of the stream decodes the first steps (format version 3)."""
-        return self.version in PROGRESSIVE_VERSIONS
 
     @property
     def num_steps(self) -> int:
@@ -212,8 +164,8 @@ class Header:
 
     @functools.cached_property
     def step_ends(self) -> tuple[int, ...]:
-        """Version 3: for each step k, the length of the stream prefix (header included) that
-        holds steps 1..k+1; the last equals the whole stream's length. () for older versions."""
+        """For each step k, the length of the stream prefix (header included) that holds
+        steps 1..k+1; the last equals the whole stream's length."""
         ends, total = [], self.size
         for pieces in self.step_pieces:
             total += sum(pieces)
@@ -230,23 +182,14 @@ class Header:
             raise ValueError(f"model id must be 1..{MAX_MODEL_ID_LEN} ASCII bytes: {self.model_id!r}")
         if len(self.weights_hash) != 8:
             raise ValueError("weights_hash must be 8 bytes")
-        if self.version not in SUPPORTED_VERSIONS:
-            raise ValueError(f"unknown format version {self.version}")
-        pad_bottom, pad_right = self.padding
-        if self.version == 1:
-            fixed = _FIXED_AFTER_ID[1].pack(
-                self.weights_hash, self.height, self.width, pad_bottom, pad_right,
-                self.window_batch, self.payload_len, self.latent_crc, self.payload_crc,
-            )
-        elif self.version == 2:
-            fixed = _FIXED_AFTER_ID[2].pack(
-                self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc, self.payload_crc,
-            )
-        else:
-            fixed = _FIXED_AFTER_ID[3].pack(
-                self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc,
-                self.payload_crc, self.num_steps,
-            ) + self._step_table()
+        if self.version != FORMAT_VERSION:
+            raise ValueError(f"writes format version {FORMAT_VERSION} only, not {self.version}")
+        if self.flags & ~KNOWN_FLAGS:
+            raise ValueError(f"unknown flags {self.flags:#04x}")
+        fixed = _FIXED_AFTER_ID.pack(
+            self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc,
+            self.payload_crc, self.num_steps,
+        ) + self._step_table()
         body = MAGIC + bytes([self.version, self.flags, len(model_id)]) + model_id + fixed
         return body + _HEADER_CRC.pack(zlib.crc32(body))
 
@@ -271,9 +214,9 @@ def pack(header: Header, payload: bytes) -> bytes:
 def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = False) -> tuple[Header, bytes]:
     """Parse and validate a bitstream; returns (header, payload). Raises BitstreamError.
 
-    prefix=True (format version 3 only) accepts a stream cut short: the payload returned is
-    what there is (its checksum cannot be checked; `header.steps_in(len(data))` says how many
-    steps it holds). Older versions and a cut inside the header are still errors."""
+    prefix=True accepts a stream cut short: the payload returned is what there is (its
+    checksum cannot be checked; `header.steps_in(len(data))` says how many steps it holds).
+    A cut inside the header is still an error."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -282,33 +225,28 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
     if data[:4] != MAGIC:
         raise BitstreamError(f"not an M2T bitstream (magic {data[:4]!r}, expected {MAGIC!r})")
     version, flags, id_len = data[4], data[5], data[6]
-    if version not in SUPPORTED_VERSIONS:
+    if version in RETIRED_VERSIONS:
         raise UnsupportedVersionError(
-            f"unsupported bitstream format version {version} (this decoder reads {SUPPORTED_VERSIONS})"
-        )
-    if flags & ~KNOWN_FLAGS[version]:
+            f"bitstream format version {version} is no longer read (this decoder reads version {FORMAT_VERSION}): "
+            f"m2t {LAST_RELEASE_READING_RETIRED} still decodes it; decode it there and re-encode the image, "
+            "or re-encode the source image")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"unsupported bitstream format version {version} (this decoder reads version {FORMAT_VERSION})")
+    if flags & ~KNOWN_FLAGS:
         raise BitstreamError(f"corrupt header: unknown flags {flags:#04x}")
     if not 1 <= id_len <= MAX_MODEL_ID_LEN:
         raise BitstreamError(f"corrupt header: model id length {id_len}")
     fixed_start = 7 + id_len
-    layout = _FIXED_AFTER_ID[version]
-    table_start = fixed_start + layout.size
+    table_start = fixed_start + _FIXED_AFTER_ID.size
     if len(data) < table_start + _HEADER_CRC.size:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {table_start + _HEADER_CRC.size}")
-    step_pieces: tuple[tuple[int, ...], ...] = ()
-    if version == 1:
-        (weights_hash, height, width, pad_bottom, pad_right, window_batch, payload_len,
-         latent_crc, payload_crc) = layout.unpack_from(data, fixed_start)
-        header_end = table_start + _HEADER_CRC.size
-    else:
-        weights_hash, height, width, payload_len, latent_crc, payload_crc, *rest = layout.unpack_from(data, fixed_start)
-        (pad_bottom, pad_right), window_batch = image_padding(height, width), 0
-        table_end = table_start
-        if version == 3:
-            step_pieces, table_end = _read_step_table(data, table_start, rest[0], payload_len)
-        header_end = table_end + _HEADER_CRC.size
-        if len(data) < header_end:
-            raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {header_end}")
+    weights_hash, height, width, payload_len, latent_crc, payload_crc, num_steps = \
+        _FIXED_AFTER_ID.unpack_from(data, fixed_start)
+    step_pieces, table_end = _read_step_table(data, table_start, num_steps, payload_len)
+    header_end = table_end + _HEADER_CRC.size
+    if len(data) < header_end:
+        raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {header_end}")
     (stored_header_crc,) = _HEADER_CRC.unpack_from(data, header_end - _HEADER_CRC.size)
     if zlib.crc32(data[: header_end - _HEADER_CRC.size]) != stored_header_crc:
         raise BitstreamError("corrupt header: header checksum mismatch")
@@ -323,31 +261,25 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
             f"image of {width}x{height} = {height * width} pixels exceeds the limit of {max_pixels} "
             "(raise max_pixels to decode it)"
         )
-    if (pad_bottom, pad_right) != image_padding(height, width):
-        raise BitstreamError("corrupt header: padding does not match the image size")
-    if version == 1 and not 1 <= window_batch <= MAX_WINDOW_BATCH:
-        raise BitstreamError(f"corrupt header: window batch {window_batch}")
     payload = data[header_end:]
-    cut_short = prefix and version in PROGRESSIVE_VERSIONS and len(payload) < payload_len
+    cut_short = prefix and len(payload) < payload_len
     if len(payload) != payload_len and not cut_short:
         kind = "truncated" if len(payload) < payload_len else "trailing bytes after"
         raise BitstreamError(
             f"{kind} payload: header says {payload_len} bytes, found {len(payload)}"
-            + (" (a preview decodes the complete steps of a cut stream)" if kind == "truncated"
-               and version in PROGRESSIVE_VERSIONS else "")
+            + (" (a preview decodes the complete steps of a cut stream)" if kind == "truncated" else "")
         )
     if not cut_short and zlib.crc32(payload) != payload_crc:
         raise BitstreamError("corrupt payload: payload checksum mismatch")
     header = Header(
-        model_id=model_id, weights_hash=weights_hash, height=height, width=width,
-        window_batch=window_batch, payload_len=payload_len, latent_crc=latent_crc,
-        payload_crc=payload_crc, version=version, flags=flags, step_pieces=step_pieces,
+        model_id=model_id, weights_hash=weights_hash, height=height, width=width, payload_len=payload_len,
+        latent_crc=latent_crc, payload_crc=payload_crc, step_pieces=step_pieces, flags=flags,
     )
     return header, payload
 
 
 def _read_step_table(data: bytes, pos: int, num_steps: int, payload_len: int):
-    """Version 3's step table at data[pos:] -> (step_pieces in bytes, end position)."""
+    """The step table at data[pos:] -> (step_pieces in bytes, end position)."""
     if not 1 <= num_steps <= 255:
         raise BitstreamError(f"corrupt header: {num_steps} coding steps")
     num_chunks, pos = _read_varint(data, pos, "chunk count")

@@ -45,6 +45,7 @@ def _device(arg: str) -> str:
 
 
 def cmd_encode(args) -> int:
+    from .encoder import Encoder
     from .image_io import load_image
 
     model = _model(args.model, _device(args.device))
@@ -53,8 +54,8 @@ def cmd_encode(args) -> int:
     for note in notes:  # e.g. a multi-frame GIF/TIFF: only its first frame is coded
         print(f"m2t encode: warning: {args.input}: {note}", file=sys.stderr)
     t0 = time.perf_counter()
-    encoded = model.encode_image(rgb, window_batch=args.window_batch, max_pixels=args.max_pixels,
-                                 adaptive_order=args.adaptive_order)
+    encoder = Encoder(model, max_pixels=args.max_pixels, reconstruct=args.psnr, adaptive_order=args.adaptive_order)
+    encoded = encoder.encode_image(rgb)
     elapsed = time.perf_counter() - t0
     Path(args.output).write_bytes(encoded.bitstream)
     h, w = rgb.shape[:2]
@@ -62,13 +63,14 @@ def cmd_encode(args) -> int:
     if args.psnr:
         from .metrics import psnr
 
-        line += f", PSNR {psnr(rgb, model.reconstruct(encoded)):.2f} dB"
+        line += f", PSNR {psnr(rgb, encoded.x_hat):.2f} dB"
     print(f"{line}, model {model.model_id}, {elapsed:.2f} s")
     return 0
 
 
 def cmd_decode(args) -> int:
     from .bitstream import read_header
+    from .decoder import Decoder
     from .image_io import save_image
 
     preview = args.steps is not None or args.bytes is not None
@@ -84,15 +86,16 @@ def cmd_decode(args) -> int:
 
         model = load_model_for_header(header, device=_device(args.device))
     t0 = time.perf_counter()
+    decoder = Decoder(model, max_pixels=args.max_pixels)
     if preview:
-        result = model.preview(data, steps=args.steps, max_pixels=args.max_pixels)
+        result = decoder.preview(data, steps=args.steps)
         rgb = result.image
         what = (f"preview of {result.steps}/{result.num_steps} steps from {result.bytes_read} of "
                 f"{result.total_bytes} bytes")
     else:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rgb = model.decompress(data, max_pixels=args.max_pixels)
+            rgb = decoder.decompress(data)
         what = "; ".join(str(w.message) for w in caught) or "full"
     elapsed = time.perf_counter() - t0
     save_image(rgb, args.output)
@@ -102,29 +105,24 @@ def cmd_decode(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .bitstream import read_header
+    from .bitstream import FLAG_ADAPTIVE_ORDER, FLAG_CUDA, read_header
     from .registry import MODEL_NAME_RE
 
     data = _read_bitstream(args.input)
     h = read_header(data, max_pixels=args.max_pixels, prefix=True)
     pad_b, pad_r = h.padding
     fields = [
-        ("format version", h.version),
-        ("portable", "yes (exact integer entropy model: decodes on any machine)" if h.portable else
-         "no (format 1: decodes only on the kind of machine that wrote it)"),
+        ("format version", f"{h.version} (exact integer entropy model: decodes on any machine)"),
         ("model", h.model_id if MODEL_NAME_RE.match(h.model_id) else f"{h.model_id!r} (not a valid model name)"),
         ("weights hash", h.weights_hash.hex()),
         ("image size", f"{h.width}x{h.height}"),
         ("padding", f"bottom {pad_b}, right {pad_r}"),
-        *([("window batch", h.window_batch), ("kv cache", "off (measurement mode)" if h.flags & 2 else "on")]
-          if h.version == 1 else []),
-        *([("progressive", f"{h.num_steps} steps in {h.num_chunks} chunk(s); the first K steps are the "
-                             f"first bytes: {', '.join(f'{k + 1}: {e}' for k, e in enumerate(h.step_ends))}"),
-           ("order", "confidence-adaptive (MT)" if h.flags & 4 else "fixed schedule"),
-           ("held", f"{h.steps_in(len(data))} of {h.num_steps} steps" + ("" if len(data) >= h.step_ends[-1]
-                                                                      else " (a cut stream: a preview source)"))]
-          if h.progressive else []),
-        ("encoded on", "CUDA" if h.flags & 1 else "CPU"),
+        ("progressive", f"{h.num_steps} steps in {h.num_chunks} chunk(s); the first K steps are the "
+                        f"first bytes: {', '.join(f'{k + 1}: {e}' for k, e in enumerate(h.step_ends))}"),
+        ("order", "confidence-adaptive (MT)" if h.flags & FLAG_ADAPTIVE_ORDER else "fixed schedule"),
+        ("held", f"{h.steps_in(len(data))} of {h.num_steps} steps" + ("" if len(data) >= h.step_ends[-1]
+                                                                   else " (a cut stream: a preview source)")),
+        ("encoded on", "CUDA" if h.flags & FLAG_CUDA else "CPU"),
         ("payload", f"{h.payload_len} bytes"),
         ("total size", f"{len(data)} bytes"),
         ("bpp", f"{8 * len(data) / (h.width * h.height):.4f}"),
@@ -192,7 +190,6 @@ def add_codec_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input")
     p.add_argument("output")
     common(p, "registry name or checkpoint path (default: the shipped default model)")
-    p.add_argument("--window-batch", type=int, default=8, help="windows per transformer call")
     p.add_argument("--psnr", action="store_true", help="also print the PSNR of the reconstruction")
     p.add_argument("--adaptive-order", action="store_true",
                    help="MT models: choose each step's positions by the model's confidence (MaskGIT)")

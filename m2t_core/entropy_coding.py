@@ -1,18 +1,15 @@
 """Entropy coding of latent symbols with constriction, from integer-snapped mixture parameters.
 
 Why integers: constriction decodes garbage (silently) if a probability differs by one ulp
-between encoder and decoder. So the float distribution parameters are first snapped to a
-grid with operations that are exact in IEEE arithmetic (scaling by powers of two, rounding,
-comparisons against fixed thresholds), and everything after that is integer arithmetic on
-fixed tables. Given identical network outputs, every machine builds identical probability
-tables. (The network outputs themselves are made identical by running the encoder through
-the decoder's exact computation; see codec.py.)
+between encoder and decoder. The exact entropy model (exact.py) gives every parameter as an
+integer, and everything after that is integer arithmetic on fixed tables built by
+integer-only code (intmath.py): every machine builds identical probability tables.
 
 Model of one symbol (one latent channel at one position): a mixture of K Gaussians,
-integrated over unit bins. Snapped parameters per component k:
-  mean_q[k]  = round(mean * MEAN_STEPS)            (mean in 1/MEAN_STEPS units)
-  level[k]   = bucket of log(scale) among SCALE_LEVELS log-spaced levels
-  weight[k]  = WEIGHT_TABLE[max_logit_q - logit_q[k]], logits snapped to 1/LOGIT_STEPS
+integrated over unit bins. Integer parameters per component k:
+  mean_q[k]  = the mean in 1/MEAN_STEPS units
+  level[k]   = the scale's index among SCALE_LEVELS log-spaced levels
+  weight[k]  = WEIGHT_TABLE[max_logit_q - logit_q[k]], logits in 1/LOGIT_STEPS
 Support: the 2R+1 integers around the mixture mean plus an escape bin on each side; the
 size of R is picked per symbol from R_CLASSES by the spread of its distribution. A value
 outside the support codes its escape bin, then its distance with an Elias-gamma code,
@@ -45,7 +42,7 @@ R_CLASSES = (3, 8, 20, 48, 128, 320)
 MAX_ABS_SYMBOL = 1 << 15  # the encoder clamps y_hat to [-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL]
 ESCAPE_LENGTH_ALPHABET = 20  # Elias-gamma length prefix alphabet (lengths 1..20)
 CODER_PRECISION = 24  # constriction's default range coder quantises probabilities to 24 bits
-# The same constants as exact rationals, for the integer-built tables of format version 2.
+# The same constants as exact rationals, for the integer-built tables.
 SCALE_MIN_FRACTION = "11/100"
 SCALE_MAX_FRACTION = "64"
 TAIL_SIGMAS_FRACTION = "5"
@@ -59,17 +56,12 @@ _UNIFORM = constriction.stream.model.Uniform()
 # --------------------------------------------------------------------------------------
 
 
-def _scale_of_level(level: np.ndarray | int) -> np.ndarray:
-    return np.exp(LOG_SCALE_MIN + np.asarray(level, dtype=np.float64) * LOG_SCALE_STEP)
-
-
 @dataclass(frozen=True)
 class Tables:
     cdf: np.ndarray  # (SCALE_LEVELS, 2*J+1) int64: round(2^CDF_BITS * Phi(j / (MEAN_STEPS*scale)))
     half_width: int  # J
     weight: np.ndarray  # (MAX_LOGIT_GAP+1,) int64: round(2^WEIGHT_BITS * exp(-gap/LOGIT_STEPS))
     support_radius: np.ndarray  # (SCALE_LEVELS,) int64: ceil(TAIL_SIGMAS * scale)
-    log_scale_thresholds: torch.Tensor  # (SCALE_LEVELS-1,) float32 bucket edges in log-scale
     # cdf extended by `margin` saturated entries on both sides and split by phase:
     # cdf_by_phase[l, i % MEAN_STEPS, i // MEAN_STEPS] = cdf_ext[l, i]. A symbol's bin edges
     # are MEAN_STEPS apart, so they become one contiguous run of this array.
@@ -77,42 +69,17 @@ class Tables:
     margin: int
 
 
-_TABLES: dict[int, Tables] = {}
-TABLE_VERSIONS = (1, 2)
+_TABLES: list[Tables] = []
 
 
-def tables(version: int = 2) -> Tables:
-    """The coding tables of bitstream format `version`: 1 computed with float64 libm
-    functions (legacy: may differ between machines), 2 with integer-only code (intmath)."""
-    if version not in _TABLES:
-        if version == 1:
-            _TABLES[1] = _float_tables()
-        elif version == 2:
-            _TABLES[2] = _integer_tables()
-        else:
-            raise ValueError(f"unknown table version {version}")
-    return _TABLES[version]
+def tables() -> Tables:
+    """The coding tables (built once per process, from integer-only code)."""
+    if not _TABLES:
+        _TABLES.append(_integer_tables())
+    return _TABLES[0]
 
 
-def _float_tables() -> Tables:
-    """Format version 1's tables (ndtr and exp in float64 at import)."""
-    J = int(math.ceil(TAIL_SIGMAS * SCALE_MAX * MEAN_STEPS))
-    j = torch.arange(-J, J + 1, dtype=torch.float64)
-    scales = torch.from_numpy(_scale_of_level(np.arange(SCALE_LEVELS)))
-    z = j[None, :] / (MEAN_STEPS * scales[:, None])
-    cdf = torch.round(torch.special.ndtr(z) * (1 << CDF_BITS)).to(torch.int64).numpy()
-    gaps = np.arange(MAX_LOGIT_GAP + 1, dtype=np.float64)
-    weight = np.round((1 << WEIGHT_BITS) * np.exp(-gaps / LOGIT_STEPS)).astype(np.int64)
-    radius = np.ceil(TAIL_SIGMAS * _scale_of_level(np.arange(SCALE_LEVELS))).astype(np.int64)
-    # Thresholds use only +, * on exact literals: identical on every machine.
-    thresholds = torch.tensor(
-        [LOG_SCALE_MIN + (t + 0.5) * LOG_SCALE_STEP for t in range(SCALE_LEVELS - 1)],
-        dtype=torch.float32,
-    )
-    return _assemble(cdf, weight, radius, thresholds)
-
-
-def _assemble(cdf: np.ndarray, weight: np.ndarray, radius: np.ndarray, thresholds: torch.Tensor) -> Tables:
+def _assemble(cdf: np.ndarray, weight: np.ndarray, radius: np.ndarray) -> Tables:
     """The derived, phase-split layout of a cdf table (see Tables.cdf_by_phase)."""
     J = (cdf.shape[1] - 1) // 2
     margin = MEAN_STEPS * (2 * max(R_CLASSES) + 2)
@@ -124,11 +91,11 @@ def _assemble(cdf: np.ndarray, weight: np.ndarray, radius: np.ndarray, threshold
     by_phase = np.ascontiguousarray(
         ext.reshape(SCALE_LEVELS, length // MEAN_STEPS, MEAN_STEPS).transpose(0, 2, 1)
     )
-    return Tables(cdf, J, weight, radius, thresholds, by_phase, margin)
+    return Tables(cdf, J, weight, radius, by_phase, margin)
 
 
 def _integer_tables() -> Tables:
-    """Format version 2's tables, from integer-only code (intmath): the scale of level l is
+    """The tables, from integer-only code (intmath): the scale of level l is
     SCALE_MIN * (SCALE_MAX / SCALE_MIN)^(l / 63) in 24-bit fixed point, the CDF is
     round(2^16 * Phi(j / (64 * scale))), the weights round(2^8 * exp(-gap / 8))."""
     from fractions import Fraction
@@ -143,72 +110,53 @@ def _integer_tables() -> Tables:
     weight = intmath.weight_table(LOGIT_STEPS, MAX_LOGIT_GAP, WEIGHT_BITS)
     tail = Fraction(TAIL_SIGMAS_FRACTION)
     radius = -((-scale24 * tail.numerator) // (tail.denominator << 24))  # ceil(5 * scale)
-    thresholds = torch.zeros(0)  # version 2 takes integer levels from the network
-    return _assemble(cdf, weight, radius.astype(np.int64), thresholds)
+    return _assemble(cdf, weight, radius.astype(np.int64))
 
 
-def tables_checksum(version: int = 2) -> str:
+def tables_checksum() -> str:
     """A digest of the integer tables; pinned in tests so a platform that builds them
     differently is caught before it writes incompatible bitstreams."""
     import hashlib
 
-    t = tables(version)
+    t = tables()
     h = hashlib.sha256()
     for arr in (t.cdf, t.weight, t.support_radius):
         h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
-    h.update(t.log_scale_thresholds.numpy().astype("<f4").tobytes())
     return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------
-# Snapping float parameters to integers.
+# A symbol's integer parameters.
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
 class SnappedParams:
-    """Integer mixture parameters for n symbols, K components each (numpy int64, (n, K))."""
+    """Integer mixture parameters for n symbols, K components each (numpy int64, (n, K)):
+    the mean in 1/MEAN_STEPS, the scale level and the component's weight."""
 
     mean_q: np.ndarray
     level: np.ndarray
     weight: np.ndarray
-    table_version: int = 1  # the bitstream format version whose tables code these symbols
 
     def __len__(self) -> int:
         return self.mean_q.shape[0]
 
 
-def snap_params(means: torch.Tensor, log_scales: torch.Tensor, logits: torch.Tensor) -> SnappedParams:
-    """(n, K) float tensors on any device -> integer parameters (numpy, on CPU).
-
-    Only exact operations: clamp, multiply by a power of two, round-half-even, compare.
-    """
-    t = tables(1)
-    means = torch.nan_to_num(means.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    log_scales = torch.nan_to_num(log_scales.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    logits = torch.nan_to_num(logits.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    mean_q = torch.round(means.clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL) * MEAN_STEPS).to(torch.int64)
-    level = torch.bucketize(log_scales.contiguous(), t.log_scale_thresholds.to(log_scales.device))
-    logit_q = torch.round(logits.clamp(-4096, 4096) * LOGIT_STEPS).to(torch.int64)
-    gap = (logit_q.max(dim=-1, keepdim=True).values - logit_q).clamp(max=MAX_LOGIT_GAP)
-    mean_q, level, gap = (a.cpu().numpy() for a in (mean_q, level.to(torch.int64), gap))
-    return SnappedParams(mean_q=mean_q, level=level, weight=t.weight[gap], table_version=1)
-
-
 def snap_integer(mean_q: torch.Tensor, level: torch.Tensor, logit_q: torch.Tensor) -> SnappedParams:
     """Integer parameters from the exact entropy model, (n, K) int64 each, on any device ->
-    SnappedParams for format version 2. Integer operations only."""
-    t = tables(2)
+    SnappedParams (weights from the logits' gaps). Integer operations only."""
+    t = tables()
     gap = (logit_q.max(dim=-1, keepdim=True).values - logit_q).clamp(max=MAX_LOGIT_GAP)
     mean_q, level, gap = (a.to("cpu", torch.int64).numpy() for a in (mean_q, level, gap))
-    return SnappedParams(mean_q=mean_q, level=level, weight=t.weight[gap], table_version=2)
+    return SnappedParams(mean_q=mean_q, level=level, weight=t.weight[gap])
 
 
 def mixture_mean_q(mean_q: torch.Tensor, logit_q: torch.Tensor) -> torch.Tensor:
     """The mixture's mean in 1/MEAN_STEPS units, rounded half up, from integer parameters
     (..., K) int64 -> (...) int64: the coder's own weights, integer operations only, so
     every device gives the same value (previews fill undecoded tokens with it)."""
-    t = tables(2)
+    t = tables()
     gap = (logit_q.max(dim=-1, keepdim=True).values - logit_q).clamp(max=MAX_LOGIT_GAP)
     weight = torch.as_tensor(t.weight, device=gap.device)[gap]  # (..., K)
     num, den = (weight * mean_q).sum(-1), weight.sum(-1)  # den >= 2^WEIGHT_BITS
@@ -230,7 +178,7 @@ def _plan(p: SnappedParams) -> _Plan:
     """Each symbol's support: the rounded mixture mean and the radius class that covers the
     reach of every component with weight. (Explicit loops over the K components: numpy's
     reductions over a short last axis are several times slower.)"""
-    t = tables(p.table_version)
+    t = tables()
     K = p.weight.shape[1]
     total_w = p.weight[:, 0].copy()  # > 0: the top component always has weight 2^WEIGHT_BITS
     num = p.weight[:, 0] * p.mean_q[:, 0]
@@ -250,17 +198,17 @@ def _plan(p: SnappedParams) -> _Plan:
     return _Plan(center=center, radius_class=radius_class)
 
 
-_RUNS: dict[tuple[int, int], torch.Tensor] = {}
+_RUNS: dict[int, torch.Tensor] = {}
 
 
-def _runs(num_edges: int, version: int) -> torch.Tensor:
+def _runs(num_edges: int) -> torch.Tensor:
     """Every run of `num_edges` consecutive entries of the flattened cdf_by_phase, as the
     rows of a strided view (no copy). Gathering whole rows with torch's index_select is 2 to
     3x faster than numpy's fancy indexing (measured on one CPU thread)."""
-    runs = _RUNS.get((num_edges, version))
+    runs = _RUNS.get(num_edges)
     if runs is None:
-        flat = torch.from_numpy(tables(version).cdf_by_phase.reshape(-1))
-        runs = _RUNS[(num_edges, version)] = flat.as_strided((flat.numel() - num_edges + 1, num_edges), (1, 1))
+        flat = torch.from_numpy(tables().cdf_by_phase.reshape(-1))
+        runs = _RUNS[num_edges] = flat.as_strided((flat.numel() - num_edges + 1, num_edges), (1, 1))
     return runs
 
 
@@ -269,7 +217,7 @@ def _coding_batches(p: SnappedParams) -> Iterator[tuple[int, np.ndarray, np.ndar
     that occurs, (radius, idx, center, probs) with idx the symbols' ascending indices,
     center (n_c,) and probs (n_c, 2R+3) float64 unnormalised probabilities of
     [escape below, c-R .. c+R, escape above]."""
-    t = tables(p.table_version)
+    t = tables()
     J = t.half_width
     row_len = t.cdf_by_phase.shape[2]
     plan = _plan(p)
@@ -286,10 +234,10 @@ def _coding_batches(p: SnappedParams) -> Iterator[tuple[int, np.ndarray, np.ndar
     for cls, r in enumerate(R_CLASSES):
         idx = np.nonzero(plan.radius_class == cls)[0]
         if idx.size:
-            yield r, idx, plan.center[idx], _probabilities(start[idx], weight[idx], r, p.table_version)
+            yield r, idx, plan.center[idx], _probabilities(start[idx], weight[idx], r)
 
 
-def _probabilities(start: np.ndarray, weight: np.ndarray, radius: int, version: int) -> np.ndarray:
+def _probabilities(start: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray:
     """start, weight (n, K) -> (n, 2R+3) float64 unnormalised probabilities.
 
     Integer arithmetic (int32 suffices: CDF_BITS + WEIGHT_BITS + log2(K) < 31), so the
@@ -297,7 +245,7 @@ def _probabilities(start: np.ndarray, weight: np.ndarray, radius: int, version: 
     small integers exactly.
     """
     num_edges = 2 * radius + 2
-    runs = _runs(num_edges, version)
+    runs = _runs(num_edges)
     n, K = weight.shape
     start_t = torch.from_numpy(np.ascontiguousarray(start.T))  # (K, n) int64
     weight_t = torch.from_numpy(np.ascontiguousarray(weight.T))  # (K, n) int32

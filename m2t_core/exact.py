@@ -1,4 +1,4 @@
-"""The exact entropy model: the transformer of transformer.py in integer arithmetic.
+"""The exact entropy model: the network of network.py in integer arithmetic.
 
 Why: the decoder must recompute the encoder's distribution parameters bit for bit, on any
 CPU, GPU and torch build. Float kernels do not promise that (summation order, FMA, SIMD
@@ -19,9 +19,10 @@ probability is an integer here, computed by operations whose result is defined e
   integer-only code (intmath.py); the output head gives the coding parameters directly
   in their integer units (mean in 1/64, scale level 0..63, logit in 1/8).
 
-Training uses the same model through `FloatOps(quant=True)`: the same structure in float32,
-rounded and clamped at every point where the integer path rounds (straight-through
-gradients), so quantisation-aware training sees what the integer path will compute.
+The layers are network.layer_spec's; the forward pass is network.py's, run with `IntOps`
+(int64 carriers, the reference) or `Float64Ops` (the same integers in float64 carriers:
+what codes). Training runs the same network with network.FloatOps(quant=True), rounded
+where this arithmetic rounds.
 
 Invariant (tests/test_exact.py): for the same weights, exponents and tokens, the integer
 outputs do not depend on batch size, window batching, teacher-forced vs incremental M2T
@@ -31,46 +32,26 @@ outputs do not depend on batch size, window batching, teacher-forced vs incremen
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import intmath
+from . import network as N
 from .config import ModelConfig
-from .entropy_coding import LOG_SCALE_MIN, LOG_SCALE_STEP, LOGIT_STEPS, MAX_ABS_SYMBOL, MEAN_STEPS, SCALE_LEVELS
+from .entropy_coding import MAX_ABS_SYMBOL, MEAN_STEPS, SCALE_LEVELS, LOGIT_STEPS
+from .network import ACT_MAX, INPUT_EXP, RESIDUAL_MAX, TOKEN_CLAMP, TOKEN_INPUT_SCALE
 
-ACT_MAX = (1 << 15) - 1  # activations and weights are int16
-RESIDUAL_MAX = (1 << 17) - 1  # the residual stream may be 4x wider (int64 storage)
-INPUT_EXP = 4  # tokens enter as y * 2^4
-MASK_EXP = 24  # the learned mask token, kept at 2^-24 (only to rebuild the float model)
-TOKEN_CLAMP = ACT_MAX >> INPUT_EXP  # |y| seen by the network is capped at 2047
-SCORE_EXP = intmath.EXP_FRAC_BITS  # attention scores in 1/256
-PROB_EXP = intmath.EXP_OUT_BITS  # unnormalised attention weights in 1/2^15
-GELU_EXP = intmath.GELU_FRAC_BITS  # GELU in and out in 1/256
-ATTN_SCALE_BITS = 15  # 1/sqrt(d_head) as a 15-bit fixed-point multiplier
+MASK_EXP = 24  # the learned mask token, kept at 2^-24 (only to rebuild the float parameters)
 LN_EXTRA_BITS = 8  # LayerNorm's standard deviation is computed with 8 extra bits
 LN_EPS = Fraction(1, 100_000)  # nn.LayerNorm's default eps
-TOKEN_INPUT_SCALE = 5  # the paper's y / 5, folded into the embedding weights
 LOGIT_MAX = 4096 * LOGIT_STEPS
 MEAN_MAX = MAX_ABS_SYMBOL * MEAN_STEPS
 EXACT_FLOAT64_BITS = 53
-
-
-def ln_exponent(d_model: int) -> int:
-    """Exponent of LayerNorm's output: the largest e with sqrt(D) * 2^e <= ACT_MAX
-    (a normalised vector has |n_i| < sqrt(D))."""
-    e = 0
-    while d_model * 4 ** (e + 1) <= ACT_MAX * ACT_MAX:
-        e += 1
-    return e
-
-
-def _attn_multiplier(d_head: int) -> int:
-    """floor(2^15 / sqrt(d_head)), exactly."""
-    return math.isqrt((1 << (2 * ATTN_SCALE_BITS)) // d_head)
+# Exponents that are constants of the design, not calibrated (network.Layer.act_in/act_out).
+FIXED_EXPONENTS = {"input": INPUT_EXP, "gelu": N.GELU_EXP, "unit": 0}
 
 
 def _ln_eps_int(exp_in: int) -> int:
@@ -95,7 +76,7 @@ class IntLinear(nn.Module):
 
     def weight_f64(self) -> torch.Tensor:
         # Inference tensors (a model made under inference_mode) keep no version counter:
-        # never cached, so an in-place sync_exact is always seen.
+        # never cached, so an in-place export is always seen.
         key = None if self.weight.is_inference() else (self.weight.data_ptr(), self.weight._version, self.weight.device)
         if self._f64 is None or key is None or self._f64[0] != key:
             self._f64 = (key, self.weight.to(torch.float64).t().contiguous())  # (in, out)
@@ -111,38 +92,6 @@ class IntNorm(nn.Module):
         self.register_buffer("beta", torch.zeros(d, dtype=torch.int64))
         self.register_buffer("g_exp", torch.zeros((), dtype=torch.int64))
         self.register_buffer("shift", torch.zeros((), dtype=torch.int64))
-
-
-def _linear_names(cfg: ModelConfig) -> list[str]:
-    names = ["embed"]
-    for i in range(cfg.n_layers):
-        names += [f"b{i}_qkv", f"b{i}_proj", f"b{i}_fc1", f"b{i}_fc2"]
-    return names + ["head"]
-
-
-def _norm_names(cfg: ModelConfig) -> list[str]:
-    return [n for i in range(cfg.n_layers) for n in (f"b{i}_norm1", f"b{i}_norm2")] + ["norm"]
-
-
-def _act_names(cfg: ModelConfig) -> list[str]:
-    """Calibrated activation exponents (the others are fixed constants above)."""
-    names = ["residual"]
-    for i in range(cfg.n_layers):
-        names += [f"b{i}_norm1", f"b{i}_norm2", f"b{i}_q", f"b{i}_k", f"b{i}_v"]
-    return names + ["norm"]
-
-
-def _float_modules(et) -> dict[str, tuple[nn.Module, str]]:
-    """Integer layer name -> (float module of transformer.EntropyTransformer, kind)."""
-    out = {"embed": (et.embed, "linear"), "head": (et.head, "linear"), "norm": (et.norm, "norm")}
-    for i, block in enumerate(et.blocks):
-        out[f"b{i}_qkv"] = (block.attn.qkv, "linear")
-        out[f"b{i}_proj"] = (block.attn.proj, "linear")
-        out[f"b{i}_fc1"] = (block.mlp[0], "linear")
-        out[f"b{i}_fc2"] = (block.mlp[2], "linear")
-        out[f"b{i}_norm1"] = (block.norm1, "norm")
-        out[f"b{i}_norm2"] = (block.norm2, "norm")
-    return out
 
 
 # ---------------------------------------------------------------------- outputs
@@ -177,132 +126,101 @@ def head_to_int_params(out: torch.Tensor, C: int, K: int) -> IntParams:
     )
 
 
-@dataclass
-class IntCache:
-    """Keys and values of earlier slot groups, one entry per layer, int16 (B, h, T, dh)."""
-
-    k: list = field(default_factory=list)
-    v: list = field(default_factory=list)
-
-
-@dataclass
-class ExactDecodeState:
-    step: int = 0
-    cache: IntCache | None = None
-
-
 # ---------------------------------------------------------------------- the model
 
 
 class ExactEntropyModel(nn.Module):
-    """Integer tensors and exponents of the exact entropy model (all buffers, no parameters).
+    """Integer tensors and exponents of the exact entropy model (all buffers, no parameters),
+    one IntLinear / IntNorm per layer of network.layer_spec.
 
-    Built from a float `EntropyTransformer` by `export_from` (deterministic rounding with the
-    stored exponents) after `calibrate`/`init_exponents` chose the exponents. Shares the
-    schedule and slot layout of the float model it was built from.
-    """
+    Built from float `EntropyParameters` by `export_from` (deterministic rounding with the
+    stored exponents) after `calibrate`/`init_exponents` chose the exponents; `load_into`
+    is the inverse."""
 
-    def __init__(self, cfg: ModelConfig, layout):
+    def __init__(self, cfg: ModelConfig, layout: N.SlotLayout):
         super().__init__()
         self.cfg = cfg
-        self.layout = [layout]  # the float EntropyTransformer (not a submodule: no double state)
-        D, C, K = cfg.d_model, cfg.C, cfg.n_mixtures
-        dims = {"embed": (C, D), "head": (D, 3 * C * K)}
-        for i in range(cfg.n_layers):
-            dims.update({f"b{i}_qkv": (D, 3 * D), f"b{i}_proj": (D, D),
-                         f"b{i}_fc1": (D, cfg.d_mlp), f"b{i}_fc2": (cfg.d_mlp, D)})
-        self.linears = nn.ModuleDict({n: IntLinear(*dims[n]) for n in _linear_names(cfg)})
-        self.norms = nn.ModuleDict({n: IntNorm(D) for n in _norm_names(cfg)})
-        L = cfg.tokens_per_window
+        self.layout = layout
+        self.spec = {layer.name: layer for layer in N.layer_spec(cfg)}
+        self.linears = nn.ModuleDict({n: IntLinear(l.d_in, l.d_out) for n, l in self.spec.items() if l.kind == "linear"})
+        self.norms = nn.ModuleDict({n: IntNorm(l.d_in) for n, l in self.spec.items() if l.kind == "norm"})
+        L, C, D = cfg.tokens_per_window, cfg.C, cfg.d_model
         self.register_buffer("mask_token", torch.zeros(C, dtype=torch.int64))  # at MASK_EXP
         # The embedding of a masked slot (a constant: embed(mask_token)), at the residual exponent.
         self.register_buffer("mask_embed", torch.zeros(D, dtype=torch.int64))
         self.register_buffer("pos_target", torch.zeros(L, D, dtype=torch.int64))
         self.register_buffer("pos_input", torch.zeros(L, D, dtype=torch.int64))
-        self.register_buffer("act_exp", torch.zeros(len(_act_names(cfg)), dtype=torch.int64))
-        self._act_index = {n: i for i, n in enumerate(_act_names(cfg))}
+        names = N.calibrated_activations(cfg)
+        self.register_buffer("act_exp", torch.zeros(len(names), dtype=torch.int64))
+        self._act_index = {n: i for i, n in enumerate(names)}
         self._tables: dict = {}
 
     # ------------------------------------------------------------ exponents
 
     def exp(self, name: str) -> int:
+        """The exponent of activation `name`: calibrated (act_exp) or a constant of the design."""
+        if name in FIXED_EXPONENTS:
+            return FIXED_EXPONENTS[name]
+        if name == "layer_norm":
+            return N.ln_exponent(self.cfg.d_model)
         return int(self.act_exp[self._act_index[name]])
 
     def in_out_exponents(self, name: str) -> tuple[int, torch.Tensor]:
         """(input exponent, per-output-row exponent) of linear layer `name`."""
-        cfg, D = self.cfg, self.cfg.d_model
-        if name == "embed":
-            return INPUT_EXP, torch.full((D,), self.exp("residual"))
-        if name == "head":
-            return self.exp("norm"), torch.zeros(3 * cfg.C * cfg.n_mixtures, dtype=torch.int64)
-        i, kind = name[1:].split("_")
-        if kind == "qkv":
-            e = [self.exp(f"b{i}_q"), self.exp(f"b{i}_k"), self.exp(f"b{i}_v")]
-            return self.exp(f"b{i}_norm1"), torch.tensor(e).repeat_interleave(D)
-        if kind == "proj":
-            return self.exp(f"b{i}_v"), torch.full((D,), self.exp("residual"))
-        if kind == "fc1":
-            return self.exp(f"b{i}_norm2"), torch.full((cfg.d_mlp,), GELU_EXP)
-        if kind == "fc2":
-            return GELU_EXP, torch.full((D,), self.exp("residual"))
-        raise ValueError(f"unknown layer {name!r}")
+        layer = self.spec[name]
+        rows = layer.d_out // len(layer.act_out)
+        return self.exp(layer.act_in), torch.tensor([self.exp(a) for a in layer.act_out]).repeat_interleave(rows)
 
-    def norm_exponents(self, name: str) -> tuple[int, int]:
-        return ln_exponent(self.cfg.d_model), self.exp(name)
-
-    def init_exponents(self, et, act_max: dict[str, float] | None = None) -> None:
+    def init_exponents(self, params: N.EntropyParameters, act_max: dict[str, float] | None = None) -> None:
         """Choose every exponent: weights per output row from their magnitude, activations
         from observed maxima `act_max` (calibration) or conservative defaults."""
-        defaults = {"residual": 8.0 * 32}  # |r| up to 256 -> exponent 7
-        e_ln = ln_exponent(self.cfg.d_model)
+        e_ln = N.ln_exponent(self.cfg.d_model)
         act = {}
-        for name in _act_names(self.cfg):
+        for name in N.calibrated_activations(self.cfg):
             observed = (act_max or {}).get(name)
             if observed is None:
                 if name == "residual":
-                    observed = defaults["residual"]
+                    observed = 8.0 * 32  # |r| up to 256 -> exponent 7
                 elif name.endswith(("_q", "_k", "_v")):
                     observed = 64.0
                 else:  # LayerNorm affine outputs: |gamma * n + beta|
                     observed = float(2 ** (15 - e_ln + 1))
             limit = RESIDUAL_MAX if name == "residual" else ACT_MAX
             act[name] = _exponent_for(limit, 1.25 * observed)
-        self.act_exp.copy_(torch.tensor([act[n] for n in _act_names(self.cfg)], dtype=torch.int64))
-        for name, (module, kind) in _float_modules(et).items():
-            if kind == "linear":
-                w, _ = _folded_linear(name, module, self.cfg)
-                row_max = w.detach().abs().amax(dim=1).double()
-                self.linears[name].w_exp.copy_(torch.tensor([_exponent_for(ACT_MAX, float(m)) for m in row_max]))
-                e_in, e_out = self.in_out_exponents(name)
-                self.linears[name].shift.copy_(e_in + self.linears[name].w_exp - e_out)
-            else:
-                g_exp = _exponent_for(ACT_MAX, float(module.weight.detach().abs().max()))
-                e_n, e_out = self.norm_exponents(name)
-                self.norms[name].g_exp.fill_(g_exp)
-                self.norms[name].shift.fill_(e_n + g_exp - e_out)
+        self.act_exp.copy_(torch.tensor([act[n] for n in N.calibrated_activations(self.cfg)], dtype=torch.int64))
+        for name, lin in self.linears.items():
+            module = params.linears[name]
+            w, _ = N.folded_linear(name, module.weight.detach().double(), module.bias.detach().double(), self.cfg)
+            row_max = w.abs().amax(dim=1)
+            lin.w_exp.copy_(torch.tensor([_exponent_for(ACT_MAX, float(m)) for m in row_max]))
+            e_in, e_out = self.in_out_exponents(name)
+            lin.shift.copy_(e_in + lin.w_exp - e_out)
+        for name, nrm in self.norms.items():
+            g_exp = _exponent_for(ACT_MAX, float(params.norms[name].weight.detach().abs().max()))
+            nrm.g_exp.fill_(g_exp)
+            nrm.shift.fill_(N.ln_exponent(self.cfg.d_model) + g_exp - self.exp(name))
 
-    # ------------------------------------------------------------ float -> integers
+    # ------------------------------------------------------------ float <-> integers
 
     @torch.no_grad()
-    def export_from(self, et) -> None:
-        """Round the float model's weights onto the stored exponents (elementwise, exact
+    def export_from(self, params: N.EntropyParameters) -> None:
+        """Round the float parameters onto the stored exponents (elementwise, exact
         operations only: the same integers on every machine)."""
-        for name, (module, kind) in _float_modules(et).items():
-            if kind == "linear":
-                w, b = _folded_linear(name, module, self.cfg)
-                lin = self.linears[name]
-                e_in, _ = self.in_out_exponents(name)
-                lin.weight.copy_(_quantize(w, lin.w_exp[:, None]).to(torch.int16))
-                lin.bias.copy_(_quantize(b, e_in + lin.w_exp, limit=1 << 50))
-            else:
-                nrm = self.norms[name]
-                e_n, _ = self.norm_exponents(name)
-                nrm.gamma.copy_(_quantize(module.weight.double(), int(nrm.g_exp)).to(torch.int16))
-                nrm.beta.copy_(_quantize(module.bias.double(), e_n + int(nrm.g_exp), limit=1 << 50))
+        e_ln = N.ln_exponent(self.cfg.d_model)
+        for name, lin in self.linears.items():
+            module = params.linears[name]
+            w, b = N.folded_linear(name, module.weight.double(), module.bias.double(), self.cfg)
+            e_in, _ = self.in_out_exponents(name)
+            lin.weight.copy_(_quantize(w, lin.w_exp[:, None]).to(torch.int16))
+            lin.bias.copy_(_quantize(b, e_in + lin.w_exp, limit=1 << 50))
+        for name, nrm in self.norms.items():
+            module = params.norms[name]
+            nrm.gamma.copy_(_quantize(module.weight.double(), int(nrm.g_exp)).to(torch.int16))
+            nrm.beta.copy_(_quantize(module.bias.double(), e_ln + int(nrm.g_exp), limit=1 << 50))
         e_r = self.exp("residual")
-        self.pos_target.copy_(_quantize(et.pos_target.double(), e_r, limit=RESIDUAL_MAX))
-        self.pos_input.copy_(_quantize(et.pos_input.double(), e_r, limit=RESIDUAL_MAX))
-        self.mask_token.copy_(_quantize(et.mask_token.double(), MASK_EXP, limit=1 << 50))
+        self.pos_target.copy_(_quantize(params.pos_target.double(), e_r, limit=RESIDUAL_MAX))
+        self.pos_input.copy_(_quantize(params.pos_input.double(), e_r, limit=RESIDUAL_MAX))
+        self.mask_token.copy_(_quantize(params.mask_token.double(), MASK_EXP, limit=1 << 50))
         # embed(mask) from the integer weights (a product computed once, here, and stored:
         # the decoder never recomputes it).
         lin = self.linears["embed"]
@@ -312,43 +230,43 @@ class ExactEntropyModel(nn.Module):
         self.mask_embed.copy_(_quantize(w @ mask + b, e_r, limit=RESIDUAL_MAX))
 
     @torch.no_grad()
-    def load_into(self, et) -> None:
-        """The inverse of export_from: set the float model's weights to the integer grid
-        values, so a float model rebuilt from a checkpoint trains on from exactly here."""
-        for name, (module, kind) in _float_modules(et).items():
-            if kind == "linear":
-                lin = self.linears[name]
-                e_in, _ = self.in_out_exponents(name)
-                w = lin.weight.double() * torch.pow(2.0, -lin.w_exp.double())[:, None]
-                b = lin.bias.double() * torch.pow(2.0, -(e_in + lin.w_exp).double())
-                w, b = _unfold_linear(name, w, b, self.cfg)
-                module.weight.copy_(w.to(module.weight.dtype))
-                module.bias.copy_(b.to(module.bias.dtype))
-            else:
-                nrm = self.norms[name]
-                e_n, _ = self.norm_exponents(name)
-                module.weight.copy_((nrm.gamma.double() * 2.0 ** -int(nrm.g_exp)).to(module.weight.dtype))
-                module.bias.copy_((nrm.beta.double() * 2.0 ** -(e_n + int(nrm.g_exp))).to(module.bias.dtype))
+    def load_into(self, params: N.EntropyParameters) -> None:
+        """The inverse of export_from: set the float parameters to the integer grid values,
+        so float parameters rebuilt from a checkpoint train on from exactly here."""
+        e_ln = N.ln_exponent(self.cfg.d_model)
+        for name, lin in self.linears.items():
+            module = params.linears[name]
+            e_in, _ = self.in_out_exponents(name)
+            w = lin.weight.double() * torch.pow(2.0, -lin.w_exp.double())[:, None]
+            b = lin.bias.double() * torch.pow(2.0, -(e_in + lin.w_exp).double())
+            w, b = _unfold_linear(name, w, b, self.cfg)
+            module.weight.copy_(w.to(module.weight.dtype))
+            module.bias.copy_(b.to(module.bias.dtype))
+        for name, nrm in self.norms.items():
+            module = params.norms[name]
+            module.weight.copy_((nrm.gamma.double() * 2.0 ** -int(nrm.g_exp)).to(module.weight.dtype))
+            module.bias.copy_((nrm.beta.double() * 2.0 ** -(e_ln + int(nrm.g_exp))).to(module.bias.dtype))
         e_r = self.exp("residual")
-        et.pos_target.copy_(self.pos_target.double() * 2.0 ** -e_r)
-        et.pos_input.copy_(self.pos_input.double() * 2.0 ** -e_r)
-        et.mask_token.copy_(self.mask_token.double() * 2.0 ** -MASK_EXP)
+        params.pos_target.copy_(self.pos_target.double() * 2.0 ** -e_r)
+        params.pos_input.copy_(self.pos_input.double() * 2.0 ** -e_r)
+        params.mask_token.copy_(self.mask_token.double() * 2.0 ** -MASK_EXP)
 
     @torch.no_grad()
-    def calibrate(self, et, tokens: torch.Tensor, masked: torch.Tensor | None = None) -> dict[str, float]:
-        """Choose activation exponents from the float model's maxima on `tokens` (B, L, C)
+    def calibrate(self, params: N.EntropyParameters, tokens: torch.Tensor,
+                  masked: torch.Tensor | None = None) -> dict[str, float]:
+        """Choose activation exponents from the float network's maxima on `tokens` (B, L, C)
         (the training distribution, never the evaluation set), then export."""
-        self.init_exponents(et)  # weights' exponents; activations get replaced below
+        self.init_exponents(params)  # weights' exponents; activations get replaced below
         observed: dict[str, float] = {}
-        ops = FloatOps(self, et, quant=False, observe=observed)
+        ops = N.FloatOps(params, self.cfg, self.layout, observe=observed)
         if self.cfg.mode == "m2t":
-            m2t_teacher_forced(ops, tokens)
+            N.m2t_teacher_forced(ops, tokens)
         else:
             if masked is None:
                 masked = torch.rand(tokens.shape[:2], generator=torch.Generator().manual_seed(0)) < 0.5
-            mt_forward(ops, tokens, masked)
-        self.init_exponents(et, observed)
-        self.export_from(et)
+            N.mt_forward(ops, tokens, masked)
+        self.init_exponents(params, observed)
+        self.export_from(params)
         return observed
 
     # ------------------------------------------------------------ checks
@@ -362,8 +280,8 @@ class ExactEntropyModel(nn.Module):
             worst = max(worst, int(row_abs.max()) * ACT_MAX)
         d_head = self.cfg.d_model // self.cfg.n_heads
         worst = max(worst, d_head * ACT_MAX * ACT_MAX)  # q . k
-        slots = max(self.layout[0].num_slots, self.cfg.tokens_per_window)
-        worst = max(worst, slots * (1 << PROB_EXP) * ACT_MAX)  # sum_j e_j v_j
+        slots = max(self.layout.num_slots, self.cfg.tokens_per_window)
+        worst = max(worst, slots * (1 << N.PROB_EXP) * ACT_MAX)  # sum_j e_j v_j
         return EXACT_FLOAT64_BITS - math.log2(worst)
 
     def tables(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -388,48 +306,28 @@ def _quantize(x: torch.Tensor, exponent, limit: int = ACT_MAX) -> torch.Tensor:
     return torch.round(x.double() * scale).clamp(-limit, limit).to(torch.int64)
 
 
-def _head_row_affine(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output row of the head: (scale, offset) taking natural units to integer units:
-    mean * 64, (log_scale - LOG_SCALE_MIN) / STEP, logit * 8."""
-    K = cfg.n_mixtures
-    scale = torch.tensor([float(MEAN_STEPS)] * K + [1.0 / LOG_SCALE_STEP] * K + [float(LOGIT_STEPS)] * K,
-                         dtype=torch.float64, device=device)
-    offset = torch.tensor([0.0] * K + [-LOG_SCALE_MIN / LOG_SCALE_STEP] * K + [0.0] * K,
-                          dtype=torch.float64, device=device)
-    return scale.repeat(cfg.C), offset.repeat(cfg.C)  # rows ordered (C, 3, K)
-
-
-def _folded_linear(name: str, module: nn.Linear, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float weights the integer layer represents, with its fixed scalings folded in
-    (elementwise float64 products: identical on every machine)."""
-    w, b = module.weight.double(), module.bias.double()
-    if name == "embed":
-        return w / TOKEN_INPUT_SCALE, b
-    if name == "head":
-        scale, offset = _head_row_affine(cfg, w.device)
-        return w * scale[:, None], b * scale + offset
-    return w, b
-
-
 def _unfold_linear(name: str, w: torch.Tensor, b: torch.Tensor, cfg: ModelConfig):
+    """The inverse of network.folded_linear (float64)."""
     if name == "embed":
         return w * TOKEN_INPUT_SCALE, b
     if name == "head":
-        scale, offset = _head_row_affine(cfg, w.device)
+        scale, offset = N.head_row_affine(cfg, w.device)
         return w / scale[:, None], (b - offset) / scale
     return w, b
 
 
-# ---------------------------------------------------------------------- arithmetic backends
+# ---------------------------------------------------------------------- arithmetics
 
 
 class IntOps:
-    """Exact integer arithmetic (int64 tensors; float64 only for exact matrix products)."""
+    """Exact integer arithmetic for the network (int64 tensors; float64 only for matrix
+    products of integers, which are exact): the reference the coding arithmetic is tested
+    against bit for bit."""
 
     exact = True
 
     def __init__(self, model: ExactEntropyModel):
-        self.m = model
+        self.m, self.cfg, self.layout = model, model.cfg, model.layout
 
     def linear(self, name: str, x: torch.Tensor, limit: int | None = ACT_MAX) -> torch.Tensor:
         lin = self.m.linears[name]
@@ -451,7 +349,7 @@ class IntOps:
     def layer_norm(self, name: str, r: torch.Tensor) -> torch.Tensor:
         D = r.shape[-1]
         e_r = self.m.exp("residual")
-        e_n, _ = self.m.norm_exponents(name)
+        e_n = N.ln_exponent(self.cfg.d_model)
         mu = intmath.round_div(r.sum(-1, keepdim=True), torch.tensor(D, device=r.device))
         d = r - mu  # |d| < 2^18
         q = (d * d).sum(-1, keepdim=True)  # < D * 2^36
@@ -462,11 +360,12 @@ class IntOps:
         out = intmath.round_shift(n * nrm.gamma.to(torch.int64) + nrm.beta, int(nrm.shift))
         return out.clamp(-ACT_MAX, ACT_MAX)
 
+    def _score_shift(self, layer: int) -> int:
+        return self.m.exp(f"b{layer}_q") + self.m.exp(f"b{layer}_k") + N.ATTN_SCALE_BITS - N.SCORE_EXP
+
     def attention(self, layer: int, q, k, v, valid: torch.Tensor | None) -> torch.Tensor:
-        d_head = q.shape[-1]
-        e_q, e_k = self.m.exp(f"b{layer}_q"), self.m.exp(f"b{layer}_k")
         raw = torch.matmul(q.to(torch.float64), k.to(torch.float64).transpose(-1, -2)).to(torch.int64)  # exact
-        scores = intmath.round_shift(raw * _attn_multiplier(d_head), e_q + e_k + ATTN_SCALE_BITS - SCORE_EXP)
+        scores = intmath.round_shift(raw * N.attn_multiplier(q.shape[-1]), self._score_shift(layer))
         if valid is not None:
             scores = scores.masked_fill(~valid, -(1 << 40))
         gap = (scores.amax(dim=-1, keepdim=True) - scores).clamp(max=intmath.EXP_SIZE - 1)
@@ -482,259 +381,13 @@ class IntOps:
         return torch.where(g > intmath.GELU_HALF, g, torch.where(g < -intmath.GELU_HALF, 0, inside))
 
     def head(self, x: torch.Tensor) -> IntParams:
-        cfg = self.m.cfg
-        return head_to_int_params(self.linear("head", x, limit=None), cfg.C, cfg.n_mixtures)
+        return head_to_int_params(self.linear("head", x, limit=None), self.cfg.C, self.cfg.n_mixtures)
 
     def cache_store(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.int16)
 
     def cache_load(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.int64)
-
-
-def _fq(x: torch.Tensor, exponent: int, limit: int, quant: bool) -> torch.Tensor:
-    """Fake quantisation: round to the grid 2^-exponent and clamp, straight-through."""
-    if not quant:
-        return x
-    scale = float(2 ** exponent)
-    q = torch.round(x * scale).clamp(-limit, limit) / scale
-    return x + (q - x).detach()
-
-
-class FloatOps:
-    """The same computation in float32, for training and calibration. With quant=True every
-    weight and activation is rounded where the integer path rounds (straight-through
-    gradients), so quantisation-aware training sees the integer model's numbers."""
-
-    exact = False
-
-    def __init__(self, model: ExactEntropyModel, et, quant: bool = True, observe: dict | None = None):
-        self.m, self.et, self.quant, self.observe = model, et, quant, observe
-        self.modules = _float_modules(et)
-
-    def _watch(self, name: str, x: torch.Tensor) -> None:
-        if self.observe is not None:
-            self.observe[name] = max(self.observe.get(name, 0.0), float(x.detach().abs().max()))
-
-    def _weights(self, name: str):
-        module, _ = self.modules[name]
-        w, b = _folded_linear_float(name, module, self.m.cfg)
-        if self.quant:
-            lin = self.m.linears[name]
-            e_in, _ = self.m.in_out_exponents(name)
-            w_scale = torch.pow(2.0, lin.w_exp.to(w.device, torch.float32))[:, None]
-            b_scale = torch.pow(2.0, (e_in + lin.w_exp).to(w.device, torch.float32))
-            w = w + (torch.round(w * w_scale).clamp(-ACT_MAX, ACT_MAX) / w_scale - w).detach()
-            b = b + (torch.round(b * b_scale) / b_scale - b).detach()
-        return w, b
-
-    def linear(self, name: str, x: torch.Tensor, limit: int | None = ACT_MAX) -> torch.Tensor:
-        w, b = self._weights(name)
-        out = F.linear(x, w, b)
-        if name == "head":
-            return _fq(out, 0, 1 << 30, self.quant)
-        _, e_out = self.m.in_out_exponents(name)
-        if name.endswith("_qkv"):
-            D = self.m.cfg.d_model
-            i = name[1:].split("_")[0]
-            parts = []
-            for j, kind in enumerate("qkv"):
-                part = out[..., j * D:(j + 1) * D]
-                self._watch(f"b{i}_{kind}", part)
-                parts.append(_fq(part, int(e_out[j * D]), ACT_MAX, self.quant))
-            return torch.cat(parts, dim=-1)
-        return _fq(out, int(e_out[0]), limit or (1 << 30), self.quant)
-
-    def embed(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        held = self.linear("embed", tokens.clamp(-TOKEN_CLAMP, TOKEN_CLAMP), RESIDUAL_MAX)
-        mask = self.linear("embed", (self.et.mask_token * TOKEN_INPUT_SCALE).to(tokens.dtype), RESIDUAL_MAX)
-        x = torch.where(masked[..., None], mask, held)
-        self._watch("residual", x)
-        return x
-
-    def pos(self, which: str, idx: torch.Tensor) -> torch.Tensor:
-        table = self.et.pos_target if which == "target" else self.et.pos_input
-        table = _fq(table, self.m.exp("residual"), RESIDUAL_MAX, self.quant)
-        return torch.where((idx >= 0)[:, None], table[idx.clamp(min=0)], 0.0)
-
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = a + b
-        self._watch("residual", out)
-        if not self.quant:
-            return out
-        limit = RESIDUAL_MAX / 2 ** self.m.exp("residual")
-        return out + (out.clamp(-limit, limit) - out).detach()
-
-    def layer_norm(self, name: str, r: torch.Tensor) -> torch.Tensor:
-        module, _ = self.modules[name]
-        e_n, e_out = self.m.norm_exponents(name)
-        n = F.layer_norm(r, r.shape[-1:], eps=module.eps)
-        n = _fq(n, e_n, ACT_MAX, self.quant)
-        gamma, beta = module.weight, module.bias
-        if self.quant:
-            g_exp = float(self.m.norms[name].g_exp)
-            gq = torch.round(gamma * 2 ** g_exp).clamp(-ACT_MAX, ACT_MAX) / 2 ** g_exp
-            bq = torch.round(beta * 2 ** (e_n + g_exp)) / 2 ** (e_n + g_exp)
-            gamma, beta = gamma + (gq - gamma).detach(), beta + (bq - beta).detach()
-        out = n * gamma + beta
-        self._watch(name, out)
-        return _fq(out, e_out, ACT_MAX, self.quant)
-
-    def attention(self, layer: int, q, k, v, valid: torch.Tensor | None) -> torch.Tensor:
-        d_head = q.shape[-1]
-        if not self.quant:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=valid)
-        mult = _attn_multiplier(d_head) / 2 ** ATTN_SCALE_BITS
-        scores = _fq(torch.matmul(q, k.transpose(-1, -2)) * mult, SCORE_EXP, 1 << 30, True)
-        if valid is not None:
-            scores = scores.masked_fill(~valid, -1e9)
-        gap = (scores.amax(dim=-1, keepdim=True).detach() - scores).clamp(max=intmath.EXP_SIZE / 2 ** SCORE_EXP)
-        e = _fq(torch.exp(-gap), PROB_EXP, 1 << PROB_EXP, True)
-        if valid is not None:
-            e = e.masked_fill(~valid, 0.0)
-        out = torch.matmul(e, v) / e.sum(-1, keepdim=True)
-        return _fq(out, self.m.exp(f"b{layer}_v"), ACT_MAX, True)
-
-    def gelu(self, g: torch.Tensor) -> torch.Tensor:
-        return _fq(F.gelu(g), GELU_EXP, ACT_MAX, self.quant)
-
-    def head(self, x: torch.Tensor):
-        """Natural-unit mixture parameters (B, T, C, K) x3, as the integer path's units."""
-        cfg = self.m.cfg
-        out = self.linear("head", x)
-        B, T, _ = out.shape
-        out = out.view(B, T, cfg.C, 3, cfg.n_mixtures)  # (B, T, C, 3, K)
-        means = out[..., 0, :] / MEAN_STEPS
-        level = out[..., 1, :]
-        if self.quant:
-            level = level + (level.clamp(0, SCALE_LEVELS - 1) - level).detach()
-        log_scales = LOG_SCALE_MIN + level * LOG_SCALE_STEP
-        logits = out[..., 2, :] / LOGIT_STEPS
-        return means, log_scales, logits
-
-    def cache_store(self, t):
-        return t
-
-    def cache_load(self, t):
-        return t
-
-
-def _folded_linear_float(name: str, module: nn.Linear, cfg: ModelConfig):
-    """_folded_linear in the module's dtype, differentiable (for FloatOps)."""
-    w, b = module.weight, module.bias
-    if name == "embed":
-        return w / TOKEN_INPUT_SCALE, b
-    if name == "head":
-        scale, offset = _head_row_affine(cfg, w.device)
-        return w * scale.to(w.dtype)[:, None], b * scale.to(b.dtype) + offset.to(b.dtype)
-    return w, b
-
-
-# ---------------------------------------------------------------------- the network, once
-
-
-def _split_heads(qkv: torch.Tensor, n_heads: int):
-    B, T, D3 = qkv.shape
-    D = D3 // 3
-    t = qkv.view(B, T, 3, n_heads, D // n_heads).permute(2, 0, 3, 1, 4)  # (3, B, h, T, dh)
-    return t[0], t[1], t[2]
-
-
-def _blocks(ops, x: torch.Tensor, valid: torch.Tensor | None, cache: IntCache | None, n_layers: int, n_heads: int):
-    for i in range(n_layers):
-        a = ops.layer_norm(f"b{i}_norm1", x)
-        q, k, v = _split_heads(ops.linear(f"b{i}_qkv", a), n_heads)  # (B, h, T, dh) each
-        if cache is not None:
-            if len(cache.k) <= i:
-                cache.k.append(ops.cache_store(k))
-                cache.v.append(ops.cache_store(v))
-            else:
-                cache.k[i] = torch.cat([cache.k[i], ops.cache_store(k)], dim=2)
-                cache.v[i] = torch.cat([cache.v[i], ops.cache_store(v)], dim=2)
-            k, v = ops.cache_load(cache.k[i]), ops.cache_load(cache.v[i])
-        o = ops.attention(i, q, k, v, valid)  # (B, h, T, dh)
-        B, h, T, dh = o.shape
-        o = o.transpose(1, 2).reshape(B, T, h * dh)  # (B, T, D)
-        x = ops.add(x, ops.linear(f"b{i}_proj", o))
-        a = ops.layer_norm(f"b{i}_norm2", x)
-        x = ops.add(x, ops.linear(f"b{i}_fc2", ops.gelu(ops.linear(f"b{i}_fc1", a))))
-    return x
-
-
-def _m2t_slot_inputs(ops, layout, tokens: torch.Tensor, slots: slice) -> torch.Tensor:
-    """Embedded inputs of slots[slots] for windows `tokens` (B, L, C) -> (B, T_s, D)."""
-    input_pos = layout.slot_input_pos[slots].to(tokens.device)
-    target_pos = layout.slot_target_pos[slots].to(tokens.device)
-    held = tokens[:, input_pos.clamp(min=0)]  # (B, T_s, C)
-    masked = (input_pos < 0)[None, :].expand(tokens.shape[0], -1)
-    x = ops.embed(held, masked)
-    x = ops.add(x, ops.pos("input", input_pos))
-    return ops.add(x, ops.pos("target", target_pos))
-
-
-def _run(ops, x, valid, cache=None):
-    cfg = ops.m.cfg
-    h = _blocks(ops, x, valid, cache, cfg.n_layers, cfg.n_heads)
-    return ops.head(ops.layer_norm("norm", h))
-
-
-def m2t_teacher_forced(ops, tokens: torch.Tensor):
-    """One pass over all slots: tokens (B, L, C) -> parameters of every position (B, L, C, K)
-    (IntParams with IntOps, (means, log_scales, logits) with FloatOps), in position order."""
-    layout = ops.m.layout[0]
-    x = _m2t_slot_inputs(ops, layout, tokens, slice(None))  # (B, T, D)
-    valid = layout.slot_attn_mask.to(tokens.device)  # (T, T)
-    h = _blocks(ops, x, valid, None, ops.m.cfg.n_layers, ops.m.cfg.n_heads)
-    h = h[:, layout.predicting_slot.to(tokens.device)]  # (B, L, D), position order
-    return ops.head(ops.layer_norm("norm", h))
-
-
-def m2t_step(ops, tokens: torch.Tensor, state: ExactDecodeState, use_cache: bool = True) -> IntParams:
-    """Parameters of group `state.step` (B, n_i, C, K), in group order. `tokens` (B, L, C)
-    holds the true values of all earlier groups."""
-    layout = ops.m.layout[0]
-    i = state.step
-    n_i = layout.sched.sizes[i]
-    if use_cache:
-        if state.cache is None:
-            state.cache = IntCache()
-        x = _m2t_slot_inputs(ops, layout, tokens, slice(layout.slot_starts[i], layout.slot_starts[i + 1]))
-        out = _run(ops, x, None, state.cache)  # a slot group sees the cache and itself: no mask
-    else:
-        end = layout.slot_starts[i + 1]
-        x = _m2t_slot_inputs(ops, layout, tokens, slice(0, end))
-        out = _run(ops, x, layout.slot_attn_mask[:end, :end].to(tokens.device))
-        out = out.index((slice(None), slice(layout.slot_starts[i], None)))
-    state.step += 1
-    return out.index((slice(None), slice(0, n_i)))
-
-
-def mt_forward(ops, tokens: torch.Tensor, masked: torch.Tensor):
-    """One full MT pass: tokens (B, L, C), masked (B, L) bool -> parameters (B, L, C, K)."""
-    x = ops.embed(tokens, masked)
-    x = ops.add(x, ops.pos("target", torch.arange(tokens.shape[1], device=tokens.device)))
-    return _run(ops, x, None)
-
-
-def mt_step(ops, tokens: torch.Tensor, state: ExactDecodeState) -> IntParams:
-    layout = ops.m.layout[0]
-    i = state.step
-    masked = (layout.position_step.to(tokens.device) >= i)[None, :].expand(tokens.shape[0], -1)
-    group = torch.as_tensor(layout.sched.groups[i], device=tokens.device)
-    state.step += 1
-    return mt_forward(ops, tokens, masked).index((slice(None), group))
-
-
-def step(ops, tokens: torch.Tensor, state: ExactDecodeState, use_cache: bool = True) -> IntParams:
-    mode = ops.m.cfg.mode
-    if mode == "m2t":
-        return m2t_step(ops, tokens, state, use_cache)
-    if mode == "mt":
-        return mt_step(ops, tokens, state)
-    raise ValueError(f"unknown mode {mode!r}")
-
-
-# ---------------------------------------------------------------------- the fast carrier
 
 
 def _floor_div_f64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -785,11 +438,9 @@ class Float64Ops(IntOps):
         return super().layer_norm(name, r.to(torch.int64)).to(torch.float64)
 
     def attention(self, layer: int, q, k, v, valid: torch.Tensor | None) -> torch.Tensor:
-        d_head = q.shape[-1]
-        e_q, e_k = self.m.exp(f"b{layer}_q"), self.m.exp(f"b{layer}_k")
-        shift = e_q + e_k + ATTN_SCALE_BITS - SCORE_EXP
+        shift = self._score_shift(layer)
         raw = torch.matmul(q, k.transpose(-1, -2))  # exact, < 2^36
-        scores = torch.floor((raw * _attn_multiplier(d_head) + 2.0 ** (shift - 1)) * 2.0 ** -shift)
+        scores = torch.floor((raw * N.attn_multiplier(q.shape[-1]) + 2.0 ** (shift - 1)) * 2.0 ** -shift)
         if valid is not None:
             scores = scores.masked_fill(~valid, -2.0 ** 40)
         gap = (scores.amax(dim=-1, keepdim=True) - scores).clamp(max=intmath.EXP_SIZE - 1)
@@ -811,8 +462,7 @@ class Float64Ops(IntOps):
         return self._req[key]
 
     def head(self, x: torch.Tensor) -> IntParams:
-        cfg = self.m.cfg
-        return head_to_int_params(self.linear("head", x, limit=None).to(torch.int64), cfg.C, cfg.n_mixtures)
+        return head_to_int_params(self.linear("head", x, limit=None).to(torch.int64), self.cfg.C, self.cfg.n_mixtures)
 
     def cache_store(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.int16)

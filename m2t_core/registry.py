@@ -4,6 +4,14 @@ A checkpoint is ONE safetensors file: the tensors, plus string metadata holding 
 constructor arguments (`config`, JSON), the registry name (`model_id`) and free-form
 information about training and measured figures (`info`, JSON). Loading never unpickles.
 
+Tensors: the transforms (`g_a.*`, `g_s.*`, float), the exact entropy model (`exact.*`,
+integers, each stored in the narrowest integer type that holds its values) and, in training
+checkpoints only, the float entropy parameters (`entropy_model.*`); without them they are
+rebuilt from the exact model. Checkpoints of version 2 (m2t 0.2) are read too: their float
+entropy weights were laid out differently and are rebuilt from the exact model, and the
+format-1 weights they carry (`legacy_entropy_model.*`) are ignored. Version 1 checkpoints
+have no exact model: m2t 0.2.0 converts them (`python -m pipeline.convert_exact`).
+
 Registry names resolve to `<name>.safetensors` in the directories of the environment
 variable M2T_MODEL_PATH (os.pathsep-separated), then in the package's `weights/` folder.
 """
@@ -21,13 +29,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .codec import M2TCodec
-from .transformer import EntropyTransformer
 from .config import ConfigError, ModelConfig
+from .model import M2TCodec
 
 CHECKPOINT_FORMAT = "m2t-checkpoint"
-CHECKPOINT_VERSION = "2"  # 2: may hold the exact entropy model (exact.*); 1 is still read
-READABLE_CHECKPOINT_VERSIONS = ("1", "2")
+CHECKPOINT_VERSION = "3"  # 3: entropy_model.* by network.layer_spec names; 2 is still read (see above)
+READABLE_CHECKPOINT_VERSIONS = ("1", "2", "3")
+IGNORED_V2_PREFIXES = ("entropy_model.", "legacy_entropy_model.")  # rebuilt from exact.* / format 1 only
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MODEL = "m2t-small-q3"
@@ -61,17 +69,17 @@ def search_dirs() -> list[Path]:
 def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = None,
                     info: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
                     float_entropy_model: bool = True) -> Path:
-    """Write model weights (float tensors cast to `dtype`; integer tensors as they are) and
-    its config to one safetensors file. With `float_entropy_model=False` (shipped models),
-    the float entropy weights are left out: loading rebuilds them from the exact model."""
+    """Write model weights (float tensors cast to `dtype`; integer tensors in the narrowest
+    integer type that holds them) and its config to one safetensors file. With
+    `float_entropy_model=False` (shipped models), the float entropy weights are left out:
+    loading rebuilds them from the exact model."""
     model_id = model_id or model.model_id
     if not MODEL_NAME_RE.match(model_id):
         raise ValueError(f"invalid model name {model_id!r}: letters, digits, '.', '_', '-' (max 64)")
     model.sync_exact()
-    skip = "entropy_model." if (model.exact is not None and not float_entropy_model) else None
     tensors = {
-        k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-        for k, v in model.state_dict().items() if skip is None or not k.startswith(skip)
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else _narrowest(v.detach().cpu())).contiguous()
+        for k, v in model.state_dict().items() if float_entropy_model or not k.startswith("entropy_model.")
     }
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -108,18 +116,31 @@ def read_metadata(path: str | Path) -> tuple[str, ModelConfig, dict[str, Any]]:
     return meta.get("model_id", path.stem), config, info
 
 
+def _narrowest(t: torch.Tensor) -> torch.Tensor:
+    """An integer tensor in the narrowest signed type that holds its values (loading casts
+    it back to the model's type: the values, and the weights hash, are unchanged)."""
+    lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return t.to(dtype)
+    return t.to(torch.int64)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2TCodec:
     path = Path(path)
     model_id, config, _ = read_metadata(path)
-    model = M2TCodec(config, model_id=model_id)
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
+        version = (f.metadata() or {}).get("format_version")
+    if not any(k.startswith("exact.") for k in keys):
+        raise CheckpointError(
+            f"{path}: a checkpoint of m2t before 0.2 (float entropy model only): it cannot code portable streams; "
+            "convert it with m2t 0.2.0 (python -m pipeline.convert_exact), then load the result")
+    if version != CHECKPOINT_VERSION:  # m2t 0.2: float entropy weights in the old layout, format-1 weights
+        keys = {k for k in keys if not k.startswith(IGNORED_V2_PREFIXES)}
+    model = M2TCodec(config, model_id=model_id)
     has_float = any(k.startswith("entropy_model.") for k in keys)
-    has_exact = any(k.startswith("exact.") for k in keys)
-    if any(k.startswith("legacy_entropy_model.") for k in keys):
-        model.legacy_entropy_model = EntropyTransformer(config)
-    if not has_exact:
-        model.exact = None  # a checkpoint from before format version 2: decodes version 1 only
     expected = {k: v for k, v in model.state_dict().items() if has_float or not k.startswith("entropy_model.")}
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
@@ -134,7 +155,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
                                       f"config expects {tuple(expected[k].shape)}")
             tensors[k] = t.to(expected[k].dtype)
     model.load_state_dict(tensors, strict=has_float)
-    if model.exact is not None and not has_float:
+    if not has_float:
         model.exact.load_into(model.entropy_model)
     model.mark_exact_synced()
     return model.to(device).eval()
@@ -216,14 +237,11 @@ class UnknownStreamModelError(ModelNotFoundError, ModelMismatchError):
 
 
 def _header_matches(model: M2TCodec, header) -> bool:
-    check = getattr(model, "check_header", None)
-    if check is not None:
-        try:
-            check(header)
-            return True
-        except ModelMismatchError:
-            return False
-    return model.model_id == header.model_id and model.weights_hash() == header.weights_hash
+    try:
+        model.check_header(header)
+        return True
+    except ModelMismatchError:
+        return False
 
 
 def installed_checkpoints(name: str) -> list[Path]:

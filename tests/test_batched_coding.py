@@ -1,5 +1,5 @@
-"""Staged, batched coding (m2t_core/codec.py): the device stage (`plan_latents`, g_a/g_s on
-batches) apart from the coding stage (`code_plan`), batched decoding (`decode_latents`,
+"""Staged, batched coding: the encoder's device stage (`Encoder.plan`, g_a/g_s on batches)
+apart from its coding stage (`code_plan`), batched decoding (`Decoder.decode_latents`,
 `decompress_many`), and the frozen CPU transforms. The law: the exact entropy model's
 integers do not depend on what else is in a batch, so the bytes written for a latent, and
 the latent decoded from them, are the same whatever the batch; only float g_a/g_s may
@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from m2t_core import bitstream as bs
-from m2t_core import codec as codec_module
-from m2t_core.codec import code_plan
+from m2t_core import Decoder, Encoder, bitstream as bs, code_plan
+from m2t_core import model as model_module
 
 from _models import random_image, tiny_model
 
@@ -41,8 +40,8 @@ def model(request):
 @pytest.fixture(scope="module")
 def encoded(model):
     """One image at a time, as encode_image writes them (the reference)."""
-    with torch.inference_mode():
-        return [model.encode_image(rgb) for rgb in _images()]
+    encoder = Encoder(model)
+    return [encoder.encode_image(rgb) for rgb in _images()]
 
 
 def _corrupt_payload(data: bytes) -> bytes:
@@ -57,40 +56,39 @@ def _corrupt_payload(data: bytes) -> bytes:
 def test_plans_and_bytes_do_not_depend_on_the_batch(model, encoded):
     latents = [(e.y_hat.float(), e.height, e.width) for e in encoded]
     for windows_per_pass in (1, 3, 64, 1000):  # one chunk per pass ... every image in one pass
-        plans = model.plan_latents(latents, windows_per_pass=windows_per_pass)
+        plans = Encoder(model, windows_per_pass=windows_per_pass).plan(latents)
         assert [code_plan(p).bitstream for p in plans] == [e.bitstream for e in encoded], windows_per_pass
     # Coding on threads, in any order, writes the same bytes: a plan needs no model.
     with ThreadPoolExecutor(3) as pool:
         coded = list(pool.map(code_plan, reversed(plans)))[::-1]
     assert [c.bitstream for c in coded] == [e.bitstream for e in encoded]
-    # Format version 2 from the same plans: what encode_image writes for version 2.
-    assert code_plan(plans[1], 2).bitstream == model.encode_image(_images()[1], format_version=2).bitstream
-    # encode_images with its default (one image per g_a call on a CPU) is encode_image.
-    assert [e.bitstream for e in model.encode_images(_images())] == [e.bitstream for e in encoded]
+    # A stream of images with the device's default batch (one image per g_a call on a CPU)
+    # and coding threads is encode_image, image for image.
+    streamed = Encoder(model, coding_threads=2).encode(_images())
+    assert [e.bitstream for e in streamed] == [e.bitstream for e in encoded]
 
 
 @torch.inference_mode()
 def test_adaptive_order_plans_do_not_depend_on_the_batch():
     model = tiny_model("mt")
     images = _images(seed=7)[:3]
-    ref = [model.encode_image(rgb, adaptive_order=True).bitstream for rgb in images]
-    assert [e.bitstream for e in model.encode_images(images, adaptive_order=True)] == ref
-    for got, data in zip(model.decode_latents(ref, windows_per_pass=3), ref):
-        assert torch.equal(got[1], model.decode_latent(data)[1])
+    ref = [Encoder(model, adaptive_order=True).encode_image(rgb).bitstream for rgb in images]
+    batched = Encoder(model, adaptive_order=True, batch_images=3, windows_per_pass=1000).encode(images)
+    assert [e.bitstream for e in batched] == ref
+    for got, data in zip(Decoder(model, windows_per_pass=3).decode_latents(ref), ref):
+        assert torch.equal(got[1], Decoder(model).decode_latent(data)[1])
 
 
 @torch.inference_mode()
 def test_batched_decoding_gives_each_streams_latent(model, encoded):
     streams = [e.bitstream for e in encoded]
-    v2 = model.encode_image(_images()[0], format_version=2).bitstream  # decoded alone inside the batch
     for windows_per_pass in (1, 3, 64, 1000):
-        got = model.decode_latents(streams + [v2], windows_per_pass=windows_per_pass)
-        for (header, y_hat), e in zip(got, encoded):
+        got = Decoder(model, windows_per_pass=windows_per_pass).decode_latents(streams + streams[:1])
+        for (header, y_hat), e in zip(got, encoded + encoded[:1]):
             assert (header.height, header.width) == (e.height, e.width)
             assert torch.equal(y_hat.to(torch.int32), e.y_hat.to(torch.int32))
-        assert torch.equal(got[-1][1], encoded[0].y_hat.float())
     # decompress_many with g_s one image at a time is decompress, pixel for pixel.
-    for image, data in zip(model.decompress_many(streams, batch=1), streams):
+    for image, data in zip(Decoder(model, batch_images=1).decompress_many(streams), streams):
         assert np.array_equal(image, model.decompress(data))
 
 
@@ -99,12 +97,12 @@ def test_a_bad_stream_fails_alone(model, encoded):
     good = [e.bitstream for e in encoded]
     streams = [good[0], good[1][:-7], b"junk" * 20, _corrupt_payload(good[3]), good[2]]
     for windows_per_pass in (3, 1000):  # the corrupt stream shares passes with good ones
-        got = model.decode_latents(streams, windows_per_pass=windows_per_pass)
+        got = Decoder(model, windows_per_pass=windows_per_pass).decode_latents(streams)
         assert isinstance(got[1], bs.BitstreamError) and isinstance(got[2], bs.BitstreamError)
         assert isinstance(got[3], (bs.BitstreamError, bs.ChecksumMismatchError))
         assert torch.equal(got[0][1], encoded[0].y_hat.float())
         assert torch.equal(got[4][1], encoded[2].y_hat.float())
-    images = model.decompress_many(streams)
+    images = Decoder(model).decompress_many(streams)
     assert [isinstance(x, Exception) for x in images] == [False, True, True, True, False]
     assert np.array_equal(images[4], model.decompress(good[2]))
 
@@ -115,19 +113,19 @@ def test_batched_g_a_streams_decode_exactly():
     it gives is coded and decoded exactly."""
     model = tiny_model("m2t")
     images = [random_image(200, 300, seed=20 + i) for i in range(5)]
-    batched = model.encode_images(images, batch=4)
-    for e, (header, y_hat) in zip(batched, model.decode_latents([e.bitstream for e in batched])):
+    batched = list(Encoder(model, batch_images=4).encode(images))
+    for e, (header, y_hat) in zip(batched, Decoder(model).decode_latents([e.bitstream for e in batched])):
         assert torch.equal(y_hat, e.y_hat.float())
-    pixels = model.decompress_many([e.bitstream for e in batched], batch=4)
+    pixels = Decoder(model, batch_images=4).decompress_many([e.bitstream for e in batched])
     for e, rgb in zip(batched, pixels):  # batched g_s: the same function, up to float rounding
         assert np.abs(rgb.astype(int) - model.decompress(e.bitstream).astype(int)).max() <= 2
 
 
 def test_frozen_transforms_are_the_modules_and_follow_their_weights(monkeypatch):
-    monkeypatch.setattr(codec_module, "CPU_TRANSFORMS", "frozen")  # the default, even under M2T_EAGER_TRANSFORMS=1
+    monkeypatch.setattr(model_module, "CPU_TRANSFORMS", "frozen")  # the default, even under M2T_EAGER_TRANSFORMS=1
     with torch.inference_mode():  # a model made under inference mode holds inference tensors: works too
         frozen_copy = copy.deepcopy(tiny_model("m2t"))
-        data = frozen_copy.encode_image(random_image(64, 96)).bitstream
+        data = Encoder(frozen_copy).encode_image(random_image(64, 96)).bitstream
         assert np.array_equal(frozen_copy.decompress(data), tiny_model("m2t").decompress(data))
     model = copy.deepcopy(tiny_model("m2t"))
     with torch.inference_mode():

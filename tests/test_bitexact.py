@@ -5,7 +5,7 @@ bitstream is then decoded alone in a FRESH Python process that finds the model t
 M2T_MODEL_PATH (the registry path a user takes), with 1 and with 2 torch threads, and
 the images are encoded again in fresh 1-thread and 2-thread processes.
 
-What must agree bit for bit (format version 2): every decoded latent, in every process and
+What must agree bit for bit: every decoded latent, in every process and
 thread count (the entropy model is exact); bitstreams and decoded images wherever the float
 transforms run with the same thread count. With another thread count g_a and g_s may round
 differently: a re-encoded stream may then hold another latent (it still decodes, anywhere),
@@ -36,8 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import m2t_core.codec as codec_mod
-from m2t_core import entropy_coding as ec
+import m2t_core.encoder as encoder_mod
+from m2t_core import Decoder, Encoder, entropy_coding as ec
 from m2t_core.registry import load_checkpoint, save_checkpoint
 
 from _models import build_model, random_image, small_config, tiny_config, torch_threads
@@ -63,7 +63,7 @@ WORKER = textwrap.dedent("""
                 data = open(path, "rb").read()
                 header = m2t_core.read_header(data)
                 model = m2t_core.load_model(header.model_id)  # found via M2T_MODEL_PATH
-                _, y_hat = model.decode_latent(data)
+                _, y_hat = m2t_core.Decoder(model).decode_latent(data)
                 rgb = m2t_core.decompress(data)  # no model given: resolved from the header
                 np.save(f"{out_dir}/{stem}.latent.npy", y_hat.to(torch.int32).numpy())
                 np.save(f"{out_dir}/{stem}.rgb.npy", rgb)
@@ -114,17 +114,17 @@ def run(tmp_path_factory):
     # This process encodes with 1 thread (fresh processes below use 1 and 2), recording
     # the symbols coded at every step.
     with torch_threads(1), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(codec_mod, "SymbolEncoder", _CountingEncoder)
+        mp.setattr(encoder_mod, "SymbolEncoder", _CountingEncoder)
         steps, encoded = [], []
         for img in m2t_images:
             _CountingEncoder.calls = []
-            encoded.append(m2t_model.encode_image(img))
+            encoded.append(Encoder(m2t_model, reconstruct=True).encode_image(img))
             steps.append(list(_CountingEncoder.calls))
     with torch_threads(1):
         batch_streams = m2t_model.compress(m2t_images)  # the batch, compressed together
-        mt_encoded = [mt_model.encode_image(img) for img in mt_images]
-        recon = [m2t_model.reconstruct(e) for e in encoded]
-        mt_recon = [mt_model.reconstruct(e) for e in mt_encoded]
+        mt_encoded = [Encoder(mt_model, reconstruct=True).encode_image(img) for img in mt_images]
+        recon = [e.x_hat for e in encoded]
+        mt_recon = [e.x_hat for e in mt_encoded]
         inproc = []
         for e in encoded:
             try:
@@ -204,7 +204,7 @@ def test_every_group_size_codes_symbols(run):
     """Each image codes symbols at every step: all 12 group sizes of the schedule are used."""
     model = run["model"]
     S = model.cfg.num_steps
-    sizes = model.entropy_model.sched.sizes
+    sizes = model.layout.sched.sizes
     assert len(set(sizes)) == S  # 12 distinct group sizes
     windows = set()
     for (h, w), calls in zip(M2T_SIZES, run["steps"]):
@@ -239,8 +239,7 @@ def test_fresh_encoder_writes_identical_bitstreams(run, threads):
         assert got is not None, f"{names[i]}: the fresh encoder failed"
         if got != want:
             differ.append(names[i])
-            header, y = models[i].decode_latent(got)  # raises if the stream were not self-consistent
-            assert header.portable
+            Decoder(models[i]).decode_latent(got)  # raises if the stream were not self-consistent
     if threads == 1:
         assert not differ, f"a fresh 1-thread encoder wrote other bytes than this process for: {differ}"
     print(f"{threads} threads: {len(differ)} of {len(expected)} streams differ from the 1-thread ones "
@@ -267,7 +266,7 @@ def _check_decodes(run, kind, key, names, threads):
         # differently in the last bit: a level or two at a few pixels.
         limit = 0 if threads == 1 else 2
         if d.max() > limit:
-            problems.append(f"{name} {size}: decoded image != reconstruct(): {(d > 0).sum()} values "
+            problems.append(f"{name} {size}: decoded image != the encoder's reconstruction: {(d > 0).sum()} values "
                             f"differ (max {d.max()}, {threads} threads)")
     assert not problems, "; ".join(problems)
 
@@ -287,4 +286,4 @@ def test_in_process_decode_matches_encoder(run):
         if isinstance(out, Exception):
             raise AssertionError(f"m2t{i} {M2T_SIZES[i]}: {out!r}")
     bad = [f"m2t{i} {M2T_SIZES[i]}" for i, out in enumerate(run["inproc"]) if not np.array_equal(out, run["recon"][i])]
-    assert not bad, f"decompress() != reconstruct() for {bad}"
+    assert not bad, f"decompress() != the encoder's reconstruction for {bad}"

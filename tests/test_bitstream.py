@@ -26,49 +26,37 @@ import m2t_core
 from m2t_core import bitstream as bs
 from m2t_core.bitstream import (BitstreamError, ChecksumMismatchError, Header, ImageTooLargeError,
                                 ModelMismatchError, UnsupportedVersionError)
-from m2t_core.codec import M2TCodec, PartialStreamWarning
+from m2t_core import Decoder, Encoder, M2TCodec, PartialStreamWarning
+from m2t_core import coding
 
 from _models import build_model, random_image, tiny_config, tiny_model
 
 TIME_LIMIT = 1.0  # to reject a stream from its header or checksums
 DECODE_TIME_LIMIT = 30.0  # a stream that passes them is decoded in full: only a hang guard
-FIXED = struct.Struct("<8sIIIII")  # format versions 2 and 3: the header fields after the model id
-FIXED_V1 = struct.Struct("<8sIIBBHIII")
+FIXED = struct.Struct("<8sIIIII")  # the header fields after the model id, up to num_steps
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 def _layout(data: bytes) -> dict:
-    """Byte offsets of the header fields (docs/bitstream.md), by the stream's version."""
+    """Byte offsets of the header fields (docs/bitstream.md)."""
     id_len = data[6]
     fixed = 7 + id_len
-    if data[4] == 3:  # then num_steps (u8), num_chunks and the step table (varints)
-        pos, num_steps = fixed + 29, data[fixed + 28]
-        values = []
-        while len(values) < 1 + num_steps * (values[0] if values else 1) - 1:
-            end = pos
-            while data[end] & 0x80:
-                end += 1
-            values.append(sum((b & 0x7F) << (7 * i) for i, b in enumerate(data[pos:end + 1])))
-            pos = end + 1
-        return {
-            "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
-            "width": fixed + 12, "payload_len": fixed + 16, "latent_crc": fixed + 20,
-            "payload_crc": fixed + 24, "num_steps": fixed + 28, "table": fixed + 29,
-            "header_crc": pos, "payload": pos + 4,
-        }
-    if data[4] == 2:
-        return {
-            "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
-            "width": fixed + 12, "payload_len": fixed + 16, "latent_crc": fixed + 20,
-            "payload_crc": fixed + 24, "header_crc": fixed + 28, "payload": fixed + 32,
-        }
+    # After the fixed fields: num_steps (u8), num_chunks and the step table (varints).
+    pos, num_steps = fixed + 29, data[fixed + 28]
+    values = []
+    while len(values) < 1 + num_steps * (values[0] if values else 1) - 1:
+        end = pos
+        while data[end] & 0x80:
+            end += 1
+        values.append(sum((b & 0x7F) << (7 * i) for i, b in enumerate(data[pos:end + 1])))
+        pos = end + 1
     return {
         "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
-        "width": fixed + 12, "pad_bottom": fixed + 16, "pad_right": fixed + 17,
-        "window_batch": fixed + 18, "payload_len": fixed + 20, "latent_crc": fixed + 24,
-        "payload_crc": fixed + 28, "header_crc": fixed + 32, "payload": fixed + 36,
+        "width": fixed + 12, "payload_len": fixed + 16, "latent_crc": fixed + 20,
+        "payload_crc": fixed + 24, "num_steps": fixed + 28, "table": fixed + 29,
+        "header_crc": pos, "payload": pos + 4,
     }
 
 
@@ -106,22 +94,14 @@ def model() -> M2TCodec:
 @pytest.fixture(scope="module")
 def encoded(model):
     """A small image coded by the tiny model (2 x 1 windows); decoding is warmed up once."""
-    enc = model.encode_image(random_image(140, 61, seed=8))
-    assert np.array_equal(model.decompress(enc.bitstream), model.reconstruct(enc))
+    enc = Encoder(model, reconstruct=True).encode_image(random_image(140, 61, seed=8))
+    assert np.array_equal(model.decompress(enc.bitstream), enc.x_hat)
     return enc
 
 
 @pytest.fixture(scope="module")
 def stream(encoded) -> bytes:
     return encoded.bitstream
-
-
-@pytest.fixture(scope="module")
-def encoded_v1(model):
-    """The same image as a legacy format-1 stream."""
-    enc = model.encode_image(random_image(140, 61, seed=8), format_version=1)
-    assert np.array_equal(model.decompress(enc.bitstream), model.reconstruct(enc))
-    return enc
 
 
 def _header_len(data: bytes) -> int:
@@ -137,7 +117,7 @@ def test_header_layout_matches_spec(stream, model):
     assert stream[4] == bs.FORMAT_VERSION == 3
     assert stream[7:7 + stream[6]] == model.model_id.encode()
     h = bs.read_header(stream)
-    assert h.portable and h.progressive and h.window_batch == 0
+    assert h.version == 3 and h.flags == 0
     # The step table: S steps x 1 chunk (2 windows), the last piece implied by payload_len.
     assert stream[lay["num_steps"]] == h.num_steps == model.cfg.num_steps and h.num_chunks == 1
     assert stream[lay["table"]] == 1 and _header_len(stream) == h.size
@@ -149,34 +129,16 @@ def test_header_layout_matches_spec(stream, model):
     assert len(stream) == _header_len(stream) + h.payload_len
     assert h.payload_crc == zlib.crc32(stream[_header_len(stream):])
     # The latent CRC covers the image size and the latent shape.
-    from m2t_core.codec import latent_checksum_v2
-
-    y = model.decode_latent(stream)[1].to(torch.int32)
-    assert h.latent_crc == latent_checksum_v2(y, h.height, h.width) != latent_checksum_v2(y, h.height - 1, h.width)
-
-
-def test_v1_header_layout(encoded_v1, model):
-    stream = encoded_v1.bitstream
-    lay = _layout(stream)
-    h = bs.read_header(stream)
-    assert stream[4] == 1 and not h.portable and h.window_batch >= 1
-    assert stream[lay["hash"]:lay["hash"] + 8] == model.weights_hash(1) == h.weights_hash
-    assert FIXED_V1.unpack_from(stream, lay["hash"])[1:] == (
-        h.height, h.width, *h.padding, h.window_batch, h.payload_len, h.latent_crc, h.payload_crc)
+    y = Decoder(model).decode_latent(stream)[1].to(torch.int32)
+    assert h.latent_crc == coding.latent_checksum(y, h.height, h.width) != coding.latent_checksum(y, h.height - 1, h.width)
 
 
 @pytest.mark.parametrize("kw", [
-    dict(model_id="m", height=1, width=1, window_batch=0, flags=0, step_pieces=((40,),)),
-    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=0, flags=bs.FLAG_CUDA,
+    dict(model_id="m", height=1, width=1, flags=0, step_pieces=((40,),)),
+    dict(model_id="m2t-small-q3", height=3000, width=4000, flags=bs.FLAG_CUDA,
          step_pieces=((0, 4, 8), (4, 0, 0), (0, 0, 24))),
-    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=0,
+    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17,
          flags=bs.FLAG_ADAPTIVE_ORDER, step_pieces=tuple((4,) * 5 for _ in range(2))),
-    dict(model_id="m", height=1, width=1, window_batch=0, flags=0, version=2),
-    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=0, flags=bs.FLAG_CUDA, version=2),
-    dict(model_id="m", height=1, width=1, window_batch=1, flags=0, version=1),
-    dict(model_id="m2t-small-q3", height=3000, width=4000, window_batch=8, flags=bs.FLAG_CUDA, version=1),
-    dict(model_id="x" * bs.MAX_MODEL_ID_LEN, height=bs.MAX_SIDE, width=17, window_batch=bs.MAX_WINDOW_BATCH,
-         version=1, flags=bs.FLAG_UNCACHED),
 ])
 def test_header_roundtrip(kw):
     payload = bytes(range(40))
@@ -194,24 +156,25 @@ def test_header_roundtrip(kw):
 
 
 @pytest.mark.parametrize("bad", [dict(model_id=""), dict(model_id="x" * 65), dict(model_id="modèle"),
-                                 dict(weights_hash=b"1234567")])
+                                 dict(weights_hash=b"1234567"), dict(version=2), dict(flags=2),
+                                 dict(step_pieces=((4,),)), dict(step_pieces=())])
 def test_header_to_bytes_validates(bad):
-    kw = dict(model_id="m", weights_hash=b"12345678", height=5, width=5, window_batch=8,
-              payload_len=0, latent_crc=0, payload_crc=0)
+    kw = dict(model_id="m", weights_hash=b"12345678", height=5, width=5, payload_len=0, latent_crc=0,
+              payload_crc=0, step_pieces=((0,),))
     kw.update(bad)
     with pytest.raises(ValueError):
         Header(**kw).to_bytes()
 
 
 def test_pack_checks_payload_length():
-    header = Header(model_id="m", weights_hash=b"12345678", height=5, width=5, window_batch=8,
-                    payload_len=3, latent_crc=0, payload_crc=0)
+    header = Header(model_id="m", weights_hash=b"12345678", height=5, width=5, payload_len=3,
+                    latent_crc=0, payload_crc=0, step_pieces=((4,),))
     with pytest.raises(ValueError):
         bs.pack(header, b"abcd")
 
 
 def test_bytearray_and_memoryview_decode(model, stream, encoded):
-    rec = model.reconstruct(encoded)
+    rec = encoded.x_hat
     assert np.array_equal(model.decompress(bytearray(stream)), rec)
     assert np.array_equal(model.decompress(memoryview(stream)), rec)
 
@@ -256,7 +219,7 @@ def test_truncated_payload_with_consistent_header(model, stream, encoded):
         except BitstreamError:
             continue
         # Only acceptable if what was cut carried no information.
-        assert np.array_equal(out, model.reconstruct(encoded)), f"silently wrong image (kept {keep}/{n} bytes)"
+        assert np.array_equal(out, encoded.x_hat), f"silently wrong image (kept {keep}/{n} bytes)"
 
 
 def test_trailing_garbage(model, stream):
@@ -272,13 +235,16 @@ def test_wrong_magic(model, stream):
     _expect_error(model.decompress, b"\x89PNG\r\n\x1a\n" + bytes(64))
 
 
-@pytest.mark.parametrize("version", [0, 4, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
 def test_unknown_version(model, stream, version):
+    """Unknown versions are refused; the retired ones (1, 2) with the release that reads them."""
     bad = _patch(stream, "version", "<B", version)  # header CRC fixed: the version check fires
     assert zlib.crc32(bad[:_layout(bad)["header_crc"]]) == struct.unpack_from("<I", bad, _layout(bad)["header_crc"])[0]
-    _expect_error(model.decompress, bad, UnsupportedVersionError)
+    err = _expect_error(model.decompress, bad, UnsupportedVersionError)
     _expect_error(bs.read_header, bad, UnsupportedVersionError)
     _expect_error(m2t_core.decompress, bad, UnsupportedVersionError)
+    retired = "m2t 0.2.0" in str(err) and "re-encode" in str(err)
+    assert retired == (version in (1, 2)), str(err)
 
 
 def test_bit_flips_everywhere(model, stream):
@@ -318,7 +284,7 @@ def test_payload_corruption_behind_valid_crcs(model, stream, encoded):
         except BitstreamError:
             assert time.perf_counter() - t0 < DECODE_TIME_LIMIT
             continue
-        assert np.array_equal(out, model.reconstruct(encoded)), f"silently wrong image (byte {pos})"
+        assert np.array_equal(out, encoded.x_hat), f"silently wrong image (byte {pos})"
 
 
 def test_consistent_but_wrong_header_fields(model, stream, encoded):
@@ -332,7 +298,7 @@ def test_consistent_but_wrong_header_fields(model, stream, encoded):
         "height+1": (_patch(stream, "height", "<I", h.height + 1), ChecksumMismatchError),
         "width-1": (_patch(stream, "width", "<I", h.width - 1), ChecksumMismatchError),
         "width+1": (_patch(stream, "width", "<I", h.width + 1), ChecksumMismatchError),
-        "flags=2": (_patch(stream, "flags", "<B", bs.FLAG_UNCACHED), BitstreamError),
+        "flags=2": (_patch(stream, "flags", "<B", 2), BitstreamError),
         "height=0": (_patch(stream, "height", "<I", 0), BitstreamError),
         "width=0": (_patch(stream, "width", "<I", 0), BitstreamError),
         "width>max": (_patch(stream, "width", "<I", bs.MAX_SIDE + 1), BitstreamError),
@@ -352,23 +318,6 @@ def test_consistent_but_wrong_header_fields(model, stream, encoded):
         assert isinstance(err, exc), name
 
 
-def test_v1_consistent_but_wrong_header_fields(model, encoded_v1):
-    """Format version 1's own fields (window batch, padding)."""
-    stream = encoded_v1.bitstream
-    h = bs.read_header(stream)
-    for bad in (_patch(stream, "window_batch", "<H", 0), _patch(stream, "window_batch", "<H", bs.MAX_WINDOW_BATCH + 1),
-                _patch(stream, "pad_bottom", "<B", (h.padding[0] + 1) % 16)):
-        _expect_error(model.decompress, bad, BitstreamError)
-    # Another chunking of the windows than the encoder used: either decoded exactly as
-    # written or rejected, never a different image.
-    for wb in (1, 3, 1024):
-        try:
-            out = model.decompress(_patch(stream, "window_batch", "<H", wb))
-        except BitstreamError:
-            continue
-        assert np.array_equal(out, model.reconstruct(encoded_v1)), f"window_batch={wb}: silently wrong image"
-
-
 def test_tiny_stream_cannot_declare_a_huge_image(model, stream, monkeypatch):
     """A few dozen bytes declaring 65535 x 976 (within max_pixels): refused before any model
     work, since the payload cannot hold that many windows (>= 4 bytes each)."""
@@ -376,7 +325,7 @@ def test_tiny_stream_cannot_declare_a_huge_image(model, stream, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("the decoder ran the model on a stream too short for its size")
 
-    monkeypatch.setattr(M2TCodec, "_run_steps", no_decoding)
+    monkeypatch.setattr(coding, "run_steps", no_decoding)
     bad = bytearray(stream)
     struct.pack_into("<II", bad, _layout(stream)["height"], 976, 65535)
     bad = _fix_crcs(bytes(bad))
@@ -390,7 +339,7 @@ def test_huge_declared_size(model, stream, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("the decoder started decoding an image it should have refused")
 
-    monkeypatch.setattr(M2TCodec, "_run_steps", no_decoding)
+    monkeypatch.setattr(coding, "run_steps", no_decoding)
     bad = bytearray(stream)
     lay = _layout(stream)
     struct.pack_into("<II", bad, lay["height"], bs.MAX_SIDE, bs.MAX_SIDE)
@@ -419,7 +368,7 @@ def test_weights_hash_tracks_weight_changes():
     a = build_model(tiny_config("m2t"), seed=0)
     h0 = a.weights_hash()
     with torch.no_grad():
-        a.entropy_model.head.bias[0] += 1.0
+        a.entropy_model.linears["head"].bias[0] += 1.0
     assert a.weights_hash() != h0
     b = build_model(tiny_config("m2t"), seed=5)
     a.load_state_dict(b.state_dict())
@@ -441,7 +390,7 @@ def test_weights_hash_is_never_stale(change):
     a = build_model(tiny_config("m2t"), seed=0)
     before = a.weights_hash()
     if change == "data_edit":
-        a.entropy_model.head.bias.data[0] += 1.0
+        a.entropy_model.linears["head"].bias.data[0] += 1.0
     else:
         a.half()
         a.float()
@@ -452,87 +401,21 @@ def test_weights_hash_is_never_stale(change):
 # ----------------------------------------------------------------------------- decoder numerics
 
 
-def _next_float_up(t: torch.Tensor) -> torch.Tensor:
-    return torch.nextafter(t, torch.full_like(t, float("inf")))
-
-
-def _ulp_twin(model: M2TCodec, name: str, index: int, monkeypatch) -> M2TCodec:
-    """Same config, model_id and (faked) weights hash; one parameter one float32 ulp up."""
-    twin = M2TCodec(model.cfg, model_id=model.model_id)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    flat = state[name].view(-1)
-    flat[index] = _next_float_up(flat[index])
-    assert not torch.equal(state[name], model.state_dict()[name])
-    twin.load_state_dict(state)
-    twin.eval()
-    true_hash = {v: model.weights_hash(v) for v in (1, 2)}
-    assert twin.weights_hash(1) != true_hash[1]
-    monkeypatch.setattr(twin, "weights_hash", lambda version=None: true_hash[version or 2])
-    return twin
-
-
-def test_one_ulp_decoder_mismatch_is_caught(monkeypatch):
-    """The encoder's model has one mixture mean sitting exactly on a snapping boundary
-    (mean * MEAN_STEPS = 0.5); the decoder's copy differs by one ulp in that bias, so its
-    snapped parameters (and so its probability tables) differ. The decoder must raise, not
-    return a wrong image."""
-    from m2t_core.entropy_coding import MEAN_STEPS
-
-    enc_model = build_model(tiny_config("m2t"), seed=0)
-    cfg = enc_model.cfg
-    K, C = cfg.n_mixtures, cfg.C
-    # head output layout: (C, 3, K) -> means of channel c, component k at c*3K + k.
-    row = 0 * 3 * K + 0
-    with torch.no_grad():
-        enc_model.entropy_model.head.weight[row].zero_()
-        enc_model.entropy_model.head.bias[row] = 0.5 / MEAN_STEPS  # exact in float32
-    img = random_image(140, 140, seed=2)
-    encoded = enc_model.encode_image(img, format_version=1)  # the float entropy model's format
-    assert np.array_equal(enc_model.decompress(encoded.bitstream), enc_model.reconstruct(encoded))
-    twin = _ulp_twin(enc_model, "entropy_model.head.bias", row, monkeypatch)
-    t0 = time.perf_counter()
-    try:
-        out = twin.decompress(encoded.bitstream)
-    except BitstreamError as exc:
-        assert isinstance(exc, (ChecksumMismatchError, BitstreamError))
-        assert time.perf_counter() - t0 < DECODE_TIME_LIMIT
-        return
-    same = np.array_equal(out, enc_model.reconstruct(encoded))
-    pytest.fail(f"decoder with mismatched numerics returned an image silently (equal to the encoder's: {same})")
-
-
-@pytest.mark.parametrize("name,index", [
-    ("entropy_model.pos_target", 0), ("entropy_model.blocks.0.attn.qkv.weight", 7),
-    ("entropy_model.embed.weight", 3), ("entropy_model.head.weight", 11),
-])
-def test_one_ulp_decoder_never_returns_a_wrong_image(name, index, model, encoded_v1, monkeypatch):
-    """Format 1, a natural one-ulp difference: usually absorbed by the snapping; if not, it
-    must raise."""
-    twin = _ulp_twin(model, name, index, monkeypatch)
-    try:
-        out = twin.decompress(encoded_v1.bitstream)
-    except BitstreamError:
-        return
-    _, y = twin.decode_latent(encoded_v1.bitstream)
-    assert torch.equal(y.to(torch.int32), encoded_v1.y_hat)
-    assert np.array_equal(out, model.reconstruct(encoded_v1))
-
-
 @pytest.mark.parametrize("layer,row", [("head", 0), ("head", 5), ("b0_qkv", 3), ("embed", 1)])
 def test_one_unit_integer_mismatch_never_returns_a_wrong_image(layer, row, model, encoded, monkeypatch):
-    """Format 2: a decoder whose integer model differs by one unit in one bias (its hash
-    faked to match) either decodes the very same latent or raises."""
+    """A decoder whose integer model differs by one unit in one bias (its hash faked to
+    match) either decodes the very same latent or raises: never a wrong image."""
     twin = M2TCodec(model.cfg, model_id=model.model_id)
     twin.load_state_dict(model.state_dict())
     twin.mark_exact_synced()
     twin.eval()
     twin.exact.linears[layer].bias[row] += 1
-    true_hash = model.weights_hash(2)
-    monkeypatch.setattr(twin, "weights_hash", lambda version=None: true_hash)
+    true_hash = model.weights_hash()
+    monkeypatch.setattr(twin, "weights_hash", lambda: true_hash)
     try:
         out = twin.decompress(encoded.bitstream)
     except BitstreamError:
         return
-    _, y = twin.decode_latent(encoded.bitstream)
+    _, y = Decoder(twin).decode_latent(encoded.bitstream)
     assert torch.equal(y.to(torch.int32), encoded.y_hat)
-    assert np.array_equal(out, model.reconstruct(encoded))
+    assert np.array_equal(out, encoded.x_hat)

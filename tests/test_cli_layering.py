@@ -62,7 +62,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_importing_the_codec_loads_no_pipeline_module():
-    out = _run("import m2t_core, m2t_core.cli, m2t_core.codec; import sys; "
+    out = _run("import m2t_core, m2t_core.cli, m2t_core.encoder, m2t_core.decoder; import sys; "
                "bad = [m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.')]; "
                "assert not bad, bad")
     assert out.returncode == 0, out.stderr[-2000:]

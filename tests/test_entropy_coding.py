@@ -1,4 +1,4 @@
-"""Entropy coding of latent symbols: snapping, range coding round trips, code length."""
+"""Entropy coding of latent symbols: integer parameters, range coding round trips, code length."""
 
 from __future__ import annotations
 
@@ -18,36 +18,25 @@ import torch
 
 from m2t_core import entropy_coding as ec
 from m2t_core.entropy_coding import (MAX_ABS_SYMBOL, SnappedParams, SymbolDecoder, SymbolEncoder,
-                                     estimate_bits, snap_params)
+                                     estimate_bits, snap_integer)
 
-# Pinned: a platform whose numpy/torch builds different integer tables writes bitstreams
-# no other platform can read. Change only together with a bitstream format version bump.
-TABLES_CHECKSUM_V1 = "959df644618bf1e3"  # float64 libm tables of format version 1 (this machine kind)
-TABLES_CHECKSUM_V2 = "dcad8e90b1065e84"  # integer-only tables of format version 2 (every machine)
+# Pinned: a platform that builds different integer tables writes bitstreams no other
+# platform can read. Change only together with a bitstream format version bump.
+TABLES_CHECKSUM = "dcad8e90b1065e84"  # integer-only tables (since format version 2; every machine)
 
 
 def test_tables_checksum_is_pinned():
-    """Version 2's tables come from integer-only code: the same digest on every machine."""
-    assert ec.tables_checksum(2) == TABLES_CHECKSUM_V2
-
-
-def test_v1_tables_are_the_legacy_ones():
-    """Version 1's tables (np.exp / ndtr at import) are what version-1 streams were coded
-    with; they differ from version 2 in a few rounding cases only."""
-    t1, t2 = ec.tables(1), ec.tables(2)
-    assert ec.tables_checksum(1) == TABLES_CHECKSUM_V1
-    assert np.abs(t1.cdf - t2.cdf).max() <= 1 and (t1.cdf != t2.cdf).mean() < 1e-3
-    assert (t1.weight == t2.weight).all() and (t1.support_radius == t2.support_radius).all()
+    """The tables come from integer-only code: the same digest on every machine."""
+    assert ec.tables_checksum() == TABLES_CHECKSUM
 
 
 def test_tables_are_sane():
-    t = ec.tables(1)
+    t = ec.tables()
     assert t.cdf.dtype == np.int64 and t.cdf.shape == (ec.SCALE_LEVELS, 2 * t.half_width + 1)
     assert (np.diff(t.cdf, axis=1) >= 0).all()  # CDFs are monotone
     assert (t.cdf[:, 0] == 0).all() and (t.cdf[:, -1] == 1 << ec.CDF_BITS).all()
     assert t.weight[0] == 1 << ec.WEIGHT_BITS and (np.diff(t.weight) <= 0).all()
-    assert t.log_scale_thresholds.dtype == torch.float32
-    assert (np.diff(t.log_scale_thresholds.numpy()) > 0).all()
+    assert (np.diff(t.support_radius) >= 0).all()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -58,6 +47,16 @@ def _random_params(rng, n, K=3, mean_sd=4.0, log_scale=(-3.0, 4.5), logit_sd=2.0
     log_scales = torch.from_numpy(rng.uniform(*log_scale, (n, K)).astype(np.float32))
     logits = torch.from_numpy(rng.normal(0, logit_sd, (n, K)).astype(np.float32))
     return means, log_scales, logits
+
+
+def _integer(means, log_scales, logits) -> SnappedParams:
+    """Mixture parameters in natural units -> the coder's integer parameters (the units the
+    exact entropy model outputs: mean in 1/64, scale level, logit in 1/8), via snap_integer."""
+    clean = lambda x: torch.nan_to_num(x.double(), nan=0.0, posinf=1e30, neginf=-1e30)  # noqa: E731
+    mean_q = torch.round(clean(means).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL) * ec.MEAN_STEPS)
+    level = torch.round((clean(log_scales) - ec.LOG_SCALE_MIN) / ec.LOG_SCALE_STEP).clamp(0, ec.SCALE_LEVELS - 1)
+    logit_q = torch.round(clean(logits).clamp(-4096, 4096) * ec.LOGIT_STEPS)
+    return snap_integer(*(x.to(torch.int64) for x in (mean_q, level, logit_q)))
 
 
 def _sample(rng, means, log_scales, logits):
@@ -100,7 +99,7 @@ def test_roundtrip_random_params(seed, K):
         # A few values far outside every support: they must escape and come back exactly.
         far = rng.choice(n, size=max(1, n // 50), replace=False)
         vals[far] = rng.integers(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL + 1, size=far.size)
-        chunks.append((vals, snap_params(m, ls, lg)))
+        chunks.append((vals, _integer(m, ls, lg)))
     _roundtrip(chunks)
 
 
@@ -117,7 +116,7 @@ def test_roundtrip_extreme_params():
     m = torch.from_numpy(rng.choice(mean_choices, (n, K)))
     ls = torch.from_numpy(rng.choice(ls_choices, (n, K)))
     lg = torch.from_numpy(rng.choice(lg_choices, (n, K)))
-    params = snap_params(m, ls, lg)
+    params = _integer(m, ls, lg)
     for a in (params.mean_q, params.level, params.weight):
         assert a.dtype == np.int64 and a.shape == (n, K)
     assert np.abs(params.mean_q).max() <= MAX_ABS_SYMBOL * ec.MEAN_STEPS
@@ -133,22 +132,22 @@ def test_extreme_values_escape_and_come_back():
     n = 64
     zeros = torch.zeros(n, 3)
     tight = torch.full((n, 3), -10.0)  # smallest scale: support of a few integers
-    params = snap_params(zeros, tight, zeros)
+    params = _integer(zeros, tight, zeros)
     vals = np.array([MAX_ABS_SYMBOL, -MAX_ABS_SYMBOL] * (n // 2), dtype=np.int64)
     data = _roundtrip([(vals, params)])
     # Each escaped value costs its escape bin plus an Elias-gamma code of ~15 bits.
     assert 8 * len(data) > n * 15
     # Means pinned at one extreme, values at the other: the longest possible escape.
-    far = snap_params(torch.full((n, 3), float(MAX_ABS_SYMBOL)), tight, zeros)
+    far = _integer(torch.full((n, 3), float(MAX_ABS_SYMBOL)), tight, zeros)
     _roundtrip([(-vals, far), (vals, far)])
 
 
 def test_empty_arrays():
-    empty = snap_params(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3))
+    empty = _integer(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3))
     assert len(empty) == 0
     enc = SymbolEncoder()
     enc.encode(np.zeros(0, dtype=np.int64), empty)
-    one = snap_params(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3))
+    one = _integer(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3))
     enc.encode(np.array([2]), one)
     enc.encode(np.zeros(0, dtype=np.int64), empty)
     dec = SymbolDecoder(enc.finish())
@@ -162,14 +161,14 @@ def test_empty_arrays():
 
 
 def test_values_beyond_max_abs_symbol_raise():
-    params = snap_params(torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3, 3))
+    params = _integer(torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3, 3))
     for bad in (MAX_ABS_SYMBOL + 1, -MAX_ABS_SYMBOL - 1, 2**40):
         with pytest.raises(ValueError):
             SymbolEncoder().encode(np.array([0, bad, 0], dtype=np.int64), params)
 
 
 def test_wrong_symbol_count_raises():
-    params = snap_params(torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3, 3))
+    params = _integer(torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3, 3))
     with pytest.raises(ValueError):
         SymbolEncoder().encode(np.zeros(4, dtype=np.int64), params)
     with pytest.raises(ValueError):
@@ -198,7 +197,7 @@ def _code_length_bits(values, params):
 def test_code_length_matches_estimate(seed, mean_sd, log_scale):
     rng = np.random.default_rng(seed)
     m, ls, lg = _random_params(rng, 20000, 3, mean_sd, log_scale)
-    params = snap_params(m, ls, lg)
+    params = _integer(m, ls, lg)
     vals = _sample(rng, m, ls, lg)
     est = estimate_bits(vals, params)
     actual = _code_length_bits(vals, params)
@@ -213,7 +212,7 @@ def test_code_length_matches_estimate_with_escapes():
     rng = np.random.default_rng(5)
     n = 20000
     m, ls, lg = _random_params(rng, n, 3)
-    params = snap_params(m, ls, lg)
+    params = _integer(m, ls, lg)
     vals = _sample(rng, m, ls, lg)
     vals[::10] = rng.integers(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL + 1, size=vals[::10].size)
     est = estimate_bits(vals, params)
@@ -223,8 +222,8 @@ def test_code_length_matches_estimate_with_escapes():
 
 
 def test_estimate_matches_ideal_from_continuous_model():
-    """Sanity of the snapped model: close to the float mixture's own ideal code length."""
-    from m2t_core.transformer import MixtureParams, mixture_likelihood
+    """Sanity of the integer model: close to the float mixture's own ideal code length."""
+    from m2t_core.network import MixtureParams, mixture_likelihood
 
     rng = np.random.default_rng(3)
     m, ls, lg = _random_params(rng, 20000, 3, mean_sd=3.0, log_scale=(-1.0, 3.0))
@@ -232,11 +231,11 @@ def test_estimate_matches_ideal_from_continuous_model():
     lik = mixture_likelihood(torch.from_numpy(vals.astype(np.float32))[:, None],
                              MixtureParams(m[:, None], ls[:, None], lg[:, None]))
     ideal = float(-torch.log2(lik.double()).sum())
-    est = estimate_bits(vals, snap_params(m, ls, lg))
+    est = estimate_bits(vals, _integer(m, ls, lg))
     assert abs(est - ideal) <= 0.02 * ideal, (est, ideal)
 
 
-# ----------------------------------------------------------------------------- snapping
+# ----------------------------------------------------------------------------- integer parameters
 
 
 def _assert_snapped_equal(a: SnappedParams, b: SnappedParams):
@@ -245,55 +244,40 @@ def _assert_snapped_equal(a: SnappedParams, b: SnappedParams):
     np.testing.assert_array_equal(a.weight, b.weight)
 
 
-def test_snap_params_is_layout_invariant():
+def test_snap_integer_is_layout_invariant():
     rng = np.random.default_rng(7)
     n, K = 5000, 3
-    m, ls, lg = _random_params(rng, n, K, mean_sd=30.0, log_scale=(-4.0, 6.0), logit_sd=5.0)
-    # Values sitting exactly on rounding boundaries and bucket edges.
-    edges = ec.tables(1).log_scale_thresholds
-    m[:64, 0] = torch.arange(64, dtype=torch.float32) / 128.0 - 0.25  # k/128: half-way points
-    ls[:63, 1] = edges
-    lg[:64, 2] = torch.arange(64, dtype=torch.float32) / 16.0
-    ref = snap_params(m, ls, lg)
-
-    # Permuted rows -> permuted ints.
+    mean_q = torch.from_numpy(rng.integers(-3000, 3000, (n, K)))
+    level = torch.from_numpy(rng.integers(0, ec.SCALE_LEVELS, (n, K)))
+    logit_q = torch.from_numpy(rng.integers(-900, 900, (n, K)))
+    ref = snap_integer(mean_q, level, logit_q)
+    # Permuted rows -> permuted parameters.
     perm = torch.from_numpy(rng.permutation(n))
-    p = snap_params(m[perm], ls[perm], lg[perm])
-    _assert_snapped_equal(p, SnappedParams(ref.mean_q[perm], ref.level[perm], ref.weight[perm]))
-
-    # Computed in pieces (as the codec does, step by step) -> same ints.
-    pieces = [snap_params(m[a:a + 777], ls[a:a + 777], lg[a:a + 777]) for a in range(0, n, 777)]
+    _assert_snapped_equal(snap_integer(mean_q[perm], level[perm], logit_q[perm]),
+                          SnappedParams(ref.mean_q[perm], ref.level[perm], ref.weight[perm]))
+    # Computed in pieces (as the codec does, step by step) -> the same.
+    pieces = [snap_integer(mean_q[a:a + 777], level[a:a + 777], logit_q[a:a + 777]) for a in range(0, n, 777)]
     _assert_snapped_equal(SnappedParams(*(np.concatenate([getattr(q, f) for q in pieces])
                                           for f in ("mean_q", "level", "weight"))), ref)
-
-    # Non-contiguous views of a bigger (B, T, C, K) tensor (the transformer's output layout).
-    big = torch.zeros(3, K, n, 2)
-    big[1, :, :, 1] = m.T
+    # Non-contiguous views of a bigger (B, T, C, K) tensor (the network's output layout).
+    big = torch.zeros(3, K, n, 2, dtype=torch.int64)
+    big[1, :, :, 1] = mean_q.T
     view = big[1, :, :, 1].T  # (n, K), strided
     assert not view.is_contiguous()
-    _assert_snapped_equal(snap_params(view, ls.T.contiguous().T, lg), ref)
-
-    # Component order: permuting the K components permutes the snapped components.
+    _assert_snapped_equal(snap_integer(view, level.T.contiguous().T, logit_q), ref)
+    # Component order: permuting the K components permutes them in the result.
     kperm = [2, 0, 1]
-    p = snap_params(m[:, kperm], ls[:, kperm], lg[:, kperm])
-    _assert_snapped_equal(p, SnappedParams(ref.mean_q[:, kperm], ref.level[:, kperm], ref.weight[:, kperm]))
-
-    # float64 inputs holding the same float32 values -> the same ints.
-    _assert_snapped_equal(snap_params(m.double(), ls.double(), lg.double()), ref)
-
-    # Same values inside a batch with other rows, or alone: the same ints.
-    for i in (0, 1, 63, 4999):
-        one = snap_params(m[i:i + 1], ls[i:i + 1], lg[i:i + 1])
-        _assert_snapped_equal(one, SnappedParams(ref.mean_q[i:i + 1], ref.level[i:i + 1], ref.weight[i:i + 1]))
+    _assert_snapped_equal(snap_integer(mean_q[:, kperm], level[:, kperm], logit_q[:, kperm]),
+                          SnappedParams(ref.mean_q[:, kperm], ref.level[:, kperm], ref.weight[:, kperm]))
 
 
-def test_snap_params_exact_values():
-    m = torch.tensor([[0.0, 1.0, -2.5], [1 / 128, 3 / 128, 100.0]])
-    ls = torch.tensor([[ec.LOG_SCALE_MIN, ec.LOG_SCALE_MAX, -100.0], [100.0, 0.0, ec.LOG_SCALE_MIN]])
-    lg = torch.tensor([[0.0, 0.0, -100.0], [1.0, 0.0, 0.125]])
-    p = snap_params(m, ls, lg)
-    assert p.mean_q.tolist() == [[0, 64, -160], [0, 2, 6400]]  # round half to even: 0.5 -> 0, 1.5 -> 2
-    assert p.level.tolist()[0] == [0, ec.SCALE_LEVELS - 1, 0]
-    assert p.level.tolist()[1][0] == ec.SCALE_LEVELS - 1 and p.level.tolist()[1][2] == 0
+def test_snap_integer_weights_from_logit_gaps():
+    mean_q = torch.tensor([[0, 64, -160], [0, 2, 6400]])
+    level = torch.tensor([[0, ec.SCALE_LEVELS - 1, 0], [ec.SCALE_LEVELS - 1, 5, 0]])
+    logit_q = torch.tensor([[0, 0, -800], [8, 0, 1]])
+    p = snap_integer(mean_q, level, logit_q)
+    assert p.mean_q.tolist() == mean_q.tolist() and p.level.tolist() == level.tolist()
+    # The top logit weighs 2^WEIGHT_BITS; a gap of g (in 1/8) weighs round(256 exp(-g/8));
+    # gaps beyond MAX_LOGIT_GAP weigh nothing.
     assert p.weight.tolist()[0] == [256, 256, 0]
     assert p.weight.tolist()[1] == [256, int(round(256 * math.exp(-1))), int(round(256 * math.exp(-7 / 8)))]

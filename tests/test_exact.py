@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from m2t_core import entropy_coding as ec
 from m2t_core import exact as X
 from m2t_core import intmath
+from m2t_core import network as N
 from m2t_core.registry import PACKAGE_WEIGHTS, load_checkpoint
 
 from _models import build_model, small_config, tiny_config, torch_threads
@@ -55,11 +57,11 @@ def _windows(model, n: int, seed: int) -> torch.Tensor:
 def _all_steps(model, tokens: torch.Tensor, use_cache: bool = True) -> list[X.IntParams]:
     """The decoder's loop: parameters of every step for windows `tokens` (B, L, C)."""
     ops = X.CodingOps(model.exact)
-    state = X.ExactDecodeState()
+    state = N.DecodeState()
     known = torch.zeros_like(tokens)
     out = []
-    for group in model.entropy_model.sched.groups:
-        out.append(X.step(ops, known, state, use_cache))
+    for group in model.layout.sched.groups:
+        out.append(N.step(ops, known, state, use_cache))
         g = torch.as_tensor(group)
         known[:, g] = tokens[:, g]
     return out
@@ -89,8 +91,8 @@ def test_parameters_do_not_depend_on_batching_threads_or_cache(name):
     if model.cfg.mode == "m2t":
         with torch_threads(2):
             uncached = _all_steps(model, target, use_cache=False)
-            teacher = X.m2t_teacher_forced(X.CodingOps(model.exact), target)
-        for i, group in enumerate(model.entropy_model.sched.groups):
+            teacher = N.m2t_teacher_forced(X.CodingOps(model.exact), target)
+        for i, group in enumerate(model.layout.sched.groups):
             _assert_same(alone[i], uncached[i], f"{name} step {i}, without cache")
             _assert_same(alone[i], teacher.index((slice(None), torch.as_tensor(group))),
                          f"{name} step {i}, teacher-forced pass")
@@ -161,15 +163,16 @@ def test_quantisation_aware_forward_matches_the_integer_path(name):
     tokens = _windows(model, 4, seed=9)
     masked = torch.rand(tokens.shape[:2], generator=torch.Generator().manual_seed(0)) < 0.5
     ints = X.IntOps(model.exact)
-    fq = X.FloatOps(model.exact, model.entropy_model, quant=True)
+    fq = N.FloatOps(model.entropy_model, model.cfg, model.layout, model.exact, quant=True)
     with torch.no_grad():
         if model.cfg.mode == "m2t":
-            a, (m, ls, lg) = X.m2t_teacher_forced(ints, tokens), X.m2t_teacher_forced(fq, tokens.float())
+            a, p = N.m2t_teacher_forced(ints, tokens), N.m2t_teacher_forced(fq, tokens.float())
         else:
-            a, (m, ls, lg) = X.mt_forward(ints, tokens, masked), X.mt_forward(fq, tokens.float(), masked)
+            a, p = N.mt_forward(ints, tokens, masked), N.mt_forward(fq, tokens.float(), masked)
+    m, ls, lg = p.means, p.log_scales, p.logits
     mean_units = (m * 64 - a.mean_q).abs()
     assert float(mean_units.max()) <= 3 and float(mean_units.mean()) < 0.5
-    level = torch.round((ls - X.LOG_SCALE_MIN) / X.LOG_SCALE_STEP)
+    level = torch.round((ls - ec.LOG_SCALE_MIN) / ec.LOG_SCALE_STEP)
     assert float((level - a.level).abs().max()) <= 1 and float((level != a.level).float().mean()) < 0.05
     assert float((lg * 8 - a.logit_q).abs().mean()) < 0.5
 
@@ -185,31 +188,48 @@ def test_export_is_stable_and_load_into_round_trips():
         assert torch.equal(v, before[k]), k
 
 
-def test_quantisation_aware_training_lowers_the_rate():
-    """A few steps of QAT on fixed latents lower their rate under the exact grid."""
-    from pipeline.training.convert_exact import rate_bits
+def _qat_bits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Bits of M2T windows `tokens` (B, L, C) under the network on the exact grid (QAT)."""
+    ops = N.FloatOps(model.entropy_model, model.cfg, model.layout, model.exact, quant=True)
+    return -torch.log2(N.mixture_likelihood(tokens, N.m2t_teacher_forced(ops, tokens))).sum()
 
+
+def _coder_bits(model, tokens: torch.Tensor) -> float:
+    """What the range coder pays for `tokens` (B, L, C) over the decoder's steps, from the
+    exact model's integer parameters (entropy_coding.estimate_bits)."""
+    ops, state = X.CodingOps(model.exact), N.DecodeState()
+    known, total = torch.zeros_like(tokens, dtype=torch.int64), 0.0
+    for group in model.layout.sched.groups:
+        g = torch.as_tensor(group)
+        flat = N.step(ops, known, state).flat(torch.ones(tokens.shape[0], len(group), dtype=torch.bool))
+        total += ec.estimate_bits(tokens[:, g].to(torch.int64).reshape(-1).numpy(),
+                                  ec.snap_integer(flat.mean_q, flat.level, flat.logit_q))
+        known[:, g] = tokens[:, g].to(torch.int64)
+    return total
+
+
+def test_quantisation_aware_training_lowers_the_rate():
+    """A few steps of QAT on fixed latents lower their rate under the exact grid, and the
+    coder pays what the grid promises."""
     model = _model("tiny-m2t")
     tokens = _windows(model, 8, seed=4).float()
     model.calibrate_exact(tokens)
     with torch.no_grad():
-        before = float(rate_bits(model, tokens, quant=True))
+        before = float(_qat_bits(model, tokens))
     opt = torch.optim.Adam(model.entropy_model.parameters(), lr=1e-3)
     model.entropy_model.train()
     for _ in range(15):
-        loss = rate_bits(model, tokens, quant=True) / tokens.numel()
+        loss = _qat_bits(model, tokens) / tokens.numel()
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.entropy_model.eval()
     with torch.no_grad():
-        after = float(rate_bits(model, tokens, quant=True))
+        after = float(_qat_bits(model, tokens))
     assert after < 0.97 * before, (before, after)
     # The coder pays what the exact grid promises.
     model.sync_exact()
-    from pipeline.training.convert_exact import exact_bits
-
-    assert abs(exact_bits(model, tokens) / after - 1) < 0.02
+    assert abs(_coder_bits(model, tokens) / after - 1) < 0.02
 
 
 @pytest.mark.parametrize("name", ["tiny-m2t", "tiny-mt", "small-m2t"] + [n for n in _shipped() if n.endswith("q3") or n.startswith("mt")])
@@ -220,11 +240,11 @@ def test_float64_carrier_equals_the_int64_reference(name):
     tokens = _windows(model, 3, seed=21)
     masked = torch.rand(tokens.shape[:2], generator=torch.Generator().manual_seed(2)) < 0.4
     ref, fast = X.IntOps(model.exact), X.CodingOps(model.exact)
-    _assert_same(X.mt_forward(ref, tokens, masked), X.mt_forward(fast, tokens, masked), f"{name} MT pass")
+    _assert_same(N.mt_forward(ref, tokens, masked), N.mt_forward(fast, tokens, masked), f"{name} MT pass")
     if model.cfg.mode == "m2t":
-        _assert_same(X.m2t_teacher_forced(ref, tokens), X.m2t_teacher_forced(fast, tokens), f"{name} teacher-forced")
-    s_ref, s_fast = X.ExactDecodeState(), X.ExactDecodeState()
+        _assert_same(N.m2t_teacher_forced(ref, tokens), N.m2t_teacher_forced(fast, tokens), f"{name} teacher-forced")
+    s_ref, s_fast = N.DecodeState(), N.DecodeState()
     known = torch.zeros_like(tokens)
-    for i, group in enumerate(model.entropy_model.sched.groups):
-        _assert_same(X.step(ref, known, s_ref), X.step(fast, known, s_fast), f"{name} step {i}")
+    for i, group in enumerate(model.layout.sched.groups):
+        _assert_same(N.step(ref, known, s_ref), N.step(fast, known, s_fast), f"{name} step {i}")
         known[:, torch.as_tensor(group)] = tokens[:, torch.as_tensor(group)]

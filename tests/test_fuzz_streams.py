@@ -1,8 +1,8 @@
 """Deterministic stream fuzzing (issue 13): mutated committed streams either decode or raise a
 subclass of m2t_core.BitstreamError: never another exception, a crash, a hang or a blow-up.
 
-Every `tests/data/golden-*.m2t` (globbed: the format version and the set of streams change)
-is mutated with a fixed seed: bit flips, truncations, byte insertions and deletions anywhere,
+Every `tests/data/golden-v<FORMAT_VERSION>-*.m2t` (globbed: the set of streams changes; the
+retired versions' streams are refused as a whole, tests/test_golden.py) is mutated with a fixed seed: bit flips, truncations, byte insertions and deletions anywhere,
 header edits with the header CRC recomputed (so the edited field is what gets checked), and
 payload edits with the payload and header CRCs recomputed (so the entropy decoder itself sees
 garbage). Each mutant is decoded by `m2t_core.decompress` (the model found from the header)
@@ -201,7 +201,7 @@ def _reaches_decoding(data: bytes, max_pixels: int, writers: set) -> tuple[bool,
 def test_mutated_streams_decode_or_raise_bitstream_errors():
     from m2t_core import bitstream as bs
 
-    streams = {p.name: p.read_bytes() for p in sorted(DATA.glob("golden-*.m2t"))}
+    streams = {p.name: p.read_bytes() for p in sorted(DATA.glob(f"golden-v{bs.FORMAT_VERSION}-*.m2t"))}
     assert streams, f"no golden streams in {DATA}"
     headers = {n: bs.read_header(s) for n, s in streams.items()}
     max_pixels = 4 * max(h.height * h.width for h in headers.values())

@@ -1,4 +1,4 @@
-"""Progressive decoding (format version 3): a prefix of the stream decodes the first steps.
+"""Progressive decoding: a prefix of the stream decodes the first steps.
 
 * The coder level: a range coder's stream, cut where the encoder noted a step's end
   (`num_words()` + STEP_READ_AHEAD_WORDS), decodes exactly the symbols written before it,
@@ -26,7 +26,8 @@ import torch
 
 import m2t_core
 from m2t_core import bitstream as bs
-from m2t_core.codec import STEP_READ_AHEAD_WORDS, M2TCodec, PartialStreamWarning, pad_latent, to_windows
+from m2t_core import Decoder, Encoder, M2TCodec, PartialStreamWarning
+from m2t_core.coding import STEP_READ_AHEAD_WORDS, latent_windows
 from m2t_core.entropy_coding import SymbolDecoder, SymbolEncoder, mixture_mean_q, snap_integer
 from m2t_core.metrics import psnr as psnr_of
 from m2t_core.registry import PACKAGE_WEIGHTS
@@ -70,9 +71,9 @@ def test_a_cut_at_a_noted_step_end_decodes_the_steps_before_it(seed):
 def _true_steps(model: M2TCodec, y_prefix: torch.Tensor, y_true: torch.Tensor, k: int) -> None:
     """The tokens of steps 1..k of every window equal the true latent (fixed schedule)."""
     ww = model.cfg.window
-    got = to_windows(pad_latent(y_prefix[None].float(), ww), ww)
-    want = to_windows(pad_latent(y_true[None].float(), ww), ww)
-    positions = [p for group in model.entropy_model.sched.groups[:k] for p in group]
+    got = latent_windows(y_prefix.float(), ww)
+    want = latent_windows(y_true.float(), ww)
+    positions = [p for group in model.layout.sched.groups[:k] for p in group]
     assert torch.equal(got[:, positions], want[:, positions]), f"step {k}: decoded tokens differ from the latent"
 
 
@@ -80,12 +81,13 @@ def _check_previews(model: M2TCodec, stream: bytes, full: np.ndarray, y_true: to
                     fixed_order: bool = True, thorough: bool = True) -> list[np.ndarray]:
     header = bs.read_header(stream)
     S = model.cfg.num_steps
-    assert header.progressive and header.num_steps == S and header.step_ends[-1] == len(stream)
+    assert header.num_steps == S and header.step_ends[-1] == len(stream)
+    decoder = Decoder(model)
     images = []
     for k in range(S + 1):
         end = header.step_ends[k - 1] if k else header.size
         prefix = stream[:end]
-        preview = model.preview(prefix, steps=k)
+        preview = decoder.preview(prefix, steps=k)
         assert (preview.steps, preview.num_steps, preview.bytes_read, preview.total_bytes) == (k, S, end, len(stream))
         if k == S:
             assert np.array_equal(preview.image, full), "a preview of all S steps must be the full decode"
@@ -93,12 +95,12 @@ def _check_previews(model: M2TCodec, stream: bytes, full: np.ndarray, y_true: to
             _true_steps(model, preview.y.round(), y_true, k)
         if thorough:
             # More bytes than needed: the same image. One byte less: the step is not there.
-            assert np.array_equal(model.preview(stream, steps=k).image, preview.image)
+            assert np.array_equal(decoder.preview(stream, steps=k).image, preview.image)
             if k:
-                short = model.preview(stream[:end - 1], steps=k)
+                short = decoder.preview(stream[:end - 1], steps=k)
                 assert short.steps == header.steps_in(end - 1) < k
             # max_bytes picks the complete steps that fit.
-            assert np.array_equal(model.preview(stream, max_bytes=end).image, preview.image)
+            assert np.array_equal(decoder.preview(stream, max_bytes=end).image, preview.image)
         images.append(preview.image)
     return images
 
@@ -107,9 +109,9 @@ def _check_previews(model: M2TCodec, stream: bytes, full: np.ndarray, y_true: to
 def test_tiny_models_preview_from_prefixes(mode, adaptive):
     model = tiny_model(mode)
     img = random_image(150, 200, seed=3)  # 2 x 2 windows: one chunk
-    enc = model.encode_image(img, adaptive_order=adaptive)
+    enc = Encoder(model, adaptive_order=adaptive, reconstruct=True).encode_image(img)
     full = model.decompress(enc.bitstream)
-    assert np.array_equal(full, model.reconstruct(enc))
+    assert np.array_equal(full, enc.x_hat)
     images = _check_previews(model, enc.bitstream, full, enc.y_hat, fixed_order=not adaptive)
     # Previews get better with more steps (on average; noise images gain little, so only the
     # end points are compared).
@@ -122,13 +124,13 @@ def test_previews_of_an_image_of_several_chunks():
     every chunk's first steps first."""
     model = tiny_model("m2t")
     img = random_image(8 * 16 * 8 + 5, 8 * 16 * 9, seed=4)  # 9 x 9 = 81 windows: 2 chunks
-    enc = model.encode_image(img)
+    enc = Encoder(model).encode_image(img)
     header = bs.read_header(enc.bitstream)
     assert header.num_chunks == 2 and len(header.step_pieces[0]) == 2
     full = model.decompress(enc.bitstream)
     for k in (1, 5, model.cfg.num_steps):
         end = header.step_ends[k - 1]
-        preview = model.preview(enc.bitstream[:end], steps=k)
+        preview = Decoder(model).preview(enc.bitstream[:end], steps=k)
         if k == model.cfg.num_steps:
             assert np.array_equal(preview.image, full)
         else:
@@ -137,12 +139,13 @@ def test_previews_of_an_image_of_several_chunks():
 
 def test_a_cut_stream_decodes_as_a_preview_only_at_a_step_boundary():
     model = tiny_model("m2t")
-    enc = model.encode_image(random_image(100, 120, seed=5))
+    enc = Encoder(model).encode_image(random_image(100, 120, seed=5))
     header = bs.read_header(enc.bitstream)
     end = header.step_ends[3]
     with pytest.warns(PartialStreamWarning, match="4 of 12"):
         rgb = model.decompress(enc.bitstream[:end])
-    assert np.array_equal(rgb, model.preview(enc.bitstream, steps=4).image)
+    assert np.array_equal(rgb, Decoder(model).preview(enc.bitstream, steps=4).image)
+    assert np.array_equal(model.decompress(enc.bitstream, steps=4), rgb)
     with pytest.warns(PartialStreamWarning):
         assert np.array_equal(m2t_core.decompress(enc.bitstream[:end], model=model), rgb)
     inside = next(n for n in range(end + 1, len(enc.bitstream)) if n not in header.step_ends)
@@ -151,33 +154,29 @@ def test_a_cut_stream_decodes_as_a_preview_only_at_a_step_boundary():
     with pytest.raises(bs.BitstreamError, match="truncated"):
         model.decompress(enc.bitstream[:header.size])  # the header alone holds no step
     # Asked for a preview, any cut gives the complete steps it holds.
-    assert model.preview(enc.bitstream[:inside], steps=12).steps == header.steps_in(inside)
+    assert Decoder(model).preview(enc.bitstream[:inside], steps=12).steps == header.steps_in(inside)
     # The full stream decodes without a warning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.decompress(enc.bitstream)
 
 
-def test_previews_need_format_3_and_sane_arguments():
+def test_previews_need_sane_arguments():
     model = tiny_model("m2t")
-    img = random_image(40, 50, seed=6)
-    v2 = model.encode_image(img, format_version=2).bitstream
-    with pytest.raises(bs.BitstreamError, match="format version 3"):
-        model.preview(v2, steps=2)
-    assert np.array_equal(model.decompress(v2), model.decompress(model.encode_image(img).bitstream))
-    stream = model.encode_image(img).bitstream
+    decoder = Decoder(model)
+    stream = Encoder(model).encode_image(random_image(40, 50, seed=6)).bitstream
     with pytest.raises(ValueError):
-        model.preview(stream, steps=-1)
+        decoder.preview(stream, steps=-1)
     with pytest.raises(ValueError):
-        model.preview(stream, max_bytes=-5)
+        decoder.preview(stream, max_bytes=-5)
     with pytest.raises(bs.BitstreamError, match="truncated"):
-        model.preview(stream[:20], steps=3)  # a cut inside the header is never a preview source
-    assert model.preview(stream, steps=99).steps == model.cfg.num_steps
+        decoder.preview(stream[:20], steps=3)  # a cut inside the header is never a preview source
+    assert decoder.preview(stream, steps=99).steps == model.cfg.num_steps
 
 
 def test_the_step_table_is_checked():
     model = tiny_model("m2t")
-    enc = model.encode_image(random_image(40, 50, seed=7))
+    enc = Encoder(model).encode_image(random_image(40, 50, seed=7))
     header, payload = bs.unpack(enc.bitstream)
     # A table with the wrong number of chunks for the image (the header CRC fixed up).
     bad = dataclasses.replace(header, step_pieces=tuple(row + (0,) for row in header.step_pieces))
@@ -201,15 +200,14 @@ def test_the_step_table_is_checked():
 def test_adaptive_order_is_mt_only_and_flagged():
     mt, m2t = tiny_model("mt"), tiny_model("m2t")
     img = random_image(150, 200, seed=8)
-    fixed, adaptive = mt.encode_image(img), mt.encode_image(img, adaptive_order=True)
+    fixed = Encoder(mt).encode_image(img)
+    adaptive = Encoder(mt, adaptive_order=True, reconstruct=True).encode_image(img)
     assert torch.equal(fixed.y_hat, adaptive.y_hat) and fixed.bitstream != adaptive.bitstream
     assert bs.read_header(adaptive.bitstream).flags & bs.FLAG_ADAPTIVE_ORDER
     assert not bs.read_header(fixed.bitstream).flags & bs.FLAG_ADAPTIVE_ORDER
-    assert np.array_equal(mt.decompress(adaptive.bitstream), mt.reconstruct(adaptive))
+    assert np.array_equal(mt.decompress(adaptive.bitstream), adaptive.x_hat)
     with pytest.raises(ValueError, match="MT"):
-        m2t.encode_image(img, adaptive_order=True)
-    with pytest.raises(ValueError):
-        mt.encode_image(img, adaptive_order=True, format_version=2)
+        Encoder(m2t, adaptive_order=True)
 
 
 def test_mixture_mean_is_integer_and_weighted():
@@ -228,7 +226,7 @@ def test_every_shipped_model_previews_from_prefixes(name):
 
     model = m2t_core.load_model(name)
     rgb = golden_image()
-    enc = model.encode_image(rgb)
+    enc = Encoder(model).encode_image(rgb)
     full = model.decompress(enc.bitstream)
     images = _check_previews(model, enc.bitstream, full, enc.y_hat, thorough=False)
     psnr = [psnr_of(rgb, im) for im in images]

@@ -19,7 +19,8 @@ import torch
 
 from m2t_core import ConfigError, ModelConfig
 from m2t_core import schedules as sch
-from m2t_core.transformer import EntropyTransformer
+from m2t_core import M2TCodec
+from m2t_core import network as N
 
 # ----------------------------------------------------------------------------- group sizes
 
@@ -123,10 +124,10 @@ def test_random_order_depends_on_seed():
     assert a != sch.raster_order(16)
     assert sch.location_order("random", 16, seed=5) == sch.random_order(16, 5)
     # The seed is honoured through the config too.
-    t0 = EntropyTransformer(ModelConfig(window=4, d_model=8, n_heads=2, d_mlp=8, n_layers=1, C=2,
-                                        num_steps=4, location_order="random", order_seed=0))
-    t1 = EntropyTransformer(ModelConfig(window=4, d_model=8, n_heads=2, d_mlp=8, n_layers=1, C=2,
-                                        num_steps=4, location_order="random", order_seed=1))
+    t0 = N.SlotLayout(ModelConfig(window=4, d_model=8, n_heads=2, d_mlp=8, n_layers=1, C=2,
+                                  num_steps=4, location_order="random", order_seed=0))
+    t1 = N.SlotLayout(ModelConfig(window=4, d_model=8, n_heads=2, d_mlp=8, n_layers=1, C=2,
+                                  num_steps=4, location_order="random", order_seed=1))
     assert t0.sched.order != t1.sched.order
 
 
@@ -181,11 +182,25 @@ def test_schedule_groups_partition_the_window():
 # ----------------------------------------------------------------------------- M2T slot layout
 
 
-def _tiny_transformer(window, num_steps, mode="m2t", **kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig(mode=mode, C=4, window=window, d_model=16, n_layers=2, n_heads=2, d_mlp=32,
-                      num_steps=num_steps, **kw)
-    return EntropyTransformer(cfg).eval()
+class _Network:
+    """A tiny model's entropy network in float arithmetic, and its slot layout."""
+
+    def __init__(self, window, num_steps, mode="m2t", **kw):
+        torch.manual_seed(0)
+        self.cfg = ModelConfig(mode=mode, C=4, window=window, d_model=16, n_layers=2, n_heads=2, d_mlp=32,
+                               num_steps=num_steps, **kw)
+        model = M2TCodec(self.cfg).eval()
+        self.layout, self.sched = model.layout, model.layout.sched
+        self.ops = N.FloatOps(model.entropy_model, self.cfg, model.layout)
+
+    def m2t_forward(self, tokens):
+        return N.m2t_teacher_forced(self.ops, tokens)
+
+    def mt_forward(self, tokens, masked):
+        return N.mt_forward(self.ops, tokens, masked)
+
+
+
 
 
 LAYOUTS = [
@@ -200,22 +215,22 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("kw", LAYOUTS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
 def test_m2t_slot_layout_invariants(kw):
-    t = _tiny_transformer(**kw)
-    sched = t.sched
+    layout = _Network(**kw).layout
+    sched = layout.sched
     L, S = sched.window**2, sched.num_steps
-    starts = t.slot_starts
-    assert len(starts) == S + 1 and starts[0] == 0 and starts[-1] == t.num_slots
-    slot_group = np.empty(t.num_slots, dtype=np.int64)
+    starts = layout.slot_starts
+    assert len(starts) == S + 1 and starts[0] == 0 and starts[-1] == layout.num_slots
+    slot_group = np.empty(layout.num_slots, dtype=np.int64)
     for i in range(S):
         slot_group[starts[i]:starts[i + 1]] = i
-    target = t.slot_target_pos.numpy()
-    inputs = t.slot_input_pos.numpy()
+    target = layout.tensor("slot_target_pos", "cpu").numpy()
+    inputs = layout.tensor("slot_input_pos", "cpu").numpy()
     step_of = np.asarray(sched.step_of_position())
 
     # Every position is predicted by exactly one slot, and predicting_slot points at it.
     predicted = target[target >= 0]
     assert sorted(predicted.tolist()) == list(range(L))
-    assert np.array_equal(target[t.predicting_slot.numpy()], np.arange(L))
+    assert np.array_equal(target[layout.tensor("predicting_slot", "cpu").numpy()], np.arange(L))
     # A slot of group i predicts a position of group i, in group order.
     for i, group in enumerate(sched.groups):
         slots = target[starts[i]:starts[i + 1]]
@@ -229,8 +244,8 @@ def test_m2t_slot_layout_invariants(kw):
     # Every token of groups 0..S-2 is fed exactly once (the last group is never an input).
     assert sorted(inputs[held].tolist()) == sorted(p for g in sched.groups[:-1] for p in g)
     # The attention mask is block lower-triangular across slot groups.
-    mask = t.slot_attn_mask.numpy()
-    assert mask.shape == (t.num_slots, t.num_slots) and mask.dtype == bool
+    mask = layout.tensor("slot_attn_mask", "cpu").numpy()
+    assert mask.shape == (layout.num_slots, layout.num_slots) and mask.dtype == bool
     assert np.array_equal(mask, slot_group[None, :] <= slot_group[:, None])
     for i in range(S):
         a, b = starts[i], starts[i + 1]
@@ -243,7 +258,7 @@ def test_m2t_prediction_of_a_group_ignores_its_own_and_later_tokens(kw):
     """Functional check of the layout: the params of group i do not change when the tokens
     of groups >= i change (no information leaks from the future), in the teacher-forced pass
     and in the cached incremental step."""
-    t = _tiny_transformer(**kw)
+    t = _Network(**kw)
     L, C = t.cfg.tokens_per_window, t.cfg.C
     groups = t.sched.groups
     gen = torch.Generator().manual_seed(1)
@@ -266,7 +281,7 @@ def test_m2t_prediction_of_a_group_ignores_its_own_and_later_tokens(kw):
 
 
 def test_mt_prediction_ignores_masked_tokens():
-    t = _tiny_transformer(8, 12, mode="mt")
+    t = _Network(8, 12, mode="mt")
     L, C = 64, t.cfg.C
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(-5, 6, (2, L, C), generator=gen).float()

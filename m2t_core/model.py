@@ -1,0 +1,354 @@
+"""The M2T / MT model: transforms, the entropy network's parameters, the exact entropy model.
+
+Contract (as in CompressAI): `forward(x)` returns the reconstruction and likelihoods for
+training; `compress(images) -> list[bytes]` and `decompress(bytes) -> uint8 (H, W, 3)`
+mirror each other (they run encoder.Encoder and decoder.Decoder, which hold the coding).
+
+What codes is the exact entropy model (`exact`, integer arithmetic): any batch, thread
+count or device gives the same integers, so a stream decodes anywhere. It is exported from
+the float parameters (`entropy_model`) whenever those change (training), or the float
+parameters are rebuilt from it (a shipped checkpoint holds only the integers). g_a and g_s
+stay float: the latent is whatever g_a produced, and decoded pixels may differ in the last
+bit between devices (like JPEG decoders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import bitstream as bs
+from . import coding as K
+from . import exact as X
+from . import network as N
+from .config import ModelConfig
+from .entropy_coding import MAX_ABS_SYMBOL
+from .image_io import ImageLike
+from .transforms import CPU_TRANSFORMS, FROZEN_TRANSFORMS, AnalysisTransform, SynthesisTransform, frozen_for_inference
+
+UNTRAINED_MODEL_ID = "untrained"
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+class M2TCodec(nn.Module):
+    def __init__(self, cfg: ModelConfig, model_id: str = UNTRAINED_MODEL_ID):
+        super().__init__()
+        self.cfg = cfg
+        self.model_id = model_id
+        self.g_a = AnalysisTransform(cfg.N, cfg.C, cfg.blocks_per_stage, cfg.attention_blocks)
+        self.g_s = SynthesisTransform(cfg.N, cfg.C, cfg.blocks_per_stage, cfg.attention_blocks)
+        self.entropy_model = N.EntropyParameters(cfg)
+        self.layout = N.SlotLayout(cfg)
+        # The exact (integer) entropy model that codes, kept in sync with entropy_model (sync_exact).
+        self.exact = X.ExactEntropyModel(cfg, self.layout)
+        self.exact.init_exponents(self.entropy_model)
+        self.exact.export_from(self.entropy_model)
+        self.qat = False  # training: quantisation-aware forward through the exact model's grid
+        self._digest_cache: tuple[tuple, bytes] | None = None
+        self._exact_source = self._entropy_fingerprint()
+        self._frozen: dict[str, tuple] = {}  # CPU inference forms of g_a (transforms.FROZEN_TRANSFORMS)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, x: torch.Tensor, mt_mask_range: tuple[float, float] = (0.05, 0.99)) -> dict:
+        """x (B, 3, H, W) in [0, 1], H and W multiples of 16.
+
+        Returns x_hat (B, 3, H, W), likelihoods {"y": (B, C, h, w)} and rate_mask
+        (B, 1, h, w) bool: the latent positions whose rate counts (all of them for M2T;
+        the masked ones for MT). In training mode the likelihood is of y + U(-1/2, 1/2);
+        in eval mode, of round(y). The transformer's context is round(y) (straight-through).
+        With `qat` the entropy network runs on the exact model's integer grid.
+        """
+        if x.shape[-1] % bs.DOWNSAMPLING or x.shape[-2] % bs.DOWNSAMPLING:
+            raise ValueError(f"forward needs H and W multiples of 16, got {tuple(x.shape[-2:])}")
+        w = self.cfg.window
+        y = self.g_a(x)
+        y_hat = ste_round(y)
+        y32 = y.float()
+        y_rate = y32 + torch.empty_like(y32).uniform_(-0.5, 0.5) if self.training else torch.round(y32)
+        B, C, h, wd = y.shape
+        valid = K.pad_latent(torch.ones(B, 1, h, wd, device=x.device), w)
+        ctx = K.to_windows(K.pad_latent(y_hat, w), w)  # (B*nW, L, C)
+        target = K.to_windows(K.pad_latent(y_rate, w), w)  # (B*nW, L, C)
+        H2, W2 = valid.shape[-2:]
+        ops = N.FloatOps(self.entropy_model, self.cfg, self.layout, self.exact, quant=self.qat)
+        if self.qat:
+            ctx = ctx.float()
+        if self.cfg.mode == "m2t":
+            params = N.m2t_teacher_forced(ops, ctx)
+            rate_mask = valid
+        else:
+            masked = self._random_mt_mask(ctx.shape[0], mt_mask_range, x.device)  # (B*nW, L)
+            params = N.mt_forward(ops, ctx, masked)
+            rate_mask = valid * K.from_windows(masked[..., None].float(), B, H2, W2, w)
+        # The rate in fp32 even under autocast: bf16 would round y - mean at |y| > ~32.
+        with torch.autocast(x.device.type, enabled=False):
+            params32 = N.MixtureParams(*(t.float() for t in (params.means, params.log_scales, params.logits)))
+            lik = N.mixture_likelihood(target.float(), params32)  # (B*nW, L, C)
+        lik = K.from_windows(lik, B, H2, W2, w)[..., :h, :wd]  # (B, C, h, w)
+        return {
+            "x_hat": self.g_s(y_hat),
+            "likelihoods": {"y": lik},
+            "rate_mask": rate_mask[..., :h, :wd] > 0,
+        }
+
+    def _random_mt_mask(self, n: int, mask_range: tuple[float, float], device) -> torch.Tensor:
+        L = self.cfg.tokens_per_window
+        lo, hi = mask_range
+        ratio = torch.empty(n, 1, device=device).uniform_(lo, hi)
+        count = torch.clamp((ratio * L).ceil(), 1, L)
+        ranks = torch.rand(n, L, device=device).argsort(dim=1).argsort(dim=1)
+        return ranks < count  # (n, L) True = masked
+
+    # ------------------------------------------------------------------ identity
+
+    def _hashed_state(self) -> dict[str, torch.Tensor]:
+        """The tensors that decide the numbers of a bitstream: the transforms and the exact
+        model's integers (the float entropy parameters only feed those)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("g_a.", "g_s.", "exact."))}
+
+    def weights_digest(self) -> bytes:
+        """SHA-256 over the config and the tensors of `_hashed_state` (names, shapes, float32
+        bytes for float tensors, little-endian int64 bytes for integer ones): the model's
+        identity, written (its first 8 bytes) into every bitstream."""
+        self.sync_exact()  # the integers follow the float entropy weights (training, edits)
+        state = self._hashed_state()
+        # A cheap fingerprint decides whether the SHA-256 must be recomputed. Storage address
+        # and version counter miss edits through `.data` and dtype round trips, so an exact
+        # integer sum of every tensor's bits is part of it too (~5 ms for 4M parameters).
+        fingerprint = tuple(
+            (k, t.dtype, tuple(t.shape), t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in state.items()
+        )
+        if self._digest_cache is not None and self._digest_cache[0] == fingerprint:
+            return self._digest_cache[1]
+        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
+        for name in sorted(state):
+            t = state[name].detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            if t.is_floating_point():
+                h.update(t.to(torch.float32).numpy().tobytes())
+            else:
+                h.update(t.to(torch.int64).numpy().astype("<i8").tobytes())
+        digest = h.digest()
+        self._digest_cache = (fingerprint, digest)
+        return digest
+
+    def weights_hash(self) -> bytes:
+        return self.weights_digest()[:8]
+
+    def check_header(self, header: bs.Header) -> None:
+        """ModelMismatchError unless this model wrote the stream (name and weights hash)."""
+        if header.model_id != self.model_id or header.weights_hash != self.weights_hash():
+            raise bs.ModelMismatchError(
+                f"bitstream was written by model {header.model_id!r} (weights {header.weights_hash.hex()}), "
+                f"not by {self.model_id!r} (weights {self.weights_hash().hex()})")
+
+    def check_codable(self) -> None:
+        if self.training:
+            raise RuntimeError("call model.eval() before coding")
+
+    # ------------------------------------------------------------------ the exact model
+
+    def _entropy_fingerprint(self) -> tuple:
+        return tuple((k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.entropy_model.state_dict().items())
+
+    def sync_exact(self) -> None:
+        """Re-export the exact model if the float entropy weights changed since (training),
+        with the exponents it has. Deterministic: elementwise rounding only."""
+        fingerprint = self._entropy_fingerprint()
+        if fingerprint != self._exact_source:
+            self.exact.export_from(self.entropy_model)
+            self._exact_source = fingerprint
+
+    def mark_exact_synced(self) -> None:
+        """The float weights and the exact model were just set consistently (a checkpoint)."""
+        self._exact_source = self._entropy_fingerprint()
+
+    @torch.no_grad()
+    def calibrate_exact(self, tokens: torch.Tensor) -> dict[str, float]:
+        """Choose the exact model's exponents from latent windows `tokens` (B, L, C) of
+        training images, and export. Returns the observed activation maxima."""
+        observed = self.exact.calibrate(self.entropy_model, tokens)
+        self._exact_source = self._entropy_fingerprint()
+        return observed
+
+    # ------------------------------------------------------------------ the transforms, for coding
+
+    def analysis(self, rgb: np.ndarray) -> torch.Tensor:
+        """RGB uint8 (H, W, 3) -> y_hat (C, h, w) rounded and clamped, float32."""
+        from . import tiling  # large images run in overlapping tiles: memory does not grow with them
+
+        rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch wants writable memory
+        x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        y = tiling.analysis(self.g_a, x, run=self._inference_transform("g_a"))
+        return torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
+
+    def synthesis(self, y_hat: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """y_hat (C, h, w) -> RGB uint8 (height, width, 3)."""
+        from . import tiling
+
+        x_hat = tiling.synthesis(self.g_s, y_hat[None].to(self.device, torch.float32).contiguous(), height, width,
+                                 run=self._inference_transform("g_s"))
+        return x_hat.permute(1, 2, 0).cpu().numpy()  # (3, height, width) uint8 -> (height, width, 3)
+
+    @torch.inference_mode()
+    def analysis_batch(self, rgbs: Sequence[np.ndarray], batch: int = 0) -> list[torch.Tensor]:
+        """analysis() of many RGB images: images of one size go through g_a `batch` at a time
+        (0: coding.TRANSFORM_BATCH of the device: 1 on a CPU, where a batch is no faster;
+        many on a GPU). Returns y_hat (C, h, w) per image, in order. A batch may change g_a's
+        float rounding and so a few latent values (bench/batch_consistency.py); any latent
+        codes and decodes exactly."""
+        from . import tiling
+
+        batch = batch or K.transform_batch(self.device)
+        out: list[torch.Tensor | None] = [None] * len(rgbs)
+        run = self._inference_transform("g_a")
+        for idx in _same_size_runs([rgb.shape[:2] for rgb in rgbs], batch):
+            x = torch.from_numpy(np.stack([rgbs[i] for i in idx])).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W)
+            y = tiling.analysis_batch(self.g_a, x, run=run)
+            if y is not None:  # None: a size that runs in tiles, one image at a time
+                y = torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
+                for k, i in enumerate(idx):
+                    out[i] = y[k]
+        return [y if y is not None else self.analysis(rgbs[i]) for i, y in enumerate(out)]
+
+    @torch.inference_mode()
+    def synthesis_batch(self, latents: Sequence[tuple[torch.Tensor, int, int]], batch: int = 0) -> list[np.ndarray]:
+        """synthesis() of many (y_hat (C, h, w), H, W): latents of one size through g_s `batch`
+        at a time (0: coding.TRANSFORM_BATCH of the device). RGB uint8 (H, W, 3) each."""
+        from . import tiling
+
+        batch = batch or K.transform_batch(self.device)
+        out: list[np.ndarray | None] = [None] * len(latents)
+        run = self._inference_transform("g_s")
+        for idx in _same_size_runs([(tuple(y.shape), H, W) for y, H, W in latents], batch):
+            _, H, W = latents[idx[0]]
+            y = torch.stack([latents[i][0] for i in idx]).to(self.device, torch.float32)  # (B, C, h, w)
+            x_hat = tiling.synthesis_batch(self.g_s, y, H, W, run=run)
+            if x_hat is not None:
+                x_hat = x_hat.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+                for k, i in enumerate(idx):
+                    out[i] = x_hat[k]
+        return [x if x is not None else self.synthesis(*latents[i]) for i, x in enumerate(out)]
+
+    def transforms_implementation(self) -> str:
+        """How synthesis() runs g_s here, which decides the decoded pixels: "frozen" or
+        "eager" (see transforms.FROZEN_TRANSFORMS: g_s runs eagerly; so do GPUs)."""
+        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen" or "g_s" not in FROZEN_TRANSFORMS:
+            return "eager"
+        with torch.inference_mode():
+            return "frozen" if self._inference_transform("g_s") is not None else "eager"
+
+    def numerics(self) -> dict:
+        """numerics_environment() of this codec's device and transforms: what decides the
+        decoded pixels' last bits (an archive records it; verify compares pixels under it)."""
+        return numerics_environment(self.device, self.transforms_implementation())
+
+    def _inference_transform(self, name: str):
+        """The frozen CPU form of g_a (or of any transform in FROZEN_TRANSFORMS; built on first
+        use and again whenever the weights changed), or None to run the module itself."""
+        module = getattr(self, name)
+        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen" or name not in FROZEN_TRANSFORMS \
+                or torch.is_grad_enabled() or module.training or self._frozen.get("failed"):
+            return None
+        fingerprint = tuple((t.data_ptr(), _changes(t, bits=True)) for t in module.state_dict().values())
+        built = self._frozen.get(name)
+        if built is None or built[0] != fingerprint:
+            in_channels = 3 if name == "g_a" else self.cfg.C
+            try:
+                frozen = frozen_for_inference(module, in_channels)
+            except Exception as exc:  # e.g. a torch without TorchScript: the eager modules, said once
+                warnings.warn(f"running g_a/g_s eagerly: freezing them for CPU inference failed ({exc})")
+                self._frozen["failed"] = (fingerprint, None)
+                return None
+            built = self._frozen[name] = (fingerprint, frozen)
+        return built[1]
+
+    # ------------------------------------------------------------------ coding, the short way
+
+    def compress(self, images: ImageLike | Sequence[ImageLike], max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> list[bytes]:
+        """One image or a batch -> one bitstream per image (encoder.Encoder; the first image
+        that cannot be coded raises)."""
+        from .encoder import Encoder
+
+        encoder = Encoder(self, max_pixels=max_pixels)
+        return [encoder.encode_image(img).bitstream for img in _as_batch(images)]
+
+    def decompress(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS, steps: int | None = None,
+                   max_bytes: int | None = None) -> np.ndarray:
+        """A bitstream -> RGB uint8 (H, W, 3) (decoder.Decoder.decompress; `steps` /
+        `max_bytes` ask for a preview from a prefix of the stream)."""
+        from .decoder import Decoder
+
+        return Decoder(self, max_pixels=max_pixels).decompress(data, steps=steps, max_bytes=max_bytes)
+
+
+def numerics_environment(device: torch.device | str = "cpu", transforms: str | None = None) -> dict:
+    """What decides g_a's and g_s's float results (not the entropy model's: that is exact):
+    two decoders with the same environment give the same pixels; others may differ in the
+    last bit of a few pixels. `transforms`: how g_a/g_s run (M2TCodec.numerics() fills it)."""
+    device = torch.device(device)
+    if transforms is None:
+        frozen = device.type == "cpu" and CPU_TRANSFORMS == "frozen" and "g_s" in FROZEN_TRANSFORMS
+        transforms = "frozen" if frozen else "eager"  # g_s's: it decides the pixels
+    env = {"device": device.type, "torch": torch.__version__, "transforms": transforms}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["threads"] = torch.get_num_threads()
+        from .sysinfo import cpu_model
+
+        env["cpu"] = cpu_model()
+    return env
+
+
+def _same_size_runs(sizes: Sequence, batch: int) -> list[list[int]]:
+    """Indices of items of one size, `batch` at a time; runs of one item are left out (they
+    take the one-at-a-time path)."""
+    if batch < 2:
+        return []
+    by_size: dict = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(i)
+    return [idx[s:s + batch] for idx in by_size.values() for s in range(0, len(idx), batch)
+            if len(idx[s:s + batch]) > 1]
+
+
+def _changes(t: torch.Tensor, bits: bool = False) -> int:
+    """How often `t` was changed in place (its version counter). Inference tensors (a model
+    built or copied under inference_mode) keep none: 0, or with `bits` their _bit_sum."""
+    if t.is_inference():
+        return _bit_sum(t) if bits else 0
+    return t._version
+
+
+def _bit_sum(t: torch.Tensor) -> int:
+    """Sum of a tensor's bytes read as little-endian words: changes with any single value."""
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # any dtype, bf16 too
+    if raw.size % 4 == 0:
+        return int(raw.view(np.uint32).sum(dtype=np.uint64))
+    return int(raw.sum(dtype=np.uint64))
+
+
+def _as_batch(images) -> list:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
