@@ -189,6 +189,7 @@ class M2TCodec(nn.Module):
 
     # ------------------------------------------------------------------ the transforms, for coding
 
+    @torch.inference_mode()
     def analysis(self, rgb: np.ndarray) -> torch.Tensor:
         """RGB uint8 (H, W, 3) -> y_hat (C, h, w) rounded and clamped, float32."""
         from . import tiling  # large images run in overlapping tiles: memory does not grow with them
@@ -198,6 +199,7 @@ class M2TCodec(nn.Module):
         y = tiling.analysis(self.g_a, x, run=self._inference_transform("g_a"))
         return torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
 
+    @torch.inference_mode()
     def synthesis(self, y_hat: torch.Tensor, height: int, width: int) -> np.ndarray:
         """y_hat (C, h, w) -> RGB uint8 (height, width, 3)."""
         from . import tiling

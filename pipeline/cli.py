@@ -17,7 +17,9 @@ error policy come from m2t_core/cli.py, which knows nothing of this package; the
 commands below are this package's. Each pipeline module is imported only when its command
 runs, so `m2t encode` never imports Ray or pyarrow.
 
-Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG=1 shows it.
+Errors print one line to stderr (no traceback; M2T_DEBUG=1 shows it). The codec's commands
+exit with status 2; the pipeline's exit with their error's code by its type (pipeline/errors.py:
+2 usage, 3 incomplete), Ctrl-C outside a job's run with 130.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import sys
 from typing import Callable
 
 from m2t_core import cli as codec_cli
-from m2t_core.cli import EXIT_ERROR, CliError  # noqa: F401  (re-exported: the program's error policy)
+from m2t_core.cli import EXIT_ERROR, CliError  # noqa: F401  (re-exported: the codec commands' error policy)
+
+from pipeline.errors import UsageError, run_main
 
 Command = Callable[[list[str]], int]
 
 
-# The pipeline's subcommands parse their own arguments and choose their own exit codes.
+# The pipeline's subcommands parse their own arguments; their errors' types choose the exit code.
 # name -> (module of this package, its entry point, help), in the order `m2t --help` lists
 # them (after the codec's commands); a module is imported only when its command runs.
 PIPELINE_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -52,7 +56,7 @@ def run_pipeline_command(command: str, rest: list[str]) -> int:
     try:
         func: Command = getattr(importlib.import_module(f".{module}", __package__), entry)
     except ImportError as exc:
-        raise CliError(f"'{command}' needs the pipeline extras (pip install -e '.[pipeline]'): {exc}")
+        raise UsageError(f"'{command}' needs the pipeline extras (pip install -e '.[pipeline]'): {exc}") from None
     return func(rest)
 
 
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv and argv[0] in PIPELINE_COMMANDS:
         command, rest = argv[0], argv[1:]
-        return codec_cli.run_command(command, lambda: run_pipeline_command(command, rest))
+        return run_main(f"m2t {command}", lambda: run_pipeline_command(command, rest))
     args = parser.parse_args(argv)
     return codec_cli.run_command(args.command, lambda: args.func(args))
 

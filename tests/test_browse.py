@@ -32,7 +32,7 @@ import m2t_core
 from m2t_core import save_checkpoint
 from pipeline.cli import main as m2t_main
 from pipeline.storage import archive as A
-from pipeline.browse.server import server as B
+from pipeline.browse import server as B
 from pipeline.jobs import compress as C
 from test_compress import TINY, build_model, job_config, png_bytes, random_image
 
@@ -219,7 +219,7 @@ def test_serves_until_ctrl_c(archive):
     """The real command: prints its URL, answers, and stops cleanly on SIGINT."""
     # SIGINT back to its default in the child: a shell's background job (a test run started
     # with `&`) ignores it, and Python keeps an inherited "ignore".
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.browse", str(archive), "--port", "0"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.browse.server", str(archive), "--port", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -390,7 +390,7 @@ def test_a_preview_reads_one_prefix_of_the_stream(archive, monkeypatch):
         rgb = A.get_image(str(archive), GOOD[1], steps=k)
         assert reads == [(row["offset"], row["offset"] + header.step_ends[k - 1])], (k, reads)
         codec = m2t_core.load_model_for_header(header)
-        assert np.array_equal(rgb, codec.preview(full[:header.step_ends[k - 1]], steps=k).image)
+        assert np.array_equal(rgb, m2t_core.Decoder(codec).preview(full[:header.step_ends[k - 1]], steps=k).image)
     assert np.array_equal(rgb, A.get_image(str(archive), GOOD[1]))  # K = S: the full decode
     # An index without step_ends (written before the column existed): the header is read first.
     data = A.read_bitstream(str(archive), GOOD[1], steps=1)

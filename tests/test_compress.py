@@ -7,6 +7,7 @@ few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -28,6 +29,7 @@ from PIL import Image
 
 import torch
 
+import m2t_core
 from m2t_core import M2TCodec, ModelConfig, load_image, save_checkpoint
 from m2t_core.config import ConfigError, dataclass_from_dict, load_mapping
 from m2t_core.metrics import psnr
@@ -178,6 +180,23 @@ def test_default_yaml_is_the_dataclass_defaults():
     assert dataclass_from_dict(C.CompressConfig, data) == C.CompressConfig()
 
 
+def test_a_retired_key_is_ignored_with_a_warning(tmp_path, caplog):
+    """window_batch (bitstream format 1's windows per transformer call) left the jobs: old
+    config files and --set still load, with a warning."""
+    old = tmp_path / "old.yaml"
+    old.write_text("shard_size: 3\nwindow_batch: 8\n")
+    with caplog.at_level("WARNING"):
+        cfg = C.load_config(old, ["window_batch=4"])
+    assert cfg == dataclasses.replace(C.CompressConfig(), shard_size=3)
+    assert "config key 'window_batch' is ignored" in caplog.text
+    assert "window_batch" not in C.CompressConfig().to_dict()
+    from pipeline.evaluation import evaluate as E  # the evaluation job's config: the same rule
+
+    assert E.load_config(None, ["window_batch=8"]) == E.EvalConfig()
+    with pytest.raises(ConfigError, match="bogus"):  # a key that never existed is still an error
+        C.load_config(old, ["bogus=1"])
+
+
 def test_config_and_usage_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="bogus"):
         C.load_config(None, ["bogus=1"])
@@ -291,7 +310,8 @@ def test_batched_model_stage_decodes_exactly(local_archive, corpus, tiny_checkpo
     model = build_model(TINY, model_id="tiny-pipeline")
     blobs = {p.stem: p.read_bytes() for p in (out / "shards").glob("*.bin")}
     rows = all_rows(out)
-    decoded = model.decode_latents([blobs[r["shard"]][r["offset"]:r["offset"] + r["length"]] for r in rows])
+    decoded = m2t_core.Decoder(model).decode_latents([blobs[r["shard"]][r["offset"]:r["offset"] + r["length"]]
+                                                      for r in rows])
     assert all(not isinstance(d, Exception) and d[0].height == H for d in decoded)
 
 
@@ -313,6 +333,10 @@ def test_resume_after_a_partial_run_and_a_crash_mid_shard(local_archive, corpus,
     blob.write_bytes(blob.read_bytes()[: len(blob.read_bytes()) // 2])
     (out / "shards" / f"{victim}.parquet.tmp").write_bytes(b"garbage")
 
+    # Shards written before window_batch was retired record it in their settings: they resume.
+    for path in (out / "shards").glob("*.stats.json"):
+        stats = json.loads(path.read_text())
+        path.write_text(json.dumps({**stats, "settings": {**stats["settings"], "window_batch": 8}}))
     report, code = C.compress_dataset(cfg, progress=False)
     assert code == C.EXIT_OK, C.format_report(report)
     assert report["shards"]["already_done"] == 2 and report["shards"]["this_run"] == 6
@@ -320,8 +344,8 @@ def test_resume_after_a_partial_run_and_a_crash_mid_shard(local_archive, corpus,
     assert_same_archive(local_archive[0], out)
 
     # Resuming with other settings or other input is refused, naming the difference.
-    with pytest.raises(ConfigError, match="window_batch"):
-        C.compress_dataset(job_config(str(corpus[0]), out, tiny_checkpoint, "window_batch=4"), progress=False)
+    with pytest.raises(ConfigError, match=r"different settings \(compute_psnr\)"):
+        C.compress_dataset(job_config(str(corpus[0]), out, tiny_checkpoint, "compute_psnr=false"), progress=False)
     changed = tmp_path / "changed"
     shutil.copytree(corpus[0], changed)
     (changed / "photos" / "img9.png").write_bytes(png_bytes(random_image(H, W, seed=99)))

@@ -1,5 +1,5 @@
-"""The evaluation job (pipeline/evaluate.py, classic_codecs.py, rd.py), for real: the shared local
-Ray cluster, real Pillow codecs, a shipped model, real Parquet.
+"""The evaluation job (pipeline/evaluation/: evaluate.py, baselines.py, rd.py), for real: the shared
+local Ray cluster, real Pillow codecs, a shipped model, real Parquet.
 
 A few small crops of Kodak photographs (168 px high: just enough for MS-SSIM) keep the file
 well under a minute on 2 CPU cores. The "failing codec" is WebP on an image wider than WebP's
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ import pytest
 from PIL import Image
 
 from pipeline import cli
-from pipeline.evaluation import classic_codecs as CC
+from m2t_core.config import ConfigError
+from pipeline.evaluation import baselines as B
 from pipeline.evaluation import evaluate as E
 from pipeline.evaluation import rd
 
@@ -103,25 +105,116 @@ def test_paper_reference_and_ms_ssim():
 # ---------------------------------------------------------------- codecs
 
 
-def test_sweep_table_and_baseline_names():
-    assert CC.expand_baselines("jpeg") == ["jpeg-420", "jpeg-444"]
-    assert CC.expand_baselines("all") == ["jpeg-420", "jpeg-444", "webp", "avif", "jpeg2000", "jxl"]
-    assert CC.expand_baselines("none") == []
-    with pytest.raises(ValueError, match="unknown baseline codec 'gif'"):
-        CC.expand_baselines(["gif"])
-    rgb = np.asarray(Image.new("RGB", (64, 48), (120, 40, 200)))
-    for codec in CC.CODECS.values():
-        assert list(codec.sweep) == sorted(codec.sweep) and len(codec.sweep) >= 5
-        CC.ensure_available(codec)
-        data, _ = CC.encode(codec, rgb, codec.sweep[len(codec.sweep) // 2])
-        decoded, _ = CC.decode(codec, data, 48, 64)
-        assert decoded.shape == (48, 64, 3)
+def test_baseline_names_and_aliases():
+    assert B.expand_baselines("jpeg") == ["jpeg-420", "jpeg-444"]
+    assert B.expand_baselines("jpeg2000, JPEG") == ["jpeg2000", "jpeg-420", "jpeg-444"]
+    # "all" is the Pillow codecs: CompressAI is opt-in by name.
+    assert B.expand_baselines("all") == ["jpeg-420", "jpeg-444", "webp", "avif", "jpeg2000", "jxl"]
+    assert B.expand_baselines(["compressai", "webp"]) == [
+        "compressai-bmshj2018-hyperprior", "compressai-mbt2018", "webp"]
+    assert B.expand_baselines("none") == [] and B.expand_baselines(None) == []
+    for unknown in (["gif"], "jpeg,mbt2018"):
+        with pytest.raises(ValueError, match=r"unknown baseline codec '(gif|mbt2018)' \(known: jpeg-420, .*"
+                                             r"compressai-mbt2018, jpeg, j2k, jpegxl, compressai, all, none\)"):
+            B.expand_baselines(unknown)
+    with pytest.raises(ValueError, match="unknown baseline codec 'jpeg'"):
+        B.get_baseline("jpeg")  # an alias is not a codec
+    assert B.get_baseline("avif") is B.BASELINES["avif"]
+
+
+def test_every_pillow_baseline_round_trips_at_both_ends_of_its_sweep():
+    rgb = np.asarray(_photos()[0].crop((200, 150, 296, 214)))  # 96x64 of a real photo
+    pillow = [b for b in B.BASELINES.values() if isinstance(b, B.PillowBaseline)]
+    assert {b.name for b in pillow} == set(B.expand_baselines("all"))
+    for codec in pillow:
+        assert list(codec.sweep) == sorted(codec.sweep) and len(codec.sweep) >= 5 and codec.kind == "classic"
+        codec.ensure_available()
+        sizes = []
+        for value in (codec.sweep[0], codec.sweep[-1]):
+            data = codec.encode(rgb, value)
+            decoded = codec.decode(data, 64, 96)
+            assert decoded.shape == (64, 96, 3) and decoded.dtype == np.uint8, codec.name
+            assert 8 * len(data) / (64 * 96) > 0
+            sizes.append(len(data))
+        assert sizes[0] < sizes[1], f"{codec.name}: the sweep's top point is not larger than its bottom one"
+        with pytest.raises(ValueError, match="decoded image is 96x64, the original 95x64"):
+            codec.decode(data, 64, 95)
+        described = codec.describe()
+        assert described["name"] == codec.name and described["sweep"] == list(codec.sweep)
+        assert described["library"].startswith(("Pillow ", "pillow-jxl-plugin "))
 
 
 def test_a_missing_codec_plugin_names_the_codec_and_the_package():
-    missing = dataclasses.replace(CC.CODECS["jxl"], module="m2t_no_such_plugin")
-    with pytest.raises(CC.CodecUnavailableError, match=r"codec jxl needs the package pillow-jxl-plugin"):
-        CC.ensure_available(missing)
+    missing = dataclasses.replace(B.BASELINES["jxl"], module="m2t_no_such_plugin")
+    with pytest.raises(B.CodecUnavailableError, match=r"codec jxl needs the package pillow-jxl-plugin"):
+        missing.ensure_available()
+
+
+def test_compressai_unavailable_names_what_to_install(monkeypatch, small_dataset, tmp_path):
+    # CompressAI is not a project dependency: where it cannot be imported (None in sys.modules
+    # makes `import compressai` raise ImportError, installed or not), the baseline says so and
+    # what to install, and `m2t eval` refuses it as a usage error before any work.
+    monkeypatch.setitem(sys.modules, "compressai", None)
+    monkeypatch.setattr(B, "_COMPRESSAI", [])  # forget an earlier import's outcome
+    codec = B.BASELINES["compressai-mbt2018"]
+    assert codec.kind == "learned" and codec.sweep == (1, 2, 3, 4, 5, 6, 7, 8)
+    with pytest.raises(B.CodecUnavailableError, match=r"codec compressai-mbt2018 needs CompressAI, which is not "
+                                                      r"importable .*pip install --no-deps compressai==1\.2\.8"):
+        codec.ensure_available()
+    assert codec.describe()["library"] == "compressai (not installed)"
+    cfg = config(small_dataset, tmp_path / "o", models="none", baselines="compressai-bmshj2018-hyperprior",
+                 anchor="compressai-bmshj2018-hyperprior")
+    with pytest.raises(ConfigError, match="needs CompressAI"):
+        E.evaluate(cfg, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_compressai_random_init_round_trip():
+    # Runs where CompressAI is installed (make bench-peers); the default suite does not need it.
+    module, how = B.import_compressai()
+    if module is None:
+        pytest.skip(f"CompressAI is {how}")
+    rgb = np.asarray(_photos()[0].crop((200, 150, 300, 220)))  # 100x70: padded to 128x128 inside
+    codec = B.BASELINES["compressai-bmshj2018-hyperprior"].random_init()
+    codec.ensure_available()
+    for quality in (1, 8):
+        data = codec.encode(rgb, quality)
+        decoded = codec.decode(data, 70, 100)
+        assert decoded.shape == (70, 100, 3) and decoded.dtype == np.uint8 and data[0] == quality
+        assert codec.encode(rgb, quality) == data  # seeded weights: the same bytes every time
+    with pytest.raises(ValueError, match="not a stream of this codec"):
+        codec.decode(b"\x09" + data[1:], 70, 100)
+
+
+def test_compressai_pretrained_weights_come_only_from_torch_hubs_cache(monkeypatch, tmp_path):
+    # Runs where CompressAI is installed. The zoo would download missing weights: the baseline
+    # refuses first, naming the files and the folder; with the files there, the zoo loads them.
+    module, how = B.import_compressai()
+    if module is None:
+        pytest.skip(f"CompressAI is {how}")
+    import torch
+    from compressai import zoo
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # torch.hub.get_dir() = TORCH_HOME/hub
+    codec = dataclasses.replace(B.BASELINES["compressai-bmshj2018-hyperprior"], sweep=(1, 2))  # its own models
+    with pytest.raises(B.CodecUnavailableError, match=r"never downloads at run time: put "
+                       r"bmshj2018-hyperprior-1-7eb97409\.pth\.tar, bmshj2018-hyperprior-2-93677231\.pth\.tar in "
+                       + str(tmp_path / "hub" / "checkpoints")):
+        codec.ensure_available()
+    rgb = np.asarray(_photos()[0].crop((200, 150, 300, 220)))
+    for quality, (path, _url) in codec.weights_files().items():
+        # Stand-ins for the published files (this test cannot download them): seeded random
+        # weights in the same format, under the same names.
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(quality)
+        model = zoo.bmshj2018_hyperprior(quality=quality, pretrained=False)
+        model.update(force=True)
+        torch.save(model.state_dict(), path)
+    codec.ensure_available()
+    assert codec.describe()["weights_files"] == [Path(p).name for p, _ in codec.weights_files().values()]
+    data = codec.encode(rgb, 2)
+    assert codec.decode(data, 70, 100).shape == (70, 100, 3)
+    assert data != codec.random_init().encode(rgb, 2)  # the cached weights, not a random init
 
 
 # ---------------------------------------------------------------- the job
@@ -135,7 +228,7 @@ def test_eval_end_to_end_on_ray(ray_cluster, small_dataset, tmp_path):
     assert summary["complete"] and summary["this_run"]["runner"]["ray"]
 
     table = pq.read_table(out / "per_image.parquet").to_pylist()
-    webp_points = len(CC.CODECS["webp"].sweep)
+    webp_points = len(B.BASELINES["webp"].sweep)
     assert len(table) == 4 * (webp_points + 1)
     failed = [r for r in table if r["status"] != "ok"]
     assert {(r["key"], r["codec"]) for r in failed} == {("wide.png", "webp")}
@@ -186,7 +279,7 @@ def test_max_units_stops_and_a_rerun_does_only_the_rest(small_dataset, tmp_path)
     summary, code = E.evaluate(dataclasses.replace(cfg, max_units=0), progress=False)
     assert code == E.EXIT_OK and summary["units"]["this_run"] == 1 and summary["units"]["already_done"] == 3
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())
-    assert summary["rows"]["total"] == 4 * (len(CC.CODECS["jpeg-420"].sweep) + len(CC.CODECS["jpeg-444"].sweep))
+    assert summary["rows"]["total"] == 4 * (len(B.BASELINES["jpeg-420"].sweep) + len(B.BASELINES["jpeg-444"].sweep))
     # Other settings make other parts: the old ones are ignored, not merged.
     cfg2 = dataclasses.replace(cfg, max_units=0, ms_ssim=True, baselines="jpeg-420")
     summary, code = E.evaluate(cfg2, progress=False)

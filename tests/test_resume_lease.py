@@ -25,6 +25,7 @@ from m2t_core import M2TCodec, ModelConfig, save_checkpoint
 from m2t_core.config import ConfigError
 from pipeline.storage import archive as A
 from pipeline.jobs import compress as C
+from pipeline.jobs.runner import Placement
 from pipeline.storage import lease as L
 from pipeline.storage.sources import plan_shards
 
@@ -274,8 +275,8 @@ def test_an_unreadable_lease_is_refused_then_broken_with_the_flag(tmp_path, corp
 
 def test_the_lease_is_released_when_the_job_fails(tmp_path, corpus, checkpoint):
     out = fresh_archive(tmp_path, corpus, checkpoint)
-    with pytest.raises(ConfigError, match="window_batch"):  # raised after the lease was taken
-        C.compress_dataset(config(corpus, out, checkpoint, "window_batch=4"), progress=False)
+    with pytest.raises(ConfigError, match="compute_psnr"):  # raised after the lease was taken
+        C.compress_dataset(config(corpus, out, checkpoint, "compute_psnr=false"), progress=False)
     assert not (out / L.LEASE).exists()
 
 
@@ -306,10 +307,10 @@ def _spec_and_job(corpus, out, checkpoint, owner: str):
 
     model = load_model(str(checkpoint))
     spec = plan_shards([str(corpus)], 2)[1]
-    job = {"output": str(out), "storage_options": {}, "model_source": str(checkpoint), "model_id": model.model_id,
-           "weights_sha256": model.weights_digest().hex(), "window_batch": 8, "max_pixels": 64_000_000,
-           "compute_psnr": True, "max_source_bytes": 1 << 28, "prefetch": 2, "torch_threads": 1,
-           "cpus_per_actor": 1, "use_gpu": False, "shard_retries": 0, "lease_owner": owner}
+    job = C.ShardSettings(output=str(out), storage_options={}, model_source=str(checkpoint), model_id=model.model_id,
+                          weights_sha256=model.weights_digest().hex(), max_pixels=64_000_000, compute_psnr=True,
+                          batch_images=0, coding_threads=-1, max_source_bytes=1 << 28, prefetch=2, torch_threads=1,
+                          cpus_per_actor=1, lease_owner=owner)
     return model, spec, job
 
 
@@ -335,7 +336,8 @@ def test_an_orphaned_ray_actor_is_fenced(tmp_path, corpus, checkpoint, ray_clust
     old = write_lease(out, pid=dead_pid())
     _, spec, job = _spec_and_job(corpus, out, checkpoint, old.owner)
     (out / "shards" / f"{spec.shard}.stats.json").unlink()
-    actor = ray.remote(C.ShardWorker).options(num_cpus=1).remote(job)  # lives on after "its driver" died
+    # A job's worker on an actor that lives on after "its driver" died.
+    actor = ray.remote(C.ShardWorker).options(num_cpus=1).remote(job, Placement(ray=True, cpus=1))
     try:
         with L.ArchiveLease(str(out), timeout_s=60):
             with pytest.raises(ray.exceptions.RayTaskError, match="no longer holds the lease"):

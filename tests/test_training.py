@@ -1,4 +1,5 @@
-"""The training job (pipeline/training.py) on a toy model and generated images, on the CPU."""
+"""The training job (pipeline/training/: trainer.py, data.py, checkpoints.py) on a toy model and
+generated images, on the CPU."""
 
 from __future__ import annotations
 
@@ -9,16 +10,20 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 import m2t_core
-from m2t_core import registry
-from m2t_core.codec import M2TCodec
+from m2t_core import M2TCodec, registry
 from m2t_core.config import ConfigError
-from pipeline.training.trainer import trainer as T
+from pipeline.storage.sources import SourceError
+from pipeline.training import checkpoints as CK
+from pipeline.training import data as D
+from pipeline.training import trainer as T
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "train" / "tiny-test.yaml"
@@ -40,6 +45,12 @@ def make_images(folder: Path, count: int, seed: int = 0, fmt: str = "png") -> li
         Image.fromarray(img).save(path)
         paths.append(path)
     return paths
+
+
+def write_parquet(path: Path, images: list[Path], row_group_size: int = 2) -> None:
+    """The images as a Hugging Face-style Parquet file: a struct column {bytes, path}."""
+    rows = [{"image": {"bytes": p.read_bytes(), "path": p.name}, "label": i} for i, p in enumerate(images)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
 
 
 def tiny_config(train: Path, out: Path, *sets: str, val: Path | None = None) -> T.TrainConfig:
@@ -78,8 +89,14 @@ def test_config_errors_and_overrides(tmp_path):
         T.load_config(TINY, ["train_data=/x", "amp=fp8"])
     with pytest.raises(ConfigError, match="model_id"):
         T.load_config(TINY, ["train_data=/x", "model_id=no spaces"])
+    with pytest.raises(ConfigError, match="parquet_image_column"):
+        T.load_config(TINY, ["train_data=/x", "parquet_image_column=[1]"])
     # Missing data is reported before any training starts, as exit status 2.
     assert T.main(["--config", str(TINY), "--no-ray", "--set", f"train_data={tmp_path}/none",
+                   "--set", f"output_dir={tmp_path}/run"]) == 2
+    (tmp_path / "empty").mkdir()  # there, but nothing to train on: a usage error too
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    assert T.main(["--config", str(TINY), "--no-ray", "--set", f"train_data={tmp_path}/empty",
                    "--set", f"output_dir={tmp_path}/run"]) == 2
 
 
@@ -100,7 +117,7 @@ def test_schedules_and_mt_rate():
 # ---------------------------------------------------------------- data
 
 
-def test_data_folder_tar_and_crops(tmp_path, shared_datasets):
+def test_data_folder_tar_parquet_and_crops(tmp_path, shared_datasets):
     paths = make_images(tmp_path / "imgs", 3, fmt="jpg")
     shard = tmp_path / "shards" / "shard-000.tar"
     shard.parent.mkdir()
@@ -111,16 +128,62 @@ def test_data_folder_tar_and_crops(tmp_path, shared_datasets):
             info = tarfile.TarInfo(f"{p.stem}.json")
             info.size = len(meta)
             tar.addfile(info, io.BytesIO(meta))
-    folder, shards = T.list_samples(str(tmp_path / "imgs")), T.list_samples(str(shard.parent))
-    assert len(folder) == len(shards) == 3  # the .json members are not images
-    for a, b in zip(folder, shards):
-        assert np.array_equal(T.read_sample(a), T.read_sample(b))
+    write_parquet(tmp_path / "rows.parquet", paths)
+    folder, shards = D.list_samples(str(tmp_path / "imgs")), D.list_samples(str(shard.parent))
+    rows = D.list_samples(str(tmp_path / "rows.parquet"))
+    assert len(folder) == len(shards) == len(rows) == 3  # the .json members are not images
+    assert rows[2].endswith("rows.parquet#row=2") and shards[0].endswith("shard-000.tar#img00.jpg")
+    for a, b, c in zip(folder, shards, rows):
+        assert np.array_equal(D.read_sample(a), D.read_sample(b))
+        assert np.array_equal(D.read_sample(a), D.read_sample(c))
+    everything = D.list_samples(str(tmp_path))  # one folder holding all three formats
+    assert sorted(everything) == sorted(folder + shards + rows)
     rng = np.random.default_rng(0)
     small = np.zeros((40, 50, 3), np.uint8)  # smaller than the crop: upscaled
-    assert T.random_crop(small, 64, rng).shape == (64, 64, 3)
-    photos = T.list_samples(str(shared_datasets / "train" / "skimage-data"))
-    ds = T.CropDataset(photos, 256)
+    assert D.random_crop(small, 64, rng).shape == (64, 64, 3)
+    photos = D.list_samples(str(shared_datasets / "train" / "skimage-data"))
+    ds = D.CropDataset(photos, 256)
     assert ds[0].shape == (3, 256, 256) and ds[0].dtype == torch.uint8
+    with pytest.raises(SourceError, match="no images"):
+        D.list_samples(str(tmp_path / "shards" / "*.json"))
+
+
+def test_crops_in_dataloader_workers_from_tar_and_parquet(tmp_path):
+    """Forked DataLoader workers read through copies of the listing's SourceCache: the tar
+    index travels with it; each worker opens its own files."""
+    paths = make_images(tmp_path / "imgs", 4)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for p in paths:
+            tar.add(p, arcname=p.name)
+    write_parquet(tmp_path / "b.parquet", paths)
+    cache = D.SourceCache()
+    samples = D.list_samples([str(tmp_path / "a.tar"), str(tmp_path / "b.parquet")], cache=cache)
+    assert len(samples) == 8
+    loader = torch.utils.data.DataLoader(D.CropDataset(samples, 32, cache=cache), batch_size=4, num_workers=2,
+                                         sampler=D.InfiniteSampler(len(samples), seed=0))
+    batches = iter(loader)
+    for _ in range(4):
+        assert next(batches).shape == (4, 3, 32, 32)
+    del batches, loader
+
+
+def test_training_from_parquet(tmp_path, caplog):
+    """A Parquet file (rows in two-row groups, one null image) trains like a folder; the null
+    row is named in a warning and skipped."""
+    paths = make_images(tmp_path / "imgs", 5)
+    write_parquet(tmp_path / "train.parquet", paths)
+    rows = pq.read_table(tmp_path / "train.parquet").to_pylist()
+    rows[3]["image"] = None
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet", row_group_size=2)
+    cfg = tiny_config(tmp_path / "train.parquet", tmp_path / "run", "steps=6", "log_every=2",
+                      "parquet_image_column=image", val=tmp_path / "train.parquet")
+    with caplog.at_level(logging.WARNING, logger="pipeline.training"):
+        export = T.train(cfg)
+    assert export.is_file() and [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [2, 4, 6]
+    assert read_metrics(tmp_path / "run", "val")[-1]["images"] == 2  # val_images: the first two rows
+    # 12 crops from 5 rows in shuffled passes: row 3 was drawn, named once, then left out.
+    named = [r.getMessage() for r in caplog.records if "train.parquet#row=3" in r.getMessage()]
+    assert len(named) == 1 and "null in column 'image'" in named[0], named
 
 
 def test_bad_file_is_skipped_with_a_warning(tmp_path, caplog):
@@ -165,16 +228,16 @@ def test_export_and_checkpoint_round_trip(tiny_run, tmp_path):
     assert not any(k.startswith("entropy_model.") for k in load_file(str(export)))
     # A bitstream of the exported model decodes, through a freshly loaded copy, to its reconstruction.
     rgb = np.asarray(Image.open(next((tiny_run.parent / "val").iterdir())).convert("RGB"))
-    enc = exported.encode_image(rgb)
+    enc = m2t_core.Encoder(exported, reconstruct=True).encode_image(rgb)
     again = registry.load_checkpoint(export)
-    assert again.encode_image(rgb).bitstream == enc.bitstream
-    assert np.array_equal(m2t_core.decompress(enc.bitstream, model=again), exported.reconstruct(enc))
+    assert m2t_core.Encoder(again).encode_image(rgb).bitstream == enc.bitstream
+    assert np.array_equal(m2t_core.decompress(enc.bitstream, model=again), enc.x_hat)
     # save_state -> load_state restores weights and optimizer moments exactly.
     model, opt = _trained_copy(last)
-    T.save_state(tmp_path, model, opt, 7, 1.0, T.load_config(TINY, ["train_data=/x"]))
+    CK.save_state(tmp_path, model, opt, 7, 1.0, T.load_config(TINY, ["train_data=/x"]))
     model2 = M2TCodec(model.cfg)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
-    assert T.load_state(tmp_path, model2, opt2) == (7, 1.0)
+    assert CK.load_state(tmp_path, model2, opt2) == (7, 1.0)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.eval()(x)["x_hat"], model2.eval()(x)["x_hat"])

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import m2t_core
 from m2t_core import load_image, save_checkpoint
 from pipeline.storage import archive as A
 from pipeline.jobs import compress as C
@@ -114,7 +115,7 @@ def plant_stream(dest: Path) -> None:
     """A valid bitstream of another image where a traversal would land."""
     model = build_model(TINY, model_id=MODEL_ID)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(model.encode_image(random_image(H, W, seed=99)).bitstream)
+    dest.write_bytes(m2t_core.Encoder(model).encode_image(random_image(H, W, seed=99)).bitstream)
 
 
 # ---------------------------------------------------------------- the clean archive

@@ -73,7 +73,8 @@ def test_clean_archive_on_ray_decodes_each_shard_once(archive, tmp_path, ray_clu
     code, report = verify(archive, tmp_path, "--actors", "2", "--against-source")
     assert code == V.EXIT_OK, report["issues"]
     assert report["images"] == report["verified"] == 4 and not report["issues"]
-    assert report["runner"] == {"ray": True, "actors": 2, "use_gpu": False}
+    runner = report["runner"]
+    assert (runner["ray"], runner["actors"], runner["use_gpu"], runner["cpus_per_actor"]) == (True, 2, False, 1.0)
     assert report["shards"]["decode_counts"] == {"00000": 1, "00001": 1}
     # Usually one shard on each actor; an actor that is up first may take both while the
     # other starts (the pool never lets a ready actor idle), so that is allowed too.

@@ -39,7 +39,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from m2t_core.bitstream import BitstreamError
 
 from pipeline.storage.archive import (EXIT_OK, EXIT_USAGE, Archive, ArchiveError, SHARDS_DIR, index_schema, read_parquet)
 
@@ -267,15 +266,8 @@ class Browser:
         return data
 
     def _decode(self, key: str, preview: bool) -> np.ndarray:
-        kwargs = {"model": self.model, "storage_options": self.storage_options}
-        if preview:
-            try:
-                return self._get_image(self.archive_url, key, steps=self.preview_steps, **kwargs)
-            except BitstreamError as exc:
-                # A stream written before format version 3 has no prefix to preview: decode it whole.
-                if "previews need format version 3" not in str(exc):
-                    raise
-        return self._get_image(self.archive_url, key, **kwargs)
+        return self._get_image(self.archive_url, key, model=self.model, storage_options=self.storage_options,
+                               steps=self.preview_steps if preview else None)
 
 
 # ====================================================================== the web app

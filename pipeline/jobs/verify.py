@@ -4,13 +4,15 @@
     m2t restore ARCHIVE OUTPUT [--format png] [--keys k1 k2] [--no-ray]
     python jobs/decompress.py verify ... | restore ...     (same arguments; for `ray job submit`)
 
-Shards are decoded on a pool of Ray actors (one GPU each where the cluster has GPUs, else
-`--cpus-per-actor` CPUs each; sized from ray.cluster_resources() by pipeline/runner.py's
-helper), or in this process with --no-ray. Each shard is decoded exactly once.
+A job on the skeleton of pipeline/jobs/runner.py (VerifyJob; its worker DecodeWorker, its
+settings DecodeSettings, its command line VerifyConfig). Shards are decoded on a pool of Ray
+actors (up to 4 sharing each GPU where the cluster has GPUs, else `--cpus-per-actor` CPUs each;
+sized from ray.cluster_resources()), or in this process with --no-ray. Each shard is decoded
+exactly once.
 
-Nothing in the archive is trusted: the manifest is type-checked (checked_manifest; shard names
-must be the archive's own, 5-12 digits), the model is opened only from --model or the installed
-registry (name + weights hash; resolve_model never opens the manifest's source path/URL), each
+Nothing in the archive is trusted: the manifest is type-checked (pipeline/storage/manifest.py:
+shard names must be the archive's own, 5-12 digits), the model is opened only from --model or the
+installed registry (name + weights hash; resolve_model never opens the manifest's source), each
 index is checked against archive.index_schema()'s types, every row's offset/length is checked against the blob's
 real size before any read, the bitstream's CRC-32 against the index, the bitstream header
 (m2t_core.bitstream.unpack, with the archive's max_pixels) before any decoding, the header's
@@ -29,6 +31,7 @@ manifest, or a shard's worker failed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -37,21 +40,22 @@ import os
 import re
 import socket
 import sys
-import tarfile
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
 from m2t_core import bitstream as bs
-from m2t_core.codec import numerics_environment
+from m2t_core.model import numerics_environment
 
+from pipeline.errors import UsageError, run_main
 from pipeline.storage import archive as A
+from pipeline.storage.manifest import ModelUnavailable, issue, read_manifest, resolve_model  # noqa: F401
 from pipeline.jobs.runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
-from pipeline.jobs.runner import (JobError, PoolOptions, Progress, actor_class, connect_ray, exit_code, peak_rss_mib, plan_pool,
-                     ray_node_id, run_actor_pool, run_in_process)
-from pipeline.storage.sources import filesystem, join_url
+from pipeline.jobs.runner import Item, Job, Placement, Report, Run, RunOptions, peak_rss_mib, run_job
+from pipeline.storage.sources import SourceCache, join_url, read_source
 
 log = logging.getLogger(__name__)
 
@@ -78,96 +82,15 @@ ISSUE_KINDS = {
     "write_error": "restore: the image could not be written",
     "worker_failed": "the shard's worker failed (the shard was not checked)",
 }
+# Issue kinds that are errors (the rest are mismatches: data that decodes, but not to what was recorded).
+DECODE_KINDS = {"bad_manifest", "decode_error", "corrupt_bitstream", "unsupported_version", "bad_offset", "missing_blob",
+                "missing_index", "worker_failed", "model_unavailable", "source_error", "write_error"}
 FORMATS = {"png": ("PNG", ".png"), "bmp": ("BMP", ".bmp"), "tiff": ("TIFF", ".tiff"),
            "webp": ("WEBP", ".webp"), "ppm": ("PPM", ".ppm")}  # lossless only
 VERIFY_REPORT, RESTORE_REPORT = "verify.json", "restore.json"
 
 
-def issue(shard, key, kind: str, message: str) -> dict[str, Any]:
-    return {"shard": shard, "key": key, "kind": kind, "message": message}
-
-
-# ====================================================================== model
-
-
-class ModelUnavailable(RuntimeError):
-    pass
-
-
-def resolve_model(manifest: Mapping[str, Any], override: str | None, storage_options=None) -> str:
-    """The model spec (name, path or URL) whose weights are the manifest's; ModelUnavailable
-    names the model needed when none is."""
-    from m2t_core.registry import MODEL_NAME_RE, find_installed_model
-
-    # Only two places are ever opened: what the user passed (--model) and the installed
-    # registry (matched by name and weights hash). The manifest's `source` (a path or URL the
-    # compress job used) is shown in messages, never opened: an archive is untrusted.
-    info = manifest.get("model") if isinstance(manifest, Mapping) else None
-    info = info if isinstance(info, Mapping) else {}
-    want_id, want_hash = info.get("id"), info.get("weights_hash")
-    if not (isinstance(want_id, str) and MODEL_NAME_RE.match(want_id) and isinstance(want_hash, str)
-            and re.fullmatch(r"[0-9a-f]{16}", want_hash)):
-        raise ModelUnavailable(f"the manifest's model is malformed (id {want_id!r}, weights hash {want_hash!r}): "
-                               "give the model with --model PATH|URL")
-    tried = []
-    if override:
-        try:
-            model = A.open_model(override, storage_options=storage_options)
-        except Exception as exc:  # not found, unreadable, not a checkpoint
-            tried.append(f"{override} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
-        else:
-            if model.model_id == want_id and model.weights_hash().hex() == want_hash:
-                return override
-            tried.append(f"{override} ({model.model_id}, weights {model.weights_hash().hex()})")
-    path = find_installed_model(want_id, want_hash)
-    if path is not None:
-        return str(path)
-    tried.append(f"installed models named {want_id!r} ($M2T_MODEL_PATH, package weights)")
-    raise ModelUnavailable(
-        f"the archive needs model {want_id!r} with weights hash {want_hash} "
-        f"(sha256 {info.get('weights_sha256')!r}, written from {str(info.get('source'))[:200]!r}, not opened); "
-        f"no available checkpoint matches: give it with --model PATH|URL or put it in $M2T_MODEL_PATH "
-        f"(tried: {'; '.join(tried[:6])})")
-
-
 # ====================================================================== one shard
-
-
-def _read_source(source: str, storage_options, image_column, cache: dict) -> bytes:
-    """The bytes of an index row's source: a file URL, `URL#member` (tar), `URL#row=N` (Parquet)."""
-    url, _, frag = source.partition("#")
-    fs, path = filesystem(url, storage_options)
-    if not frag:
-        return fs.cat_file(path)
-    if frag.startswith("row="):
-        if url not in cache:
-            import pyarrow.compute as pc
-            import pyarrow.parquet as pq
-
-            from pipeline.storage.sources import _pick_columns
-
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f, pre_buffer=False)  # no Arrow threads: see A.read_parquet
-                column, _ = _pick_columns(pf.schema_arrow, url, image_column, None)
-                col = pf.read(columns=[column], use_threads=False).column(0).combine_chunks()
-            if hasattr(col.type, "num_fields"):
-                col = pc.struct_field(col, "bytes")
-            cache[url] = col
-        value = cache[url][int(frag[4:])].as_py()
-        if value is None:
-            raise ValueError("no image bytes in the Parquet row")
-        return value
-    if url not in cache:  # a tar: read once per shard (a tar is one shard)
-        members = {}
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for m in tar:
-                if m.isfile() and m.name not in members:
-                    handle = tar.extractfile(m)
-                    members[m.name] = handle.read() if handle else b""
-        cache[url] = members
-    if frag not in cache[url]:
-        raise KeyError(f"member {frag!r} not in {url}")
-    return cache[url][frag]
 
 
 def _check_stream(model, row, data: bytes, blob_crc_ok: bool, max_pixels: int, where) -> tuple[Any, dict | None]:
@@ -200,11 +123,11 @@ def _check_stream(model, row, data: bytes, blob_crc_ok: bool, max_pixels: int, w
     return header, None
 
 
-def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
-    """Verify (job["mode"] == "verify") or restore one shard; returns counts and issues."""
+def process_shard(model, shard: str, job: DecodeSettings) -> dict[str, Any]:
+    """Verify (job.mode == "verify") or restore one shard; returns counts and issues."""
 
     t0 = time.perf_counter()
-    archive = A.Archive(job["archive"], job["storage_options"])
+    archive = A.Archive(job.archive, job.storage_options)
     fs = archive.fs
     out = {"shard": shard, "worker": f"{socket.gethostname()}:{os.getpid()}", "images": 0, "verified": 0,
            "written": 0, "skipped": 0, "pixels": 0, "issues": [], "files": {}}
@@ -237,10 +160,10 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
         out["seconds"] = time.perf_counter() - t0
         return out
     ok_rows = [r for r in rows if r["status"] == "ok"]
-    if job.get("keys") is not None:
-        ok_rows = [r for r in ok_rows if r["key"] in job["keys"]]
-    expect = job.get("manifest_shard")
-    if expect and job.get("keys") is None and isinstance(expect.get("images"), int) \
+    if job.keys is not None:
+        ok_rows = [r for r in ok_rows if r["key"] in job.keys]
+    expect = job.manifest_shard
+    if expect and job.keys is None and isinstance(expect.get("images"), int) \
             and isinstance(expect.get("ok"), int) and (len(rows) != expect["images"] or len([r for r in rows if r["status"] == "ok"]) != expect["ok"]):
         issues.append(issue(shard, None, "index_mismatch", f"shard {shard}: the index has {len(rows)} rows, "
                             f"the manifest says {expect['images']} (ok: manifest {expect['ok']})"))
@@ -260,10 +183,10 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
         issues.append(issue(shard, None, "truncated_blob",
                             f"shard {shard}: shards/{shard}.bin has {size} bytes, the shard wrote "
                             f"{stats['compressed_bytes']} ({'truncated' if size < stats['compressed_bytes'] else 'extra bytes'})"))
-    max_pixels = int(job["max_pixels"])
+    max_pixels = int(job.max_pixels)
     max_length = 3 * max_pixels + 65536  # never more bytes than raw RGB: bounds every read
-    out_archive = A.Archive(job["output"], job["storage_options"]) if job["mode"] == "restore" else None
-    source_cache: dict = {}
+    out_archive = A.Archive(job.output, job.storage_options) if job.mode == "restore" else None
+    source_cache = SourceCache()  # --against-source: a tar or Parquet file is opened once per shard
     batch = decode_batch(job, model)
     # A bad row becomes an issue here; good ones are decoded `batch` at a time
     # (decompress_many: the windows of many images share each transformer step).
@@ -273,7 +196,7 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
         out["images"] += 1
         dest = None
         if out_archive is not None:
-            rel = safe_relpath(key, job["ext"])
+            rel = safe_relpath(key, job.ext)
             if rel is None:
                 issues.append(issue(shard, key, "unsafe_key", f"shard {shard}, key {key!r}: refused, the key "
                                     "could escape the output root (absolute, '..', '.', empty segment, "
@@ -310,10 +233,10 @@ def process_shard(model, shard: str, job: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def decode_batch(job: Mapping[str, Any], model) -> int:
+def decode_batch(job: DecodeSettings, model) -> int:
     """Streams decoded together: the job's --batch-images, or (0) 16 on a GPU, 1 on a CPU
     (where batching is no faster: bench/codec_speed.py)."""
-    return int(job.get("batch_images") or 0) or (16 if model.device.type == "cuda" else 1)
+    return int(job.batch_images or 0) or (16 if model.device.type == "cuda" else 1)
 
 
 def pixels_comparable(expect: Mapping[str, Any] | None, model, batch: int) -> bool:
@@ -327,15 +250,17 @@ def pixels_comparable(expect: Mapping[str, Any] | None, model, batch: int) -> bo
     return batch == 1 and written == model.numerics()
 
 
-def _decode_and_check(model, pending: list, job: Mapping[str, Any], out: dict, out_archive, source_cache: dict,
+def _decode_and_check(model, pending: list, job: DecodeSettings, out: dict, out_archive, source_cache: SourceCache,
                       batch: int) -> None:
     """Decode `pending` streams together, then check (and restore) each decoded image."""
+    from m2t_core import Decoder
     from m2t_core.image_io import load_image, save_image
     from m2t_core.metrics import mse as mse_of, psnr_from_mse
 
-    shard, issues, max_pixels = out["shard"], out["issues"], int(job["max_pixels"])
-    expect = job.get("manifest_shard")
-    decoded = model.decompress_many([data for _, data, _, _ in pending], max_pixels=max_pixels, batch=batch)
+    shard, issues, max_pixels = out["shard"], out["issues"], int(job.max_pixels)
+    expect = job.manifest_shard
+    decoder = Decoder(model, batch_images=batch, max_pixels=max_pixels)
+    decoded = decoder.decompress_many([data for _, data, _, _ in pending])
     comparable = pixels_comparable(expect, model, batch)  # the same for every row of the shard
     for (row, data, header, dest), rgb in zip(pending, decoded):
         key = row["key"]
@@ -346,16 +271,15 @@ def _decode_and_check(model, pending: list, job: Mapping[str, Any], out: dict, o
         out["pixels"] += header.height * header.width
         got = zlib.crc32(np.ascontiguousarray(rgb).tobytes())
         # Pixels come from float g_s: compared only under the numerics that wrote decoded_crc32.
-        same_numerics = header.portable is False or comparable
-        out.setdefault("pixel_checks", {"compared": 0, "skipped": 0})["compared" if same_numerics else "skipped"] += 1
-        if same_numerics and row["decoded_crc32"] is not None and got != row["decoded_crc32"]:
+        out.setdefault("pixel_checks", {"compared": 0, "skipped": 0})["compared" if comparable else "skipped"] += 1
+        if comparable and row["decoded_crc32"] is not None and got != row["decoded_crc32"]:
             issues.append(issue(shard, key, "decoded_mismatch", f"shard {shard}, key {key!r}: decoded pixels have "
                                 f"CRC-32 {got:08x}, index says {row['decoded_crc32']:08x}"))
             continue
-        if job.get("against_source"):
+        if job.against_source:
             try:
-                src = load_image(_read_source(row["source"], job["storage_options"], job.get("image_column"),
-                                              source_cache), max_pixels=max_pixels)
+                src = load_image(read_source(row["source"], job.storage_options, cache=source_cache,
+                                             image_column=job.image_column), max_pixels=max_pixels)
             except Exception as exc:
                 issues.append(issue(shard, key, "source_error", f"shard {shard}, key {key!r}: cannot read source "
                                     f"{row['source']}: {type(exc).__name__}: {exc}"))
@@ -376,7 +300,7 @@ def _decode_and_check(model, pending: list, job: Mapping[str, Any], out: dict, o
         if dest is not None:
             try:
                 buf = io.BytesIO()
-                save_image(rgb, buf, format=job["format"])
+                save_image(rgb, buf, format=job.format)
                 out_archive.write_bytes(dest, buf.getvalue())
                 out["written"] += 1
             except Exception as exc:
@@ -413,237 +337,174 @@ def safe_relpath(key: str, ext: str) -> str | None:
     return key + ext
 
 
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What a decode worker needs: the same for every shard of a run (but `manifest_shard`,
+    which the worker fills in per shard)."""
+
+    mode: str  # "verify" or "restore"
+    archive: str  # the archive's URL
+    storage_options: dict | None
+    model_source: str  # what resolve_model found: --model, or the installed model with the manifest's weights
+    max_pixels: int  # the archive's limit (at most the decoder's default): bounds every read and decode
+    batch_images: int = 0  # streams decoded together; 0: 16 on a GPU, 1 on a CPU
+    against_source: bool = False  # verify: re-read each source and recompute PSNR and bpp
+    image_column: str | None = None  # the compress job's parquet_image_column, for --against-source
+    output: str | None = None  # restore: the output root URL
+    format: str = "PNG"  # restore: Pillow's format name ...
+    ext: str = ".png"  # ... and the extension appended to each key
+    keys: frozenset[str] | None = None  # restore: only these keys
+    manifest_shard: Mapping[str, Any] | None = None  # the manifest's entry of the shard being decoded
+
+
 class DecodeWorker:
-    """A Ray actor: loads the model once, then verifies / restores the shards it is given."""
+    """A decode worker (on a Ray actor, or once in process): loads the model once, then
+    verifies / restores the shards it is given ((shard, manifest entry) pairs)."""
 
-    def __init__(self, job: dict[str, Any]):
-        import torch
+    def __init__(self, settings: DecodeSettings, placement: Placement):
+        if placement.ray:
+            import torch
 
-        torch.set_num_threads(max(1, int(job["cpus_per_actor"])))
-        self.job = job
-        self.node_id = ray_node_id()
-        self.model = A.open_model(job["model_source"], device="cuda" if job["use_gpu"] else "cpu",
-                                  storage_options=job["storage_options"])
+            torch.set_num_threads(max(1, int(placement.cpus)))
+        self.settings, self.node_id = settings, placement.node_id
+        self.model = A.open_model(settings.model_source, device=placement.device,
+                                  storage_options=settings.storage_options)
 
-    def ready(self) -> dict[str, Any]:
-        """The pool's placement probe: answers once the actor is placed and built."""
-        return {"node_id": self.node_id}
-
-    def process(self, shard: str, manifest_shard) -> dict[str, Any]:
-        result = process_shard(self.model, shard, {**self.job, "manifest_shard": manifest_shard})
+    def process(self, payload: tuple[str, Any]) -> dict[str, Any]:
+        shard, entry = payload
+        result = process_shard(self.model, shard, dataclasses.replace(self.settings, manifest_shard=entry))
         result["node_id"] = self.node_id
         return result
 
 
-# ====================================================================== the driver
+
+# ====================================================================== the job (driver side)
 
 
-def _pool_options(args) -> PoolOptions:
-    return PoolOptions(address=args.ray_address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                       retries=getattr(args, "shard_retries", 2),
-                       placement_timeout_s=getattr(args, "placement_timeout", 120.0))
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What `m2t verify` / `m2t restore` were asked to do: their command line, checked."""
+
+    mode: str  # "verify" or "restore"
+    archive: str  # URL; a local path made absolute
+    runner: RunOptions
+    storage_options: dict | None = None
+    shards: tuple[str, ...] | None = None  # only these shards
+    model: str | None = None  # --model
+    against_source: bool = False
+    batch_images: int = 0
+    output: str | None = None  # restore
+    format: str = "png"  # restore: a key of FORMATS
+    keys: frozenset[str] | None = None  # restore: only these keys
+    report: str | None = None  # where to save the JSON report (None: the default)
+
+    @classmethod
+    def from_args(cls, mode: str, args: argparse.Namespace) -> "VerifyConfig":
+        if args.actors < 0 or args.cpus_per_actor < 0:
+            raise UsageError("--actors and --cpus-per-actor must be >= 0")
+        if args.shard_retries < 0 or args.placement_timeout <= 0:
+            raise UsageError("--shard-retries must be >= 0 and --placement-timeout > 0")
+        if not 0 <= args.batch_images <= 1024:
+            raise UsageError(f"--batch-images must be 0 (auto) to 1024, got {args.batch_images}")
+        try:
+            options = json.loads(args.storage_options) if args.storage_options else None
+        except ValueError as exc:
+            raise UsageError(f"--storage-options is not valid JSON: {exc}") from None
+        local = lambda url: url if "://" in url else os.path.abspath(url)
+        runner = RunOptions(ray=not args.no_ray, address=args.ray_address, actors=args.actors,
+                            cpus_per_actor=args.cpus_per_actor, retries=args.shard_retries,
+                            placement_timeout_s=args.placement_timeout, device="cpu", progress=not args.no_progress)
+        shards = tuple(s for item in args.shards for s in item.split(",") if s) if args.shards else None
+        restore = mode == "restore"
+        return cls(mode, local(args.archive), runner, storage_options=options, shards=shards, model=args.model,
+                   against_source=not restore and args.against_source, batch_images=args.batch_images,
+                   output=local(args.output) if restore else None, format=args.format if restore else "png",
+                   keys=frozenset(args.keys) if restore and args.keys else None, report=args.report)
 
 
-def _run_ray(job, shards, manifest_shards, args, bar, results, failed) -> dict[str, Any]:
-    """Shards on a pool of DecodeWorker actors (pipeline.runner.run_actor_pool): a shard whose
-    actor died with its node is retried on the actors left; an actor that cannot be placed is
-    not waited for (--placement-timeout)."""
-    options = _pool_options(args)
-    connect_ray(options.address)
-    plan = plan_pool(options, len(shards))
-    n_actors, use_gpu = plan.actors, plan.use_gpu
-    job = {**job, "use_gpu": use_gpu}
+class VerifyJob(Job):
+    """m2t verify / restore on the runner's skeleton: plan (the checked manifest, the model),
+    fold each shard's counts and issues, report."""
 
-    def on_result(shard: str, result: dict, node_id) -> None:
-        results[shard] = result
-        bar.update(result["images"], len(result["issues"]))
+    what, failures = "shard", "issues"
+    worker = DecodeWorker
 
-    def on_failed(shard: str, reason: str) -> None:
-        failed[shard] = reason
+    def __init__(self, cfg: VerifyConfig):
+        super().__init__()
+        self.cfg, self.name = cfg, cfg.mode
+        self.results: dict[str, dict] = {}
 
-    try:
-        events = run_actor_pool(
-            actor_class(DecodeWorker, options, plan), (job,), n_actors, [(shard, shard) for shard in shards],
-            lambda actor, shard: actor.process.remote(shard, manifest_shards.get(shard)), on_result, on_failed,
-            retries=options.retries, in_flight=options.in_flight, cpus=options.cpus_per_actor,
-            gpus=plan.gpu_per_actor, placement_timeout_s=options.placement_timeout_s)
-    except JobError as exc:  # the actors cannot start (e.g. the model): every shard left fails
+    def plan(self) -> list[Item]:
+        cfg = self.cfg
+        self.manifest, self.issues = read_manifest(A.Archive(cfg.archive, cfg.storage_options))
+        entries = {s["shard"]: s for s in self.manifest.get("shards", [])}
+        self.shards = list(entries)
+        if cfg.shards:
+            unknown = [s for s in cfg.shards if s not in entries]
+            if unknown:
+                raise UsageError(f"shard(s) {', '.join(unknown)} not in the manifest (it lists {len(entries)})")
+            self.shards = [s for s in entries if s in set(cfg.shards)]
+        written = self.manifest.get("config", {})
+        try:
+            model_source = resolve_model(self.manifest, cfg.model, cfg.storage_options)
+        except ModelUnavailable as exc:
+            self.issues.append(issue(None, None, "model_unavailable", str(exc)))
+            model_source, self.shards = "", []
+        fmt, ext = FORMATS[cfg.format]
+        self.settings = DecodeSettings(
+            cfg.mode, cfg.archive, cfg.storage_options, model_source,
+            max_pixels=min(int(written.get("max_pixels") or bs.DEFAULT_MAX_PIXELS), bs.DEFAULT_MAX_PIXELS),
+            batch_images=cfg.batch_images, against_source=cfg.against_source,
+            image_column=written.get("parquet_image_column"), output=cfg.output, format=fmt, ext=ext, keys=cfg.keys)
+        # The ETA from images/s needs the image count: the manifest's (not with --keys: a subset).
+        count = lambda s: entries[s].get("images") if cfg.keys is None else None
+        return [Item(s, (s, entries[s]), count(s)) for s in self.shards]
+
+    def fold(self, shard: str, result: dict) -> tuple[int, int]:
+        self.results[shard] = result
+        return result["images"], len(result["issues"])
+
+    def report(self, run: Run) -> Report:
+        cfg, shards, issues = self.cfg, self.shards, list(self.issues)
         for shard in shards:
-            if shard not in results:
-                failed.setdefault(shard, str(exc))
-        events = None
-    return {"ray": True, "actors": n_actors, "use_gpu": use_gpu, "faults": events}
-
-
-def _run_in_process(job, shards, manifest_shards, args, bar, results, failed) -> None:
-    """Shards one after the other in this process; a shard whose worker raised is tried
-    --shard-retries more times (then it is `worker_failed`)."""
-    model = A.open_model(job["model_source"], storage_options=job["storage_options"])
-
-    def on_result(shard: str, result: dict) -> None:
-        results[shard] = result
-        bar.update(result["images"], len(result["issues"]))
-
-    run_in_process([(shard, shard) for shard in shards],
-                   lambda shard: process_shard(model, shard, {**job, "manifest_shard": manifest_shards.get(shard)}),
-                   on_result, failed.__setitem__, retries=getattr(args, "shard_retries", 2))
-
-
-class _Unparsable(str):
-    pass
-
-
-def _count_ok(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def checked_manifest(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The parts of a manifest that verify/restore use, type-checked (the archive is untrusted):
-    each problem becomes a `bad_manifest` issue and the offending part is left out (a shard
-    entry with an unsafe name is never read). Returns (manifest, issues)."""
-    if not isinstance(raw, dict):
-        what = str(raw) if isinstance(raw, _Unparsable) else f"a JSON {type(raw).__name__}, not an object"
-        return {}, [issue(None, None, "bad_manifest", f"manifest.json is {what}: nothing can be checked")]
-    problems = []
-    manifest = dict(raw)
-    for part in ("model", "config"):
-        if not isinstance(raw.get(part, {}), dict):
-            problems.append(issue(None, None, "bad_manifest", f"manifest.json: {part!r} is a "
-                                  f"{type(raw[part]).__name__}, not an object"))
-            manifest[part] = {}
-    cfg = dict(manifest.get("config", {}))
-    if cfg.get("max_pixels") is not None and not (_count_ok(cfg["max_pixels"]) and cfg["max_pixels"] > 0):
-        problems.append(issue(None, None, "bad_manifest", f"manifest.json: config max_pixels {cfg['max_pixels']!r} "
-                              f"is not a positive integer; using {bs.DEFAULT_MAX_PIXELS}"))
-        cfg["max_pixels"] = None
-    if not isinstance(cfg.get("parquet_image_column"), (str, type(None))):
-        problems.append(issue(None, None, "bad_manifest", "manifest.json: config parquet_image_column is not a string"))
-        cfg["parquet_image_column"] = None
-    manifest["config"] = cfg
-    shards = raw.get("shards", [])
-    if not isinstance(shards, list):
-        problems.append(issue(None, None, "bad_manifest", f"manifest.json: 'shards' is a {type(shards).__name__}, "
-                              "not a list: no shard can be checked"))
-        shards = []
-    good, seen = [], set()
-    for i, entry in enumerate(shards):
-        name = entry.get("shard") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not A.SHARD_NAME_RE.match(name):
-            problems.append(issue(None, None, "bad_manifest", f"manifest.json: shard entry {i} has an unsafe or "
-                                  f"malformed shard name {str(name)[:100]!r} (shard names are 5 to 12 digits); "
-                                  "refused, nothing read for it"))
-            continue
-        if name in seen:
-            problems.append(issue(name, None, "bad_manifest", f"manifest.json: shard {name} is listed twice"))
-            continue
-        seen.add(name)
-        if not (_count_ok(entry.get("images")) and _count_ok(entry.get("ok"))):
-            problems.append(issue(name, None, "bad_manifest", f"manifest.json: shard {name}'s counts images "
-                                  f"{str(entry.get('images'))[:40]!r} / ok {str(entry.get('ok'))[:40]!r} are not "
-                                  "non-negative integers; not compared"))
-            entry = {k: v for k, v in entry.items() if k not in ("images", "ok")}
-        good.append(entry)
-    manifest["shards"] = good
-    return manifest, problems
-
-
-def run(mode: str, args, options) -> tuple[dict[str, Any], int]:
-    """Verify or restore; returns (report, exit code)."""
-    t_start = time.perf_counter()
-    archive_url = args.archive if "://" in args.archive else os.path.abspath(args.archive)
-    archive = A.Archive(archive_url, options)
-    try:
-        manifest = archive.read_json(A.MANIFEST)
-    except A.ArchiveError as exc:
-        raise A.ArchiveError(f"{exc}: the archive is incomplete or not an m2t archive "
-                             "(finish it with `m2t compress`)") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # not JSON: reported like any other malformed manifest
-        manifest = _Unparsable(f"unparsable JSON ({exc})")
-    manifest, manifest_issues = checked_manifest(manifest)
-    all_shards = [s["shard"] for s in manifest.get("shards", [])]
-    manifest_shards = {s["shard"]: s for s in manifest.get("shards", [])}
-    shards = all_shards
-    if args.shards:
-        wanted = [s for item in args.shards for s in item.split(",") if s]
-        unknown = [s for s in wanted if s not in manifest_shards]
-        if unknown:
-            raise A.ArchiveError(f"shard(s) {', '.join(unknown)} not in the manifest (it lists {len(all_shards)})")
-        shards = [s for s in all_shards if s in set(wanted)]
-    cfg = manifest.get("config", {})
-    job = {"mode": mode, "archive": archive_url, "storage_options": options,
-           "max_pixels": min(int(cfg.get("max_pixels") or bs.DEFAULT_MAX_PIXELS), bs.DEFAULT_MAX_PIXELS),
-           "against_source": getattr(args, "against_source", False),
-           "image_column": cfg.get("parquet_image_column"), "cpus_per_actor": args.cpus_per_actor, "use_gpu": False,
-           "batch_images": getattr(args, "batch_images", 0)}
-    if mode == "restore":
-        fmt, ext = FORMATS[args.format]
-        job.update(output=args.output if "://" in args.output else os.path.abspath(args.output), format=fmt, ext=ext,
-                   keys=set(args.keys) if args.keys else None)
-    results: dict[str, dict] = {}
-    failed: dict[str, str] = {}
-    issues: list[dict] = list(manifest_issues)
-    runner: dict[str, Any] = {"ray": not args.no_ray}
-    t_run = time.perf_counter()
-    try:
-        job["model_source"] = resolve_model(manifest, args.model, options)
-    except ModelUnavailable as exc:
-        issues.append(issue(None, None, "model_unavailable", str(exc)))
-        shards = []
-    # The ETA from images/s needs the image count: the manifest's (not with --keys: a subset).
-    counts = [manifest_shards.get(s, {}).get("images") for s in shards] if job.get("keys") is None else []
-    bar = Progress(len(shards), not args.no_progress, mode, failures="issues",
-                   total_images=sum(counts) if counts and all(isinstance(c, int) for c in counts) else None)
-    try:
-        if shards and args.no_ray:
-            _run_in_process(job, shards, manifest_shards, args, bar, results, failed)
-        elif shards:
-            runner.update(_run_ray(job, shards, manifest_shards, args, bar, results, failed))
-    finally:
-        bar.close()
-    run_s = time.perf_counter() - t_run
-    for shard in shards:
-        if shard in results:
-            issues += results[shard]["issues"]
-        elif shard in failed:
-            issues.append(issue(shard, None, "worker_failed", f"shard {shard}: worker failed: {failed[shard]}"))
-    res = [results[s] for s in shards if s in results]
-    images = sum(r["images"] for r in res)
-    kinds: dict[str, int] = {}
-    for i in issues:
-        kinds[i["kind"]] = kinds.get(i["kind"], 0) + 1
-    decode_kinds = {"bad_manifest", "decode_error", "corrupt_bitstream", "unsupported_version", "bad_offset", "missing_blob",
-                    "missing_index", "worker_failed", "model_unavailable", "source_error", "write_error"}
-    report = {
-        "mode": mode, "archive": archive_url, "model": manifest.get("model", {}).get("id"),
-        "shards": {"checked": len(res), "requested": len(shards),
-                   "failed": failed, "decode_counts": {s: 1 for s in results}},
-        "workers": sorted({r["worker"] for r in res}),
-        "peak_rss_mib": {w: max(r.get("peak_rss_mib") or 0.0 for r in res if r["worker"] == w)
-                         for w in sorted({r["worker"] for r in res})},  # per worker process
-        "images": images, "verified": sum(r["verified"] for r in res),
-        # Every stream's latent CRC is checked (portable: the same on every machine); the
-        # decoded pixels' CRC only where this decoder's numerics are the encoder's.
-        "checks": {"latent": "every stream",
-                   "pixels_compared": sum(r.get("pixel_checks", {}).get("compared", 0) for r in res),
-                   "pixels_not_compared": sum(r.get("pixel_checks", {}).get("skipped", 0) for r in res),
-                   "numerics": numerics_environment("cuda" if job.get("device") == "cuda" else "cpu")},
-        "mismatches": [i for i in issues if i["kind"] not in decode_kinds],
-        "errors": [i for i in issues if i["kind"] in decode_kinds],
-        "issues": issues, "issue_counts": kinds,
-        "seconds": run_s,
-        "images_per_s": images / run_s if run_s > 0 and images else None,
-        "megapixels_per_s": sum(r["pixels"] for r in res) / 1e6 / run_s if run_s > 0 and images else None,
-        "faults": runner.pop("faults", None),  # Ray: actors lost with their node, shards retried
-        "runner": runner, "finished_at": A.now_iso(),
-    }
-    if mode == "restore":
-        report.update(output=job["output"], format=args.format, written=sum(r["written"] for r in res),
-                      skipped=sum(r["skipped"] for r in res),
-                      files={k: v for r in res for k, v in sorted(r["files"].items())})
-    code = exit_code(True, failed_items=len(failed), issues=len(issues))
-    report["exit_code"] = code
-    report["wall_s"] = time.perf_counter() - t_start
-    return report, code
+            if shard in self.results:
+                issues += self.results[shard]["issues"]
+            elif shard in run.failed:
+                issues.append(issue(shard, None, "worker_failed", f"shard {shard}: worker failed: {run.failed[shard]}"))
+        res = [self.results[s] for s in shards if s in self.results]
+        images, seconds = sum(r["images"] for r in res), run.seconds
+        kinds: dict[str, int] = {}
+        for i in issues:
+            kinds[i["kind"]] = kinds.get(i["kind"], 0) + 1
+        workers = sorted({r["worker"] for r in res})
+        report = {
+            "mode": cfg.mode, "archive": cfg.archive, "model": self.manifest.get("model", {}).get("id"),
+            "shards": {"checked": len(res), "requested": len(shards),
+                       "failed": run.failed, "decode_counts": {s: 1 for s in self.results}},
+            "workers": workers,
+            "peak_rss_mib": {w: max(r.get("peak_rss_mib") or 0.0 for r in res if r["worker"] == w)
+                             for w in workers},  # per worker process
+            "images": images, "verified": sum(r["verified"] for r in res),
+            # Every stream's latent CRC is checked (portable: the same on every machine); the
+            # decoded pixels' CRC only where this decoder's numerics are the encoder's.
+            "checks": {"latent": "every stream",
+                       "pixels_compared": sum(r.get("pixel_checks", {}).get("compared", 0) for r in res),
+                       "pixels_not_compared": sum(r.get("pixel_checks", {}).get("skipped", 0) for r in res),
+                       "numerics": numerics_environment("cuda" if run.device.startswith("cuda") else "cpu")},
+            "mismatches": [i for i in issues if i["kind"] not in DECODE_KINDS],
+            "errors": [i for i in issues if i["kind"] in DECODE_KINDS],
+            "issues": issues, "issue_counts": kinds,
+            "seconds": seconds,
+            "images_per_s": images / seconds if seconds > 0 and images else None,
+            "megapixels_per_s": sum(r["pixels"] for r in res) / 1e6 / seconds if seconds > 0 and images else None,
+            "faults": run.faults,  # Ray: actors lost with their node, shards retried
+            "runner": run.runner, "finished_at": A.now_iso(),
+        }
+        if cfg.mode == "restore":
+            report.update(output=cfg.output, format=cfg.format, written=sum(r["written"] for r in res),
+                          skipped=sum(r["skipped"] for r in res),
+                          files={k: v for r in res for k, v in sorted(r["files"].items())})
+        return Report(report, complete=len(res) == len(shards), issues=len(issues))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -716,44 +577,29 @@ def _parser(mode: str) -> argparse.ArgumentParser:
 
 
 def _main(mode: str, argv) -> int:
-    parser = _parser(mode)
     try:
-        args = parser.parse_args(argv)
+        args = _parser(mode).parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else None
-        if args.actors < 0 or args.cpus_per_actor < 0:
-            raise ValueError("--actors and --cpus-per-actor must be >= 0")
-        if args.shard_retries < 0 or args.placement_timeout <= 0:
-            raise ValueError("--shard-retries must be >= 0 and --placement-timeout > 0")
-        if not 0 <= args.batch_images <= 1024:
-            raise ValueError(f"--batch-images must be 0 (auto) to 1024, got {args.batch_images}")
-        report, code = run(mode, args, options)
-    except A.ArchiveError as exc:
-        print(f"m2t {mode}: error: {exc}", file=sys.stderr)
-        return EXIT_INCOMPLETE if "incomplete" in str(exc) and "not in the manifest" not in str(exc) else EXIT_USAGE
-    except Exception as exc:  # usage / configuration errors; M2T_DEBUG=1 shows the traceback
-        if os.environ.get("M2T_DEBUG"):
-            raise
-        print(f"m2t {mode}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_main(f"m2t {mode}", lambda: _run(VerifyConfig.from_args(mode, args)), logs=True)
+
+
+def _run(cfg: VerifyConfig) -> int:
+    report, code = run_job(VerifyJob(cfg), cfg.runner)
     print(format_report(report))
-    target = args.report
+    target = cfg.report
     try:
-        if target is None and mode == "restore":
-            out = A.Archive(report["output"], options)
+        if target is None and cfg.mode == "restore":
+            out = A.Archive(cfg.output, cfg.storage_options)
             out.write_json(out.path(RESTORE_REPORT), report)
-            target = join_url(report["output"], RESTORE_REPORT)
+            target = join_url(cfg.output, RESTORE_REPORT)
         else:
             target = target or VERIFY_REPORT
             with open(target, "w") as f:
                 f.write(A.dumps(report))
         print(f"report: {target}")
     except OSError as exc:
-        print(f"m2t {mode}: warning: could not save the report to {target}: {exc}", file=sys.stderr)
+        print(f"m2t {cfg.mode}: warning: could not save the report to {target}: {exc}", file=sys.stderr)
     return code
 
 

@@ -14,6 +14,11 @@ object only appears when its upload completes, so files are written in place. Ei
 the stats file comes last, so a shard whose stats file exists is complete, and a shard
 without one is redone from scratch on resume.
 
+The upkeep of an archive is `Archive`'s, done by the job that holds its lease
+(pipeline/storage/lease.py): completion markers (`completed_shards`, `commit_stats`,
+`forget_shards`), checks of committed shards (`check_committed`), stale temporaries
+(`remove_stale_temporaries`), `--overwrite` (`clear_for_overwrite`), `write_keys_index`.
+
 `m2t get ARCHIVE KEY OUT.png` reads keys.parquet (sorted, in row groups with min/max
 statistics, so a lookup reads its footer and one row group), then one byte range of one
 .bin file, and decodes it.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +42,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pipeline.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, UsageError, run_main  # noqa: F401
 from pipeline.storage.sources import filesystem, join_url
 
 ARCHIVE_FORMAT = "m2t-archive"
@@ -47,8 +54,8 @@ KEYS_INDEX = "keys.parquet"
 KEYS_ROW_GROUP = 65536  # rows per row group of keys.parquet: what one lookup reads
 MAX_KEYS_GROUP_BYTES = 1 << 28  # a lookup refuses a row group that declares more (uncompressed)
 REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_USAGE = 0, 2
 # Shard ids are what plan_shards writes: zero-padded decimal numbers. Anything else read
 # from an archive (a manifest's shard list, an index row) is refused before any path is built.
 SHARD_NAME_RE = re.compile(r"^[0-9]{5,12}$")
@@ -77,8 +84,14 @@ def read_parquet(fs, path: str, columns=None, row_group: int | None = None):
         return pf.read(columns=columns, use_threads=False)
 
 
-class ArchiveError(RuntimeError):
-    """The archive is missing, incomplete, or does not hold what was asked for."""
+class ArchiveError(UsageError):
+    """The archive is missing or malformed, or does not hold what was asked for (exit 2)."""
+
+
+class ArchiveIncompleteError(ArchiveError):
+    """The archive is not finished (no manifest or keys index yet): rerun `m2t compress` (exit 3)."""
+
+    exit_code = EXIT_INCOMPLETE
 
 
 def index_schema():
@@ -171,7 +184,7 @@ class Archive:
     def _tmp(self, path: str) -> str:
         # A name of this writer's own (process + random): two writers never share or delete
         # each other's temporaries. Leftovers of dead writers are removed by the next job that
-        # holds the archive's lease (pipeline/lease.py, compress._remove_stale_temporaries).
+        # holds the archive's lease (pipeline/storage/lease.py, remove_stale_temporaries).
         return f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp" if self.local else path
 
     def _commit(self, tmp: str, path: str) -> None:
@@ -247,6 +260,142 @@ class Archive:
             raise ArchiveError(f"{join_url(self.url, name)} not found")
         return json.loads(self.fs.cat_file(path))
 
+    # -------------------------------------------------------------- upkeep (by the job holding the lease)
+
+    def is_archive(self) -> bool:
+        """An m2t archive, or a folder where a job took the lease and died before writing more."""
+        from pipeline.storage.lease import LEASE
+
+        return self.looks_like_archive() or self.fs.exists(self.path(LEASE))
+
+    def commit_stats(self, shard: str, stats: Mapping[str, Any]) -> None:
+        """Write a shard's stats: its completion marker, always the last file of a shard."""
+        self.write_json(self.shard_path(shard, ".stats.json"), stats)
+
+    def shard_stats(self, shard: str) -> dict[str, Any] | None:
+        """A shard's stats as stored now (no cached listing), or None if it has none (or they
+        cannot be read)."""
+        try:
+            self.fs.invalidate_cache()
+            return json.loads(self.fs.cat_file(self.shard_path(shard, ".stats.json")))
+        except Exception:
+            return None
+
+    def forget_shards(self, damaged: Mapping[str, str]) -> None:
+        """Unmark damaged shards (their stats go; the rest is redone from scratch) and drop the
+        archive-level index and manifest, which described them: they are rewritten when every
+        shard is complete again."""
+        for shard, reason in sorted(damaged.items()):
+            log.warning("shard %s is damaged: %s; it will be redone", shard, reason)
+            path = self.shard_path(shard, ".stats.json")
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        for name in (MANIFEST, KEYS_INDEX):
+            if self.fs.exists(self.path(name)):
+                self.fs.rm(self.path(name))
+        self.fs.invalidate_cache()
+
+    def clear_for_overwrite(self) -> None:
+        """--overwrite: delete everything in the archive but the lease the job holds."""
+        from pipeline.storage.lease import LEASE
+
+        self.fs.invalidate_cache()
+        for path in self.fs.ls(self.root, detail=False):
+            if path.rstrip("/").rsplit("/", 1)[-1] != LEASE:
+                self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache()
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Remove temporary files (`*.tmp`) left by earlier jobs (killed drivers, orphaned
+        workers); returns their names. Only while the caller holds the lease, before its own
+        workers start and after they stopped: every temporary then is someone else's leftover."""
+        self.fs.invalidate_cache()
+        gone = []
+        for folder in (self.root, self.path(SHARDS_DIR)):
+            if not self.fs.exists(folder):
+                continue
+            for path in self.fs.ls(folder, detail=False):
+                if path.endswith(".tmp"):
+                    try:
+                        self.fs.rm(path)
+                        gone.append(path.rsplit("/", 1)[-1])
+                    except FileNotFoundError:  # an orphaned worker's abort removed it first
+                        pass
+        self.fs.invalidate_cache()
+        if gone:
+            log.info("removed %d temporary file(s) left by earlier runs: %s", len(gone), ", ".join(sorted(gone)[:10]))
+        return sorted(gone)
+
+    def check_committed(self, completed: Mapping[str, Mapping[str, Any]], verify: bool) -> dict[str, str]:
+        """shard -> why it is damaged, for committed shards (with a stats file) whose data is not
+        what their stats and index say. Always (one listing): the .bin and index exist and the
+        .bin has the size the stats record. With `verify`: every bitstream's CRC-32 too."""
+        if not completed:
+            return {}
+        self.fs.invalidate_cache()
+        sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
+                 for e in self.fs.ls(self.path(SHARDS_DIR), detail=True)}
+        damaged: dict[str, str] = {}
+        for shard, stats in sorted(completed.items()):
+            size = sizes.get(f"{shard}.bin", 0 if stats.get("compressed_bytes") == 0 else None)
+            if size is None:
+                damaged[shard] = "its .bin is missing"
+            elif f"{shard}.parquet" not in sizes:
+                damaged[shard] = "its index (.parquet) is missing"
+            elif size != stats.get("compressed_bytes"):
+                damaged[shard] = (f"its .bin has {size} bytes, its stats say {stats.get('compressed_bytes')} "
+                                  "(truncated, extended or replaced)")
+        if verify:
+            from concurrent.futures import ThreadPoolExecutor
+
+            rest = [s for s in sorted(completed) if s not in damaged]
+            with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: object stores answer in parallel
+                for shard, reason in zip(rest, pool.map(self._check_streams, rest)):
+                    if reason:
+                        damaged[shard] = reason
+        return damaged
+
+    def _check_streams(self, shard: str) -> str | None:
+        """CRC-check every bitstream of a committed shard against its index; the reason if not."""
+        try:
+            rows = read_parquet(self.fs, self.shard_path(shard, ".parquet"),
+                                columns=["key", "offset", "length", "crc32", "status"]).to_pylist()
+        except Exception as exc:
+            return f"its index cannot be read ({type(exc).__name__}: {exc})"
+        data = self.fs.cat_file(self.shard_path(shard, ".bin"))
+        bad, covered = [], 0
+        for row in rows:
+            if row["status"] != "ok":
+                continue
+            start, length = int(row["offset"]), int(row["length"])
+            covered += length
+            chunk = data[start:start + length]
+            if len(chunk) != length or zlib.crc32(chunk) != row["crc32"]:
+                bad.append(row["key"])
+        if bad:
+            return (f"{len(bad)} of {sum(r['status'] == 'ok' for r in rows)} bitstream(s) fail the CRC-32 of the "
+                    f"index (first: {bad[0]!r})")
+        if covered != len(data):
+            return f"its .bin holds {len(data)} bytes, its index's bitstreams {covered}"
+        return None
+
+    def write_keys_index(self, shards: list[str]) -> int:
+        """Gather every shard's index into keys.parquet, sorted by key; returns the row count."""
+        import pyarrow as pa
+
+        schema = keys_schema()
+        tables = []
+        for shard in shards:
+            table = read_parquet(self.fs, self.shard_path(shard, ".parquet"), columns=schema.names)
+            for name in OPTIONAL_COLUMNS:  # a shard indexed before the column existed (resumed archive)
+                if name not in table.schema.names:
+                    table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+            tables.append(table.select(schema.names).cast(schema))
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+        table = table.sort_by([("key", "ascending"), ("shard", "ascending")])
+        self.write_table(self.path(KEYS_INDEX), table, row_group_size=KEYS_ROW_GROUP, write_statistics=True)
+        return table.num_rows
+
 
 class ShardBlob:
     """Bitstreams appended one by one to shards/<shard>.bin (via a temporary name locally)."""
@@ -302,27 +451,6 @@ def code_version() -> dict[str, Any]:
     return {"m2t": m2t_core.__version__, "git_commit": commit}
 
 
-def write_keys_index(archive: Archive, shards: list[str]) -> int:
-    """Gather every shard's index into keys.parquet, sorted by key; returns the row count."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = keys_schema()
-    tables = []
-    for shard in shards:
-        path = archive.shard_path(shard, ".parquet")
-        table = read_parquet(archive.fs, path, columns=schema.names)  # a column not there is left out
-        for name in OPTIONAL_COLUMNS:  # a shard indexed before the column existed (resumed archive)
-            if name not in table.schema.names:
-                table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
-        tables.append(table.select(schema.names).cast(schema))
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    table = table.sort_by([("key", "ascending"), ("shard", "ascending")])
-    archive.write_table(archive.path(KEYS_INDEX), table, row_group_size=KEYS_ROW_GROUP,
-                        write_statistics=True)
-    return table.num_rows
-
-
 # ====================================================================== random access
 
 
@@ -333,9 +461,10 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
     archive = Archive(archive_url, storage_options)
     path = archive.path(KEYS_INDEX)
     if not archive.fs.exists(path):
-        hint = ("the archive is incomplete: run `m2t compress` again to finish it"
-                if archive.looks_like_archive() else "not an m2t archive")
-        raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} not found ({hint})")
+        if archive.looks_like_archive():
+            raise ArchiveIncompleteError(f"{join_url(archive.url, KEYS_INDEX)} not found (the archive is "
+                                         "incomplete: run `m2t compress` again to finish it)")
+        raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} not found (not an m2t archive)")
     rows = []
     schema = keys_schema()
     # pre_buffer off and no thread pools: see read_parquet (threads alive at exit abort `m2t get`).
@@ -376,7 +505,7 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
 def read_bitstream(archive_url: str, key: str, storage_options=None, steps: int | None = None) -> bytes:
     """The bitstream of `key`: one index lookup and one byte-range read, CRC-checked.
 
-    steps=K reads only the prefix that holds the first K coding steps (format version 3):
+    steps=K reads only the prefix that holds the first K coding steps:
     one ranged read at the index's step_ends (an index written before that column existed
     costs one more small read, of the header). A prefix cannot be checked against the index's
     CRC-32 (which covers the whole stream); the decoder checks the header's own CRC."""
@@ -420,7 +549,7 @@ MAX_HEADER_READ = 1 << 17
 
 def _prefix_length(archive: "Archive", path: str, row: Mapping[str, Any], key: str, steps: int) -> int:
     """Bytes of `key`'s stream that hold its first `steps` coding steps (the whole stream when
-    it has fewer, or is not progressive)."""
+    it has fewer)."""
     from m2t_core import bitstream as bs
 
     if steps < 0:
@@ -435,8 +564,6 @@ def _prefix_length(archive: "Archive", path: str, row: Mapping[str, Any], key: s
             return ends[min(steps, len(ends)) - 1]
     head = archive.fs.cat_file(path, start=row["offset"], end=row["offset"] + min(length, MAX_HEADER_READ))
     header = bs.read_header(head, max_pixels=bs.MAX_SIDE ** 2, prefix=True)
-    if not header.progressive:
-        return length
     return header.step_ends[min(steps, header.num_steps) - 1] if steps else header.size
 
 
@@ -475,13 +602,13 @@ def _archive_model(archive_url: str, header, override: str | None, storage_optio
 def get_image(archive_url: str, key: str, model: str | None = None, storage_options=None,
               steps: int | None = None) -> np.ndarray:
     """Decode one image of an archive: RGB uint8 (H, W, 3). steps=K: a preview from the first
-    K coding steps, read as one prefix of the stream (format version 3)."""
-    from m2t_core import read_header
+    K coding steps, read as one prefix of the stream."""
+    from m2t_core import Decoder, read_header
 
     data = read_bitstream(archive_url, key, storage_options, steps=steps)
     header = read_header(data, prefix=steps is not None)
-    codec = _archive_model(archive_url, header, model, storage_options)
-    return codec.decompress(data) if steps is None else codec.preview(data, steps=steps).image
+    decoder = Decoder(_archive_model(archive_url, header, model, storage_options))
+    return decoder.decompress(data) if steps is None else decoder.preview(data, steps=steps).image
 
 
 def get_main(argv: list[str] | None = None) -> int:
@@ -498,28 +625,26 @@ def get_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help='fsspec options per protocol, e.g. \'{"s3": {"endpoint_url": "http://..."}}\'')
     args = parser.parse_args(argv)
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else None
-        if args.bitstream:
-            data = read_bitstream(args.archive, args.key, options, steps=args.preview)
-            if args.output == "-":
-                sys.stdout.buffer.write(data)
-            else:
-                Path(args.output).write_bytes(data)
-            return EXIT_OK
-        from m2t_core import save_image
+    return run_main("m2t get", lambda: _get(args))
 
-        rgb = get_image(args.archive, args.key, args.model, options, steps=args.preview)
-        out = Path(args.output)
-        save_image(rgb, out, format=None if out.suffix else "PNG")
-        what = "" if args.preview is None else f" (preview of {args.preview} steps)"
-        print(f"{args.key} -> {out}: {rgb.shape[1]}x{rgb.shape[0]}{what}")
+
+def _get(args) -> int:
+    options = json.loads(args.storage_options) if args.storage_options else None
+    if args.bitstream:
+        data = read_bitstream(args.archive, args.key, options, steps=args.preview)
+        if args.output == "-":
+            sys.stdout.buffer.write(data)
+        else:
+            Path(args.output).write_bytes(data)
         return EXIT_OK
-    except Exception as exc:  # one clear line for users; M2T_DEBUG=1 shows the traceback
-        if os.environ.get("M2T_DEBUG"):
-            raise
-        print(f"m2t get: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return EXIT_USAGE
+    from m2t_core import save_image
+
+    rgb = get_image(args.archive, args.key, args.model, options, steps=args.preview)
+    out = Path(args.output)
+    save_image(rgb, out, format=None if out.suffix else "PNG")
+    what = "" if args.preview is None else f" (preview of {args.preview} steps)"
+    print(f"{args.key} -> {out}: {rgb.shape[1]}x{rgb.shape[0]}{what}")
+    return EXIT_OK
 
 
 def now_iso() -> str:

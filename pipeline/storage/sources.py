@@ -1,4 +1,5 @@
-"""Input corpora for the compression job: listing, sharding and reading, behind one interface.
+"""Input corpora, for every job that reads them (compress, eval, verify --against-source,
+training): listing, sharding and reading, behind one interface.
 
 Three input formats, recognised per file by extension, can be mixed under one input URL:
 
@@ -22,6 +23,14 @@ on the driver: that would download every tar twice).
 
 `iter_shard(spec, ...)` reads one shard item by item (one image in memory at a time), on a
 worker, and yields `SourceItem`s: the bytes of an image or the reason there are none.
+
+Every item names where it came from in `SourceItem.source` (what archive indexes record):
+the file's URL; `TAR_URL#member` for a tar member; `PARQUET_URL#row=N` for a Parquet row.
+`tar_member_source`, `parquet_row_source` and `parse_source` (source_formats.py, with the
+extensions, Parquet columns and the readers behind SourceCache) are the one definition of
+these strings, and `read_source(source)` is their inverse: the bytes the item was read from
+(verify --against-source and training read inputs through it). `list_sources` lists every
+input of a corpus as such strings (tars indexed by their headers), for random access.
 """
 
 from __future__ import annotations
@@ -34,16 +43,11 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-TAR_EXTS = (".tar",)  # compressed tars (.tar.gz) cannot be streamed member by member cheaply
-PARQUET_EXTS = (".parquet", ".pq")
-# Parquet columns looked for, in this order, when the config does not name them.
-IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes")
-KEY_COLUMNS = ("key", "path", "file_name", "filename", "name", "id")
-
-
-class SourceError(ValueError):
-    """An input URL or file cannot be listed or understood (a usage error, not a bad image)."""
+# The formats' definitions live in source_formats; they are this module's interface too.
+from pipeline.storage.source_formats import (  # noqa: F401
+    IMAGE_COLUMNS, IMAGE_EXTS, KEY_COLUMNS, MAX_SOURCE_BYTES, PARQUET_EXTS, TAR_EXTS, SourceCache, SourceError,
+    SourceRef, filesystem, image_values, join_url, null_image, parquet_row_source, parse_source, pick_columns,
+    tar_member_source, too_big)
 
 
 @dataclass
@@ -56,23 +60,6 @@ class SourceItem:
     status: str = "ok"  # "ok" (data is set), "error" or "duplicate"
     error: str = ""
     source_bytes: int = 0
-
-
-# ====================================================================== filesystems
-
-
-def filesystem(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
-    """(fsspec filesystem, path) for a URL. `storage_options` maps a protocol ("s3", "gcs",
-    ...) to the keyword arguments of its filesystem, so mixed local/S3 jobs work."""
-    import fsspec
-
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    options = dict((storage_options or {}).get(protocol, {}))
-    return fsspec.core.url_to_fs(url, **options)
-
-
-def join_url(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
 
 
 def _has_magic(path: str) -> bool:
@@ -152,44 +139,6 @@ def _list_root(url: str, storage_options) -> tuple[str, list[tuple[str, str, int
     return root, files
 
 
-def _pick_columns(schema, url: str, image_column: str | None, key_column: str | None) -> tuple[str, str]:
-    """(image column, key column or "") of a Parquet schema; named ones are checked."""
-    import pyarrow as pa
-
-    def is_image(field) -> bool:
-        t = field.type
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            return True
-        return pa.types.is_struct(t) and any(t.field(i).name == "bytes" for i in range(t.num_fields))
-
-    names = schema.names
-    if image_column:
-        if image_column not in names:
-            raise SourceError(f"{url}: no column {image_column!r} (columns: {names})")
-        if not is_image(schema.field(image_column)):
-            raise SourceError(f"{url}: column {image_column!r} is {schema.field(image_column).type}, "
-                              "not binary or a struct with a `bytes` field")
-        image = image_column
-    else:
-        candidates = [n for n in IMAGE_COLUMNS if n in names and is_image(schema.field(n))]
-        candidates += [f.name for f in schema if is_image(f) and f.name not in candidates]
-        if not candidates:
-            raise SourceError(f"{url}: no image column (binary, or a struct with `bytes`) among {names}; "
-                              "set parquet_image_column")
-        image = candidates[0]
-    if key_column:
-        if key_column not in names and not key_column.startswith(f"{image}."):
-            raise SourceError(f"{url}: no key column {key_column!r} (columns: {names})")
-        return image, key_column
-    for name in KEY_COLUMNS:
-        if name in names and name != image and pa.types.is_string(schema.field(name).type):
-            return image, name
-    t = schema.field(image).type
-    if pa.types.is_struct(t) and any(t.field(i).name == "path" for i in range(t.num_fields)):
-        return image, f"{image}.path"  # Hugging Face datasets store the file name here
-    return image, ""
-
-
 def _read_key_column(pf, key: str) -> list:
     """The key column's values; `image.path` names a field of a struct column."""
     import pyarrow as pa
@@ -212,7 +161,7 @@ def _parquet_info(rel: str, url: str, storage_options, image_column: str | None,
     try:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            image, key = _pick_columns(pf.schema_arrow, url, image_column, key_column)
+            image, key = pick_columns(pf.schema_arrow, url, image_column, key_column)
             rows = pf.metadata.num_rows
             keys_col = _read_key_column(pf, key) if key else [None] * rows
     except SourceError:
@@ -316,7 +265,7 @@ def _mark_duplicates(spec: ShardSpec, first_seen: dict[str, str]) -> None:
         keys = [(item["key"], item["url"]) for item in spec.items]
     else:
         url = spec.items[0]["url"]
-        keys = [(k, f"{url}#row={spec.row_start + j}") for j, k in enumerate(spec.keys or [])]
+        keys = [(k, parquet_row_source(url, spec.row_start + j)) for j, k in enumerate(spec.keys or [])]
     dups = {}
     for j, (key, source) in enumerate(keys):
         if key in first_seen:
@@ -329,7 +278,7 @@ def _mark_duplicates(spec: ShardSpec, first_seen: dict[str, str]) -> None:
 # ====================================================================== reading (on a worker)
 
 
-def iter_shard(spec: ShardSpec, storage_options=None, max_source_bytes: int = 1 << 28) -> Iterator[SourceItem]:
+def iter_shard(spec: ShardSpec, storage_options=None, max_source_bytes: int = MAX_SOURCE_BYTES) -> Iterator[SourceItem]:
     """The inputs of one shard in order, one at a time. Never raises for a bad input: an
     unreadable file or row becomes an item with status "error" and the reason."""
     if spec.kind == "files":
@@ -352,10 +301,6 @@ def iter_shard(spec: ShardSpec, storage_options=None, max_source_bytes: int = 1 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _too_big(size: int, limit: int) -> str:
-    return f"source of {size} bytes exceeds max_source_bytes ({limit})"
-
-
 def _iter_files(spec: ShardSpec, storage_options, limit: int) -> Iterator[SourceItem]:
     dups = spec.duplicates or {}
     for j, item in enumerate(spec.items):
@@ -364,7 +309,7 @@ def _iter_files(spec: ShardSpec, storage_options, limit: int) -> Iterator[Source
             yield SourceItem(key, url, status="duplicate", error=dups[str(j)], source_bytes=size)
             continue
         if size > limit:
-            yield SourceItem(key, url, status="error", error=_too_big(size, limit), source_bytes=size)
+            yield SourceItem(key, url, status="error", error=too_big(size, limit), source_bytes=size)
             continue
         try:
             fs, path = filesystem(url, storage_options)
@@ -386,13 +331,13 @@ def _iter_tar(spec: ShardSpec, storage_options, limit: int) -> Iterator[SourceIt
             for member in tar:
                 if not member.isfile() or not member.name.lower().endswith(IMAGE_EXTS):
                     continue
-                key, source = f"{tar_key}/{member.name}", f"{url}#{member.name}"
+                key, source = f"{tar_key}/{member.name}", tar_member_source(url, member.name)
                 if key in seen:
                     item = SourceItem(key, source, status="duplicate", source_bytes=member.size,
                                       error=f"duplicate key {key!r}: the tar holds this member twice; "
                                             f"the first copy ({seen[key]}) was kept")
                 elif member.size > limit:
-                    item = SourceItem(key, source, status="error", error=_too_big(member.size, limit),
+                    item = SourceItem(key, source, status="error", error=too_big(member.size, limit),
                                       source_bytes=member.size)
                 else:
                     handle = tar.extractfile(member)
@@ -420,13 +365,11 @@ def _iter_parquet(spec: ShardSpec, storage_options, limit: int) -> Iterator[Sour
     except Exception as exc:  # the file changed or broke since planning: every row left fails
         keys = spec.keys or []
         for j in range(done, spec.row_end - spec.row_start):
-            yield SourceItem(keys[j], f"{url}#row={spec.row_start + j}", status="error",
+            yield SourceItem(keys[j], parquet_row_source(url, spec.row_start + j), status="error",
                              error=f"cannot read the Parquet file: {exc}")
 
 
 def _read_parquet_rows(spec: ShardSpec, storage_options, limit: int) -> Iterator[SourceItem]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     url = spec.items[0]["url"]
@@ -445,25 +388,18 @@ def _read_parquet_rows(spec: ShardSpec, storage_options, limit: int) -> Iterator
             offset += n
         row = first_row or 0
         for batch in pf.iter_batches(batch_size=16, row_groups=groups, columns=[spec.image_column]):
-            column = batch.column(0)
-            if pa.types.is_struct(column.type):
-                # A null struct has no bytes even where its child array holds a value.
-                values = pc.if_else(column.is_valid(), pc.struct_field(column, "bytes"), None)
-            else:
-                values = column
-            for value in values:
+            for value in image_values(batch.column(0)):
                 if spec.row_start <= row < spec.row_end:
                     j = row - spec.row_start
-                    key, source = keys[j], f"{url}#row={row}"
+                    key, source = keys[j], parquet_row_source(url, row)
                     data = value.as_py()
                     if str(j) in dups:
                         yield SourceItem(key, source, status="duplicate", error=dups[str(j)],
                                          source_bytes=len(data or b""))
                     elif data is None:
-                        yield SourceItem(key, source, status="error",
-                                         error=f"no image bytes (null in column {spec.image_column!r})")
+                        yield SourceItem(key, source, status="error", error=null_image(spec.image_column))
                     elif len(data) > limit:
-                        yield SourceItem(key, source, status="error", error=_too_big(len(data), limit),
+                        yield SourceItem(key, source, status="error", error=too_big(len(data), limit),
                                          source_bytes=len(data))
                     else:
                         yield SourceItem(key, source, data=bytes(data), source_bytes=len(data))
@@ -472,3 +408,76 @@ def _read_parquet_rows(spec: ShardSpec, storage_options, limit: int) -> Iterator
                     return
     if row < spec.row_end:
         raise SourceError(f"the file has {row} rows, {spec.row_end} were planned")
+
+
+# ====================================================================== reading one item back
+
+
+def read_source(source: str, storage_options=None, *, image_column: str | None = None,
+                cache: "SourceCache | None" = None, max_bytes: int = MAX_SOURCE_BYTES) -> bytes:
+    """The bytes of the item named `source` (a SourceItem.source: the inverse of the naming).
+
+    `image_column`: a Parquet file's image column as planning was given it (None: picked the
+    same way). `cache`: keep tar indexes and open files between calls (see SourceCache);
+    without one, each call opens (and a tar member scans) its file anew. Sources over
+    `max_bytes` are refused before they are read, as iter_shard does. Raises SourceError
+    naming the source for a malformed source, a missing member or row, a null image or a
+    size over the limit; I/O errors (a missing file, ...) pass through."""
+    ref = parse_source(source)
+    if ref.member is None and ref.row is None:
+        return _read_file(ref.url, storage_options, max_bytes)
+    own = cache is None
+    cache = SourceCache(max_open=1) if own else cache
+    try:
+        if ref.member is not None:
+            return cache.tar(ref.url, storage_options).read(ref.member, max_bytes)
+        return cache.parquet(ref.url, image_column, storage_options).read(ref.row, max_bytes)
+    finally:
+        if own:
+            cache.close()
+
+
+def _read_file(url: str, storage_options, limit: int) -> bytes:
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):  # a stat is free here (and read(limit) would allocate the limit)
+        size = fs.size(path)
+        if size > limit:
+            raise SourceError(f"{url}: {too_big(size, limit)}")
+        return fs.cat_file(path)
+    data = fs.cat_file(path, start=0, end=limit + 1)  # one ranged request, never more than the limit
+    if len(data) > limit:
+        raise SourceError(f"{url}: source of more than {limit} bytes exceeds max_source_bytes ({limit})")
+    return data
+
+
+def list_sources(urls: str | Sequence[str], storage_options=None, image_column: str | None = None,
+                 cache: "SourceCache | None" = None) -> tuple[list[str], list[str]]:
+    """Every input under `urls`, as read_source's strings, in plan order: image files, each
+    image member of each tar (scanned by headers; the first of a repeated name), each row of
+    each Parquet file. Planned duplicate keys are kept (they are distinct images; only an
+    archive needs unique keys). Returns (sources, problems): a damaged tar keeps the members
+    before the damage and adds a problem. With a cache, the tar indexes stay in it (its files
+    are closed), so that reading through it (or a fork or copy of it) needs no second scan."""
+    sources: list[str] = []
+    problems: list[str] = []
+    cache = SourceCache(max_open=1) if cache is None else cache
+    try:
+        for spec in plan_shards(urls, 1 << 30, storage_options, image_column):
+            url = spec.items[0]["url"]
+            if spec.kind == "files":
+                sources += [item["url"] for item in spec.items]
+            elif spec.kind == "parquet":
+                sources += [parquet_row_source(url, row) for row in range(spec.row_start, spec.row_end)]
+            else:
+                index = cache.tar(url, storage_options)
+                index.scan()
+                sources += [tar_member_source(url, name) for name in index.members]
+                if index.error:
+                    problems.append(f"{url}: tar damaged after {len(index.members)} image member(s): "
+                                    f"{index.error}")
+    finally:
+        cache.close()  # the indexes stay; no file is left open
+    return sources, problems
+

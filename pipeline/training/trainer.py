@@ -1,7 +1,12 @@
-"""Training job for the M2T / MT codec: config, data, loss, loop, checkpoints, Ray launch.
+"""Training job for the M2T / MT codec: config, loss, the loop, export, Ray launch (data in
+data.py, the resumable state in checkpoints.py).
 
     python jobs/train.py --config configs/train/m2t-small.yaml --set train_data=/data/photos
     m2t train --config configs/train/m2t-small.yaml --set train_data=s3://bucket/shards --resume
+    m2t train --config configs/train/m2t-small.yaml --set train_data=/data/hf-dataset/train-*.parquet
+
+Training reads what `m2t compress` reads (folders and globs of images, .tar shards, Parquet
+files with an image column), on any fsspec URL.
 
 Loss = rate + lambda * distortion, with
   * rate: bits per pixel, sum(-log2 likelihood of y) / pixels. For MT only the masked tokens
@@ -16,9 +21,7 @@ Rank 0 logs, validates, checkpoints and exports.
 Files in output_dir:
   metrics.jsonl                   one JSON object a line: kind "train" or "val"
   config.yaml                     the resolved training config
-  last.safetensors                model weights (fp32), an m2t checkpoint
-  last-optim.safetensors          AdamW state tensors, keys "<param index>.<name>"
-  last-state.json                 step, wall time, seed, optimizer hyper-parameters
+  last.safetensors, last-optim.safetensors, last-state.json   the training state (checkpoints.py)
   <model_id>.safetensors          the export (export_dtype), loadable by m2t_core.registry
 No file is ever unpickled; every write goes to a temporary file first (os.replace).
 """
@@ -33,7 +36,6 @@ import logging
 import math
 import os
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,29 +45,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from m2t_core import registry
-from m2t_core.codec import M2TCodec
+from m2t_core import M2TCodec, registry
 from m2t_core.config import (ConfigError, ModelConfig, apply_overrides, dataclass_from_dict, load_mapping,
                              load_model_config, yaml_numbers)
-from m2t_core.image_io import load_image
 from m2t_core.metrics import psnr, psnr_from_mse
 from m2t_core.sysinfo import cpu_model
+from pipeline.storage.sources import SourceCache, SourceError, filesystem
+from pipeline.training.checkpoints import (atomic_write, copy_weights, has_state, load_state, save_state,
+                                           truncate_metrics)
+from pipeline.training.data import CropDataset, InfiniteSampler, list_samples, load_val_images
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-SHARD_EXTS = (".tar",)  # webdataset shards; compressed tars cannot be read at random offsets
 AMP_MODES = ("none", "bf16")
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MAX_DECODE_PIXELS = 100_000_000  # refuse decompression bombs before decoding their pixels
-VAL_MAX_SIDE = 512
-
-# A sample: (file URL, member name inside a tar shard or "", byte offset, byte size or -1).
-Sample = tuple[str, str, int, int]
 
 
 # ====================================================================== configuration
@@ -86,9 +80,11 @@ class TrainConfig:
     model: Any = None
     model_id: str = "m2t-trained"  # registry name of the export
     init_from: Any = None  # checkpoint path or registry name: start from its weights
-    # Data: one fsspec URL or a list (folders of images, searched recursively, or .tar shards).
+    # Data: one fsspec URL or a list, as `m2t compress` reads them: folders of images (searched
+    # recursively), globs, webdataset .tar shards, Parquet files (one image per row).
     train_data: Any = None
     val_data: Any = None
+    parquet_image_column: Any = None  # Parquet: the image column (null: found as compress finds it)
     crop_size: int = 256
     batch_size: int = 16  # per worker
     steps: int = 20000
@@ -132,6 +128,9 @@ class TrainConfig:
             need(value is None or isinstance(value, str)
                  or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
                  f"{name} must be a URL or a list of URLs, got {value!r}")
+        need(self.parquet_image_column is None or (isinstance(self.parquet_image_column, str)
+                                                   and self.parquet_image_column != ""),
+             f"parquet_image_column must be a column name or null, got {self.parquet_image_column!r}")
         need(self.model is not None or self.init_from is not None,
              "model is required (a preset path or mapping) unless init_from names a checkpoint")
         need(self.model is None or isinstance(self.model, (str, dict)),
@@ -220,160 +219,6 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-# ====================================================================== data
-
-
-def _fs(url: str):
-    import fsspec  # here, not at the top: the in-process path works without the pipeline extras on local data
-
-    return fsspec.core.url_to_fs(url)
-
-
-def list_samples(urls: str | Sequence[str]) -> list[Sample]:
-    """Every image file and every image member of every .tar shard under `urls`, sorted."""
-    samples: list[Sample] = []
-    for url in [urls] if isinstance(urls, str) else urls:
-        fs, root, before = *_fs(url), len(samples)
-        if any(c in root for c in "*?["):
-            paths = fs.glob(root)
-        elif fs.isdir(root):
-            paths = fs.find(root)
-        elif fs.exists(root):
-            paths = [root]
-        else:
-            raise FileNotFoundError(f"data not found: {url}")
-        for path in sorted(paths):
-            low = path.lower()
-            if low.endswith(IMAGE_EXTS):
-                samples.append((fs.unstrip_protocol(path), "", 0, -1))
-            elif low.endswith(SHARD_EXTS):
-                samples.extend(_index_shard(fs, path))
-        if len(samples) == before:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) or .tar shards found at {url}")
-    return samples
-
-
-def _index_shard(fs, path: str) -> list[Sample]:
-    """Offsets of the image members of a tar shard; tarfile reads headers and seeks past data."""
-    url = fs.unstrip_protocol(path)
-    try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            return [(url, m.name, m.offset_data, m.size) for m in tar
-                    if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
-    except (tarfile.TarError, OSError) as exc:
-        log.warning("skipping unreadable shard %s: %s", url, exc)
-        return []
-
-
-def read_sample(sample: Sample) -> np.ndarray:
-    url, member, offset, size = sample
-    fs, path = _fs(url)
-    data = fs.cat_file(path) if size < 0 else fs.cat_file(path, start=offset, end=offset + size)
-    return load_image(data, max_pixels=MAX_DECODE_PIXELS)
-
-
-def sample_name(sample: Sample) -> str:
-    return f"{sample[0]}:{sample[1]}" if sample[1] else sample[0]
-
-
-def random_crop(rgb: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
-    """Random downscale, random crop x crop, random horizontal flip.
-
-    The scale is log-uniform between "short side = crop" and 1, so crops see both native
-    detail and whole-image structure. Images smaller than the crop are upscaled to fit
-    (rare in photo collections; better a soft crop than a lost image). Resizing only the
-    crop's source box keeps large images cheap.
-    """
-    h, w = rgb.shape[:2]
-    lo = crop / min(h, w)
-    scale = lo if lo >= 1.0 else math.exp(rng.uniform(math.log(lo), 0.0))
-    side = min(max(crop, round(crop / scale)), h, w) if lo < 1.0 else min(h, w)  # source box side
-    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    box = rgb[top:top + side, left:left + side]
-    if side != crop:
-        box = np.array(Image.fromarray(box).resize((crop, crop), Image.BICUBIC))
-    if rng.random() < 0.5:
-        box = box[:, ::-1]
-    return np.ascontiguousarray(box)
-
-
-class CropDataset(torch.utils.data.Dataset):
-    """Random crops as uint8 (3, crop, crop) tensors; unreadable files are skipped with a warning."""
-
-    MAX_TRIES = 64
-
-    def __init__(self, samples: list[Sample], crop_size: int, seed: int = 0):
-        self.samples = samples
-        self.crop = crop_size
-        self.seed = seed
-        self._bad: set[int] = set()
-        self._rng: np.random.Generator | None = None
-        self._rng_pid = -1
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _generator(self) -> np.random.Generator:
-        # One generator per process: DataLoader workers get distinct torch seeds, derive from them.
-        if self._rng is None or self._rng_pid != os.getpid():
-            self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**63])
-            self._rng_pid = os.getpid()
-        return self._rng
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        rng = self._generator()
-        for attempt in range(self.MAX_TRIES):
-            i = index if attempt == 0 else int(rng.integers(len(self.samples)))
-            if i in self._bad:
-                continue
-            try:
-                rgb = read_sample(self.samples[i])
-            except Exception as exc:  # any unreadable file: skip it, never stop training
-                self._bad.add(i)
-                log.warning("skipping unreadable training image %s: %s", sample_name(self.samples[i]), exc)
-                continue
-            return torch.from_numpy(random_crop(rgb, self.crop, rng)).permute(2, 0, 1).contiguous()  # NCHW
-        raise RuntimeError(f"no readable image in {self.MAX_TRIES} tries: is the training data corrupt?")
-
-
-class InfiniteSampler(torch.utils.data.Sampler[int]):
-    """Endless reshuffled passes over the dataset; rank r of `world` takes every world-th index
-    of the same permutation, so ranks see disjoint images in each pass. Endless, so workers
-    never drain and restart at epoch boundaries."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        if n < world:
-            raise ValueError(f"{n} training images cannot be split over {world} workers")
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-
-    def __iter__(self) -> Iterator[int]:
-        epoch = 0
-        while True:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            yield from torch.randperm(self.n, generator=g)[self.rank::self.world].tolist()
-            epoch += 1
-
-
-def load_val_images(urls: str | Sequence[str] | None, count: int) -> list[np.ndarray]:
-    """The first `count` readable images, center-cropped to at most 512 x 512."""
-    images: list[np.ndarray] = []
-    if not urls or count == 0:
-        return images
-    for sample in list_samples(urls):
-        try:
-            rgb = read_sample(sample)
-        except Exception as exc:
-            log.warning("skipping unreadable validation image %s: %s", sample_name(sample), exc)
-            continue
-        h, w = rgb.shape[:2]
-        ch, cw = min(h, VAL_MAX_SIDE), min(w, VAL_MAX_SIDE)
-        top, left = (h - ch) // 2, (w - cw) // 2
-        images.append(np.ascontiguousarray(rgb[top:top + ch, left:left + cw]))
-        if len(images) == count:
-            break
-    return images
-
-
 # ====================================================================== loss, schedules, validation
 
 
@@ -409,7 +254,7 @@ def qat_start_step(cfg: TrainConfig) -> int:
 def start_qat(model: M2TCodec, x: torch.Tensor) -> None:
     """Calibrate the exact entropy model on the latents of batch `x` (B, 3, H, W) in [0, 1]
     and switch the entropy model to quantisation-aware training."""
-    from m2t_core.codec import pad_latent, to_windows
+    from m2t_core.coding import pad_latent, to_windows
 
     was_training = model.training
     model.eval()
@@ -420,89 +265,22 @@ def start_qat(model: M2TCodec, x: torch.Tensor) -> None:
     model.qat = True
 
 
-def copy_weights(model: M2TCodec, source: M2TCodec) -> None:
-    """Load `source`'s transforms, float entropy model and (if it has one) exact model into
-    `model`; a source without an exact model leaves `model`'s to be re-exported."""
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith("legacy_entropy_model.")}
-    missing = model.load_state_dict(state, strict=False).missing_keys
-    if any(not k.startswith("exact.") for k in missing):
-        raise RuntimeError(f"checkpoint lacks tensors {missing[:5]}")
-    if source.exact is not None:
-        model.mark_exact_synced()
-
-
 def validate(model: M2TCodec, images: list[np.ndarray]) -> dict[str, float]:
     """Real entropy coding: mean bpp of the bitstreams and mean PSNR of the decoder's output."""
+    from m2t_core import Encoder
+
     was_training = model.training
     model.eval()
     bpps, psnrs = [], []
     try:
-        for rgb in images:
-            enc = model.encode_image(rgb)
+        for enc, rgb in zip(Encoder(model, reconstruct=True).encode(images), images):
+            if isinstance(enc, Exception):
+                raise enc
             bpps.append(enc.bpp)
-            psnrs.append(psnr(model.reconstruct(enc), rgb))
+            psnrs.append(psnr(enc.x_hat, rgb))
     finally:
         model.train(was_training)
     return {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)), "images": len(images)}
-
-
-# ====================================================================== checkpoints
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def has_state(out_dir: Path) -> bool:
-    return (out_dir / "last-state.json").is_file()
-
-
-def save_state(out_dir: Path, model: M2TCodec, optimizer: torch.optim.Optimizer, step: int,
-               elapsed_s: float, cfg: TrainConfig) -> None:
-    """Weights + optimizer tensors + a JSON of scalars; the JSON is written last and names
-    the step, so a crash between the writes is detected on resume."""
-    opt = optimizer.state_dict()
-    tensors = {f"{pid}.{name}": t.detach().to("cpu").contiguous()
-               for pid, state in opt["state"].items() for name, t in state.items() if torch.is_tensor(t)}
-    _atomic_write(out_dir / "last-optim.safetensors",
-                  lambda p: save_file(tensors, str(p), metadata={"step": str(step)}))
-    registry.save_checkpoint(model, out_dir / "last.safetensors", cfg.model_id,
-                             info={"step": step, "training_state": True}, dtype=torch.float32)
-    state = {"step": step, "elapsed_s": elapsed_s, "seed": cfg.seed, "model_id": cfg.model_id,
-             "param_groups": opt["param_groups"]}
-    _atomic_write(out_dir / "last-state.json", lambda p: p.write_text(json.dumps(state, indent=1)))
-
-
-def load_state(out_dir: Path, model: M2TCodec, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
-    """Restore weights and optimizer state; returns (step, elapsed seconds)."""
-    state = json.loads((out_dir / "last-state.json").read_text())
-    step = int(state["step"])
-    weights_step = registry.read_metadata(out_dir / "last.safetensors")[2].get("step")
-    tensors = load_file(str(out_dir / "last-optim.safetensors"))
-    with safe_open(str(out_dir / "last-optim.safetensors"), framework="pt") as f:
-        optim_step = int((f.metadata() or {}).get("step", -1))
-    if weights_step != step or optim_step != step:
-        raise RuntimeError(f"{out_dir}: checkpoint files disagree (state step {step}, weights {weights_step}, "
-                           f"optimizer {optim_step}): the last save was interrupted")
-    copy_weights(model, registry.load_checkpoint(out_dir / "last.safetensors"))
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        pid, name = key.split(".", 1)
-        per_param.setdefault(int(pid), {})[name] = t
-    # Hyper-parameters come from the current config (lr is set every step); only the moments
-    # are restored, so a GPU state resumes on a CPU and vice versa.
-    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
-    return step, float(state.get("elapsed_s", 0.0))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    _atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
 
 
 def hardware_name(device: torch.device, world: int) -> str:
@@ -561,9 +339,62 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         _train_worker(loop_config)
 
 
+@dataclass
+class _Worker:
+    """Where this training worker runs: its rank among `world`, its device, whether under Ray."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    under_ray: bool
+
+    @property
+    def is_main(self) -> bool:  # rank 0 logs, validates, checkpoints and exports
+        return self.rank == 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
 def _train_worker(loop_config: dict[str, Any]) -> None:
     cfg = dataclass_from_dict(TrainConfig, loop_config["train"])
-    under_ray = bool(loop_config.get("ray"))
+    worker = _place_worker(cfg, under_ray=bool(loop_config.get("ray")))
+    model, optimizer, start_step, elapsed_before = _build_model(worker, resume=bool(loop_config.get("resume")))
+
+    # Random streams differ per resume point (a resumed run does not replay the crops it has
+    # seen) and per rank, reproducibly; the shuffle is shared by all ranks, which split it.
+    shuffle_seed = int(np.random.SeedSequence([cfg.seed, start_step]).generate_state(1)[0])
+    run_seed = int(np.random.SeedSequence([cfg.seed, start_step, worker.rank]).generate_state(1)[0])
+    torch.manual_seed(run_seed)
+    sources = SourceCache()  # holds the tar indexes listed here, for the DataLoader workers
+    samples = list_samples(cfg.train_data, cfg.parquet_image_column, sources)
+    if worker.is_main:
+        worker.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(worker.out_dir / "config.yaml",
+                     lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+        if start_step:
+            truncate_metrics(worker.out_dir / "metrics.jsonl", start_step)
+        log.info("%d training images from %s on %s x %d", len(samples), cfg.train_data, worker.device, worker.world)
+    run_log = _RunLog(worker, load_val_images(cfg.val_data, cfg.val_images, cfg.parquet_image_column)
+                      if worker.is_main else [])
+    loader = _data_loader(worker, CropDataset(samples, cfg.crop_size, seed=run_seed,
+                                              image_column=cfg.parquet_image_column, cache=sources),
+                          shuffle_seed, run_seed)
+    batches = iter(loader)
+    x, t_start = _train_steps(worker, model, optimizer, batches, start_step, elapsed_before, run_log)
+    if not model.qat and start_step < cfg.steps:  # qat_from = 1: calibrate for the export
+        start_qat(model, x)
+    del batches, loader  # stops the DataLoader workers
+
+    if worker.is_main:
+        export(cfg, model, worker.device, worker.world, elapsed_before + time.time() - t_start,
+               run_log.validation, max(start_step, cfg.steps))
+
+
+def _place_worker(cfg: TrainConfig, under_ray: bool) -> _Worker:
+    """This worker's rank and device (from Ray Train under Ray), with CUDA set up for training."""
     if under_ray:
         import ray.train
         import ray.train.torch
@@ -573,20 +404,22 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         device = ray.train.torch.get_device()
     else:
         rank, world, device = 0, 1, pick_device(cfg.device)
-    is_main = rank == 0
-    out_dir = Path(cfg.output_dir)
-    metrics_path = out_dir / "metrics.jsonl"
-
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed crop size: autotune once
         torch.backends.cuda.matmul.allow_tf32 = True  # training only; coding turns it off itself
         torch.backends.cudnn.allow_tf32 = True
+    return _Worker(cfg, rank, world, device, under_ray)
 
+
+def _build_model(worker: _Worker, resume: bool) -> tuple[M2TCodec, torch.optim.Optimizer, int, float]:
+    """The model and optimizer on the worker's device, from init_from or the run's last state:
+    (model, optimizer, the step to continue from, seconds trained before)."""
+    cfg, device = worker.cfg, worker.device
     model_cfg = ModelConfig.from_dict(cfg.model)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = M2TCodec(model_cfg, model_id=cfg.model_id)
-    resuming = bool(loop_config.get("resume")) and has_state(out_dir)
+    resuming = resume and has_state(worker.out_dir)
     if cfg.init_from and not resuming:
         copy_weights(model, registry.load_checkpoint(cfg.init_from))
         log.info("initialised from %s", cfg.init_from)
@@ -596,63 +429,89 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
                                   fused=device.type == "cuda")
     start_step, elapsed_before = 0, 0.0
     if resuming:
-        start_step, elapsed_before = load_state(out_dir, model, optimizer)
-        log.info("resuming %s at step %d", out_dir, start_step)
-    qat_step = qat_start_step(cfg)
-    model.qat = start_step >= qat_step  # the exponents were calibrated before the checkpoint
+        start_step, elapsed_before = load_state(worker.out_dir, model, optimizer)
+        log.info("resuming %s at step %d", worker.out_dir, start_step)
+    model.qat = start_step >= qat_start_step(cfg)  # the exponents were calibrated before the checkpoint
     if start_step >= cfg.steps:
         log.info("nothing to train: step %d >= steps %d", start_step, cfg.steps)
+    return model, optimizer, start_step, elapsed_before
 
-    # Random streams differ per resume point (a resumed run does not replay the crops it has
-    # seen) and per rank, reproducibly; the shuffle is shared by all ranks, which split it.
-    shuffle_seed = int(np.random.SeedSequence([cfg.seed, start_step]).generate_state(1)[0])
-    run_seed = int(np.random.SeedSequence([cfg.seed, start_step, rank]).generate_state(1)[0])
-    torch.manual_seed(run_seed)
-    samples = list_samples(cfg.train_data)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
-        if start_step:
-            _truncate_metrics(metrics_path, start_step)
-        log.info("%d training images from %s on %s x %d", len(samples), cfg.train_data, device, world)
-    val_images = load_val_images(cfg.val_data, cfg.val_images) if is_main else []
 
-    workers = cfg.num_workers
-    loader = torch.utils.data.DataLoader(
-        CropDataset(samples, cfg.crop_size, seed=run_seed),
-        batch_size=cfg.batch_size,
-        sampler=InfiniteSampler(len(samples), seed=shuffle_seed, rank=rank, world=world),
-        num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+def _data_loader(worker: _Worker, dataset: CropDataset, shuffle_seed: int,
+                 run_seed: int) -> torch.utils.data.DataLoader:
+    workers = worker.cfg.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=worker.cfg.batch_size,
+        sampler=InfiniteSampler(len(dataset), seed=shuffle_seed, rank=worker.rank, world=worker.world),
+        num_workers=workers, pin_memory=worker.device.type == "cuda", drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(run_seed),
     )
+
+
+def _training_net(worker: _Worker, model: M2TCodec) -> torch.nn.Module:
+    """What the steps call: the model, wrapped in DDP across Ray workers, compiled if asked."""
     net: torch.nn.Module = model
-    if under_ray and world > 1:
+    if worker.under_ray and worker.world > 1:
         import ray.train.torch
 
         # MT never uses the M2T input embedding: DDP must be told that some parameters get no grad.
         net = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": model_cfg.mode == "mt"})
-    if cfg.compile:
+            model, parallel_strategy_kwargs={"find_unused_parameters": model.cfg.mode == "mt"})
+    if worker.cfg.compile:
         net = torch.compile(net)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    return net
 
-    def append_metrics(record: dict[str, Any]) -> None:
-        with metrics_path.open("a") as f:
+
+class _RunLog:
+    """metrics.jsonl, written by rank 0: training records and validations (real coding)."""
+
+    def __init__(self, worker: _Worker, val_images: list[np.ndarray]):
+        self.worker, self.val_images = worker, val_images
+        self.path = worker.out_dir / "metrics.jsonl"
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def run_validation(step: int, which: M2TCodec, exported: bool = False) -> dict[str, float] | None:
-        if not val_images:
+    def validation(self, step: int, which: M2TCodec, exported: bool = False) -> dict[str, float] | None:
+        if not self.val_images:
             return None
         t0 = time.time()
-        result = validate(which, val_images)
+        result = validate(which, self.val_images)
         log.info("val step %d: %.4f bpp  %.2f dB PSNR  (%d images, real coding, %.1f s)",
                  step, result["bpp"], result["psnr"], result["images"], time.time() - t0)
-        append_metrics({"kind": "val", "step": step, **result, "exported": exported})
+        self.append({"kind": "val", "step": step, **result, "exported": exported})
         return result
 
+    def progress(self, step: int, lr: float, means: list[float], steps_per_s: float, elapsed_s: float) -> None:
+        """The means of loss, bpp and mse since the last record; every rank checks them."""
+        cfg = self.worker.cfg
+        loss_v, bpp_v, mse_v = means
+        if not math.isfinite(loss_v):
+            raise RuntimeError(f"training diverged at step {step} (loss {loss_v}); lower lr or use amp: none")
+        record = {"kind": "train", "step": step, "loss": loss_v, "bpp": bpp_v, "mse": mse_v,
+                  "psnr": psnr_from_mse(mse_v), "lr": lr, "lmbda": lmbda_at(cfg, step),
+                  "images_per_s": steps_per_s * cfg.batch_size * self.worker.world,
+                  "elapsed_s": elapsed_s, "eta_s": (cfg.steps - step) / steps_per_s}
+        if self.worker.is_main:
+            log.info("step %d/%d  loss %.4f  bpp %.4f  PSNR %.2f dB  %.0f img/s  ETA %s",
+                     step, cfg.steps, loss_v, bpp_v, record["psnr"], record["images_per_s"],
+                     _hms(record["eta_s"]))
+            self.append(record)
+
+
+def _train_steps(worker: _Worker, model: M2TCodec, optimizer: torch.optim.Optimizer, batches: Iterator,
+                 start_step: int, elapsed_before: float, run_log: _RunLog) -> tuple[torch.Tensor | None, float]:
+    """Steps start_step + 1 .. cfg.steps, with logging, validation and checkpoints on rank 0.
+    Returns the last batch (None if no step ran) and the time the steps started."""
+    cfg, device = worker.cfg, worker.device
+    net = _training_net(worker, model)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    qat_step = qat_start_step(cfg)
     model.train()
-    batches = iter(loader)
+    x = None
     sums = torch.zeros(3, device=device)  # loss, bpp, mse since the last log (no per-step sync)
     t_start = t_log = time.time()
     paused = 0.0  # seconds spent validating / checkpointing since t_log (not training throughput)
@@ -676,37 +535,21 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         sums += torch.stack([loss.detach(), bpp.detach(), mse.detach()])
 
         if step % cfg.log_every == 0 or step == cfg.steps:
-            n = step - step_log
-            loss_v, bpp_v, mse_v = (sums / n).tolist()
-            if not math.isfinite(loss_v):
-                raise RuntimeError(f"training diverged at step {step} (loss {loss_v}); lower lr or use amp: none")
             now = time.time()
-            rate = n / max(now - t_log - paused, 1e-9)  # steps per second
-            record = {"kind": "train", "step": step, "loss": loss_v, "bpp": bpp_v, "mse": mse_v,
-                      "psnr": psnr_from_mse(mse_v), "lr": lr, "lmbda": lmbda_at(cfg, step),
-                      "images_per_s": rate * cfg.batch_size * world,
-                      "elapsed_s": elapsed_before + now - t_start, "eta_s": (cfg.steps - step) / rate}
-            if is_main:
-                log.info("step %d/%d  loss %.4f  bpp %.4f  PSNR %.2f dB  %.0f img/s  ETA %s",
-                         step, cfg.steps, loss_v, bpp_v, record["psnr"], record["images_per_s"],
-                         _hms(record["eta_s"]))
-                append_metrics(record)
+            steps_per_s = (step - step_log) / max(now - t_log - paused, 1e-9)
+            run_log.progress(step, lr, (sums / (step - step_log)).tolist(), steps_per_s,
+                             elapsed_before + now - t_start)
             sums.zero_()
             t_log, paused, step_log = now, 0.0, step
 
         t_pause = time.time()
-        if is_main and step % cfg.val_every == 0 and step != cfg.steps:
-            run_validation(step, model)
-        if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            save_state(out_dir, model, optimizer, step, elapsed_before + time.time() - t_start, cfg)
+        if worker.is_main and step % cfg.val_every == 0 and step != cfg.steps:
+            run_log.validation(step, model)
+        if worker.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            save_state(worker.out_dir, model, optimizer, step, elapsed_before + time.time() - t_start, cfg)
         paused += time.time() - t_pause
-    if not model.qat and start_step < cfg.steps:  # qat_from = 1: calibrate for the export
-        start_qat(model, x)
-    del batches, loader  # stops the DataLoader workers
+    return x, t_start
 
-    if is_main:
-        export(cfg, model, device, world, elapsed_before + time.time() - t_start, run_validation,
-               max(start_step, cfg.steps))
 
 
 def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, wall_s: float,
@@ -778,7 +621,7 @@ def train(cfg: TrainConfig, resume: bool = False, use_ray: bool = False) -> Path
     """Train (in-process or on Ray) and return the path of the exported model."""
     cfg = prepare_config(cfg)
     for url in [cfg.train_data] if isinstance(cfg.train_data, str) else cfg.train_data:
-        fs, root = _fs(url)
+        fs, root = filesystem(url)
         if not (fs.glob(root) if any(c in root for c in "*?[") else fs.exists(root)):
             raise ConfigError(f"train_data not found: {url}")
     _check_output_dir(cfg, resume)
@@ -813,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_ray and not use_ray:
             log.info("ray is not installed: training in this process")
         path = train(cfg, resume=args.resume, use_ray=use_ray)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, SourceError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)

@@ -1,0 +1,75 @@
+"""The jobs' configs: a YAML file and `--set key=value` overrides into a typed dataclass
+(unknown keys are errors), with retired keys accepted and ignored, and the small helpers the
+jobs' configs share (absolute URLs, credentials kept out of reports)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from m2t_core.config import ConfigError, apply_overrides, dataclass_from_dict, load_mapping, yaml_numbers
+
+log = logging.getLogger(__name__)
+
+# Keys the jobs once had and no longer use: an old config file (or --set) that names one still
+# loads, with a warning, instead of failing as an unknown key would. name -> why it is gone.
+RETIRED_KEYS = {
+    "window_batch": "windows per transformer call of bitstream format 1; the format written now "
+                    "(3) does not use it",
+}
+SECRET_RE = re.compile(r"(secret|token|password|passwd|credential|key)", re.IGNORECASE)
+
+
+def load_job_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()):
+    """The YAML file at `path` (optional), then the `key=value` overrides (dotted keys for
+    nested fields, values parsed as YAML), as `cls`. Unknown keys are errors; RETIRED_KEYS are
+    dropped with a warning."""
+    data = apply_overrides({} if path is None else _read_yaml(path), overrides)
+    for key in sorted(set(data) & set(RETIRED_KEYS)):
+        log.warning("config key %r is ignored: %s", key, RETIRED_KEYS[key])
+        del data[key]
+    return dataclass_from_dict(cls, data)
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return yaml_numbers(load_mapping(path))
+
+
+def without_retired(settings: Any) -> Any:
+    """A mapping of recorded settings without the retired keys (archives written before a key
+    was retired still carry it), for comparing settings across versions."""
+    if not isinstance(settings, dict):
+        return settings
+    return {k: v for k, v in settings.items() if k not in RETIRED_KEYS}
+
+
+def inputs_and_output(inputs: str | Sequence[str], output: str, what: str = "input") -> tuple[list[str], str]:
+    """A job's input URLs and output URL with local paths made absolute; ConfigError if the
+    output lies inside an input (its own files would become inputs of a resumed run)."""
+    urls = [absolute_url(u) for u in ([inputs] if isinstance(inputs, str) else inputs)]
+    output = absolute_url(output)
+    for url in urls:
+        if (output.rstrip("/") + "/").startswith(url.rstrip("/") + "/"):
+            raise ConfigError(f"output {output} is inside the {what} {url}: choose an output outside it")
+    return urls, output
+
+
+def absolute_url(url: str) -> str:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    if "://" in url:
+        return url
+    return str(Path(url).expanduser().resolve())
+
+
+def redact(value: Any) -> Any:
+    """Storage options without credentials, for the manifest and the report."""
+    if isinstance(value, dict):
+        return {k: ("***" if SECRET_RE.search(str(k)) and not isinstance(v, dict) else redact(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
