@@ -8,13 +8,13 @@ benchmark, not a test), and what it costs in rate and distortion.
 Only the entropy model is exact; g_a is float, so its batch size, its implementation (the
 frozen TorchScript form a CPU runs by default, or the eager modules) and its device may
 round a few latent values differently, and then the stream differs. Every variant is
-checked to decode exactly (its latent, through `decode_latents`, anywhere), and the report
+checked to decode exactly (its latent, through `Decoder.decode_latents`, anywhere), and the report
 gives, against the reference (this CPU, g_a one image at a time, frozen transforms):
 
 * the fraction of images whose bytes differ, and of latent values that differ;
 * mean bpp and PSNR (decoded on this CPU), so the RD cost of a variant is visible.
 
-Variants: CPU batch 16 (`encode_images(batch=16)`), CPU eager g_a (what
+Variants: CPU batch 16 (`Encoder(model, batch_images=16)`), CPU eager g_a (what
 M2T_EAGER_TRANSFORMS=1 runs), and with --device cuda: the GPU at batch 1 and at batch 16.
 Images: Kodak at 768x512 (portrait ones turned), evaluation only.
 """
@@ -52,12 +52,25 @@ def kodak(data_root: Path, n: int) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def encode_all(model, rgbs: list[np.ndarray], batch: int) -> list:
+    """EncodedImage per image from Encoder(model, batch_images=batch); the first failure raises."""
+    from m2t_core.encoder import Encoder
+
+    encoded = list(Encoder(model, batch_images=batch).encode(rgbs))
+    for n, result in enumerate(encoded):
+        if isinstance(result, Exception):
+            raise RuntimeError(f"image {n} failed to encode: {result}") from result
+    return encoded
+
+
 def encode_eager(model, rgbs: list[np.ndarray]) -> list:
-    """encode_images with g_a run by the eager module (the M2T_EAGER_TRANSFORMS=1 path)."""
+    """Encoding with g_a run by the eager module (the M2T_EAGER_TRANSFORMS=1 path), one image
+    at a time."""
     import torch
 
     from m2t_core import tiling
-    from m2t_core.codec import MAX_ABS_SYMBOL, code_plan
+    from m2t_core.encoder import Encoder, code_plan
+    from m2t_core.entropy_coding import MAX_ABS_SYMBOL
 
     with torch.inference_mode():
         latents = []
@@ -65,7 +78,7 @@ def encode_eager(model, rgbs: list[np.ndarray]) -> list:
             x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8, a writable copy
             y = torch.round(tiling.analysis(model.g_a, x)).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
             latents.append((y, rgb.shape[0], rgb.shape[1]))
-        return [code_plan(p) for p in model.plan_latents(latents)]
+        return [code_plan(p) for p in Encoder(model).plan(latents)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    from m2t_core.decoder import Decoder
     from m2t_core.metrics import psnr
     from m2t_core.registry import load_model
 
@@ -92,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rgbs)} Kodak images, model {args.model}, {cpu_model()}, torch {torch.__version__}, "
           f"g_a {g_a}, g_s {cpu.transforms_implementation()}", flush=True)
 
-    variants = {"cpu batch 1 (reference)": lambda: cpu.encode_images(rgbs, batch=1),
-                f"cpu batch {args.batch}": lambda: cpu.encode_images(rgbs, batch=args.batch),
+    variants = {"cpu batch 1 (reference)": lambda: encode_all(cpu, rgbs, 1),
+                f"cpu batch {args.batch}": lambda: encode_all(cpu, rgbs, args.batch),
                 "cpu eager g_a": lambda: encode_eager(cpu, rgbs)}
     if args.device == "cuda":
         gpu = load_model(args.model, device="cuda")
-        variants["cuda batch 1"] = lambda: gpu.encode_images(rgbs, batch=1)
-        variants[f"cuda batch {args.batch}"] = lambda: gpu.encode_images(rgbs, batch=args.batch)
+        variants["cuda batch 1"] = lambda: encode_all(gpu, rgbs, 1)
+        variants[f"cuda batch {args.batch}"] = lambda: encode_all(gpu, rgbs, args.batch)
 
     results: dict[str, dict] = {}
     ref = None
@@ -107,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         encoded = encode()
         seconds = time.perf_counter() - t0
         streams = [e.bitstream for e in encoded]
-        decoded = cpu.decode_latents(streams)  # exact, on this CPU, whatever wrote them
+        decoded = Decoder(cpu).decode_latents(streams)  # exact, on this CPU, whatever wrote them
         exact = all(not isinstance(d, Exception) and torch.equal(d[1].to(torch.int32), e.y_hat.cpu().to(torch.int32))
                     for d, e in zip(decoded, encoded))
-        pixels = cpu.decompress_many(streams, batch=1)
+        pixels = Decoder(cpu, batch_images=1).decompress_many(streams)
         bpp = [8 * len(s) / (r.shape[0] * r.shape[1]) for s, r in zip(streams, rgbs)]
         quality = [psnr(r, x) for r, x in zip(rgbs, pixels)]
         row = {"encode_s": seconds, "decodes_exactly": exact, "bpp_mean": statistics.fmean(bpp),

@@ -1,33 +1,43 @@
 #!/usr/bin/env python3
 """Codec speed benchmark (a benchmark, not a test): encode/decode time per image, M2T vs MT.
 
-    python bench/codec_speed.py --quick        # 768x512 only, 2 repeats (~30 s on a 2-core CPU)
+    python bench/codec_speed.py --quick        # 768x512 only, 2 repeats (~2 min on a 2-core CPU)
     python bench/codec_speed.py                # 768x512 and 2000x1500, 3 repeats
-    python bench/codec_speed.py --stages --checkpoint m2t-small-q3 --threads 1 --sizes 768x512,1920x1080
+    python bench/codec_speed.py --stages --checkpoint m2t-small-q3 --sizes 768x512,1920x1080
                                                # per-stage times of the staged, batched coder (~3 min)
 
---stages times, per image, each stage the compression and verify jobs run (one thread: as an
-actor with one CPU): g_a and g_s eager vs frozen (TorchScript; a CPU runs g_a frozen, g_s
-eager: transforms.FROZEN_TRANSFORMS) and on a batch of --stage-batch images; the entropy model's device stage (plan_latents) for
-one image and for a batch; range coding (code_plan); decoding one latent (decode_latent) and
-a batch (decode_latents); and encode_image / decompress end to end. It writes
-bench/results/codec_stages.json (or --json).
+--stages times, per image, each stage the compression and verify jobs run (on --threads
+threads, default one: as an actor with one CPU): g_a eager vs frozen (TorchScript; a CPU runs
+g_a frozen, g_s eager: transforms.FROZEN_TRANSFORMS) and on a batch of --stage-batch images;
+the entropy model's device stage (`Encoder.plan`) for one image and for a batch; range coding
+(`code_plan`); decoding one latent (`Decoder.decode_latent`) and a batch
+(`Decoder.decode_latents`); g_s eager vs frozen and on a batch; and `Encoder.encode_image`
+(also with g_a eager, what M2T_EAGER_TRANSFORMS=1 runs) / `Decoder.decompress` end to end.
+It writes bench/results/codec_stages.json (or --json).
 
-What is measured, per image size and mode (same preset, same image, same weights):
-  * encode: `model.encode_image(rgb)` (analysis + transformer schedule + range coding);
-  * decode: `model.decompress(bitstream)` (transformer schedule + range decoding + synthesis);
-  * M2T only, decode without the key/value cache: a stream from
-    `model.encode_image(rgb, use_cache=False)` (header flag FLAG_UNCACHED: the cache-free
-    numbers differ in the last bits, so the stream says which computation wrote it), decoded
-    by `model.decode_latent(data)` then `model.synthesis(...)` (every step re-runs all
-    earlier slot groups);
-  * the time spent in (a) the transforms g_a / g_s, (b) the transformer (EntropyTransformer.step,
-    including the output head), (c) entropy coding (snap_params + SymbolEncoder.encode/finish
-    / SymbolDecoder.decode), and "other" (windowing, indexing, checksums, bitstream packing).
+What is measured, per schedule length S, image size and mode (same preset, same image, same
+weights):
+  * encode: `Encoder(model).encode_image(rgb)` (g_a, the exact entropy model's parameters,
+    range coding);
+  * decode: `Decoder(model).decompress(bitstream)` (the step loop: entropy model and range
+    decoding, then g_s);
+  * M2T only, decode without the key/value cache: the same stream, decoded the same way with
+    every step run as `network.step(..., use_cache=False)` (each step re-runs all earlier
+    slot groups instead of reading their cached keys/values). The exact entropy model gives
+    the same integers either way, so the decoded image must equal the encoder's
+    reconstruction: checked after every run, and the benchmark stops if it does not;
+  * the time spent in (a) the transforms g_a / g_s (m2t_core.tiling's analysis / synthesis
+    functions, frozen or eager), (b) the entropy network (network.step, m2t_teacher_forced
+    and mt_forward in the exact model's arithmetic, output head included), (c) entropy
+    coding (snap_integer + SymbolEncoder.encode/finish / SymbolDecoder.decode), and "other"
+    (windowing, indexing, moving parameters to the CPU, checksums, bitstream packing).
     These are measured by wrapping those functions with timers for the duration of the
-    benchmark (monkeypatching; everything is restored afterwards).
-Each figure is the median over --repeats runs, after one discarded warm-up run. The runs of
-the different modes are interleaved, so a change of machine load affects all of them alike.
+    benchmark (monkeypatching; everything is restored afterwards; a timed call made inside
+    another counts once, in the outer one's phase).
+Each figure is the median over --repeats runs, after one discarded warm-up run. Every decoded
+image is compared with the encoder's reconstruction (`Encoder(model, reconstruct=True)`).
+The runs of the different modes are interleaved, so a change of machine load affects all of
+them alike.
 
 The default model is the small preset (ModelConfig() = configs/models/m2t-small.yaml) with a
 random initialisation (fixed seed); MT is the same config with mode="mt" and the same weights.
@@ -35,9 +45,10 @@ Speed does not depend on training except through the entropy-coding work, which 
 the statistics of the latent and of the predicted distributions. --checkpoint loads trained
 weights (registry name or path) instead; --other-checkpoint a trained model of the other mode.
 
-Threads: on CPU, m2t_core codes on m2t_core.codec.CODING_THREADS threads whatever torch's
-setting (bit-exactness), so --threads only affects what runs outside the coding. On a busy
-machine, --threads 1 gives the steadiest figures. See docs/benchmarks.md for results.
+Threads: --threads (default 1, as the jobs' actors run) sets torch's intra-op threads, which
+everything runs on: the codec pins none (its entropy model is exact integer arithmetic, so
+any thread count gives the same bytes). On a busy machine, one thread gives the steadiest
+figures. See docs/benchmarks.md for results.
 """
 
 from __future__ import annotations
@@ -61,17 +72,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import m2t_core  # noqa: E402
-from m2t_core import codec as codec_module  # noqa: E402
-from m2t_core import exact as exact_module  # noqa: E402
-from m2t_core.codec import M2TCodec, deterministic_kernels  # noqa: E402
-
-try:  # on CPU, coding runs on a fixed number of threads (bit-exactness), whatever --threads says
-    from m2t_core.codec import CODING_THREADS  # noqa: E402
-except ImportError:  # older core
-    CODING_THREADS = None
-from m2t_core.bitstream import MAX_WINDOW_BATCH  # noqa: E402
+from m2t_core import decoder as decoder_module  # noqa: E402
+from m2t_core import encoder as encoder_module  # noqa: E402
+from m2t_core import model as model_module  # noqa: E402
+from m2t_core import network as network_module  # noqa: E402
+from m2t_core import tiling  # noqa: E402
 from m2t_core.config import ModelConfig  # noqa: E402
+from m2t_core.decoder import Decoder  # noqa: E402
+from m2t_core.encoder import Encoder, code_plan  # noqa: E402
 from m2t_core.entropy_coding import SymbolDecoder, SymbolEncoder  # noqa: E402
+from m2t_core.model import M2TCodec  # noqa: E402
 from m2t_core.sysinfo import cpu_model  # noqa: E402
 from bench._common import (  # noqa: E402  (shared with bench/peer_speed.py, bench/pipeline_speed.py)
     DEFAULT_DATA, LoadMeter, bench_image, load_avg, parse_size, write_report)
@@ -85,12 +95,14 @@ DEFAULT_SIZES = "768x512,2000x1500"
 
 
 class PhaseTimer:
-    """Accumulates wall time per phase; `sync` makes CUDA timings honest."""
+    """Accumulates wall time per phase; `sync` makes CUDA timings honest. Only the outermost
+    timed call counts (mt_forward runs inside network.step; its time is counted once)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.totals: dict[str, float] = defaultdict(float)
         self.cpu_totals: dict[str, float] = defaultdict(float)
+        self.depth = 0
 
     def sync(self) -> None:
         if self.cuda:
@@ -102,7 +114,10 @@ class PhaseTimer:
 
     def wrap(self, phase: str, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
+            if self.depth:  # inside another timed call: counted there
+                return fn(*args, **kwargs)
             self.sync()
+            self.depth += 1
             c0, t0 = time.process_time(), time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -110,36 +125,33 @@ class PhaseTimer:
                 self.sync()
                 self.totals[phase] += time.perf_counter() - t0
                 self.cpu_totals[phase] += time.process_time() - c0
+                self.depth -= 1
 
         timed.__wrapped__ = fn
         return timed
 
 
 @contextlib.contextmanager
-def instrumented(models: list[M2TCodec], timer: PhaseTimer):
-    """Wrap the transforms, the transformer step and the entropy coder with timers."""
+def instrumented(timer: PhaseTimer):
+    """Wrap the transforms, the entropy network and the entropy coder with timers. The codec
+    calls all of them through module attributes (encoder.py and decoder.py import
+    snap_integer by name: both are patched)."""
     undo: list[Callable[[], None]] = []
 
-    def patch(owner, name: str, phase: str, instance: bool = False) -> None:
+    def patch(owner, name: str, phase: str) -> None:
         if not hasattr(owner, name):
             raise RuntimeError(f"benchmark out of date: {owner!r} has no attribute {name!r}")
-        original = owner.__dict__.get(name) if not instance else None
+        original = owner.__dict__[name]
         setattr(owner, name, timer.wrap(phase, getattr(owner, name)))
-        if instance:  # an instance attribute shadowing the bound method: delete it to restore
-            undo.append(lambda: delattr(owner, name))
-        else:
-            undo.append(lambda: setattr(owner, name, original))
+        undo.append(lambda: setattr(owner, name, original))
 
     try:
-        for model in models:
-            patch(model.g_a, "forward", "transforms", instance=True)
-            patch(model.g_s, "forward", "transforms", instance=True)
-            patch(model.entropy_model, "step", "transformer", instance=True)  # format 1 (legacy)
-        # Format 2: the exact entropy model (module functions that codec.py calls through X).
-        patch(exact_module, "step", "transformer")
-        patch(exact_module, "m2t_teacher_forced", "transformer")
-        patch(codec_module, "snap_params", "entropy_coding")
-        patch(codec_module, "snap_integer", "entropy_coding")
+        for name in ("analysis", "synthesis", "analysis_batch", "synthesis_batch"):
+            patch(tiling, name, "transforms")
+        for name in ("step", "m2t_teacher_forced", "mt_forward"):
+            patch(network_module, name, "transformer")
+        patch(encoder_module, "snap_integer", "entropy_coding")
+        patch(decoder_module, "snap_integer", "entropy_coding")
         patch(SymbolEncoder, "encode", "entropy_coding")
         patch(SymbolEncoder, "finish", "entropy_coding")
         patch(SymbolDecoder, "decode", "entropy_coding")
@@ -147,6 +159,26 @@ def instrumented(models: list[M2TCodec], timer: PhaseTimer):
     finally:
         for fn in reversed(undo):
             fn()
+
+
+@contextlib.contextmanager
+def kv_cache_off():
+    """Every entropy-network step recomputes all slot groups so far instead of reading the
+    key/value cache: network.step(..., use_cache=False), which coding.run_steps (the decoder's
+    loop) calls through the module. Yields a one-element list counting the steps so run, so a
+    caller can check that the patch was in effect."""
+    cached_step = network_module.step
+    calls = [0]
+
+    def uncached_step(ops, tokens, state, use_cache: bool = True):  # the caller's use_cache is overridden
+        calls[0] += 1
+        return cached_step(ops, tokens, state, use_cache=False)
+
+    network_module.step = uncached_step
+    try:
+        yield calls
+    finally:
+        network_module.step = cached_step
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -158,14 +190,21 @@ def instrumented(models: list[M2TCodec], timer: PhaseTimer):
 # ------------------------------------------------------------------------------ models
 
 
+def twin_of(model: M2TCodec, cfg: ModelConfig) -> M2TCodec:
+    """A model of config `cfg` holding `model`'s weights (float entropy parameters and exact
+    integers alike, so the exact model is not re-exported)."""
+    twin = M2TCodec(cfg, model_id=model.model_id)
+    twin.load_state_dict(model.state_dict())
+    twin.mark_exact_synced()
+    return twin.to(model.device).eval()
+
+
 def with_steps(model: M2TCodec, num_steps: int | None) -> M2TCodec:
     """The same weights on a schedule of `num_steps` groups (the parameters do not depend on
     S; only the slot layout does). Speed only: a model trained for S = 12 codes worse at S = 4."""
     if num_steps is None or num_steps == model.cfg.num_steps:
         return model
-    twin = M2TCodec(model.cfg.replace(num_steps=num_steps), model_id=model.model_id)
-    twin.load_state_dict(model.state_dict())
-    return twin.to(model.device).eval()
+    return twin_of(model, model.cfg.replace(num_steps=num_steps))
 
 
 def build_models(checkpoint: str | None, device: torch.device,
@@ -180,7 +219,7 @@ def build_models(checkpoint: str | None, device: torch.device,
         desc = f"checkpoint {checkpoint!r} (model_id {base.model_id!r}, mode {base.cfg.mode})"
     else:
         torch.manual_seed(SEED)
-        base = M2TCodec(ModelConfig())
+        base = M2TCodec(ModelConfig()).to(device).eval()
         desc = (f"random init (torch.manual_seed({SEED})), small preset ModelConfig() = "
                 f"configs/models/m2t-small.yaml; MT = same config with mode='mt', same weights")
     models = {base.cfg.mode: base}
@@ -193,9 +232,7 @@ def build_models(checkpoint: str | None, device: torch.device,
         models[other_mode] = other
         desc += f"; {other_mode}: checkpoint {other_checkpoint!r} (model_id {other.model_id!r})"
     else:
-        twin = M2TCodec(base.cfg.replace(mode=other_mode), model_id=base.model_id)
-        twin.load_state_dict(base.state_dict())
-        models[other_mode] = twin
+        models[other_mode] = twin_of(base, base.cfg.replace(mode=other_mode))
         if checkpoint:
             desc += f"; {other_mode} reuses its weights (speed only)"
     for m in models.values():
@@ -204,20 +241,21 @@ def build_models(checkpoint: str | None, device: torch.device,
 
 
 def transformer_flops(model: M2TCodec, num_windows: int) -> float:
-    """Floating-point operations (multiply-add = 2) of the transformer's decoding schedule for
-    `num_windows` windows, counted from the shapes: the linear layers and attention products.
-    M2T (cached): slot group i feeds its m_i slots once and attends to all slots so far; MT:
-    S full passes over the L positions, the output head on every position (as the code does)."""
-    cfg, em = model.cfg, model.entropy_model
+    """Arithmetic operations (multiply-add = 2) of the entropy network's decoding schedule for
+    `num_windows` windows, counted from the shapes: the linear layers and attention products
+    (the exact model runs them as float64 products of integers). M2T (cached): slot group i
+    feeds its m_i slots once and attends to all slots so far; MT: S full passes over the L
+    positions, the output head on every position (as the code does)."""
+    cfg, layout = model.cfg, model.layout
     D, L = cfg.d_model, cfg.tokens_per_window
     per_token_block = 2 * (4 * D * D + 2 * D * cfg.d_mlp)  # qkv + proj + MLP
     embed, head = 2 * cfg.C * D, 2 * D * cfg.C * 3 * cfg.n_mixtures
     flops = 0.0
     if cfg.mode == "m2t":
-        for i in range(len(em.sched.sizes)):
-            m_i, seen = em.slot_starts[i + 1] - em.slot_starts[i], em.slot_starts[i + 1]
+        for i in range(len(layout.sched.sizes)):
+            m_i, seen = layout.slot_starts[i + 1] - layout.slot_starts[i], layout.slot_starts[i + 1]
             attention = 2 * 2 * m_i * seen * D  # q.k and weights.v
-            flops += m_i * embed + cfg.n_layers * (m_i * per_token_block + attention) + em.sched.sizes[i] * head
+            flops += m_i * embed + cfg.n_layers * (m_i * per_token_block + attention) + layout.sched.sizes[i] * head
     else:
         attention = 2 * 2 * L * L * D
         flops = cfg.num_steps * (L * embed + cfg.n_layers * (L * per_token_block + attention) + L * head)
@@ -227,28 +265,23 @@ def transformer_flops(model: M2TCodec, num_windows: int) -> float:
 # ------------------------------------------------------------------------------ runs
 
 
-def run_encode(model: M2TCodec, rgb: np.ndarray):
-    return model.encode_image(rgb)
+def reconstruction(model: M2TCodec, rgb: np.ndarray, stream: bytes) -> np.ndarray:
+    """The decoder's output as the encoder computes it (Encoder(reconstruct=True)), after
+    checking that this encoder writes the same stream as the timed one."""
+    enc = Encoder(model, reconstruct=True).encode_image(rgb)
+    if enc.bitstream != stream:
+        raise RuntimeError(f"{model.cfg.mode}: encoding the same image twice gave different streams")
+    return enc.x_hat
 
 
-def run_decode(model: M2TCodec, data: bytes) -> np.ndarray:
-    return model.decompress(data)
-
-
-def encode_nocache(model: M2TCodec, rgb: np.ndarray):
-    """Encode with the cache-free M2T schedule (format 1, the float entropy model: there its
-    numbers differ from the cached path in the last bits, so it is a property of the stream,
-    header flag FLAG_UNCACHED; format 2's exact model gives the same numbers either way)."""
-    return model.encode_image(rgb, use_cache=False, format_version=1)
-
-
-def run_decode_nocache(model: M2TCodec, data: bytes) -> np.ndarray:
-    """`decode_latent` (without the cache, as the stream's flag says) then `synthesis`,
-    exactly as `decompress` does it."""
-    with torch.inference_mode():
-        header, y_hat = model.decode_latent(data)
-        with deterministic_kernels(model.device):
-            return model.synthesis(y_hat, header.height, header.width)
+def decode_nocache(decoder: Decoder, data: bytes) -> np.ndarray:
+    """`decoder.decompress(data)` with the key/value cache off (kv_cache_off)."""
+    with kv_cache_off() as steps:
+        out = decoder.decompress(data)
+    if not steps[0]:
+        raise RuntimeError("decode_nocache: the decoder never called network.step: the cache-off "
+                           "measurement would time the cached decoder (benchmark out of date)")
+    return out
 
 
 def timed(timer: PhaseTimer, fn: Callable, *args) -> tuple[float, dict[str, float], object]:
@@ -290,40 +323,38 @@ def summarize(runs: list[tuple[float, dict[str, float]]]) -> dict:
 def bench_size(models: dict[str, M2TCodec], rgb: np.ndarray, repeats: int, timer: PhaseTimer,
                log: Callable[[str], None]) -> dict:
     ops = [("m2t", "encode"), ("m2t", "decode"), ("m2t", "decode_nocache"), ("mt", "encode"), ("mt", "decode")]
+    encoders = {mode: Encoder(model) for mode, model in models.items()}
+    decoders = {mode: Decoder(model) for mode, model in models.items()}
     runs: dict[tuple[str, str], list] = {op: [] for op in ops}
     streams: dict[str, bytes] = {}
     info: dict[str, dict] = {}
+    expected: dict[str, np.ndarray] = {}
     for r in range(repeats + 1):  # run 0 is the warm-up, discarded
         for mode, op in ops:
-            model = models[mode]
             if op == "encode":
-                total, phases, enc = timed(timer, run_encode, model, rgb)
-                streams[mode] = enc.bitstream
-                if r == 0 and mode == "m2t":
-                    nc = encode_nocache(model, rgb)
-                    streams["m2t_nocache"] = nc.bitstream
-                    info["nocache_stream_identical"] = nc.bitstream == enc.bitstream
+                total, phases, out = timed(timer, encoders[mode].encode_image, rgb)
+            elif op == "decode":
+                total, phases, out = timed(timer, decoders[mode].decompress, streams[mode])
+            else:
+                total, phases, out = timed(timer, decode_nocache, decoders[mode], streams[mode])
+            if op == "encode":
+                streams[mode] = out.bitstream
                 if r == 0:
-                    y = enc.y_hat
-                    info[mode] = {"bytes": len(enc.bitstream), "bpp": enc.bpp,
+                    y = out.y_hat
+                    info[mode] = {"bytes": len(out.bitstream), "bpp": out.bpp,
                                   "latent_shape": list(y.shape),
                                   "latent_zero_fraction": float((y == 0).float().mean()),
                                   "latent_mean_abs": float(y.abs().float().mean())}
-                    expected = model.reconstruct(enc)
-            else:
-                if op == "decode":
-                    total, phases, out = timed(timer, run_decode, model, streams[mode])
-                else:
-                    total, phases, out = timed(timer, run_decode_nocache, model, streams["m2t_nocache"])
-                if r == 0 and not np.array_equal(out, expected):
-                    raise RuntimeError(f"{mode} {op}: decoded image differs from the encoder's reconstruction")
+                    expected[mode] = reconstruction(models[mode], rgb, out.bitstream)
+            elif not np.array_equal(out, expected[mode]):
+                raise RuntimeError(f"{mode} {op}: decoded image differs from the encoder's reconstruction")
             if r > 0:
                 runs[(mode, op)].append((total, phases))
             log(f"  {'warm-up' if r == 0 else f'run {r}/{repeats}'}: {mode:>3} {op:<14} {total:7.2f} s")
     result: dict = {}
     for mode, op in ops:
         result.setdefault(mode, dict(info[mode]))[op] = summarize(runs[(mode, op)])
-    # Achieved transformer throughput while decoding (FLOPs counted from the shapes).
+    # Achieved entropy-network throughput while decoding (operations counted from the shapes).
     h, w = (math.ceil(v / 16) for v in rgb.shape[:2])
     ww = models["m2t"].cfg.window
     windows = math.ceil(h / ww) * math.ceil(w / ww)
@@ -332,7 +363,6 @@ def bench_size(models: dict[str, M2TCodec], rgb: np.ndarray, repeats: int, timer
         seconds = result[mode]["decode"]["phases_median_s"]["transformer"]
         result[mode]["transformer_gflop"] = flops / 1e9
         result[mode]["transformer_gflops_per_s"] = flops / 1e9 / seconds if seconds else None
-    result["m2t"]["nocache_stream_identical"] = info["nocache_stream_identical"]
     m2t, mt = result["m2t"], result["mt"]
     result["speedup"] = {
         "decode_total": mt["decode"]["median_s"] / m2t["decode"]["median_s"],
@@ -349,22 +379,6 @@ def bench_size(models: dict[str, M2TCodec], rgb: np.ndarray, repeats: int, timer
                                               / m2t["decode"]["phases_median_s"]["transformer"]),
     }
     return result
-
-
-def bench_window_batches(model: M2TCodec, rgb: np.ndarray, window_batches: list[int], repeats: int,
-                         timer: PhaseTimer, log: Callable[[str], None]) -> dict:
-    """Decode time of one image against window_batch, the number of windows per transformer
-    call (a header field: the encoder picks it and the decoder must use the same)."""
-    streams = {wb: model.encode_image(rgb, window_batch=wb).bitstream for wb in window_batches}
-    runs: dict[int, list] = {wb: [] for wb in window_batches}
-    for r in range(repeats + 1):
-        for wb in window_batches:
-            total, phases, _ = timed(timer, run_decode, model, streams[wb])
-            if r > 0:
-                runs[wb].append((total, phases))
-            log(f"  {'warm-up' if r == 0 else f'run {r}/{repeats}'}: {model.cfg.mode:>3} decode, "
-                f"window_batch {wb:<3} {total:7.2f} s")
-    return {str(wb): {**summarize(runs[wb]), "bytes": len(streams[wb])} for wb in window_batches}
 
 
 # ------------------------------------------------------------------------------ report
@@ -385,7 +399,6 @@ def machine_info(device: torch.device) -> dict:
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "coding_threads": (CODING_THREADS or torch.get_num_threads()) if device.type == "cpu" else None,
         "numpy": np.__version__,
         "constriction": version("constriction"),
         "python": platform.python_version(),
@@ -422,23 +435,24 @@ def fmt_table(results: dict, steps: int) -> str:
     return "\n".join(lines)
 
 
-def encode_with_eager_g_a(model: M2TCodec, rgb: np.ndarray):
-    """encode_image as it runs with M2T_EAGER_TRANSFORMS=1 (the module global it sets)."""
-    before = codec_module.CPU_TRANSFORMS
-    codec_module.CPU_TRANSFORMS = "eager"
+def encode_with_eager_g_a(encoder: Encoder, rgb: np.ndarray):
+    """encode_image as it runs with M2T_EAGER_TRANSFORMS=1 (the module global it sets, which
+    M2TCodec reads when it picks how g_a runs)."""
+    before = model_module.CPU_TRANSFORMS
+    model_module.CPU_TRANSFORMS = "eager"
     try:
-        return model.encode_image(rgb)
+        return encoder.encode_image(rgb)
     finally:
-        codec_module.CPU_TRANSFORMS = before
+        model_module.CPU_TRANSFORMS = before
 
 
 def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log) -> dict:
     """Median seconds per image of each stage of staged coding (see the module docstring)."""
-    from m2t_core import tiling
-    from m2t_core.codec import code_plan
     from m2t_core.transforms import frozen_for_inference
 
     frozen_g_s = frozen_for_inference(model.g_s, model.cfg.C)
+    encoder, decoder = Encoder(model), Decoder(model)
+    batch_encoder, batch_decoder = Encoder(model, batch_images=batch), Decoder(model, batch_images=batch)
 
     rgbs = [rgb, rgb[:, ::-1], rgb[::-1], rgb[::-1, ::-1]] * (batch // 4 + 1)
     rgbs = [np.ascontiguousarray(r) for r in rgbs[:batch]]  # same size, different content
@@ -447,25 +461,25 @@ def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log
     with torch.inference_mode():
         ys = model.analysis_batch(rgbs, batch=1)
         latents = [(y, H, W) for y in ys]
-        plan = model.plan_latents(latents[:1])[0]
+        plan = encoder.plan(latents[:1])[0]
         stream = code_plan(plan).bitstream
-        streams = [code_plan(p).bitstream for p in model.plan_latents(latents)]
+        streams = [code_plan(p).bitstream for p in batch_encoder.plan(latents)]
     stages: dict[str, tuple[Callable, int]] = {  # name -> (work, images it covers)
         "g_a eager": (lambda: tiling.analysis(model.g_a, x), 1),
         "g_a frozen": (lambda: model.analysis(rgbs[0]), 1),
         f"g_a frozen, batch {batch}": (lambda: model.analysis_batch(rgbs, batch=batch), batch),
-        "entropy model plan, 1 image": (lambda: model.plan_latents(latents[:1]), 1),
-        f"entropy model plan, batch {batch}": (lambda: model.plan_latents(latents), batch),
+        "entropy model plan, 1 image": (lambda: encoder.plan(latents[:1]), 1),
+        f"entropy model plan, batch {batch}": (lambda: batch_encoder.plan(latents), batch),
         "range coding (code_plan)": (lambda: code_plan(plan), 1),
-        "decode_latent": (lambda: model.decode_latent(stream), 1),
-        f"decode_latents, batch {batch}": (lambda: model.decode_latents(streams), batch),
-        "g_s eager": (lambda: model.synthesis(ys[0], H, W, frozen=False), 1),
+        "decode_latent": (lambda: decoder.decode_latent(stream), 1),
+        f"decode_latents, batch {batch}": (lambda: batch_decoder.decode_latents(streams), batch),
+        "g_s eager": (lambda: model.synthesis(ys[0], H, W), 1),
         # The codec runs g_s eagerly (transforms.FROZEN_TRANSFORMS): this is the alternative.
         "g_s frozen": (lambda: tiling.synthesis(model.g_s, ys[0][None].float(), H, W, run=frozen_g_s), 1),
         f"g_s, batch {batch}": (lambda: model.synthesis_batch(latents, batch=batch), batch),
-        "encode_image (end to end)": (lambda: model.encode_image(rgbs[0]), 1),
-        "encode_image, g_a eager (M2T_EAGER_TRANSFORMS=1)": (lambda: encode_with_eager_g_a(model, rgbs[0]), 1),
-        "decompress (end to end)": (lambda: model.decompress(stream), 1),
+        "encode_image (end to end)": (lambda: encoder.encode_image(rgbs[0]), 1),
+        "encode_image, g_a eager (M2T_EAGER_TRANSFORMS=1)": (lambda: encode_with_eager_g_a(encoder, rgbs[0]), 1),
+        "decompress (end to end)": (lambda: decoder.decompress(stream), 1),
     }
     out = {}
     with torch.inference_mode():
@@ -483,7 +497,7 @@ def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log
 
 def main_stages(args, log) -> int:
     sizes = [parse_size(s) for s in (args.sizes or "768x512").split(",")]
-    repeats = args.repeats if args.repeats is not None else 3
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
     if args.checkpoint:
         model = m2t_core.load_model(args.checkpoint, device=args.device, cache=False)
         desc = f"checkpoint {args.checkpoint!r} (model_id {model.model_id!r}, mode {model.cfg.mode})"
@@ -511,17 +525,16 @@ def main_stages(args, log) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Encode/decode speed of the M2T vs MT codec (median of repeats).")
-    ap.add_argument("--quick", action="store_true", help="768x512 only, 2 repeats (< 5 min on a 2-core CPU)")
+    ap.add_argument("--quick", action="store_true", help="768x512 only, 2 repeats (~2 min on a 2-core CPU)")
     ap.add_argument("--sizes", type=str, default=None,
-                    help=f"comma-separated WxH sizes (default {DEFAULT_SIZES}; --quick: 768x512)")
+                    help=f"comma-separated WxH sizes (default {DEFAULT_SIZES}; --quick and --stages: 768x512)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 3; --quick: 2)")
     ap.add_argument("--steps", type=str, default="4,8,12",
                     help="comma-separated schedule lengths S to time (default 4,8,12; the models' own "
                          "weights on each schedule)")
-    ap.add_argument("--window-batches", type=str, default=None,
-                    help="comma-separated window_batch values for an M2T decode sweep at the preset's S "
-                         "(default 1,4,16,64; --quick: none; 'none' to skip)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads, which all the codec's work runs on (default 1, as the jobs' "
+                         "actors run)")
     ap.add_argument("--checkpoint", default=None,
                     help="registry name or checkpoint path (default: random init, fixed seed)")
     ap.add_argument("--other-checkpoint", default=None,
@@ -532,37 +545,34 @@ def main(argv: list[str] | None = None) -> int:
                     help="datasets folder (kodak/, train/debian-wallpapers/); default ../shared/datasets")
     ap.add_argument("--json", type=Path, default=None,
                     help="where to write results (default bench/results/codec_speed.json, "
-                         "--quick: bench/results/codec_speed_quick.json)")
+                         "--quick: bench/results/codec_speed_quick.json, --stages: bench/results/codec_stages.json)")
     ap.add_argument("--stages", action="store_true",
                     help="only the per-stage times of staged, batched coding (M2T; see the module docstring)")
     ap.add_argument("--stage-batch", type=int, default=4, help="--stages: the batch (default 4)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        ap.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device available")
     if args.stages:
-        if args.stage_batch < 1:
-            ap.error("--stage-batch must be >= 1")
+        if args.stage_batch < 1 or (args.repeats is not None and args.repeats < 1):
+            ap.error("--stage-batch and --repeats must be >= 1")
         return main_stages(args, lambda msg: print(msg, flush=True))
 
     sizes = [parse_size(s) for s in (args.sizes or ("768x512" if args.quick else DEFAULT_SIZES)).split(",")]
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
     try:
         step_counts = [int(v) for v in args.steps.split(",")]
-        wb_text = args.window_batches or ("none" if args.quick else "1,4,16,64")
-        window_batches = [] if wb_text == "none" else [int(v) for v in wb_text.split(",")]
     except ValueError:
-        ap.error("--steps and --window-batches take comma-separated integers")
-    if any(s < 1 for s in step_counts) or any(not 1 <= wb <= MAX_WINDOW_BATCH for wb in window_batches):
-        ap.error(f"--steps must be >= 1 and --window-batches in 1..{MAX_WINDOW_BATCH}")
+        ap.error("--steps takes comma-separated integers")
+    if any(s < 1 for s in step_counts):
+        ap.error("--steps must be >= 1")
     if repeats < 1:
         ap.error("--repeats must be >= 1")
     json_path = args.json or REPO / "bench" / "results" / (
         "codec_speed_quick.json" if args.quick else "codec_speed.json")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device available")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -573,10 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = models["m2t"].cfg
     machine = machine_info(device)
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-        f"{machine['torch_threads']} torch threads"
-        + (f" (coding pinned to {machine['coding_threads']} by m2t_core.codec.CODING_THREADS)"
-           if machine["coding_threads"] is not None and machine["coding_threads"] != machine["torch_threads"] else "")
-        + f", device {machine['device']}"
+        f"{machine['torch_threads']} torch threads, device {machine['device']}"
         + (f" ({machine['gpu']})" if "gpu" in machine else ""))
     log(f"model:   {model_desc}")
     log(f"         S={cfg.num_steps} steps, window {cfg.window}x{cfg.window} tokens, d_model {cfg.d_model}, "
@@ -585,7 +592,6 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = PhaseTimer(device)
     results: dict[str, dict[str, dict]] = {}  # "S=12" -> "768x512" -> figures
-    batch_sweep: dict[str, dict] = {}
     images: dict[str, str] = {}
     rgbs = {}
     for size in sizes:
@@ -594,9 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{key}: {images[key]}")
     t_start = time.perf_counter()
     overall = LoadMeter()
-    for steps in step_counts:
-        pair = {mode: with_steps(m, steps) for mode, m in models.items()}
-        with instrumented(list(pair.values()), timer):
+    with instrumented(timer):
+        for steps in step_counts:
+            pair = {mode: with_steps(m, steps) for mode, m in models.items()}
             for key, rgb in rgbs.items():
                 log(f"S={steps}, {key}:")
                 meter = LoadMeter()
@@ -605,21 +611,17 @@ def main(argv: list[str] | None = None) -> int:
                 if res["other_processes_cores"] is not None:
                     log(f"  other processes kept {res['other_processes_cores']:.2f} of "
                         f"{os.cpu_count()} cores busy on average")
-    if window_batches:
-        with instrumented([models["m2t"]], timer):
-            for key, rgb in rgbs.items():
-                log(f"window_batch sweep, M2T decode, S={cfg.num_steps}, {key}:")
-                batch_sweep[key] = bench_window_batches(models["m2t"], rgb, window_batches, repeats, timer, log)
     elapsed = time.perf_counter() - t_start
     other_cores = overall.other_cores()
     # Wall times suffer once the other processes leave fewer free cores than we use.
-    used = machine["coding_threads"] or machine["torch_threads"]
+    used = machine["torch_threads"]
     contended = other_cores is not None and other_cores > max(0.25, (os.cpu_count() or 1) - used)
 
     log("")
     log("\n".join(fmt_table(res, int(label[2:])) for label, res in results.items()))
     log("(median/min: wall time; cpu s: median process CPU time, all threads; shares: median wall time\n"
-        " per phase / sum of the phase medians; entropy cod. = snap_params + range coder)")
+        " per phase / sum of the phase medians; transformer = the entropy network; entropy cod. =\n"
+        " snap_integer + range coder)")
     log("")
     for label, by_size in results.items():
         for key, res in by_size.items():
@@ -633,9 +635,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"transformer {res['m2t']['transformer_gflop']:.2f} / {res['mt']['transformer_gflop']:.2f} GFLOP "
                 f"at {res['m2t']['transformer_gflops_per_s']:.1f} / {res['mt']['transformer_gflops_per_s']:.1f} "
                 f"GFLOP/s (M2T / MT)")
-    for key, sweep in batch_sweep.items():
-        log(f"{key}: M2T decode by window_batch: "
-            + ", ".join(f"{wb}: {r['median_s']:.2f} s" for wb, r in sweep.items()))
     log(f"benchmark took {elapsed:.0f} s; load average after: {load_avg()}"
         + (f"; other processes kept {other_cores:.2f} of {os.cpu_count()} cores busy on average"
            + (" (wall times are inflated by that)" if contended else "")
@@ -657,7 +656,6 @@ def main(argv: list[str] | None = None) -> int:
         "images": images,
         "steps": step_counts,
         "results": results,
-        "window_batch_sweep": batch_sweep,
     }
     if contended:
         log(f"WARNING: other processes used {other_cores:.2f} cores during the benchmark: wall times are "

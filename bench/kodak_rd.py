@@ -1,4 +1,4 @@
-"""Rate-distortion on Kodak: a thin wrapper around the evaluation job (pipeline/evaluate.py).
+"""Rate-distortion on Kodak: a thin wrapper around the evaluation job (pipeline/evaluation/evaluate.py).
 
     python bench/kodak_rd.py                      # every installed model, every classic codec
     python bench/kodak_rd.py --out /tmp/kodak-rd --models m2t-small-q1,m2t-small-q2 --no-ray

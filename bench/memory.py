@@ -6,8 +6,8 @@
     python bench/memory.py --sizes 9216x6912 --kodak 0   # one size only
 
 What is measured:
-  * peak RSS of an encode (`model.encode_image`) and, separately, of a decode
-    (`model.decompress`) of a real photo, each in a fresh process (VmHWM of that process:
+  * peak RSS of an encode (`Encoder(model).encode_image`) and, separately, of a decode
+    (`Decoder(model).decompress`) of a real photo, each in a fresh process (VmHWM of that process:
     imports, model and the image included; `baseline` is the peak before the call, so
     peak - baseline is what the call added). Tiled (the default since issue 13: g_a and g_s
     run in overlapping tiles, m2t_core/tiling.py) and, with --untiled-up-to, untiled (tiling
@@ -59,7 +59,7 @@ def child(args) -> None:
     """One measurement in this (fresh) process; prints a JSON line."""
     import torch
 
-    from m2t_core import load_model, tiling
+    from m2t_core import Decoder, Encoder, load_model, tiling
 
     torch.set_num_threads(1)
     model = load_model(args.model)
@@ -69,14 +69,14 @@ def child(args) -> None:
         rgb = np.load(args.image)
         baseline = _peak_mib()
         with forced or _null():
-            data = model.encode_image(rgb).bitstream
+            data = Encoder(model).encode_image(rgb).bitstream
         Path(args.stream).write_bytes(data)
         extra = {"bytes": len(data), "bpp": 8 * len(data) / (rgb.shape[0] * rgb.shape[1])}
     else:
         data = Path(args.stream).read_bytes()
         baseline = _peak_mib()
         with forced or _null():
-            out = model.decompress(data)
+            out = Decoder(model).decompress(data)
         extra = {"shape": list(out.shape)}
     print(json.dumps({"peak_rss_mib": _peak_mib(), "baseline_mib": baseline,
                       "seconds": time.perf_counter() - t0, **extra}), flush=True)
@@ -119,15 +119,15 @@ def measure_memory(size: tuple[int, int], untiled: bool, args, tmp: Path) -> dic
 
 def rd_pair(model, rgb: np.ndarray, plan_a, plan_b) -> dict:
     """bpp and PSNR of one image under two tiling plans (None: the default)."""
-    from m2t_core import tiling
+    from m2t_core import Decoder, Encoder, tiling
     from m2t_core.metrics import psnr
 
     out = {}
     for name, plan in (("a", plan_a), ("b", plan_b)):
         ctx = tiling.forced_plan(plan) if plan is not None else _null()
         with ctx:
-            enc = model.encode_image(rgb)
-            dec = model.decompress(enc.bitstream)
+            enc = Encoder(model).encode_image(rgb)
+            dec = Decoder(model).decompress(enc.bitstream)
         out[name] = {"bpp": enc.bpp, "psnr": psnr(rgb, dec)}
     return out
 

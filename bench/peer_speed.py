@@ -8,8 +8,9 @@
 What is timed, per image size and codec, on the same photo (bench/_common.py's bench_image:
 the one bench/codec_speed.py uses), always from a uint8 RGB array to bytes (encode) and from
 bytes back to a uint8 RGB array (decode):
-  * m2t: our default model (m2t_core.load_model(), i.e. m2t-small-q3), `model.encode_image`
-    and `model.decompress` (coding runs on 1 thread: m2t_core.codec.CODING_THREADS);
+  * m2t: our default model (m2t_core.load_model(), i.e. m2t-small-q3),
+    `Encoder(model).encode_image` and `Decoder(model).decompress`, on --threads torch threads
+    (the codec pins none: its entropy model is exact, any thread count gives the same bytes);
   * mbt2018 (CompressAI's autoregressive "joint" model, Minnen et al. 2018) and
     bmshj2018-hyperprior (Balle et al. 2018), quality 3, RANDOM INIT (pretrained=False;
     speed does not need trained weights), `model.update(force=True)`, then the real
@@ -17,8 +18,10 @@ bytes back to a uint8 RGB array (decode):
     zero-padded to a multiple of 64 (what the models need; 2000x1500 -> 2048x1536) and the
     output cropped back, as CompressAI's own evaluation does. Their bpp and PSNR are those of
     an untrained model: only the times mean anything;
-  * JPEG (quality 75, 4:2:0), WebP (quality 75, method 4) and AVIF (quality 60, speed 6 =
-    Pillow's default) through Pillow: the classic floor.
+  * JPEG (quality 75, 4:2:0), WebP (quality 75, method 4) and AVIF (quality 60, 4:2:0, speed 6
+    = Pillow's defaults) through Pillow: the classic floor.
+Every peer but ours is a Baseline of pipeline/evaluation/baselines.py (the codecs `m2t eval`
+compares against) at the benchmark's chosen point (PEERS below).
 Each figure is the median over the timed repeats after one discarded warm-up run; repeats are
 interleaved across codecs, so a change of machine load hits all of them alike. At the large
 size (2000x1500 by default), where one mbt2018 decode takes minutes, --repeats-large (default 1)
@@ -26,31 +29,28 @@ sets the repeats and the warm-up is the one done at the first size on the same m
 (--warmup-large adds one there too). Wall and process CPU time are both recorded; the script
 also records how many cores OTHER processes kept busy (from /proc/stat).
 
-Threads: --threads (default 1) sets torch's intra-op threads for CompressAI and libavif's
-threads (Pillow's AVIF plugin), so that every codec runs on one thread like our coder.
+Threads: --threads (default 1) sets torch's intra-op threads, which our codec and CompressAI
+run on, and libavif's threads (Pillow's AVIF plugin), so that every codec runs on as many.
 
 CompressAI is not a project dependency: `pip install compressai` pulls a CUDA build of torch
 and torchvision. Install it without dependencies (what `make bench-peers` does):
     .venv/bin/pip install --no-deps compressai==1.2.8 einops torch-geometric psutil pyparsing \
         xxhash pytorch-msssim torchvision==0.28.0
 Where the only torchvision wheel is a CUDA build whose compiled ops cannot load against a CPU
-torch, `import torchvision` fails in torchvision/_meta_registrations.py ("operator
-torchvision::nms does not exist"). CompressAI imports torchvision only for its transforms
-registry; the models do not use it. So if the plain `import compressai` fails that way, the
-script stubs out that one module, imports again, and says so (also in the JSON). Without
-CompressAI the script skips its rows with the install command and still times the rest.
+torch, `import torchvision` fails ("operator torchvision::nms does not exist");
+baselines.import_compressai then stubs out the one module CompressAI's models do not need, and
+the script says so (also in the JSON). Without CompressAI the script skips its rows with the
+install command and still times the rest.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import statistics
 import sys
 import time
-import types
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -66,119 +66,65 @@ from m2t_core.metrics import psnr  # noqa: E402
 from m2t_core.sysinfo import cpu_model  # noqa: E402
 from bench._common import (DEFAULT_DATA, LoadMeter, bench_image, code_state, load_avg,  # noqa: E402
                            parse_size, write_report)
+from pipeline.evaluation import baselines as B  # noqa: E402
 
 DEFAULT_SIZES = "768x512,2000x1500"
 LARGE_PIXELS = 1_000_000  # sizes with more pixels use --repeats-large
 CODECS = ("m2t", "mbt2018", "bmshj2018-hyperprior", "jpeg", "webp", "avif")
 COMPRESSAI_CODECS = ("mbt2018", "bmshj2018-hyperprior")
 COMPRESSAI_QUALITY = 3
-INSTALL_CMD = (".venv/bin/pip install --no-deps compressai==1.2.8 einops torch-geometric psutil pyparsing "
-               "xxhash pytorch-msssim torchvision==0.28.0   (or: make bench-peers)")
-TORCHVISION_ERROR = "torchvision::nms does not exist"
 
 
-# ------------------------------------------------------------------------------ CompressAI
-
-
-def import_compressai() -> tuple[types.ModuleType | None, str]:
-    """(the compressai module or None, how it was imported / why not)."""
-    try:
-        import compressai
-
-        return compressai, "plain import"
-    except RuntimeError as exc:
-        if TORCHVISION_ERROR not in str(exc):
-            raise
-    except ImportError as exc:
-        return None, f"not importable ({type(exc).__name__}: {exc})"
-    # A CUDA build of torchvision against a CPU torch: its meta registrations cannot find the
-    # compiled ops. Drop the half-imported modules, stub out that one module and retry.
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("torchvision", "compressai"):
-            del sys.modules[name]
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    import compressai
-
-    return compressai, ("torchvision workaround: `import compressai` failed with 'operator torchvision::nms "
-                        "does not exist' (a CUDA torchvision build against CPU torch), so "
-                        "torchvision._meta_registrations was stubbed out; CompressAI's models do not use it")
-
-
-class CompressAICodec:
-    """A CompressAI model as a uint8 RGB -> bytes -> uint8 RGB codec (random init)."""
-
-    def __init__(self, name: str, zoo):
-        factory = {"mbt2018": zoo.mbt2018, "bmshj2018-hyperprior": zoo.bmshj2018_hyperprior}[name]
-        torch.manual_seed(0)
-        self.model = factory(quality=COMPRESSAI_QUALITY, pretrained=False).eval()
-        self.model.update(force=True)  # the entropy bottleneck's CDF tables
-        self.multiple = 64  # both models downsample by 2^6 (the hyperprior's z)
-
-    def encode(self, rgb: np.ndarray):
-        h, w = rgb.shape[:2]
-        with torch.no_grad():
-            x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float().div_(255)
-            ph, pw = -h % self.multiple, -w % self.multiple
-            if ph or pw:
-                x = torch.nn.functional.pad(x, (0, pw, 0, ph))  # zero padding, as CompressAI's eval does
-            out = self.model.compress(x)
-        nbytes = sum(len(s) for strings in out["strings"] for s in strings)
-        return {"strings": out["strings"], "shape": out["shape"], "size": (h, w)}, nbytes
-
-    def decode(self, enc) -> np.ndarray:
-        h, w = enc["size"]
-        with torch.no_grad():
-            x_hat = self.model.decompress(enc["strings"], enc["shape"])["x_hat"]
-            x_hat = x_hat[0, :, :h, :w].clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-        return x_hat.permute(1, 2, 0).contiguous().numpy()
-
-
-# ------------------------------------------------------------------------------ other codecs
-
-
-class PillowCodec:
-    """JPEG / WebP / AVIF through Pillow."""
-
-    SETTINGS = {
-        "jpeg": ("JPEG", {"quality": 75, "subsampling": 2}),  # 4:2:0
-        "webp": ("WEBP", {"quality": 75, "method": 4}),
-        "avif": ("AVIF", {"quality": 60}),  # speed: Pillow's default (6)
+def peers() -> dict[str, tuple[B.Baseline, float]]:
+    """The benchmark's chosen point of each baseline: (the baseline, its sweep value). CompressAI
+    with random weights (speed does not need trained ones); Pillow at everyday settings."""
+    return {
+        "mbt2018": (B.BASELINES["compressai-mbt2018"].random_init(), COMPRESSAI_QUALITY),
+        "bmshj2018-hyperprior": (B.BASELINES["compressai-bmshj2018-hyperprior"].random_init(), COMPRESSAI_QUALITY),
+        "jpeg": (B.BASELINES["jpeg-420"], 75),
+        "webp": (B.BASELINES["webp"].with_settings(method=4), 75),
+        "avif": (B.BASELINES["avif"].with_settings(subsampling="4:2:0"), 60),  # then all as Pillow's defaults
     }
 
-    def __init__(self, name: str, threads: int):
-        from PIL import Image
 
-        self.Image = Image
-        self.format, self.options = self.SETTINGS[name]
-        if name == "avif":  # libavif threads, for encode and decode
-            from PIL import AvifImagePlugin
+def peer_note(baseline: B.Baseline, value: float) -> str:
+    """'Pillow, q=75, subsampling=4:2:0' / 'CompressAI, q=3, random init (seed 0)'."""
+    described = baseline.describe()
+    if described["format"] == "CompressAI":
+        return f"CompressAI, {baseline.point_label(value)}, {described['settings']['weights']}"
+    return ", ".join(["Pillow", baseline.point_label(value)] + [f"{k}={v}" for k, v in described["settings"].items()])
 
-            AvifImagePlugin.DEFAULT_MAX_THREADS = threads
-            self.options = {**self.options, "max_threads": threads}
 
-    def encode(self, rgb: np.ndarray):
-        buf = io.BytesIO()
-        self.Image.fromarray(rgb).save(buf, format=self.format, **self.options)
-        data = buf.getvalue()
-        return data, len(data)
+# ------------------------------------------------------------------------------ the peers
 
-    def decode(self, data: bytes) -> np.ndarray:
-        with self.Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+
+class BaselinePeer:
+    """A baseline at one point, on `threads` threads."""
+
+    def __init__(self, baseline: B.Baseline, value: float, threads: int):
+        baseline.ensure_available()
+        baseline.prepare(value)  # CompressAI: build the model now, not in the first timed call
+        self.baseline, self.value, self.threads = baseline, value, threads
+
+    def encode(self, rgb: np.ndarray) -> bytes:
+        return self.baseline.encode(rgb, self.value, self.threads)
+
+    def decode(self, data: bytes, height: int, width: int) -> np.ndarray:
+        return self.baseline.decode(data, height, width, self.threads)
 
 
 class M2TPeer:
-    """Our codec, the way users call it."""
+    """Our codec, the way users call it: one image at a time, on the calling thread."""
 
     def __init__(self, name: str | None = None):
         self.model = m2t_core.load_model(name, cache=False)
+        self.encoder, self.decoder = m2t_core.Encoder(self.model), m2t_core.Decoder(self.model)
 
-    def encode(self, rgb: np.ndarray):
-        data = self.model.encode_image(rgb).bitstream
-        return data, len(data)
+    def encode(self, rgb: np.ndarray) -> bytes:
+        return self.encoder.encode_image(rgb).bitstream
 
-    def decode(self, data: bytes) -> np.ndarray:
-        return self.model.decompress(data)
+    def decode(self, data: bytes, height: int, width: int) -> np.ndarray:
+        return self.decoder.decompress(data)  # the bitstream knows its size
 
 
 # ------------------------------------------------------------------------------ timing
@@ -203,12 +149,12 @@ def bench_size(codecs: dict, rgb: np.ndarray, repeats: int, warmup: bool, log: C
     first = 0 if warmup else 1
     for r in range(first, repeats + 1):  # run 0 is the warm-up, discarded
         for name, codec in codecs.items():
-            t_enc, c_enc, (enc, nbytes) = timed(codec.encode, rgb)
-            t_dec, c_dec, out = timed(codec.decode, enc)
+            t_enc, c_enc, data = timed(codec.encode, rgb)
+            t_dec, c_dec, out = timed(codec.decode, data, h, w)
             if name not in info:
                 if out.shape != rgb.shape or out.dtype != np.uint8:
                     raise RuntimeError(f"{name}: decoded {out.shape} {out.dtype}, expected {rgb.shape} uint8")
-                info[name] = {"bytes": nbytes, "bpp": 8.0 * nbytes / (h * w), "psnr": psnr(rgb, out)}
+                info[name] = {"bytes": len(data), "bpp": 8.0 * len(data) / (h * w), "psnr": psnr(rgb, out)}
             if r > 0:
                 runs[name]["encode"].append((t_enc, c_enc))
                 runs[name]["decode"].append((t_dec, c_dec))
@@ -248,14 +194,7 @@ def machine_info(threads: int) -> dict:
     }
 
 
-NOTES = {
-    "m2t": "ours, trained (m2t-small-q3); coding on 1 thread",
-    "mbt2018": f"CompressAI, q{COMPRESSAI_QUALITY}, random init",
-    "bmshj2018-hyperprior": f"CompressAI, q{COMPRESSAI_QUALITY}, random init",
-    "jpeg": "Pillow, q75, 4:2:0",
-    "webp": "Pillow, q75, method 4",
-    "avif": "Pillow, q60, speed 6",
-}
+NOTES = {"m2t": "ours, trained (m2t-small-q3); torch threads: --threads"}  # main() adds the baselines' notes
 
 
 def fmt_table(results: dict) -> str:
@@ -285,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-large", action="store_true",
                     help="also a warm-up run at the large sizes (default: the first size's warm-up serves)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads for CompressAI, and libavif threads (default 1, like our coder)")
+                    help="torch intra-op threads for CompressAI, and libavif threads (default 1; our model runs on as many)")
     ap.add_argument("--codecs", default=",".join(CODECS), help=f"comma-separated subset of {','.join(CODECS)}")
     ap.add_argument("--model", default=None, help="our model (registry name or path; default: the default model)")
     ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA,
@@ -310,26 +249,23 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     compressai_status = "not requested"
+    chosen = peers()
     codecs: dict = {}
     for name in wanted:
         if name == "m2t":
             codecs[name] = M2TPeer(args.model)
-            NOTES["m2t"] = f"ours, trained ({codecs[name].model.model_id}); coding on 1 thread"
-        elif name in COMPRESSAI_CODECS:
-            if compressai_status == "not requested":
-                compressai, compressai_status = import_compressai()
-                if compressai is None:
-                    log(f"CompressAI is {compressai_status}: skipping {', '.join(COMPRESSAI_CODECS)}. "
-                        f"Install it without its dependencies (it would pull a CUDA torch):\n    {INSTALL_CMD}")
-                elif compressai_status != "plain import":
-                    log(f"note: {compressai_status}")
-            if compressai_status.startswith("not importable"):
-                continue
-            from compressai import zoo
-
-            codecs[name] = CompressAICodec(name, zoo)
-        else:
-            codecs[name] = PillowCodec(name, args.threads)
+            NOTES["m2t"] = f"ours, trained ({codecs[name].model.model_id}); torch threads: --threads"
+            continue
+        if name in COMPRESSAI_CODECS and compressai_status == "not requested":
+            compressai_status = B.import_compressai()[1]
+            if compressai_status.startswith("torchvision workaround"):
+                log(f"note: {compressai_status}")
+        try:
+            codecs[name] = BaselinePeer(*chosen[name], args.threads)
+        except B.CodecUnavailableError as exc:
+            log(f"skipping {name}: {exc}")
+            continue
+        NOTES[name] = peer_note(*chosen[name])
 
     machine = machine_info(args.threads)
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({args.threads} thread(s)), "
@@ -387,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         "compressai_import": compressai_status,
         "settings": {"compressai_quality": COMPRESSAI_QUALITY, "compressai_weights": "random init (pretrained=False)",
                      "compressai_padding": "zero-padded to a multiple of 64, output cropped", "pillow": NOTES,
+                     "baselines": {name: {**chosen[name][0].describe(), "point": chosen[name][1]}
+                                   for name in codecs if name in chosen},
                      "threads": args.threads},
         "repeats": repeats, "repeats_large": args.repeats_large,
         "elapsed_s": elapsed,

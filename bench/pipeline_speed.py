@@ -7,8 +7,8 @@ with 1 and 2 Ray actors, and the peak memory of an actor as the dataset grows 10
                                                # 2 idle cores; ~12 min with one core busy elsewhere)
     python bench/pipeline_speed.py --size 1920x1080 --images 6 --skip-memory   # ~2 MP images
 
-What runs: the real jobs, through their library entries: `pipeline.compress.compress_dataset`
-(as jobs/compress.py and tests/test_compress.py call it) and `pipeline.verify.verify_main`
+What runs: the real jobs, through their library entries: `pipeline.jobs.compress.compress_dataset`
+(as jobs/compress.py and tests/test_compress.py call it) and `pipeline.jobs.verify.verify_main`
 (as `m2t verify` does), on a local Ray cluster started ONCE with `ray.init(num_cpus=2)` before
 any timing (so the cluster's start-up is excluded; the jobs join it). The number of actors
 is the jobs' own setting (`ray.actors` for compress, `--actors` for verify), one CPU and one

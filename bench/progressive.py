@@ -34,8 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import m2t_core  # noqa: E402
+from m2t_core import Decoder, Encoder  # noqa: E402
 from m2t_core import bitstream as bs  # noqa: E402
 from m2t_core.metrics import psnr  # noqa: E402
+from m2t_core.model import numerics_environment  # noqa: E402
 from pipeline.evaluation.rd import ms_ssim  # noqa: E402
 
 SCALES = (2, 3, 4, 6, 8)
@@ -67,14 +69,14 @@ def thumbnail(rgb: np.ndarray, budget: int, fmt: str) -> tuple[np.ndarray, int] 
 
 
 def measure(model, rgb: np.ndarray, with_thumbnails: bool) -> list[dict]:
-    enc = model.encode_image(rgb)
-    stream = enc.bitstream
+    stream = Encoder(model).encode_image(rgb).bitstream
     header = bs.read_header(stream)
+    decoder = Decoder(model)
     rows = []
     for k in range(model.cfg.num_steps + 1):
         end = header.step_ends[k - 1] if k else header.size
         t0 = time.perf_counter()
-        preview = model.preview(stream[:end], steps=k)
+        preview = decoder.preview(stream[:end], steps=k)
         seconds = time.perf_counter() - t0
         row = dict(steps=k, bytes=end, fraction=end / len(stream), bpp=8 * end / rgb.shape[0] / rgb.shape[1],
                    psnr=psnr(rgb, preview.image), ms_ssim=ms_ssim(rgb, preview.image), decode_s=seconds)
@@ -125,16 +127,21 @@ def main() -> int:
                               ms_ssim=mean(t["ms_ssim"] for t in fits))
         table.append(entry)
     result = dict(model=args.model, images=len(files), threads=args.threads, torch=torch.__version__,
-                  cpu=m2t_core.codec.numerics_environment("cpu").get("cpu"), table=table, per_image=per_image)
+                  cpu=numerics_environment("cpu").get("cpu"), table=table, per_image=per_image)
     if args.mt_order:
         mt = m2t_core.load_model("mt-small-q2")
+        qlds, confident, decoder = Encoder(mt), Encoder(mt, adaptive_order=True), Decoder(mt)
         sizes = []
         for f in sorted(Path(args.kodak).glob("*.png"))[:args.mt_images]:
             rgb = m2t_core.load_image(f)
-            y = mt.analysis(rgb)
-            fixed = mt.encode_latent(y, *rgb.shape[:2])
-            adaptive = mt.encode_latent(y, *rgb.shape[:2], adaptive_order=True)
-            assert np.array_equal(mt.decompress(adaptive.bitstream), mt.reconstruct(adaptive))
+            H, W = rgb.shape[:2]
+            with torch.inference_mode():  # as the codec runs g_a / g_s
+                y = mt.analysis(rgb)
+                fixed = qlds.encode_latent(y, H, W)
+                adaptive = confident.encode_latent(y, H, W)
+                if not np.array_equal(decoder.decompress(adaptive.bitstream), mt.synthesis(adaptive.y_hat, H, W)):
+                    raise RuntimeError(f"MT {f.name}: the adaptive-order stream does not decode to the encoder's "
+                                       "reconstruction")
             sizes.append((f.name, len(fixed.bitstream), len(adaptive.bitstream)))
             print(f"MT {f.name}: QLDS {sizes[-1][1]} B, adaptive {sizes[-1][2]} B", flush=True)
         total_fixed, total_adaptive = sum(s[1] for s in sizes), sum(s[2] for s in sizes)

@@ -12,6 +12,7 @@ chromium-driver (`make browser-deps`) and selenium (the test extra).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import logging
 import os
@@ -26,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
 
-from pipeline import browse as B  # noqa: E402
-from pipeline import compress as C  # noqa: E402
+from pipeline.browse import server as B  # noqa: E402
+from pipeline.jobs import compress as C  # noqa: E402
 
 PHOTOS = REPO / ".." / "shared" / "datasets" / "train" / "bsds500" / "train"
 COUNT, SIZE = 12, (240, 160)
@@ -67,7 +68,7 @@ def main() -> int:
         os.chdir(tmp)  # the page shows the archive URL as given: a short relative one
         archive = Path("photos.m2t")
         cfg = C.load_config(None, ["ray.enabled=false", "torch_threads=1", "shard_size=8"])
-        cfg = C.CompressConfig(**{**cfg.__dict__, "input": str(tmp / "in"), "output": str(archive)})
+        cfg = dataclasses.replace(cfg, input=str(tmp / "in"), output=str(archive))
         t0 = time.perf_counter()
         report, _ = C.compress_dataset(cfg, progress=False)
         print(f"compressed {report['totals']['images']} images in {time.perf_counter() - t0:.1f} s")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compress an image corpus into an m2t archive (all logic lives in pipeline/compress.py).
+"""Compress an image corpus into an m2t archive (all logic lives in pipeline/jobs/compress.py).
 
     python jobs/compress.py INPUT [INPUT ...] OUTPUT [--config configs/pipeline/default.yaml]
                             [--set key=value ...] [--overwrite] [--no-ray]

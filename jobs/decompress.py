@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Verify or restore an m2t archive (all logic lives in pipeline/verify.py).
+"""Verify or restore an m2t archive (all logic lives in pipeline/jobs/verify.py).
 
     python jobs/decompress.py verify ARCHIVE [--shards ...] [--against-source] [--no-ray]
     python jobs/decompress.py restore ARCHIVE OUTPUT [--format png] [--keys ...]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rate-distortion evaluation of our models and classic codecs (all logic lives in pipeline/evaluate.py).
+"""Rate-distortion evaluation of our models and classic codecs (all logic lives in pipeline/evaluation/evaluate.py).
 
     python jobs/evaluate.py --data URL [URL ...] [--models all] [--baselines jpeg,webp,avif,jpeg2000,jxl]
                             [--anchor jpeg] [--config configs/pipeline/evaluate.yaml] [--set key=value ...] OUTPUT

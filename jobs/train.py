@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train an M2T / MT codec (all logic lives in pipeline/training.py).
+"""Train an M2T / MT codec (all logic lives in pipeline/training/trainer.py).
 
     python jobs/train.py --config configs/train/m2t-small.yaml [--set key=value ...] [--resume] [--no-ray]
 """

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import bitstream as bs
-from . import coding as K
+from . import coding
 from . import exact as X
 from .entropy_coding import MAX_ABS_SYMBOL, MEAN_STEPS, SymbolDecoder, mixture_mean_q, snap_integer
 from .model import M2TCodec
@@ -61,9 +61,9 @@ class Decoder:
         if batch_images < 0 or windows_per_pass < 0:
             raise ValueError("batch_images and windows_per_pass must be >= 0")
         self.model = model
-        self.batch_images = batch_images or K.transform_batch(model.device)
+        self.batch_images = batch_images or coding.transform_batch(model.device)
         self.max_pixels = max_pixels
-        self.windows_per_pass = windows_per_pass or K.windows_per_pass(model.device)
+        self.windows_per_pass = windows_per_pass or coding.windows_per_pass(model.device)
 
     # ------------------------------------------------------------ latents
 
@@ -79,7 +79,7 @@ class Decoder:
         latent checksum."""
         header, payload = self._open(data)
         y_hat, _ = self._decode_steps(header, payload, self.model.cfg.num_steps)
-        return header, K.checked_latent(header, y_hat)
+        return header, coding.checked_latent(header, y_hat)
 
     @torch.inference_mode()
     def decode_latents(self, streams: Sequence[bytes]) -> list:
@@ -110,13 +110,13 @@ class Decoder:
         ww, C, device = self.model.cfg.window, self.model.cfg.C, self.model.device
         chunks, tokens, valid = [], {}, {}  # chunks: (image, first window, windows, decoder)
         for n, header, decoders in images:
-            windows = K.num_windows(header.height, header.width, ww)
+            windows = coding.num_windows(header.height, header.width, ww)
             tokens[n] = torch.zeros(windows, ww * ww, C, dtype=torch.int32, device=device)
-            valid[n] = K.valid_tokens(K.latent_size(header.height, header.width), ww, device)  # (nW, L)
-            for c, start in enumerate(K.chunk_starts(windows)):
+            valid[n] = coding.valid_tokens(coding.latent_size(header.height, header.width), ww, device)  # (nW, L)
+            for c, start in enumerate(coding.chunk_starts(windows)):
                 chunks.append((n, start, min(bs.CHUNK_WINDOWS, windows - start), decoders[c]))
         failed: set[int] = set()
-        for part in K.passes(chunks, lambda c: c[2], self.windows_per_pass):
+        for part in coding.passes(chunks, lambda c: c[2], self.windows_per_pass):
             part = [c for c in part if c[0] not in failed]
             if not part:
                 continue
@@ -135,7 +135,7 @@ class Decoder:
                 return values
 
             try:
-                out = K.run_steps(self.model.exact, torch.zeros(int(bounds[-1]), ww * ww, C, dtype=torch.int32,
+                out = coding.run_steps(self.model.exact, torch.zeros(int(bounds[-1]), ww * ww, C, dtype=torch.int32,
                                                                 device=device), decode, keep, adaptive)
             except _ChunkError as exc:  # that image fails; its pass-mates are decoded again without it
                 failed.add(exc.image)
@@ -152,9 +152,9 @@ class Decoder:
         for n, header, _ in images:
             if n in failed:
                 continue
-            h, w = K.latent_size(header.height, header.width)
+            h, w = coding.latent_size(header.height, header.width)
             try:
-                results[n] = (header, K.checked_latent(header, K.latent_from_windows(tokens[n], h, w, ww)))
+                results[n] = (header, coding.checked_latent(header, coding.latent_from_windows(tokens[n], h, w, ww)))
             except Exception as exc:
                 results[n] = exc
 
@@ -162,8 +162,8 @@ class Decoder:
         """Checks of the header against the model, then one entropy decoder per chunk, over
         the pieces of its first `steps` steps."""
         ww, S = self.model.cfg.window, self.model.cfg.num_steps
-        windows = K.num_windows(header.height, header.width, ww)
-        chunks = len(K.chunk_starts(windows))
+        windows = coding.num_windows(header.height, header.width, ww)
+        chunks = len(coding.chunk_starts(windows))
         if header.payload_len < bs.min_payload_len(windows):
             # Checked before any model work: decoding time stays proportional to the bytes declared.
             raise bs.BitstreamError(
@@ -191,12 +191,12 @@ class Decoder:
         for g_s, float (C, h, w) with the unrounded means (None when steps = S)."""
         model = self.model
         ww, C, S, device = model.cfg.window, model.cfg.C, model.cfg.num_steps, model.device
-        h, w = K.latent_size(header.height, header.width)
+        h, w = coding.latent_size(header.height, header.width)
         decoders = self._chunk_decoders(header, payload, steps)
-        valid = K.valid_tokens((h, w), ww, device)  # (nW, L)
+        valid = coding.valid_tokens((h, w), ww, device)  # (nW, L)
         tokens = torch.zeros(valid.shape[0], ww * ww, C, dtype=torch.int32, device=device)
         filled = torch.zeros(tokens.shape, dtype=torch.float32, device=device) if steps < S else None
-        for decoder, start in zip(decoders, K.chunk_starts(valid.shape[0])):
+        for decoder, start in zip(decoders, coding.chunk_starts(valid.shape[0])):
             keep_chunk = valid[start:start + bs.CHUNK_WINDOWS]
 
             def decode(i: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
@@ -213,10 +213,10 @@ class Decoder:
                     filled[start:start + len(positions)].scatter_(1, at, values.float())
                 return values
 
-            K.run_steps(model.exact, tokens[start:start + bs.CHUNK_WINDOWS], decode, keep_chunk,
+            coding.run_steps(model.exact, tokens[start:start + bs.CHUNK_WINDOWS], decode, keep_chunk,
                         bool(header.flags & bs.FLAG_ADAPTIVE_ORDER))
-        y_hat = K.latent_from_windows(tokens, h, w, ww)  # (C, h, w)
-        return y_hat, None if filled is None else K.latent_from_windows(filled, h, w, ww)
+        y_hat = coding.latent_from_windows(tokens, h, w, ww)  # (C, h, w)
+        return y_hat, None if filled is None else coding.latent_from_windows(filled, h, w, ww)
 
     # ------------------------------------------------------------ pixels
 
@@ -311,5 +311,5 @@ def _chunk_streams(header: bs.Header, payload: bytes, steps: int) -> list[bytes]
                 raise bs.BitstreamError(f"truncated payload: step {k + 1} is not complete")
             out[c] += payload[pos:pos + size]
             pos += size
-    pad = bytes(bs.WORD_BYTES * K.STEP_READ_AHEAD_WORDS) if steps < header.num_steps else b""
+    pad = bytes(bs.WORD_BYTES * coding.STEP_READ_AHEAD_WORDS) if steps < header.num_steps else b""
     return [bytes(s) + pad for s in out]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import bitstream as bs
-from . import coding as K
+from . import coding
 from . import exact as X
 from .entropy_coding import SymbolEncoder, snap_integer
 from .image_io import ImageLike, to_rgb_array
@@ -87,7 +87,7 @@ def code_plan(plan: CodingPlan) -> EncodedImage:
     payload, pieces = _interleave_steps(streams, marks)
     header = bs.Header(
         model_id=plan.model_id, weights_hash=plan.weights_hash, height=plan.height, width=plan.width,
-        payload_len=len(payload), latent_crc=K.latent_checksum(plan.y_int, plan.height, plan.width),
+        payload_len=len(payload), latent_crc=coding.latent_checksum(plan.y_int, plan.height, plan.width),
         payload_crc=zlib.crc32(payload), step_pieces=pieces,
         flags=(bs.FLAG_CUDA if plan.on_cuda else 0) | (bs.FLAG_ADAPTIVE_ORDER if plan.adaptive_order else 0),
     )
@@ -103,7 +103,7 @@ def _interleave_steps(streams: list[bytes], marks: list[list[int]]) -> tuple[byt
     for stream, chunk_marks in zip(streams, marks):
         words, prev, chunk_ends = len(stream) // W, 0, []
         for k, mark in enumerate(chunk_marks):
-            end = words if k == len(chunk_marks) - 1 else min(words, max(prev, mark + K.STEP_READ_AHEAD_WORDS))
+            end = words if k == len(chunk_marks) - 1 else min(words, max(prev, mark + coding.STEP_READ_AHEAD_WORDS))
             chunk_ends.append(end)
             prev = end
         ends.append(chunk_ends)
@@ -138,12 +138,12 @@ class Encoder:
         if batch_images < 0 or coding_threads < 0 or windows_per_pass < 0:
             raise ValueError("batch_images, coding_threads and windows_per_pass must be >= 0")
         self.model = model
-        self.batch_images = batch_images or K.transform_batch(model.device)
+        self.batch_images = batch_images or coding.transform_batch(model.device)
         self.coding_threads = coding_threads
         self.max_pixels = max_pixels
         self.reconstruct = reconstruct
         self.adaptive_order = adaptive_order
-        self.windows_per_pass = windows_per_pass or K.windows_per_pass(model.device)
+        self.windows_per_pass = windows_per_pass or coding.windows_per_pass(model.device)
         self.device_seconds = 0.0  # time spent in the device stage so far (g_a, entropy model, g_s)
 
     # ------------------------------------------------------------ one image
@@ -167,7 +167,8 @@ class Encoder:
         for _, result in self.encode_tagged((None, image) for image in images):
             yield result
 
-    def encode_tagged(self, items: Iterable[tuple[Any, ImageLike | Exception]]) -> Iterator[tuple[Any, EncodedImage | Exception]]:
+    def encode_tagged(self, items: Iterable[tuple[Any, ImageLike | Exception]]
+                      ) -> Iterator[tuple[Any, EncodedImage | Exception]]:
         """(tag, image) pairs -> (tag, EncodedImage or the exception that stopped it), in input
         order. An item may be an exception already (an image its reader could not decode): it
         is passed through in its place. Images are taken `batch_images` at a time; with coding
@@ -254,9 +255,9 @@ class Encoder:
         chunks: list[tuple[CodingPlan, int, torch.Tensor, torch.Tensor]] = []
         for y_hat, H, W in latents:
             y_int = y_hat.to(device, torch.int32)
-            truth = K.latent_windows(y_int, ww)  # (nW, L, C) int32
-            valid = K.valid_tokens(y_hat.shape[-2:], ww, device)  # (nW, L)
-            starts = K.chunk_starts(truth.shape[0])
+            truth = coding.latent_windows(y_int, ww)  # (nW, L, C) int32
+            valid = coding.valid_tokens(y_hat.shape[-2:], ww, device)  # (nW, L)
+            starts = coding.chunk_starts(truth.shape[0])
             plan = CodingPlan(*identity, H, W, y_int.cpu(), truth.shape[0], [[] for _ in starts],
                               self.adaptive_order, device.type == "cuda")
             plans.append(plan)
@@ -264,7 +265,7 @@ class Encoder:
                 end = start + bs.CHUNK_WINDOWS
                 chunks.append((plan, c, truth[start:end], valid[start:end]))
         groups = model.layout.groups(device)
-        for part in K.passes(chunks, lambda c: c[2].shape[0], self.windows_per_pass):
+        for part in coding.passes(chunks, lambda c: c[2].shape[0], self.windows_per_pass):
             truth = torch.cat([c[2] for c in part])  # (b, L, C)
             keep = torch.cat([c[3] for c in part])  # (b, L)
             bounds = np.cumsum([0] + [c[2].shape[0] for c in part])
@@ -279,11 +280,11 @@ class Encoder:
                 return values
 
             if model.cfg.mode == "m2t":  # every step's parameters from one pass (exact: the same)
-                every = K.teacher_forced(model.exact, truth)  # (b, L, C, K)
+                every = coding.teacher_forced(model.exact, truth)  # (b, L, C, K)
                 for step, group in enumerate(groups):
                     record(step, every.index((slice(None), group)), group[None].expand(truth.shape[0], -1))
             else:
-                K.run_steps(model.exact, torch.zeros_like(truth), record, keep, self.adaptive_order)
+                coding.run_steps(model.exact, torch.zeros_like(truth), record, keep, self.adaptive_order)
         return plans
 
 

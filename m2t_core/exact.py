@@ -142,8 +142,9 @@ class ExactEntropyModel(nn.Module):
         self.cfg = cfg
         self.layout = layout
         self.spec = {layer.name: layer for layer in N.layer_spec(cfg)}
-        self.linears = nn.ModuleDict({n: IntLinear(l.d_in, l.d_out) for n, l in self.spec.items() if l.kind == "linear"})
-        self.norms = nn.ModuleDict({n: IntNorm(l.d_in) for n, l in self.spec.items() if l.kind == "norm"})
+        layers = self.spec.values()
+        self.linears = nn.ModuleDict({x.name: IntLinear(x.d_in, x.d_out) for x in layers if x.kind == "linear"})
+        self.norms = nn.ModuleDict({x.name: IntNorm(x.d_in) for x in layers if x.kind == "norm"})
         L, C, D = cfg.tokens_per_window, cfg.C, cfg.d_model
         self.register_buffer("mask_token", torch.zeros(C, dtype=torch.int64))  # at MASK_EXP
         # The embedding of a masked slot (a constant: embed(mask_token)), at the residual exponent.

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import bitstream as bs
-from . import coding as K
+from . import coding
 from . import exact as X
 from . import network as N
 from .config import ModelConfig
@@ -81,9 +81,9 @@ class M2TCodec(nn.Module):
         y32 = y.float()
         y_rate = y32 + torch.empty_like(y32).uniform_(-0.5, 0.5) if self.training else torch.round(y32)
         B, C, h, wd = y.shape
-        valid = K.pad_latent(torch.ones(B, 1, h, wd, device=x.device), w)
-        ctx = K.to_windows(K.pad_latent(y_hat, w), w)  # (B*nW, L, C)
-        target = K.to_windows(K.pad_latent(y_rate, w), w)  # (B*nW, L, C)
+        valid = coding.pad_latent(torch.ones(B, 1, h, wd, device=x.device), w)
+        ctx = coding.to_windows(coding.pad_latent(y_hat, w), w)  # (B*nW, L, C)
+        target = coding.to_windows(coding.pad_latent(y_rate, w), w)  # (B*nW, L, C)
         H2, W2 = valid.shape[-2:]
         ops = N.FloatOps(self.entropy_model, self.cfg, self.layout, self.exact, quant=self.qat)
         if self.qat:
@@ -94,12 +94,12 @@ class M2TCodec(nn.Module):
         else:
             masked = self._random_mt_mask(ctx.shape[0], mt_mask_range, x.device)  # (B*nW, L)
             params = N.mt_forward(ops, ctx, masked)
-            rate_mask = valid * K.from_windows(masked[..., None].float(), B, H2, W2, w)
+            rate_mask = valid * coding.from_windows(masked[..., None].float(), B, H2, W2, w)
         # The rate in fp32 even under autocast: bf16 would round y - mean at |y| > ~32.
         with torch.autocast(x.device.type, enabled=False):
             params32 = N.MixtureParams(*(t.float() for t in (params.means, params.log_scales, params.logits)))
             lik = N.mixture_likelihood(target.float(), params32)  # (B*nW, L, C)
-        lik = K.from_windows(lik, B, H2, W2, w)[..., :h, :wd]  # (B, C, h, w)
+        lik = coding.from_windows(lik, B, H2, W2, w)[..., :h, :wd]  # (B, C, h, w)
         return {
             "x_hat": self.g_s(y_hat),
             "likelihoods": {"y": lik},
@@ -217,7 +217,7 @@ class M2TCodec(nn.Module):
         codes and decodes exactly."""
         from . import tiling
 
-        batch = batch or K.transform_batch(self.device)
+        batch = batch or coding.transform_batch(self.device)
         out: list[torch.Tensor | None] = [None] * len(rgbs)
         run = self._inference_transform("g_a")
         for idx in _same_size_runs([rgb.shape[:2] for rgb in rgbs], batch):
@@ -235,7 +235,7 @@ class M2TCodec(nn.Module):
         at a time (0: coding.TRANSFORM_BATCH of the device). RGB uint8 (H, W, 3) each."""
         from . import tiling
 
-        batch = batch or K.transform_batch(self.device)
+        batch = batch or coding.transform_batch(self.device)
         out: list[np.ndarray | None] = [None] * len(latents)
         run = self._inference_transform("g_s")
         for idx in _same_size_runs([(tuple(y.shape), H, W) for y, H, W in latents], batch):

@@ -67,7 +67,7 @@ ISSUE_KINDS = {
     "truncated_blob": "the .bin is shorter (or longer) than the shard's stats say",
     "bad_offset": "an index row's offset/length is missing, negative, too large or outside the blob",
     "crc_mismatch": "the bitstream's bytes do not match the index's CRC-32 (flipped or changed bytes)",
-    "unsupported_version": "the bitstream's format version is unknown to this decoder",
+    "unsupported_version": "the bitstream's format version is not read here (unknown, or retired: the message names the release that reads it)",
     "corrupt_bitstream": "the bitstream header or payload is invalid",
     "model_mismatch": "the bitstream was written by another model than the manifest's",
     "size_mismatch": "the bitstream's image size differs from the index",
