@@ -154,7 +154,7 @@ class TrainConfig:
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(self.export_dtype in EXPORT_DTYPES, f"export_dtype must be one of {sorted(EXPORT_DTYPES)}")
         need(self.ray.workers >= 1 and self.ray.cpus_per_worker >= 0, "ray.workers must be >= 1")
-        need(self.ray.use_gpu in (None, True, False), f"ray.use_gpu must be null, true or false")
+        need(self.ray.use_gpu in (None, True, False), "ray.use_gpu must be null, true or false")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
