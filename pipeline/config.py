@@ -39,6 +39,25 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return yaml_numbers(load_mapping(path))
 
 
+def need(ok: bool, message: str) -> None:
+    """A config check: ConfigError (exit 2) with `message` unless `ok`."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_shared_settings(cfg: Any) -> None:
+    """The checks the job configs (compress, eval) share: Parquet columns, storage options and
+    the Ray settings both have."""
+    for name in ("parquet_image_column", "parquet_key_column"):
+        need(getattr(cfg, name) is None or isinstance(getattr(cfg, name), str), f"{name} must be a column name")
+    need(isinstance(cfg.storage_options, dict) and all(isinstance(v, dict) for v in cfg.storage_options.values()),
+         "storage_options must map a protocol to a mapping of options, e.g. {s3: {endpoint_url: ...}}")
+    r = cfg.ray
+    need(r.address is None or isinstance(r.address, str), "ray.address must be a string or null")
+    need(r.use_gpu in (None, True, False), "ray.use_gpu must be null, true or false")
+    need(r.placement_timeout_s > 0, "ray.placement_timeout_s must be > 0")
+
+
 def without_retired(settings: Any) -> Any:
     """A mapping of recorded settings without the retired keys (archives written before a key
     was retired still carry it), for comparing settings across versions."""

@@ -63,7 +63,7 @@ import numpy as np
 
 from m2t_core.config import ConfigError
 
-from pipeline.config import absolute_url, inputs_and_output, load_job_config, redact
+from pipeline.config import absolute_url, check_shared_settings, inputs_and_output, load_job_config, need, redact
 from pipeline.errors import run_main
 from pipeline.storage import archive as A
 from pipeline.evaluation import baselines as B
@@ -117,10 +117,6 @@ class EvalConfig:
     ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
         need(self.data is None or isinstance(self.data, str)
              or (isinstance(self.data, list) and self.data and all(isinstance(v, str) for v in self.data)),
              f"data must be a URL or a list of URLs, got {self.data!r}")
@@ -141,17 +137,10 @@ class EvalConfig:
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         need(self.max_units >= 0, "max_units must be >= 0")
-        for name in ("parquet_image_column", "parquet_key_column"):
-            need(getattr(self, name) is None or isinstance(getattr(self, name), str), f"{name} must be a column name")
-        need(isinstance(self.storage_options, dict)
-             and all(isinstance(v, dict) for v in self.storage_options.values()),
-             "storage_options must map a protocol to a mapping of options, e.g. {s3: {endpoint_url: ...}}")
+        check_shared_settings(self)
         r = self.ray
-        need(r.address is None or isinstance(r.address, str), "ray.address must be a string or null")
         need(r.cpus_per_task > 0, "ray.cpus_per_task must be > 0")
-        need(r.use_gpu in (None, True, False), "ray.use_gpu must be null, true or false")
         need(r.tasks_in_flight >= 0 and r.unit_retries >= 0, "ray.tasks_in_flight and ray.unit_retries must be >= 0")
-        need(r.placement_timeout_s > 0, "ray.placement_timeout_s must be > 0")
 
     def check_complete(self) -> None:
         if not self.data:

@@ -14,7 +14,7 @@ from m2t_core import bitstream
 from m2t_core.config import ConfigError
 from m2t_core.registry import DEFAULT_MODEL
 
-from pipeline.config import absolute_url, load_job_config
+from pipeline.config import absolute_url, check_shared_settings, load_job_config, need
 from pipeline.jobs.runner import RunOptions
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pipeline" / "default.yaml"
@@ -69,10 +69,6 @@ class CompressConfig:
     ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
         for name in ("input", "output"):
             value = getattr(self, name)
             need(value is None or isinstance(value, str)
@@ -92,18 +88,11 @@ class CompressConfig:
         need(self.lease_timeout_s > 0, f"lease_timeout_s must be > 0, got {self.lease_timeout_s}")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        for name in ("parquet_image_column", "parquet_key_column"):
-            need(getattr(self, name) is None or isinstance(getattr(self, name), str), f"{name} must be a column name")
-        need(isinstance(self.storage_options, dict)
-             and all(isinstance(v, dict) for v in self.storage_options.values()),
-             "storage_options must map a protocol to a mapping of options, e.g. {s3: {endpoint_url: ...}}")
+        check_shared_settings(self)
         r = self.ray
-        need(r.address is None or isinstance(r.address, str), "ray.address must be a string or null")
         need(r.actors >= 0 and r.cpus_per_actor >= 0, "ray.actors and ray.cpus_per_actor must be >= 0")
         need(r.actors_per_gpu >= 0, "ray.actors_per_gpu must be >= 0")
-        need(r.use_gpu in (None, True, False), "ray.use_gpu must be null, true or false")
         need(r.shards_in_flight >= 1 and r.shard_retries >= 0, "ray.shards_in_flight must be >= 1, ray.shard_retries >= 0")
-        need(r.placement_timeout_s > 0, "ray.placement_timeout_s must be > 0")
 
     def check_complete(self) -> None:
         if not self.input:
