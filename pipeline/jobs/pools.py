@@ -2,7 +2,7 @@
 Ray actors, or as Ray tasks; with one retry policy for all three (docs/runner.md).
 
   * run_in_process: one item after the other in this process.
-  * ActorPool (run_actor_pool): Ray actors, each holding one worker of the job (a model), that
+  * ActorPool: Ray actors, each holding one worker of the job (a model), that
     survive lost nodes: retries, replacement from the capacity the cluster has now, a
     placement timeout, and `recover` (an item committed by an actor that died before
     answering counts as done).
@@ -494,12 +494,6 @@ class ActorPool:
             log.info("re-plan: %d actor(s) alive of %d planned, and the cluster has room: starting one",
                      len(alive), self.target)
             self._start()
-
-
-def run_actor_pool(actor_cls, init_args: tuple, target: int, items: Sequence[tuple[str, Any]], on_result,
-                   on_failed, **options) -> dict[str, Any]:
-    """ActorPool(...).run(): see ActorPool."""
-    return ActorPool(actor_cls, init_args, target, items, on_result, on_failed, **options).run()
 
 
 # ====================================================================== the task pool
