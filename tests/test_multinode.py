@@ -209,8 +209,9 @@ def test_compression_spreads_shards_over_both_worker_nodes(cluster, reference):
           f"{sorted(by_node.values())}")
 
 
-def test_worker_node_lost_mid_job_replans_and_finishes(cluster, photos, model, reference, tmp_path):
-    out = tmp_path / "lost.m2t"
+def _lose_a_node_mid_job(cluster, photos, model, out: Path) -> tuple:
+    """Compress with one-image shards and hard-kill the node of the first committed shard.
+    Returns (job, the victim's node id, seconds into the job, the report)."""
     job = Job(compress_cmd(photos, out, model, "--set", "shard_size=1", "--set", "ray.placement_timeout_s=20"),
               cluster.env())
     wait_for(lambda: len(stats_files(out)) >= 1, 180, "the first shard to commit", job)
@@ -221,8 +222,19 @@ def test_worker_node_lost_mid_job_replans_and_finishes(cluster, photos, model, r
     t_removed = time.monotonic() - job.t0
     code = job.wait(timeout=300)
     assert code == C.EXIT_OK, job.log[-4000:]
+    return job, victim, t_removed, json.loads((out / A.REPORT).read_text())
 
-    report = json.loads((out / A.REPORT).read_text())
+
+def test_worker_node_lost_mid_job_replans_and_finishes(cluster, photos, model, reference, tmp_path):
+    # The job may finish the last shards before the kill reaches the node (a few seconds of
+    # work are left after the first commit): then no node was lost mid-job, which is not what
+    # this test is about, and the scenario is run again (at most 3 times) on both nodes.
+    for attempt in range(3):
+        cluster.ensure_workers()
+        out = tmp_path / f"lost{attempt}.m2t"
+        job, victim, t_removed, report = _lose_a_node_mid_job(cluster, photos, model, out)
+        if report["faults"]["actors_lost"]:
+            break
     faults = report["faults"]
     assert report["complete"] and report["shards"]["completed"] == IMAGES and not report["shards"]["failed"]
     assert len(faults["actors_lost"]) >= 1 and faults["actors_lost"][0]["node_id"] == victim
