@@ -11,7 +11,7 @@ probability is an integer here, computed by operations whose result is defined e
 * weights are int16 (|w| <= 32767), biases int64; LayerNorm's gamma/beta likewise;
 * matrix products run in float64 on integer operands. Every operand is below 2^15, so every
   product is below 2^30 and every partial sum below 2^53 as long as sum_i |w_ji| * 2^15 <
-  2^53 (checked by `exactness_margin_bits`, > 20 bits of margin for every shipped model):
+  2^53 (checked by `exactness_margin_bits`, about 15 bits of margin for every shipped model):
   then float64 arithmetic is exact, and the result is the same in any order, blocking,
   thread count or device;
 * rescaling is an integer multiply and a rounding right shift (int64); LayerNorm uses an
