@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,13 +208,19 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_config_file(cls: type, path: str | Path | None, overrides: Sequence[str] = ()):
+def load_config_file(cls: type, path: str | Path | None, overrides: Sequence[str] = (),
+                     retired: Mapping[str, str] | None = None):
     """A job's config: the YAML file at `path` (optional; unknown keys are errors), then the
-    `key=value` overrides (dotted keys for nested fields, values parsed as YAML), as `cls`."""
+    `key=value` overrides (dotted keys for nested fields, values parsed as YAML), as `cls`.
+    `retired`: top-level keys the config once had (name -> why it is gone), dropped with a
+    logged warning so that old config files still load."""
     data: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
         data = yaml_numbers(load_mapping(path))
     apply_overrides(data, overrides)
+    for key in sorted(set(data) & set(retired or {})):
+        logging.getLogger(__name__).warning("config key %r is ignored: %s", key, retired[key])
+        del data[key]
     return dataclass_from_dict(cls, data)

@@ -4,14 +4,11 @@ jobs' configs share (absolute URLs, credentials kept out of reports)."""
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from m2t_core.config import ConfigError, apply_overrides, dataclass_from_dict, load_mapping, yaml_numbers
-
-log = logging.getLogger(__name__)
+from m2t_core.config import ConfigError, load_config_file
 
 # Keys the jobs once had and no longer use: an old config file (or --set) that names one still
 # loads, with a warning, instead of failing as an unknown key would. name -> why it is gone.
@@ -23,20 +20,10 @@ SECRET_RE = re.compile(r"(secret|token|password|passwd|credential|key)", re.IGNO
 
 
 def load_job_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()):
-    """The YAML file at `path` (optional), then the `key=value` overrides (dotted keys for
-    nested fields, values parsed as YAML), as `cls`. Unknown keys are errors; RETIRED_KEYS are
-    dropped with a warning."""
-    data = apply_overrides({} if path is None else _read_yaml(path), overrides)
-    for key in sorted(set(data) & set(RETIRED_KEYS)):
-        log.warning("config key %r is ignored: %s", key, RETIRED_KEYS[key])
-        del data[key]
-    return dataclass_from_dict(cls, data)
-
-
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise ConfigError(f"config file not found: {path}")
-    return yaml_numbers(load_mapping(path))
+    """The YAML file at `path` (optional), then the `key=value` overrides, as `cls`
+    (m2t_core.config.load_config_file): unknown keys are errors; RETIRED_KEYS are dropped with
+    a warning."""
+    return load_config_file(cls, path, overrides, retired=RETIRED_KEYS)
 
 
 def need(ok: bool, message: str) -> None:
