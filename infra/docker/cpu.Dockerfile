@@ -1,14 +1,18 @@
 # syntax=docker/dockerfile:1
 # m2t for CPU-only Ray clusters and for the head of a GPU cluster (it runs only the driver).
 #
-#   docker build -f infra/docker/cpu.Dockerfile -t REGISTRY/m2t:0.2.0-cpu .      (from the repo root)
-#   docker run --rm REGISTRY/m2t:0.2.0-cpu                                         (smoke: m2t models)
+#   docker build -f infra/docker/cpu.Dockerfile -t REGISTRY/m2t-cpu:0.2.0 .      (from the repo root)
+#   docker run --rm REGISTRY/m2t-cpu:0.2.0                                         (smoke: m2t models)
+#
+# Build with BuildKit (Docker >= 23's default; DOCKER_BUILDKIT=1 before): it reads
+# cpu.Dockerfile.dockerignore beside this file; the legacy builder would send the whole checkout,
+# .venv included, as the context.
 #
 # Base: the official Ray image of the Ray version the project is tested with (2.60.0; pyproject
 # allows ray>=2.40), Python 3.11, no CUDA. torch is installed first, pinned like the Makefile
 # (torch==2.13.0) and as its CPU wheel (an unpinned torch would pull a multi-GB CUDA build), as the
 # Makefile does; then the project with `pip install -e ".[pipeline]"`. The shipped weights
-# (m2t_core/weights/*.safetensors, 5 x 8.1 MB) are in the image. Runs as the base image's non-root
+# (m2t_core/weights/*.safetensors: 5 files, 41 MB in all) are in the image. Runs as the base image's non-root
 # user `ray` (uid 1000, gid 100 `users`). Expected size: an estimate of ~3 GB uncompressed (the Ray CPU base ~2 GB,
 # the torch CPU wheel ~0.7 GB installed, the rest <0.5 GB); not built here (no Docker daemon).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
@@ -18,6 +22,8 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 USER 1000
+# Made by the user that owns it (WORKDIR alone would make it root's under some builders).
+RUN mkdir -p /home/ray/m2t
 WORKDIR /home/ray/m2t
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -1,14 +1,18 @@
 # syntax=docker/dockerfile:1
 # m2t for GPU Ray clusters (KubeRay worker pods, the cluster launcher's nodes).
 #
-#   docker build -f infra/docker/gpu.Dockerfile -t REGISTRY/m2t:0.2.0-gpu .      (from the repo root)
-#   docker run --rm REGISTRY/m2t:0.2.0-gpu                                         (smoke: m2t models)
+#   docker build -f infra/docker/gpu.Dockerfile -t REGISTRY/m2t-gpu:0.2.0 .      (from the repo root)
+#   docker run --rm REGISTRY/m2t-gpu:0.2.0                                         (smoke: m2t models)
+#
+# Build with BuildKit (Docker >= 23's default; DOCKER_BUILDKIT=1 before): it reads
+# gpu.Dockerfile.dockerignore beside this file; the legacy builder would send the whole checkout,
+# .venv included, as the context.
 #
 # Base: the official Ray image of the Ray version the project is tested with (2.60.0; pyproject
 # allows ray>=2.40), Python 3.11, CUDA 12.8. torch is installed first, pinned like the Makefile
 # (torch==2.13.0) but as the build for the base image's CUDA (cu128), exactly as the README says
 # for GPU machines; then the project with `pip install -e ".[pipeline]"`. The shipped weights
-# (m2t_core/weights/*.safetensors, 5 x 8.1 MB) are in the image. Runs as the base image's non-root
+# (m2t_core/weights/*.safetensors: 5 files, 41 MB in all) are in the image. Runs as the base image's non-root
 # user `ray` (uid 1000, gid 100 `users`). Expected size: an estimate of ~11 GB uncompressed (the CUDA base ~6 GB,
 # torch cu128 with its nvidia-* wheels ~4.5 GB, the rest <0.5 GB); not built here (no Docker daemon).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128
@@ -18,6 +22,8 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
 USER 1000
+# Made by the user that owns it (WORKDIR alone would make it root's under some builders).
+RUN mkdir -p /home/ray/m2t
 WORKDIR /home/ray/m2t
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
