@@ -200,3 +200,35 @@ def test_cache_bounds_and_copies(tmp_path):
     assert [read_source(s, cache=copy) for s in urls] == [read_source(s) for s in urls]
     cache.close()
     assert cache.open_files == 0
+
+
+def test_names_that_are_not_utf8_become_distinct_lossless_keys(tmp_path):
+    """Issue 26: names with undecodable bytes (folders, files, tar members) are escaped
+    (escape_name), distinct names stay distinct, and every source reads back."""
+    import os
+
+    from pipeline.storage.sources import escape_name, unescape_name
+
+    names = [b"a.png", b"\xff\xfe.png", b"%FF%FE.png", b"%25.png", b"caf\xc3\xa9.png", b"caf%C3%A9.png",
+             b"\xed\xb3\xbf.png", b"x%20y.png", b"100%.png", b"\xc3.png"]
+    keys = [escape_name(os.fsdecode(n)) for n in names]
+    assert len(set(keys)) == len(names)
+    for name, key in zip(names, keys):
+        key.encode("utf-8")  # storable in Parquet and JSON
+        assert os.fsencode(unescape_name(key)) == name
+    # Names that are valid UTF-8 without %25 / %8X..%FX are kept as they are.
+    assert keys[0] == "a.png" and keys[4] == "café.png" and keys[7] == "x%20y.png" and keys[8] == "100%.png"
+    assert keys[1] == "%FF%FE.png" and keys[2] == "%25FF%25FE.png"
+    root = tmp_path / "in"
+    folder = Path(os.fsdecode(os.fsencode(str(root)) + b"/d\xe9"))
+    folder.mkdir(parents=True)
+    for i, name in enumerate(names):
+        Path(os.fsdecode(os.fsencode(str(folder)) + b"/" + name)).write_bytes(png(30 + i))
+    write_tar(root / "t.tar", [(os.fsdecode(b"m\xff.png"), png(50)), ("m%FF.png", png(51))])
+    items = [item for spec in plan_shards(str(root), 100) for item in iter_shard(spec)]
+    assert all(item.status == "ok" for item in items) and len({item.key for item in items}) == len(names) + 2
+    assert {"t.tar/m%FF.png", "t.tar/m%25FF.png", "d%E9/%FF%FE.png"} <= {item.key for item in items}
+    for item in items:
+        assert read_source(item.source) == item.data, item.source
+    sources, problems = list_sources(str(root))
+    assert not problems and sorted(sources) == sorted(item.source for item in items)

@@ -433,3 +433,141 @@ def test_an_oversized_keys_row_group_is_refused_before_reading(copy, installed, 
                    row_group_size=len(keys) + len(filler))
     code, err = get(copy, keys[0]["key"], tmp_path / "o.png", capsys=capsys)
     assert code == A.EXIT_USAGE and "row group 0" in err and "malformed" in err, err
+
+
+# ---------------------------------------------------------------- issue 26: names, index checks, tamper evidence
+
+
+def _byte_name(folder: Path, name: bytes) -> Path:
+    return Path(os.fsdecode(os.fsencode(str(folder)) + b"/" + name))
+
+
+def test_names_that_are_not_utf8_are_archived_verified_and_restored(tmp_path, installed, checkpoint, capsys):
+    """Issue 26, item 1: a file or tar member named with bytes that are not UTF-8 used to fail
+    its whole shard on every run (UnicodeEncodeError writing the index): no manifest, ever."""
+    from pipeline.cli import main as m2t_main
+    from pipeline.storage.sources import escape_name, read_source, unescape_name
+
+    root = tmp_path / "in"
+    sub = _byte_name(root, b"dir\xe9")  # a Latin-1 folder name
+    sub.mkdir(parents=True)
+    _byte_name(root, b"\xff\xfe.png").write_bytes(png_bytes(random_image(H, W, seed=80)))
+    _byte_name(sub, b"x\x80.png").write_bytes(png_bytes(random_image(H, W, seed=81)))
+    (root / "%FF%FE.png").write_bytes(png_bytes(random_image(H, W, seed=82)))  # valid UTF-8 that looks escaped
+    with __import__("tarfile").open(root / "t.tar", "w", format=__import__("tarfile").GNU_FORMAT) as tar:
+        from test_compress import add_member
+
+        add_member(tar, os.fsdecode(b"m\xff.png"), png_bytes(random_image(H, W, seed=83)))
+        add_member(tar, "plain.png", png_bytes(random_image(H, W, seed=84)))
+    out = tmp_path / "a.m2t"
+    code = m2t_main(["compress", str(root), str(out), "--no-ray", "--no-progress", "--model", str(checkpoint),
+                     "--set", "torch_threads=1"])
+    assert code == 0, capsys.readouterr()
+    assert (out / A.MANIFEST).exists()
+    rows = {r["key"]: r for r in rows_of(out / A.KEYS_INDEX)}
+    want = {"%FF%FE.png", "%25FF%25FE.png", "dir%E9/x%80.png", "t.tar/m%FF.png", "t.tar/plain.png"}
+    assert set(rows) == want and all(r["status"] == "ok" for r in rows.values()), rows
+    # Lossless and distinct: each key unescapes to the name's bytes.
+    assert os.fsencode(unescape_name("dir%E9/x%80.png")) == b"dir\xe9/x\x80.png"
+    assert unescape_name("%25FF%25FE.png") == "%FF%FE.png" and escape_name("%FF%FE.png") == "%25FF%25FE.png"
+    source = next(r["source"] for r in rows_of(next((out / "shards").glob("*.parquet"))) if "%FF%FE" in r["source"])
+    assert read_source(source)[:8] == b"\x89PNG\r\n\x1a\n"
+    code, report = verify(out, tmp_path, "--against-source")
+    assert code == V.EXIT_OK and report["verified"] == 5, report["issues"]
+    code, err = get(out, "t.tar/m%FF.png", tmp_path / "m.png", capsys=capsys)
+    assert code == A.EXIT_OK, err
+    restored = tmp_path / "restored"
+    assert V.restore_main([str(out), str(restored), "--no-ray", "--no-progress"]) == V.EXIT_OK
+    assert (restored / "dir%E9" / "x%80.png.png").exists() and (restored / "%25FF%25FE.png.png").exists()
+
+
+def _rewrite_index(archive: Path, shard: str, table: pa.Table) -> None:
+    pq.write_table(table, archive / "shards" / f"{shard}.parquet")
+
+
+def test_a_million_row_index_over_three_streams_is_refused_quickly(copy, installed, tmp_path):
+    """Issue 26, item 2: 1,000,003 rows pointing at the shard's real streams kept verify busy
+    for minutes at GBs; overlapping rows now refuse the shard before anything is decoded."""
+    import time
+
+    shard = "00000"
+    real = [r for r in rows_of(copy / "shards" / f"{shard}.parquet") if r["status"] == "ok"]
+    n = 1_000_003
+    pick = np.arange(n) % len(real)
+    table = pa.Table.from_pylist(real, schema=A.index_schema()).take(pa.array(pick))
+    table = table.set_column(0, "key", pa.array([f"k{i:07d}" for i in range(n)]))
+    _rewrite_index(copy, shard, table)
+    t0 = time.perf_counter()
+    code, report = verify(copy, tmp_path, "--shards", shard)
+    assert time.perf_counter() - t0 < 60
+    assert code == V.EXIT_ISSUES and report["verified"] == 0, report["issues"]
+    bad = [i for i in report["issues"] if i["kind"] == "bad_index"]
+    assert bad and "overlaps" in bad[0]["message"] and "refused" in bad[0]["message"], report["issues"]
+    out = tmp_path / "restored"
+    assert V.restore_main([str(copy), str(out), "--no-ray", "--no-progress", "--shards", shard]) == V.EXIT_ISSUES
+    assert not list(out.rglob("*.png"))
+
+
+def test_rows_too_short_to_be_a_stream_are_refused(copy, installed, tmp_path, capsys):
+    from pipeline.storage.index_checks import min_stream_bytes
+
+    row = ok_row(copy)
+    keys = rows_of(copy / A.KEYS_INDEX)
+    for r in keys:
+        if r["key"] == row["key"]:
+            r["length"] = min_stream_bytes() - 1
+    write_keys(copy, keys)
+    code, err = get(copy, row["key"], tmp_path / "o.png", capsys=capsys)
+    assert code == A.EXIT_USAGE and "smallest header" in err, err
+
+
+@pytest.mark.parametrize("bad_key", ["../up.png", "/abs.png", "nul\x00.png", "nl\n.png"])
+def test_verify_reports_keys_restore_would_refuse(copy, installed, tmp_path, bad_key):
+    """Issue 26, item 2: verify exited 0 on keys that restore refuses as unsafe."""
+    shard = "00000"
+    rows = rows_of(copy / "shards" / f"{shard}.parquet")
+    first = next(r for r in rows if r["status"] == "ok")
+    first["key"] = bad_key
+    _rewrite_index(copy, shard, pa.Table.from_pylist(rows, schema=A.index_schema()))
+    code, report = verify(copy, tmp_path, "--shards", shard)
+    assert code == V.EXIT_ISSUES
+    assert [i["key"] for i in report["issues"] if i["kind"] == "unsafe_key"] == [bad_key], report["issues"]
+
+
+def test_get_refuses_a_stream_whose_size_is_not_the_index(copy, installed, tmp_path, capsys):
+    """Issue 26, item 3: the stream's declared size is checked against the index's before decoding."""
+    row = ok_row(copy)
+    assert row["height"] == H and row["width"] == W
+    keys = rows_of(copy / A.KEYS_INDEX)
+    for r in keys:
+        if r["key"] == row["key"]:
+            r["height"] = 8000
+    write_keys(copy, keys)
+    for extra in ([], ["--preview", "1"]):
+        code, err = get(copy, row["key"], tmp_path / "o.png", *extra, capsys=capsys)
+        assert code == A.EXIT_USAGE and "refused before decoding" in err and "8000" in err, err
+
+
+def test_a_row_pointing_at_another_keys_stream_is_found(copy, installed, tmp_path, capsys):
+    """Issue 26, item 5: a key's row remapped to another key's stream (with that stream's CRC,
+    step table and digest) gave the wrong image with exit 0."""
+    keys = rows_of(copy / A.KEYS_INDEX)
+    ok = [r for r in keys if r["status"] == "ok"]
+    victim, other = ok[0], ok[1]
+    for r in keys:
+        if r["key"] == victim["key"]:
+            r.update({n: other[n] for n in ("shard", "offset", "length", "crc32", "step_ends", "digest")})
+    write_keys(copy, keys)
+    code, err = get(copy, victim["key"], tmp_path / "o.png", capsys=capsys)
+    assert code == A.EXIT_USAGE and "not this key's" in err, err
+    # The same remap inside a shard's index: its digest, and the row's, say so.
+    shard = victim["shard"]
+    rows = rows_of(copy / "shards" / f"{shard}.parquet")
+    good = [r for r in rows if r["status"] == "ok"]
+    good[0].update({n: good[1][n] for n in ("offset", "length", "crc32", "step_ends", "digest")})
+    good[1].update(status="error", offset=None, length=None)
+    _rewrite_index(copy, shard, pa.Table.from_pylist(rows, schema=A.index_schema()))
+    code, report = verify(copy, tmp_path, "--shards", shard)
+    assert code == V.EXIT_ISSUES
+    found = {(i["kind"], i["key"]) for i in report["issues"]}
+    assert ("digest_mismatch", good[0]["key"]) in found and ("digest_mismatch", None) in found, report["issues"]

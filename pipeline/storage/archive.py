@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
@@ -116,6 +117,9 @@ def index_schema():
         # Format version 3: for each coding step k, the length of the bitstream's prefix that
         # holds steps 1..k (header included): a preview of K steps is one ranged read.
         ("step_ends", pa.list_(pa.int64())),
+        # SHA-256 (hex) of the key (UTF-8), a NUL byte and the bitstream: binds the row's key to
+        # its bytes, so a row pointing at another key's stream is found (pipeline/storage/integrity.py).
+        ("digest", pa.string()),
     ])
 
 
@@ -124,17 +128,19 @@ def keys_schema():
 
     return pa.schema([("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
                       ("length", pa.int64()), ("crc32", pa.int64()), ("status", pa.string()),
-                      ("error", pa.string()), ("step_ends", pa.list_(pa.int64()))])
+                      ("error", pa.string()), ("step_ends", pa.list_(pa.int64())), ("digest", pa.string()),
+                      ("height", pa.int32()), ("width", pa.int32())])
 
 
 # Columns added after the first archives were written: a reader accepts an index without them.
-OPTIONAL_COLUMNS = ("step_ends",)
+OPTIONAL_COLUMNS = ("step_ends", "digest")
+KEYS_OPTIONAL_COLUMNS = OPTIONAL_COLUMNS + ("height", "width")  # keys.parquet got these later still
 
 
-def schema_problems(actual, expected) -> list[str]:
+def schema_problems(actual, expected, optional=OPTIONAL_COLUMNS) -> list[str]:
     """What is wrong with an index's columns: missing ones (but the optional) or wrong types."""
     return [f"{n} is {actual.field(n).type if n in actual.names else 'missing'}" for n in expected.names
-            if (n not in actual.names and n not in OPTIONAL_COLUMNS)
+            if (n not in actual.names and n not in optional)
             or (n in actual.names and actual.field(n).type != expected.field(n).type)]
 
 
@@ -202,14 +208,18 @@ class Archive:
     def write_json(self, path: str, data: Any) -> None:
         self.write_bytes(path, dumps(data).encode())
 
-    def write_table(self, path: str, table, **kwargs) -> None:
+    def write_table(self, path: str, table, **kwargs) -> str:
+        """Write a Parquet file (whole-file, like write_bytes); returns its SHA-256 (hex)."""
+        import hashlib
+
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = self._tmp(path)
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, **kwargs)
-        self._commit(tmp, path)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **kwargs)
+        data = sink.getvalue().to_pybytes()
+        self.write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
 
     def open_blob(self, shard: str):
         """A ShardBlob: an open file for the shard's bitstreams, moved into place by commit()."""
@@ -379,22 +389,23 @@ class Archive:
             return f"its .bin holds {len(data)} bytes, its index's bitstreams {covered}"
         return None
 
-    def write_keys_index(self, shards: list[str]) -> int:
-        """Gather every shard's index into keys.parquet, sorted by key; returns the row count."""
+    def write_keys_index(self, shards: list[str]) -> tuple[int, str]:
+        """Gather every shard's index into keys.parquet, sorted by key; returns the row count and
+        the file's SHA-256."""
         import pyarrow as pa
 
         schema = keys_schema()
         tables = []
         for shard in shards:
             table = read_parquet(self.fs, self.shard_path(shard, ".parquet"), columns=schema.names)
-            for name in OPTIONAL_COLUMNS:  # a shard indexed before the column existed (resumed archive)
+            for name in KEYS_OPTIONAL_COLUMNS:  # a shard indexed before the column existed (resumed archive)
                 if name not in table.schema.names:
                     table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
             tables.append(table.select(schema.names).cast(schema))
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         table = table.sort_by([("key", "ascending"), ("shard", "ascending")])
-        self.write_table(self.path(KEYS_INDEX), table, row_group_size=KEYS_ROW_GROUP, write_statistics=True)
-        return table.num_rows
+        digest = self.write_table(self.path(KEYS_INDEX), table, row_group_size=KEYS_ROW_GROUP, write_statistics=True)
+        return table.num_rows, digest
 
 
 class ShardBlob:
@@ -407,11 +418,13 @@ class ShardBlob:
         archive.fs.makedirs(archive.path(SHARDS_DIR), exist_ok=True)
         self.file = archive.fs.open(self.tmp, "wb")
         self.offset = 0
+        self.digest = hashlib.sha256()  # of every byte written: the manifest records it
 
     def append(self, data: bytes) -> int:
         """Write one bitstream; returns its offset."""
         offset = self.offset
         self.file.write(data)
+        self.digest.update(data)
         self.offset += len(data)
         return offset
 
@@ -420,18 +433,23 @@ class ShardBlob:
         self.archive._commit(self.tmp, self.path)
 
     def abort(self) -> None:
-        """Drop what was written: locally the temporary file is removed; on object stores the
-        upload is discarded (closing would complete it and put a partial .bin in place)."""
-        try:
-            if self.tmp == self.path and hasattr(self.file, "discard"):
-                self.file.discard()
-                self.file.closed = True  # never flushed later (by close() or the GC)
-            else:
-                self.file.close()
-                if self.tmp != self.path and self.archive.fs.exists(self.tmp):
-                    self.archive.fs.rm(self.tmp)
-        except Exception:
-            pass
+        discard_partial_file(self.archive.fs, self.file, self.tmp, self.path)
+
+
+def discard_partial_file(fs, file, tmp: str, path: str) -> None:
+    """Drop what was written to `file` (opened at `tmp`, to be committed to `path`): locally
+    the temporary file is removed; on object stores the upload is discarded (closing would
+    complete it and put a partial file in place). Never raises: it runs on error paths."""
+    try:
+        if tmp == path and hasattr(file, "discard"):
+            file.discard()
+            file.closed = True  # never flushed later (by close() or the GC)
+        else:
+            file.close()
+            if tmp != path and fs.exists(tmp):
+                fs.rm(tmp)
+    except Exception:
+        pass
 
 
 # ====================================================================== finishing
@@ -473,7 +491,7 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
             pf = pq.ParquetFile(f, pre_buffer=False)
         except Exception as exc:
             raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} is not a readable Parquet file: {exc}") from None
-        bad = schema_problems(pf.schema_arrow, schema)
+        bad = schema_problems(pf.schema_arrow, schema, KEYS_OPTIONAL_COLUMNS)
         if bad:
             raise ArchiveError(f"{join_url(archive.url, KEYS_INDEX)} is malformed ({'; '.join(bad)}; "
                                f"expected {', '.join(f'{f.name}: {f.type}' for f in schema)})")
@@ -492,7 +510,7 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
                                    f"{KEYS_ROW_GROUP} rows / {MAX_KEYS_GROUP_BYTES} bytes)")
             names = [n for n in schema.names if n in pf.schema_arrow.names]
             table = pf.read_row_group(g, columns=names, use_threads=False)
-            rows += [{"step_ends": None, **r} for r in table.to_pylist() if r["key"] == key]
+            rows += [{**dict.fromkeys(KEYS_OPTIONAL_COLUMNS), **r} for r in table.to_pylist() if r["key"] == key]
     if not rows:
         raise ArchiveError(f"key {key!r} is not in the archive {archive.url}")
     ok = [r for r in rows if r["status"] == "ok"]
@@ -502,36 +520,49 @@ def lookup(archive_url: str, key: str, storage_options=None) -> dict[str, Any]:
     return ok[0]
 
 
-def read_bitstream(archive_url: str, key: str, storage_options=None, steps: int | None = None) -> bytes:
-    """The bitstream of `key`: one index lookup and one byte-range read, CRC-checked.
+def read_bitstream(archive_url: str, key: str, storage_options=None, steps: int | None = None,
+                   sign_key: bytes | None = None) -> bytes:
+    """The bitstream of `key`: one index lookup and one byte-range read, CRC-checked, and
+    checked against the row's digest (which binds the key to its bytes).
 
     steps=K reads only the prefix that holds the first K coding steps:
     one ranged read at the index's step_ends (an index written before that column existed
     costs one more small read, of the header). A prefix cannot be checked against the index's
-    CRC-32 (which covers the whole stream); the decoder checks the header's own CRC."""
+    CRC-32 or digest (which cover the whole stream); the decoder checks the stream's own
+    checksums. `sign_key` (default: $M2T_SIGN_KEY): the manifest's signature must match it,
+    and the row is taken from the shard's index, whose digest the signed manifest records."""
+    return _read_row_stream(archive_url, key, storage_options, steps, sign_key)[1]
+
+
+def _read_row_stream(archive_url: str, key: str, storage_options, steps: int | None,
+                     sign_key: bytes | None) -> tuple[dict[str, Any], bytes]:
+    from pipeline.storage import index_checks, integrity
+
+    sign_key = sign_key if sign_key is not None else integrity.sign_key()
     row = lookup(archive_url, key, storage_options)
     archive = Archive(archive_url, storage_options)
     # Nothing in the index is trusted: the shard name, offset and length are checked before
     # any path is built or any byte is read.
     path = archive.shard_path(row["shard"], ".bin")
+    if sign_key is not None:
+        row = integrity.signed_row(archive, row, key, sign_key)
     start, length, crc = row["offset"], row["length"], row["crc32"]
-    if not all(isinstance(v, int) for v in (start, length, crc)) or start < 0 or not 0 < length <= MAX_STREAM_BYTES:
-        raise ArchiveError(f"key {key!r}: the index's offset {start} / length {length} / CRC-32 {crc} are not "
-                           f"valid (offset >= 0, 0 < length <= {MAX_STREAM_BYTES})")
+    if not isinstance(crc, int):
+        raise ArchiveError(f"key {key!r}: the index's CRC-32 {crc!r} is not an integer")
     try:
         size = archive.fs.size(path)
     except FileNotFoundError:
         raise ArchiveError(f"key {key!r}: shards/{row['shard']}.bin is missing") from None
-    if start + length > size:
-        raise ArchiveError(f"key {key!r}: offset {start} + length {length} lies outside shards/{row['shard']}.bin "
-                           f"({size} bytes)")
+    problem = index_checks.row_location_problem(row, size)
+    if problem:
+        raise ArchiveError(f"key {key!r}: {problem} (shards/{row['shard']}.bin)")
     if steps is not None:
         want = _prefix_length(archive, path, row, key, steps)
         if want < length:
             data = archive.fs.cat_file(path, start=start, end=start + want)
             if len(data) != want:
                 raise ArchiveError(f"key {key!r}: read {len(data)} bytes from shard {row['shard']}, wanted {want}")
-            return data
+            return row, data
     data = archive.fs.cat_file(path, start=start, end=start + length)
     if len(data) != length:
         raise ArchiveError(f"key {key!r}: read {len(data)} bytes from shard {row['shard']}, the index says "
@@ -539,7 +570,12 @@ def read_bitstream(archive_url: str, key: str, storage_options=None, steps: int 
     if zlib.crc32(data) != crc:
         raise ArchiveError(f"key {key!r}: the bytes in shard {row['shard']} do not match the index "
                            f"(CRC-32 {zlib.crc32(data):08x}, index says {crc & 0xFFFFFFFF:08x})")
-    return data
+    if row.get("digest") is not None and integrity.stream_digest(key, data) != row["digest"]:
+        raise integrity.IntegrityError(f"key {key!r}: the stream at shard {row['shard']} offset {start} is not this "
+                                       "key's (its digest binds another key or other bytes): the index was remapped")
+    if sign_key is not None and row.get("digest") is None:
+        raise integrity.IntegrityError(f"key {key!r}: the signed index records no digest for it")
+    return row, data
 
 
 # The most a format-3 header can need to be read before its step table is known (64 MP at the
@@ -600,13 +636,17 @@ def _archive_model(archive_url: str, header, override: str | None, storage_optio
 
 
 def get_image(archive_url: str, key: str, model: str | None = None, storage_options=None,
-              steps: int | None = None) -> np.ndarray:
+              steps: int | None = None, sign_key: bytes | None = None) -> np.ndarray:
     """Decode one image of an archive: RGB uint8 (H, W, 3). steps=K: a preview from the first
-    K coding steps, read as one prefix of the stream."""
+    K coding steps, read as one prefix of the stream. The stream's declared size must be the
+    index's before anything is decoded; `sign_key`: see read_bitstream."""
     from m2t_core import Decoder, read_header
 
-    data = read_bitstream(archive_url, key, storage_options, steps=steps)
+    row, data = _read_row_stream(archive_url, key, storage_options, steps, sign_key)
     header = read_header(data, prefix=steps is not None)
+    if row.get("height") is not None and (header.height, header.width) != (row["height"], row["width"]):
+        raise ArchiveError(f"key {key!r}: the stream declares {header.height}x{header.width} pixels, the index records "
+                           f"{row['height']}x{row['width']}: refused before decoding")
     decoder = Decoder(_archive_model(archive_url, header, model, storage_options))
     return decoder.decompress(data) if steps is None else decoder.preview(data, steps=steps).image
 
@@ -624,14 +664,19 @@ def get_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="decode with this model (name, path or URL)")
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help='fsspec options per protocol, e.g. \'{"s3": {"endpoint_url": "http://..."}}\'')
+    parser.add_argument("--sign-key-file", default=None, metavar="PATH",
+                        help="the archive must be signed with this key (default: $M2T_SIGN_KEY if set)")
     args = parser.parse_args(argv)
     return run_main("m2t get", lambda: _get(args))
 
 
 def _get(args) -> int:
+    from pipeline.storage.integrity import sign_key
+
     options = json.loads(args.storage_options) if args.storage_options else None
+    key = sign_key(args.sign_key_file)
     if args.bitstream:
-        data = read_bitstream(args.archive, args.key, options, steps=args.preview)
+        data = read_bitstream(args.archive, args.key, options, steps=args.preview, sign_key=key)
         if args.output == "-":
             sys.stdout.buffer.write(data)
         else:
@@ -639,7 +684,7 @@ def _get(args) -> int:
         return EXIT_OK
     from m2t_core import save_image
 
-    rgb = get_image(args.archive, args.key, args.model, options, steps=args.preview)
+    rgb = get_image(args.archive, args.key, args.model, options, steps=args.preview, sign_key=key)
     out = Path(args.output)
     save_image(rgb, out, format=None if out.suffix else "PNG")
     what = "" if args.preview is None else f" (preview of {args.preview} steps)"

@@ -60,9 +60,16 @@ class _Unparsable(str):
     pass
 
 
-def read_manifest(archive: A.Archive) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_manifest(archive: A.Archive, sign_key: bytes | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The archive's manifest, checked (checked_manifest), and its problems as issues.
-    ArchiveIncompleteError when it has none (the compress job has not finished)."""
+    ArchiveIncompleteError when it has none (the compress job has not finished).
+
+    With a signing key (`sign_key`, else $M2T_SIGN_KEY if set) the manifest must carry a valid
+    signature by it (pipeline/storage/integrity.py): if not, a `bad_signature` issue and no
+    shards (nothing of an archive that fails its signature is read)."""
+    from pipeline.storage import integrity
+
+    sign_key = sign_key if sign_key is not None else integrity.sign_key()
     try:
         raw = archive.read_json(A.MANIFEST)
     except A.ArchiveError as exc:
@@ -70,7 +77,14 @@ def read_manifest(archive: A.Archive) -> tuple[dict[str, Any], list[dict[str, An
                                        "(finish it with `m2t compress`)") from None
     except (ValueError, UnicodeDecodeError) as exc:  # not JSON: reported like any other malformed manifest
         raw = _Unparsable(f"unparsable JSON ({exc})")
-    return checked_manifest(raw)
+    manifest, problems = checked_manifest(raw)
+    if sign_key is not None:
+        try:
+            integrity.check_signature(raw, sign_key)
+        except integrity.IntegrityError as exc:
+            problems.append(issue(None, None, exc.kind, f"{exc}; no shard is read"))
+            manifest["shards"] = []
+    return manifest, problems
 
 
 def _count_ok(value) -> bool:

@@ -47,6 +47,48 @@ def join_url(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+# ====================================================================== names that are not UTF-8
+
+# A key or source string in escaped form holds one of these; a name kept as it is holds none.
+_ESCAPED = re.compile(r"%25|%[89A-F][0-9A-F]")
+_ESCAPE = re.compile(r"%([0-9A-F]{2})")
+
+
+def escape_name(name: str) -> str:
+    """A name as keys and source strings record it: valid Unicode (Parquet, JSON, URLs), lossless.
+
+    File and tar member names are bytes; Python gives undecodable ones as surrogates
+    U+DC80..U+DCFF (os.fsdecode, tarfile: `surrogateescape`), which no UTF-8 writer accepts.
+    A name that is valid UTF-8 and holds neither `%25` nor `%8X`..`%FX` (uppercase hex) is
+    kept as it is (almost every name). Any other is escaped: each undecodable byte becomes
+    `%XX` (uppercase hex, 80..FF) and each `%` becomes `%25`; the rest is kept. Escaped names
+    always hold `%25` or a `%8X`..`%FX`, kept ones never do, so distinct names give distinct
+    strings; `unescape_name` is the inverse (docs/archive_format.md)."""
+    if not _ESCAPED.search(name) and not any("\udc80" <= c <= "\udcff" for c in name):
+        return name
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (not from a file system)
+        raw = name.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "surrogateescape")
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else "%25" if c == "%" else c
+                   for c in text)
+
+
+def unescape_name(text: str) -> str:
+    """The name `escape_name` gave `text` for (undecodable bytes as surrogateescape's
+    U+DC80..U+DCFF, ready for os.fsencode or open()); a kept name is returned as it is."""
+    if not _ESCAPED.search(text):
+        return text
+    raw = bytearray()
+    at = 0
+    for match in _ESCAPE.finditer(text):
+        raw += text[at:match.start()].encode("utf-8", "surrogatepass") + bytes([int(match[1], 16)])
+        at = match.end()
+    raw += text[at:].encode("utf-8", "surrogatepass")
+    return bytes(raw).decode("utf-8", "surrogateescape")
+
+
 # ====================================================================== an item's source string
 
 

@@ -24,6 +24,11 @@ on the driver: that would download every tar twice).
 `iter_shard(spec, ...)` reads one shard item by item (one image in memory at a time), on a
 worker, and yields `SourceItem`s: the bytes of an image or the reason there are none.
 
+File and member names need not be UTF-8 (bytes such as `\xff\xfe` are common in real folders
+and tars): keys and source strings hold them escaped (`escape_name`: lossless, distinct names
+give distinct keys; names that are valid UTF-8 without `%25` / `%8X`..`%FX` are unchanged),
+so such a name never stops an archive; `read_source` unescapes.
+
 Every item names where it came from in `SourceItem.source` (what archive indexes record):
 the file's URL; `TAR_URL#member` for a tar member; `PARQUET_URL#row=N` for a Parquet row.
 `tar_member_source`, `parquet_row_source` and `parse_source` (source_formats.py, with the
@@ -46,8 +51,8 @@ from typing import Any, Iterator, Mapping, Sequence
 # The formats' definitions live in source_formats; they are this module's interface too.
 from pipeline.storage.source_formats import (  # noqa: F401
     IMAGE_COLUMNS, IMAGE_EXTS, KEY_COLUMNS, MAX_SOURCE_BYTES, PARQUET_EXTS, TAR_EXTS, SourceCache, SourceError,
-    SourceRef, filesystem, image_values, join_url, null_image, parquet_row_source, parse_source, pick_columns,
-    tar_member_source, too_big)
+    SourceRef, escape_name, filesystem, image_values, join_url, null_image, parquet_row_source, parse_source,
+    pick_columns, tar_member_source, too_big, unescape_name)
 
 
 @dataclass
@@ -290,6 +295,9 @@ def iter_shard(spec: ShardSpec, storage_options=None, max_source_bytes: int = MA
     else:
         raise SourceError(f"shard {spec.shard}: unknown kind {spec.kind!r}")
     for item in items:
+        # Names as the file system or tar gave them (undecodable bytes as surrogates) are
+        # recorded escaped: valid Unicode, lossless (read_source unescapes the source).
+        item.key, item.source = escape_name(item.key), escape_name(item.source)
         if item.status == "ok" and _CONTROL_CHARS.search(item.key):
             # Such a key could be archived but never restored to a file (restore refuses it).
             item.status, item.data = "error", None
@@ -422,8 +430,9 @@ def read_source(source: str, storage_options=None, *, image_column: str | None =
     without one, each call opens (and a tar member scans) its file anew. Sources over
     `max_bytes` are refused before they are read, as iter_shard does. Raises SourceError
     naming the source for a malformed source, a missing member or row, a null image or a
-    size over the limit; I/O errors (a missing file, ...) pass through."""
-    ref = parse_source(source)
+    size over the limit; I/O errors (a missing file, ...) pass through. `source` is in the
+    escaped form that indexes record (escape_name)."""
+    ref = parse_source(unescape_name(source))
     if ref.member is None and ref.row is None:
         return _read_file(ref.url, storage_options, max_bytes)
     own = cache is None
@@ -457,7 +466,8 @@ def list_sources(urls: str | Sequence[str], storage_options=None, image_column: 
     """Every input under `urls`, as read_source's strings, in plan order: image files, each
     image member of each tar (scanned by headers; the first of a repeated name), each row of
     each Parquet file. Planned duplicate keys are kept (they are distinct images; only an
-    archive needs unique keys). Returns (sources, problems): a damaged tar keeps the members
+    archive needs unique keys). Sources are escaped as an index records them (escape_name).
+    Returns (sources, problems): a damaged tar keeps the members
     before the damage and adds a problem. With a cache, the tar indexes stay in it (its files
     are closed), so that reading through it (or a fork or copy of it) needs no second scan."""
     sources: list[str] = []
@@ -467,13 +477,13 @@ def list_sources(urls: str | Sequence[str], storage_options=None, image_column: 
         for spec in plan_shards(urls, 1 << 30, storage_options, image_column):
             url = spec.items[0]["url"]
             if spec.kind == "files":
-                sources += [item["url"] for item in spec.items]
+                sources += [escape_name(item["url"]) for item in spec.items]
             elif spec.kind == "parquet":
-                sources += [parquet_row_source(url, row) for row in range(spec.row_start, spec.row_end)]
+                sources += [escape_name(parquet_row_source(url, row)) for row in range(spec.row_start, spec.row_end)]
             else:
                 index = cache.tar(url, storage_options)
                 index.scan()
-                sources += [tar_member_source(url, name) for name in index.members]
+                sources += [escape_name(tar_member_source(url, name)) for name in index.members]
                 if index.error:
                     problems.append(f"{url}: tar damaged after {len(index.members)} image member(s): "
                                     f"{index.error}")
