@@ -4,7 +4,8 @@
 
 Compresses 12 BSDS500 photos from ../shared/datasets/train/bsds500 (scaled to 240x160)
 and one truncated file (an `error` row) with the shipped default model, in-process, into a
-temporary archive; serves it on a free loopback port; waits for every preview; saves a
+temporary archive; serves it on a free loopback port; waits until every tile shows its full
+decode (each tile shows its preview first, then the full decode scaled to the tile); saves a
 screenshot (palette-quantised if it would be over ~400 KB). Needs chromium and
 chromium-driver (`make browser-deps`) and selenium (the test extra).
 """
@@ -86,8 +87,8 @@ def main() -> int:
         try:
             driver.get(B.url_of(server))
             ok = report["totals"]["ok"]
-            WebDriverWait(driver, 120).until(lambda d: d.execute_script(
-                "return [...document.querySelectorAll('.tile.status-ok img.preview')]"
+            WebDriverWait(driver, 300).until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('.tile.status-ok img.full')]"
                 ".filter(i => i.complete && i.naturalWidth > 0).length") == ok)
             time.sleep(0.3)
             png = driver.get_screenshot_as_png()

@@ -151,6 +151,43 @@ def test_images_previews_and_errors(client, archive, checkpoint):
     assert client.get("/api/summary", headers={"Host": "evil.example:8765"}).status_code == 403
 
 
+def test_tiles_end_on_the_full_decode_scaled_down(client, browser, archive, monkeypatch):
+    """/thumb/ is the full decode scaled to the tile; serving a preview queues it on the pool
+    (the cache is filled while the page shows previews)."""
+    key = GOOD[1]
+    browser.cache = B.PngCache()  # empty: what a fresh server has
+    assert client.get(f"/preview/{quote(key)}.png").status_code == 200
+    deadline = time.monotonic() + 30
+    while browser.cache.get(("thumb", key)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert browser.cache.get(("thumb", key)) is not None  # prefetched, not yet asked for
+    thumb = client.get(f"/thumb/{quote(key)}.png")
+    assert thumb.status_code == 200 and thumb.data == browser.cache.get(("thumb", key))
+    assert np.array_equal(decode_png(thumb.data), A.get_image(str(archive), key))  # 64x48: not scaled
+    monkeypatch.setattr(B, "PREVIEW_MAX_SIDE", 32)
+    small = B.Browser(str(archive), preview_steps=PREVIEW_STEPS)
+    assert decode_png(small.png(key, "thumb")).shape == (24, 32, 3)
+    assert client.get(f"/thumb/{quote(BROKEN)}.png").status_code == 404
+
+
+def test_decode_pool_runs_requests_before_prefetches_and_in_parallel(archive):
+    pool = B.DecodePool(1)
+    gate, order = threading.Event(), []
+    first = pool.submit("block", gate.wait)
+    later = pool.submit("prefetch", lambda: order.append("prefetch"), priority=1)
+    now = pool.submit("request", lambda: order.append("request"))
+    assert pool.submit("request", lambda: order.append("twice")) is now  # one job per key
+    gate.set()
+    for future in (first, later, now):
+        future.result(timeout=30)
+    assert order == ["request", "prefetch"]
+    # Two workers decoding at once give the pixels of one decode at a time.
+    browser = B.Browser(str(archive), preview_steps=PREVIEW_STEPS, decode_workers=2)
+    futures = {k: browser._queue(k, "full", 0) for k in GOOD}
+    for key, future in futures.items():
+        assert np.array_equal(decode_png(future.result(timeout=60)), A.get_image(str(archive), key))
+
+
 def test_decode_failure_is_500_with_the_message(archive):
     def broken(*args, **kwargs):
         raise A.ArchiveError("the bytes do not match the index")
@@ -306,9 +343,21 @@ def test_page_in_headless_chromium(served, browser, archive):
 
         wait.until(lambda d: len(tiles()) == 5)
         assert sorted(keys()) == sorted([*GOOD, BROKEN, "dup.png"])
-        # Every ok tile gets its preview (keys with '/', a space, unicode in the URL).
+        # Every ok tile gets its preview (keys with '/', a space, unicode in the URL), then ends
+        # on the full decode scaled to the tile (here not scaled: 64x48).
         previews = "return [...document.querySelectorAll('.tile.status-ok img.preview')].map(i => i.naturalWidth)"
         wait.until(lambda d: d.execute_script(previews) == [W] * 3)
+        full = ("return [...document.querySelectorAll('.tile.status-ok')].map(t => t.dataset.stage + ':' + "
+                "(t.querySelector('img.full') ? t.querySelector('img.full').naturalWidth : 0))")
+        wait.until(lambda d: d.execute_script(full) == [f"full:{W}"] * 3)
+        # The pixels the tile shows are the full decode's (read back through a canvas).
+        pixels = driver.execute_script(
+            "const i = document.querySelector(`.tile[data-key='${arguments[0]}'] img.full`);"
+            "const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;"
+            "const g = c.getContext('2d'); g.drawImage(i, 0, 0);"
+            "return Array.from(g.getImageData(0, 0, c.width, c.height).data);", GOOD[1])
+        shown = np.array(pixels, dtype=np.uint8).reshape(H, W, 4)[..., :3]
+        assert np.array_equal(shown, A.get_image(str(archive), GOOD[1]))
         # The error row: shown with its message and a placeholder, no image.
         bad = driver.find_element(By.CSS_SELECTOR, f'.tile[data-key="{BROKEN}"]')
         assert "status-error" in bad.get_attribute("class")

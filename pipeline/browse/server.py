@@ -10,12 +10,17 @@ table (a few compact columns, not a Python object per row), and serves:
                                     q: key substring (case-sensitive); the total that match
     GET /preview/<key>.png          a preview decoded from the first K coding steps of the stream
                                     (one prefix read), scaled down to at most PREVIEW_MAX_SIDE
+    GET /thumb/<key>.png            the full decode scaled down to at most PREVIEW_MAX_SIDE: what
+                                    a tile shows once its preview is up
     GET /image/<key>.png            the image at full quality
 
 Keys are URL-encoded path segments (they may hold '/', spaces, unicode). An unknown key, or
 one that was not archived, is a 404 with a JSON message; a decode failure a 500 with the
-message. Decoded PNGs are kept in a small LRU (bounded in bytes); decoding runs one at a time
-(torch on the CPU), with the model loaded once per process by the registry's cache.
+message. Decoded PNGs are kept in a small LRU (bounded in bytes). Decoding runs on a small
+pool of threads (DecodePool, `--decode-workers`, default 2), requests first: serving a preview
+also queues its tile's full decode behind them (at most MAX_PREFETCH queued), so the cache is
+filled while the page shows previews and the server stays responsive. The model is loaded
+once per process by the registry's cache.
 
 Binds 127.0.0.1 by default; the page has no authentication, so another host is allowed but
 warned about. Requests whose Host header is not a loopback name are refused while bound to
@@ -26,7 +31,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
+import heapq
 import io
+import itertools
 import ipaddress
 import json
 import logging
@@ -48,6 +56,9 @@ DEFAULT_PREVIEW_STEPS = 4
 PREVIEW_MAX_SIDE = 384  # previews are scaled down to this (tiles are ~200 CSS px; HiDPI screens)
 DEFAULT_CACHE_BYTES = 64 << 20
 MAX_PAGE = 1000  # rows per /api/rows request at most
+DEFAULT_DECODE_WORKERS = 2  # decoding threads (torch releases the GIL in its kernels)
+MAX_PREFETCH = 32  # full decodes queued ahead of the page's requests at most: bounds the queue
+KINDS = ("preview", "thumb", "full")  # a preview of K steps, the full decode scaled to a tile, the image
 STATUSES = ("ok", "error", "duplicate")
 # The index columns the page needs (never `source`: it can be long, and is not shown).
 COLUMNS = ("key", "shard", "status", "error", "length", "width", "height", "source_bytes", "bpp", "psnr")
@@ -155,12 +166,65 @@ def png_bytes(rgb: np.ndarray, max_side: int | None = None) -> bytes:
     return buf.getvalue()
 
 
+class DecodePool:
+    """A few daemon threads that run jobs by priority (0: a request waits on it; 1: a prefetch),
+    then in submission order; the same job (by key) queued twice runs once."""
+
+    def __init__(self, workers: int):
+        if workers < 1:
+            raise ValueError(f"decode workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._queue: list = []  # heap of (priority, order, key, fn, future)
+        self._futures: dict[Any, concurrent.futures.Future] = {}  # queued or running, by key
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, key, fn: Callable[[], Any], priority: int = 0) -> concurrent.futures.Future:
+        with self._cond:
+            future = self._futures.get(key)
+            if future is None:
+                future = self._futures[key] = concurrent.futures.Future()
+                heapq.heappush(self._queue, (priority, next(self._order), key, fn, future))
+            elif priority == 0:  # a request now waits on a prefetch: move it up
+                for i, item in enumerate(self._queue):
+                    if item[2] == key and item[0] > 0:
+                        self._queue[i] = (0, *item[1:])
+                        heapq.heapify(self._queue)
+                        break
+            if len(self._threads) < self.workers:  # started on first use
+                thread = threading.Thread(target=self._work, name=f"m2t-decode-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self._cond.notify()
+        return future
+
+    def queued(self, priority: int) -> int:
+        with self._cond:
+            return sum(1 for item in self._queue if item[0] == priority)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                _, _, key, fn, future = heapq.heappop(self._queue)
+            try:
+                if future.set_running_or_notify_cancel():
+                    future.set_result(fn())
+            except BaseException as exc:  # the caller sees it (a decode failure: a 500)
+                future.set_exception(exc)
+            finally:
+                with self._cond:
+                    self._futures.pop(key, None)
+
+
 class Browser:
-    """The archive as the page sees it: the index in memory, decoding with a cache."""
+    """The archive as the page sees it: the index in memory, decoding on a pool with a cache."""
 
     def __init__(self, archive_url: str, model: str | None = None, storage_options=None,
                  preview_steps: int = DEFAULT_PREVIEW_STEPS, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 get_image: Callable | None = None):
+                 get_image: Callable | None = None, decode_workers: int = DEFAULT_DECODE_WORKERS):
         import pyarrow.compute as pc
 
         self.archive = Archive(archive_url, storage_options)
@@ -177,7 +241,7 @@ class Browser:
         self.status = self.table.column("status")
         self.counts = {s: int(pc.sum(pc.equal(self.status, s)).as_py() or 0) for s in STATUSES}
         self.cache = PngCache(cache_bytes)
-        self._decode_lock = threading.Lock()  # one decode at a time: torch on the CPU
+        self.pool = DecodePool(decode_workers)
         if get_image is None:
             from pipeline.storage import archive as _archive
             get_image = _archive.get_image
@@ -246,24 +310,37 @@ class Browser:
 
     # -------------------------------------------------------------- images
 
-    def png(self, key: str, preview: bool) -> bytes:
-        """The PNG of `key` (a scaled-down preview of K steps, or the full image), cached.
-        NotFound if the key has no image; other exceptions are decode failures."""
+    def png(self, key: str, kind: str) -> bytes:
+        """The PNG of `key`, cached: kind "preview" (K steps, scaled down), "thumb" (the full
+        decode, scaled down) or "full". NotFound if the key has no image; other exceptions
+        are decode failures. Serving a preview queues the tile's thumb behind the requests."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         row = self.row_of(key)
         if row["status"] != "ok":
             raise NotFound(f"key {key!r} was not archived (status {row['status']}): {row['error']}")
-        cache_key = ("preview", self.preview_steps, key) if preview else ("full", key)
-        data = self.cache.get(cache_key)
-        if data is not None:
-            return data
-        with self._decode_lock:
-            data = self.cache.get(cache_key)  # decoded by another request while this one waited
-            if data is not None:
-                return data
-            rgb = self._decode(key, preview)
-            data = png_bytes(rgb, PREVIEW_MAX_SIDE if preview else None)
-        self.cache.put(cache_key, data)
+        data = self.cache.get(self._cache_key(key, kind))
+        if data is None:
+            data = self._queue(key, kind, priority=0).result()
+        if kind == "preview" and self.cache.get(self._cache_key(key, "thumb")) is None \
+                and self.pool.queued(priority=1) < MAX_PREFETCH:
+            self._queue(key, "thumb", priority=1)
         return data
+
+    def _cache_key(self, key: str, kind: str):
+        return (kind, self.preview_steps, key) if kind == "preview" else (kind, key)
+
+    def _queue(self, key: str, kind: str, priority: int) -> concurrent.futures.Future:
+        cache_key = self._cache_key(key, kind)
+
+        def render() -> bytes:
+            data = self.cache.get(cache_key)  # made by an earlier job while this one was queued
+            if data is None:
+                data = png_bytes(self._decode(key, kind == "preview"), None if kind == "full" else PREVIEW_MAX_SIDE)
+                self.cache.put(cache_key, data)
+            return data
+
+        return self.pool.submit(cache_key, render, priority)
 
     def _decode(self, key: str, preview: bool) -> np.ndarray:
         return self._get_image(self.archive_url, key, model=self.model, storage_options=self.storage_options,
@@ -334,11 +411,11 @@ def make_app(browser: Browser, allowed_hosts: set[str] | None = None):
         except ValueError as exc:
             return error(400, str(exc))
 
-    def image(key: str, preview: bool):
+    def image(key: str, kind: str):
         from flask import Response
 
         try:
-            data = browser.png(key, preview)
+            data = browser.png(key, kind)
         except NotFound as exc:
             return error(404, str(exc))
         except Exception as exc:  # a decode failure: the message goes to the tile
@@ -348,11 +425,15 @@ def make_app(browser: Browser, allowed_hosts: set[str] | None = None):
 
     @app.get("/preview/<key:key>.png")
     def preview(key: str):
-        return image(key, True)
+        return image(key, "preview")
+
+    @app.get("/thumb/<key:key>.png")
+    def thumb(key: str):
+        return image(key, "thumb")
 
     @app.get("/image/<key:key>.png")
     def full(key: str):
-        return image(key, False)
+        return image(key, "full")
 
     return app
 
@@ -388,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="m2t browse",
         description="Browse an m2t archive in a web browser: its keys with status, bpp, PSNR and size, "
-                    "a grid of previews decoded from a prefix of each stream, the full image on a click. "
+                    "a grid of tiles (a preview decoded from a prefix of each stream first, then the full "
+                    "decode scaled to the tile), the full image on a click. "
                     "The server listens on 127.0.0.1 only (this machine) unless --host says otherwise; "
                     "the page has no authentication. Ctrl-C stops it.")
     parser.add_argument("archive", help="archive URL (a folder or s3://bucket/prefix)")
@@ -406,15 +488,19 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default {DEFAULT_PREVIEW_STEPS}; K >= the model's steps: the full image)")
     parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_BYTES / (1 << 20),
                         help="memory for decoded PNGs, in MiB (default %(default)g)")
+    parser.add_argument("--decode-workers", type=int, default=DEFAULT_DECODE_WORKERS, metavar="N",
+                        help="threads decoding images (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         if args.preview_steps < 0:
             raise ValueError(f"--preview-steps must be >= 0, got {args.preview_steps}")
+        if args.decode_workers < 1:
+            raise ValueError(f"--decode-workers must be >= 1, got {args.decode_workers}")
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be 0..65535, got {args.port}")
         options = json.loads(args.storage_options) if args.storage_options else None
         browser = Browser(args.archive, args.model, options, args.preview_steps,
-                          cache_bytes=int(args.cache_mb * (1 << 20)))
+                          cache_bytes=int(args.cache_mb * (1 << 20)), decode_workers=args.decode_workers)
         try:
             server = make_server(browser, args.host, args.port)
         except OSError as exc:

@@ -1,6 +1,8 @@
 // m2t browse: the page. Rows come from /api/rows a page at a time (loaded as the end of the
-// grid scrolls into view); previews are fetched only for tiles on screen, two at a time (the
-// server decodes one at a time), and dropped from the queue when their tile leaves the screen.
+// grid scrolls into view). A tile on screen shows its preview (a prefix of the stream) first,
+// then the full decode scaled to the tile (/thumb/); requests go two at a time, previews before
+// full decodes, and a tile that leaves the screen is dropped from the queue (queued again when
+// seen). The server decodes on a small pool and caches what it made.
 "use strict";
 
 const PAGE = 120;
@@ -11,7 +13,7 @@ const grid = $("grid"), more = $("more"), search = $("search");
 
 const state = {
   status: "all", q: "", offset: 0, total: null, loading: false, gen: 0,
-  abort: new AbortController(), queue: [], active: 0, summary: null,
+  abort: new AbortController(), queue: [], fullQueue: [], active: 0, summary: null,
 };
 
 // Keys may hold "/", spaces, "?", "#", "%", unicode: always one encoded path segment.
@@ -61,6 +63,7 @@ function makeTile(r) {
   tile.dataset.status = r.status;
   tile._row = r;
   tile._gen = state.gen;
+  tile.dataset.stage = "none";  // then "preview", then "full" (the full decode, scaled to the tile)
   const thumb = el("div", "thumb");
   if (r.status === "ok") {
     thumb.append(el("div", "placeholder", "…"));
@@ -87,48 +90,66 @@ const observer = new IntersectionObserver((entries) => {
   for (const e of entries) {
     const tile = e.target;
     tile._visible = e.isIntersecting;
-    if (e.isIntersecting && !tile._queued && !tile._done) {
-      tile._queued = true;
-      state.queue.push(tile);
-    }
+    if (e.isIntersecting) enqueue(tile);
   }
   pump();
 }, { rootMargin: "150px" });
 
+function enqueue(tile) {
+  if (tile._queued || tile._busy || tile._done) return;
+  tile._queued = true;
+  (tile.dataset.stage === "none" ? state.queue : state.fullQueue).push(tile);
+}
+
 function pump() {
-  while (state.active < PARALLEL && state.queue.length) {
-    const tile = state.queue.shift();
+  while (state.active < PARALLEL && (state.queue.length || state.fullQueue.length)) {
+    const tile = (state.queue.length ? state.queue : state.fullQueue).shift();
     tile._queued = false;
     if (tile._gen !== state.gen || !tile.isConnected || tile._done) continue;
     if (!tile._visible) continue;  // scrolled away before its turn: queued again when seen
-    loadPreview(tile);
+    loadStage(tile);
   }
 }
 
-async function loadPreview(tile) {
+// One stage of a tile: its preview, or (once the preview is up) its full decode.
+async function loadStage(tile) {
   state.active++;
-  tile._done = true;
+  tile._busy = true;
+  const full = tile.dataset.stage === "preview";
   const thumb = tile.querySelector(".thumb");
   const gen = tile._gen;
   try {
-    const res = await fetch(keyUrl("preview", tile.dataset.key), { signal: state.abort.signal });
+    const res = await fetch(keyUrl(full ? "thumb" : "preview", tile.dataset.key), { signal: state.abort.signal });
     if (!res.ok) throw new Error(await errorText(res));
     const blob = await res.blob();
     if (gen !== state.gen) return;
-    const img = el("img", "preview");
+    const img = el("img", full ? "preview full" : "preview");
     img.alt = tile.dataset.key;
-    img.onload = () => URL.revokeObjectURL(img.src);
-    img.src = URL.createObjectURL(blob);
+    await new Promise((resolve) => {  // swapped in once decoded: no flash of an empty tile
+      img.onload = img.onerror = resolve;
+      img.src = URL.createObjectURL(blob);
+    });
+    URL.revokeObjectURL(img.src);
+    if (gen !== state.gen) return;
     thumb.replaceChildren(img);
-    observer.unobserve(tile);
+    tile.dataset.stage = full ? "full" : "preview";
+    if (full) {
+      tile._done = true;
+      observer.unobserve(tile);
+    }
   } catch (err) {
     if (err.name === "AbortError" || gen !== state.gen) return;
-    thumb.classList.add("failed");
-    thumb.title = err.message;
-    thumb.replaceChildren(el("div", "placeholder", "preview failed"));
-    tile.querySelector(".meta").append(el("div", "err decode-error", err.message));
+    tile._done = true;
     observer.unobserve(tile);
+    thumb.title = err.message;
+    if (!full) {
+      thumb.classList.add("failed");
+      thumb.replaceChildren(el("div", "placeholder", "preview failed"));
+    }
+    tile.querySelector(".meta").append(el("div", "err decode-error", (full ? "full decode failed: " : "") + err.message));
   } finally {
+    tile._busy = false;
+    if (gen === state.gen && !tile._done && tile._visible) enqueue(tile);  // next: the full decode
     if (gen === state.gen) {  // reset() zeroed the count of an older generation
       state.active--;
       pump();
@@ -171,7 +192,8 @@ function showInfo() {
   $("info").textContent = t === null ? "" :
     `${t} row${t === 1 ? "" : "s"} match · showing ${state.offset}` +
     (state.summary && state.summary.preview_steps != null
-      ? ` · previews: first ${state.summary.preview_steps} coding steps` : " · previews: full decodes");
+      ? ` · tiles: a preview of the first ${state.summary.preview_steps} coding steps, then the full decode`
+      : " · tiles: full decodes");
 }
 
 
@@ -180,6 +202,7 @@ function reset() {
   state.abort.abort();
   state.abort = new AbortController();
   state.queue = [];
+  state.fullQueue = [];
   state.active = 0;
   state.offset = 0;
   state.total = null;
