@@ -8,10 +8,11 @@
 
 --stages times, per image, each stage the compression and verify jobs run (on --threads
 threads, default one: as an actor with one CPU): g_a eager vs frozen (TorchScript; a CPU runs
-g_a frozen, g_s eager: transforms.FROZEN_TRANSFORMS) and on a batch of --stage-batch images;
+g_a frozen: transforms.FROZEN_TRANSFORMS) and on a batch of --stage-batch images;
 the entropy model's device stage (`Encoder.plan`) for one image and for a batch; range coding
 (`code_plan`); decoding one latent (`Decoder.decode_latent`) and a batch
-(`Decoder.decode_latents`); g_s eager vs frozen and on a batch; and `Encoder.encode_image`
+(`Decoder.decode_latents`); the integer g_s that decodes (alone and on a batch) next to the
+float g_s of m2t 0.3 (eager and frozen); and `Encoder.encode_image`
 (also with g_a eager, what M2T_EAGER_TRANSFORMS=1 runs) / `Decoder.decompress` end to end.
 It writes bench/results/codec_stages.json (or --json).
 
@@ -473,10 +474,12 @@ def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log
         "range coding (code_plan)": (lambda: code_plan(plan), 1),
         "decode_latent": (lambda: decoder.decode_latent(stream), 1),
         f"decode_latents, batch {batch}": (lambda: batch_decoder.decode_latents(streams), batch),
-        "g_s eager": (lambda: model.synthesis(ys[0], H, W), 1),
-        # The codec runs g_s eagerly (transforms.FROZEN_TRANSFORMS): this is the alternative.
-        "g_s frozen": (lambda: tiling.synthesis(model.g_s, ys[0][None].float(), H, W, run=frozen_g_s), 1),
-        f"g_s, batch {batch}": (lambda: model.synthesis_batch(latents, batch=batch), batch),
+        # The codec decodes with the integer g_s (m2t_core/int_synthesis.py); the float g_s
+        # (eager and frozen) is what m2t 0.3 ran, measured for comparison.
+        "g_s integer": (lambda: model.synthesis(ys[0], H, W), 1),
+        f"g_s integer, batch {batch}": (lambda: model.synthesis_batch(latents, batch=batch), batch),
+        "g_s float eager (m2t 0.3)": (lambda: tiling.synthesis(model.g_s, ys[0][None].float(), H, W), 1),
+        "g_s float frozen": (lambda: tiling.synthesis(model.g_s, ys[0][None].float(), H, W, run=frozen_g_s), 1),
         "encode_image (end to end)": (lambda: encoder.encode_image(rgbs[0]), 1),
         "encode_image, g_a eager (M2T_EAGER_TRANSFORMS=1)": (lambda: encode_with_eager_g_a(encoder, rgbs[0]), 1),
         "decompress (end to end)": (lambda: decoder.decompress(stream), 1),

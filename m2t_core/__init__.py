@@ -12,22 +12,44 @@ batched, previews from stream prefixes).
 
 from __future__ import annotations
 
-import numpy as np
+import importlib
+from typing import TYPE_CHECKING
 
 from .bitstream import (BitstreamError, ChecksumMismatchError, Header, ImageTooLargeError,
                         ModelMismatchError, UnsupportedVersionError, read_header)
 from .config import ConfigError, ModelConfig, load_model_config
-from .decoder import Decoder, PartialStreamWarning, Preview
-from .encoder import CodingPlan, EncodedImage, Encoder, code_plan
-from .image_io import ImageError, load_image, save_image, to_rgb_array
-from .model import M2TCodec
 from .registry import (DEFAULT_MODEL, CheckpointError, ModelNotFoundError, UnknownStreamModelError,
                        list_models, load_checkpoint, load_model, load_model_for_header, save_checkpoint)
 
-__version__ = "0.3.0"
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .model import M2TCodec
+
+__version__ = "0.4.0"
+
+# Names whose modules import torch, imported on first use (PEP 562): `import m2t_core`, the
+# bitstream, the config and the registry's listing stay fast (`m2t --version`, `m2t info`).
+_LAZY = {
+    "Decoder": "decoder", "PartialStreamWarning": "decoder", "Preview": "decoder",
+    "CodingPlan": "encoder", "EncodedImage": "encoder", "Encoder": "encoder", "code_plan": "encoder",
+    "ImageError": "image_io", "load_image": "image_io", "save_image": "image_io", "to_rgb_array": "image_io",
+    "M2TCodec": "model",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'm2t_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def _resolve(model: M2TCodec | str | None) -> M2TCodec:
+    from .model import M2TCodec
+
     return model if isinstance(model, M2TCodec) else load_model(model)
 
 

@@ -1,14 +1,15 @@
 """The versioned M2T bitstream container (specified in docs/bitstream.md).
 
-Format version 3 (written now; portable and progressive), little-endian:
+Format version 4 (written now; portable, progressive, exact pixels), little-endian:
 
     magic            4 bytes  b"M2TC"
-    version          u8       3
+    version          u8       4 (or 3)
     flags            u8       bit 0: encoded on a CUDA device (informational);
                               bit 2: MT's confidence-adaptive order (else the fixed schedule)
     model_id_len     u8       1..MAX_MODEL_ID_LEN
     model_id         bytes    ASCII registry name of the model
-    weights_hash     8 bytes  first 8 bytes of the model's weights digest (M2TCodec.weights_digest)
+    weights_hash     8 bytes  first 8 bytes of the model's weights digest (M2TCodec.weights_digest;
+                              from version 4 it covers the integer synthesis transform)
     height, width    u32 x2   original image size in pixels
     payload_len      u32      bytes of the payload (>= 4 per latent window)
     latent_crc       u32      CRC-32 of (height, width, C, h, w as u32) + y_hat (int32, C order)
@@ -18,12 +19,24 @@ Format version 3 (written now; portable and progressive), little-endian:
     step table       varints  S * num_chunks - 1 piece lengths in 4-byte words, step-major
                               (step 1: chunk 1, 2, ...; step 2: ...); the last piece is the
                               rest of the payload
+    step_crcs        u16 x S  (version 4) the low 16 bits of the CRC-32 of each step's bytes
+                              (its pieces, contiguous in the payload): a prefix of the stream
+                              is checked step by step, so a preview verifies all it reads and
+                              a damaged stream fails at its first bad step, before any model
+                              work on the steps after it
     header_crc       u32      CRC-32 of every header byte before this field
     payload          the pieces in table order
 
 Piece (k, c) is the part of chunk c's range-coded stream that step k adds: so the header plus
 the first K steps' pieces, a prefix of the stream, decodes the first K steps of every window
 (a preview). `Header.step_ends[k]` is the stream length that holds steps 1..k+1.
+
+Version 4 has version 3's layout; what changed is the decoder: from version 4 the pixels
+come from the model's integer synthesis transform (int_synthesis.py), so they are a pure
+function of the stream and the model, and the weights hash names that transform too.
+Version 3 streams (m2t 0.3) are still read: their latent decodes exactly as before and the
+integer transform makes the pixels (the float g_s of 0.3 may differ from them in the last
+level of a few pixels).
 
 Earlier versions are refused with UnsupportedVersionError: version 1 (a float entropy model;
 its streams decoded only on the kind of machine that wrote them) and version 2 (one range
@@ -41,7 +54,8 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"M2TC"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)  # 3: m2t 0.3's streams (same layout; see the module docstring)
 RETIRED_VERSIONS = (1, 2)  # read by m2t 0.2.0 and earlier (see the module docstring)
 LAST_RELEASE_READING_RETIRED = "0.2.0"
 MAX_MODEL_ID_LEN = 64
@@ -144,6 +158,7 @@ class Header:
     step_pieces: tuple[tuple[int, ...], ...]
     flags: int = 0
     version: int = FORMAT_VERSION
+    step_crcs: tuple[int, ...] = ()  # version 4: step_checksums(payload, step_pieces)
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -160,7 +175,7 @@ class Header:
     @functools.cached_property  # a frozen header: computed once
     def size(self) -> int:
         """Bytes of the header (the payload starts here)."""
-        return len(self.to_bytes())
+        return len(self._serialize())
 
     @functools.cached_property
     def step_ends(self) -> tuple[int, ...]:
@@ -177,21 +192,30 @@ class Header:
         return sum(1 for end in self.step_ends if end <= available)
 
     def to_bytes(self) -> bytes:
+        if self.version != FORMAT_VERSION:
+            raise ValueError(f"writes format version {FORMAT_VERSION} only, not {self.version}")
+        return self._serialize()
+
+    def _serialize(self) -> bytes:
+        """The header's bytes in its version's layout (3: no step checksums)."""
         model_id = self.model_id.encode("ascii")
         if not 1 <= len(model_id) <= MAX_MODEL_ID_LEN:
             raise ValueError(f"model id must be 1..{MAX_MODEL_ID_LEN} ASCII bytes: {self.model_id!r}")
         if len(self.weights_hash) != 8:
             raise ValueError("weights_hash must be 8 bytes")
-        if self.version != FORMAT_VERSION:
-            raise ValueError(f"writes format version {FORMAT_VERSION} only, not {self.version}")
         if self.flags & ~KNOWN_FLAGS:
             raise ValueError(f"unknown flags {self.flags:#04x}")
         fixed = _FIXED_AFTER_ID.pack(
             self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc,
             self.payload_crc, self.num_steps,
-        ) + self._step_table()
+        ) + self._step_table() + (self._step_crc_table() if self.version >= 4 else b"")
         body = MAGIC + bytes([self.version, self.flags, len(model_id)]) + model_id + fixed
         return body + _HEADER_CRC.pack(zlib.crc32(body))
+
+    def _step_crc_table(self) -> bytes:
+        if len(self.step_crcs) != self.num_steps or any(not 0 <= c < 1 << 16 for c in self.step_crcs):
+            raise ValueError("step_crcs needs one 16-bit checksum per step (step_checksums)")
+        return struct.pack(f"<{self.num_steps}H", *self.step_crcs)
 
     def _step_table(self) -> bytes:
         pieces = [p for step in self.step_pieces for p in step]
@@ -203,6 +227,17 @@ class Header:
             raise ValueError("step pieces must be whole words that add up to payload_len")
         # The last piece is implied by payload_len.
         return _varint(self.num_chunks) + b"".join(_varint(p // WORD_BYTES) for p in pieces[:-1])
+
+
+def step_checksums(payload: bytes, step_pieces) -> tuple[int, ...]:
+    """The low 16 bits of the CRC-32 of each step's bytes in the payload (step-major order:
+    step k's pieces are contiguous)."""
+    out, start = [], 0
+    for pieces in step_pieces:
+        end = start + sum(pieces)
+        out.append(zlib.crc32(payload[start:end]) & 0xFFFF)
+        start = end
+    return tuple(out)
 
 
 def pack(header: Header, payload: bytes) -> bytes:
@@ -227,12 +262,13 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
     version, flags, id_len = data[4], data[5], data[6]
     if version in RETIRED_VERSIONS:
         raise UnsupportedVersionError(
-            f"bitstream format version {version} is no longer read (this decoder reads version {FORMAT_VERSION}): "
+            f"bitstream format version {version} is no longer read (this decoder reads versions 3 and 4): "
             f"m2t {LAST_RELEASE_READING_RETIRED} still decodes it; decode it there and re-encode the image, "
             "or re-encode the source image")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UnsupportedVersionError(
-            f"unsupported bitstream format version {version} (this decoder reads version {FORMAT_VERSION})")
+            f"unsupported bitstream format version {version} (this decoder reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})")
     if flags & ~KNOWN_FLAGS:
         raise BitstreamError(f"corrupt header: unknown flags {flags:#04x}")
     if not 1 <= id_len <= MAX_MODEL_ID_LEN:
@@ -244,6 +280,13 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
     weights_hash, height, width, payload_len, latent_crc, payload_crc, num_steps = \
         _FIXED_AFTER_ID.unpack_from(data, fixed_start)
     step_pieces, table_end = _read_step_table(data, table_start, num_steps, payload_len)
+    step_crcs: tuple[int, ...] = ()
+    if version >= 4:
+        crc_table = struct.Struct(f"<{num_steps}H")
+        if len(data) < table_end + crc_table.size:
+            raise BitstreamError(f"truncated bitstream: the header's step checksums need {crc_table.size} bytes")
+        step_crcs = crc_table.unpack_from(data, table_end)
+        table_end += crc_table.size
     header_end = table_end + _HEADER_CRC.size
     if len(data) < header_end:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {header_end}")
@@ -269,11 +312,21 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
             f"{kind} payload: header says {payload_len} bytes, found {len(payload)}"
             + (" (a preview decodes the complete steps of a cut stream)" if kind == "truncated" else "")
         )
+    if step_crcs:  # every complete step the bytes hold, first to last
+        start = 0
+        for k, (pieces, want) in enumerate(zip(step_pieces, step_crcs)):
+            end = start + sum(pieces)
+            if end > len(payload):
+                break
+            if zlib.crc32(payload[start:end]) & 0xFFFF != want:
+                raise BitstreamError(f"corrupt payload: step {k + 1} of {num_steps} fails its checksum")
+            start = end
     if not cut_short and zlib.crc32(payload) != payload_crc:
         raise BitstreamError("corrupt payload: payload checksum mismatch")
     header = Header(
         model_id=model_id, weights_hash=weights_hash, height=height, width=width, payload_len=payload_len,
-        latent_crc=latent_crc, payload_crc=payload_crc, step_pieces=step_pieces, flags=flags,
+        latent_crc=latent_crc, payload_crc=payload_crc, step_pieces=step_pieces, flags=flags, version=version,
+        step_crcs=step_crcs,
     )
     return header, payload
 

@@ -6,8 +6,8 @@
 
 Latents are exact (the entropy model is integer arithmetic): every decoder of a stream gets
 the encoder's latent, checked against the header's latent checksum. Pixels come from the
-float g_s: they equal the encoder's reconstruction where g_s runs the same way
-(M2TCodec.numerics()), and may differ in the last bit elsewhere.
+integer g_s (int_synthesis.py): the encoder's reconstruction, bit for bit, on any machine,
+thread count, batch or tiling.
 """
 
 from __future__ import annotations

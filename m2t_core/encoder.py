@@ -88,7 +88,7 @@ def code_plan(plan: CodingPlan) -> EncodedImage:
     header = bs.Header(
         model_id=plan.model_id, weights_hash=plan.weights_hash, height=plan.height, width=plan.width,
         payload_len=len(payload), latent_crc=coding.latent_checksum(plan.y_int, plan.height, plan.width),
-        payload_crc=zlib.crc32(payload), step_pieces=pieces,
+        payload_crc=zlib.crc32(payload), step_pieces=pieces, step_crcs=bs.step_checksums(payload, pieces),
         flags=(bs.FLAG_CUDA if plan.on_cuda else 0) | (bs.FLAG_ADAPTIVE_ORDER if plan.adaptive_order else 0),
     )
     return EncodedImage(bs.pack(header, payload), plan.y_int, plan.height, plan.width, plan.x_hat)

@@ -7,9 +7,10 @@ mirror each other (they run encoder.Encoder and decoder.Decoder, which hold the 
 What codes is the exact entropy model (`exact`, integer arithmetic): any batch, thread
 count or device gives the same integers, so a stream decodes anywhere. It is exported from
 the float parameters (`entropy_model`) whenever those change (training), or the float
-parameters are rebuilt from it (a shipped checkpoint holds only the integers). g_a and g_s
-stay float: the latent is whatever g_a produced, and decoded pixels may differ in the last
-bit between devices (like JPEG decoders).
+parameters are rebuilt from it (a shipped checkpoint holds only the integers). Likewise g_s
+decodes in exact integer arithmetic (`g_s_int`, int_synthesis.py), exported from the float
+g_s that trains: decoded pixels are a pure function of the stream, the same on every machine.
+g_a stays float: the latent is whatever g_a produced, and the stream carries it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from . import bitstream as bs
 from . import coding
 from . import exact as X
+from . import int_synthesis as IS
 from . import network as N
 from .config import ModelConfig
 from .entropy_coding import MAX_ABS_SYMBOL
@@ -53,9 +55,13 @@ class M2TCodec(nn.Module):
         self.exact = X.ExactEntropyModel(cfg, self.layout)
         self.exact.init_exponents(self.entropy_model)
         self.exact.export_from(self.entropy_model)
+        # The integer synthesis transform that decodes, kept in sync with g_s (sync_exact).
+        self.g_s_int = IS.IntSynthesis(self.g_s)
+        self.g_s_int.export_from(self.g_s)
         self.qat = False  # training: quantisation-aware forward through the exact model's grid
         self._digest_cache: tuple[tuple, bytes] | None = None
         self._exact_source = self._entropy_fingerprint()
+        self._synthesis_source = self._synthesis_fingerprint()
         self._frozen: dict[str, tuple] = {}  # CPU inference forms of g_a (transforms.FROZEN_TRANSFORMS)
 
     @property
@@ -116,24 +122,26 @@ class M2TCodec(nn.Module):
 
     # ------------------------------------------------------------------ identity
 
-    def _hashed_state(self) -> dict[str, torch.Tensor]:
-        """The tensors that decide the numbers of a bitstream: the transforms and the exact
-        model's integers (the float entropy parameters only feed those)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("g_a.", "g_s.", "exact."))}
+    def _hashed_state(self, version: int = bs.FORMAT_VERSION) -> dict[str, torch.Tensor]:
+        """The tensors that decide the numbers of a bitstream: the transforms, the exact
+        model's integers and (format 4 on) the integer g_s (the float entropy parameters only
+        feed those). Format 3 streams name the model without the integer g_s."""
+        prefixes = ("g_a.", "g_s.", "exact.") + (("g_s_int.",) if version >= 4 else ())
+        return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
-    def weights_digest(self) -> bytes:
+    def weights_digest(self, version: int = bs.FORMAT_VERSION) -> bytes:
         """SHA-256 over the config and the tensors of `_hashed_state` (names, shapes, float32
         bytes for float tensors, little-endian int64 bytes for integer ones): the model's
         identity, written (its first 8 bytes) into every bitstream."""
-        self.sync_exact()  # the integers follow the float entropy weights (training, edits)
-        state = self._hashed_state()
+        self.sync_exact()  # the integers follow the float weights (training, edits)
+        state = self._hashed_state(version)
         # A cheap fingerprint decides whether the SHA-256 must be recomputed. Storage address
         # and version counter miss edits through `.data` and dtype round trips, so an exact
         # integer sum of every tensor's bits is part of it too (~5 ms for 4M parameters).
         fingerprint = tuple(
             (k, t.dtype, tuple(t.shape), t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in state.items()
         )
-        if self._digest_cache is not None and self._digest_cache[0] == fingerprint:
+        if self._digest_cache is not None and self._digest_cache[0] == (version, fingerprint):
             return self._digest_cache[1]
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
         for name in sorted(state):
@@ -145,18 +153,19 @@ class M2TCodec(nn.Module):
             else:
                 h.update(t.to(torch.int64).numpy().astype("<i8").tobytes())
         digest = h.digest()
-        self._digest_cache = (fingerprint, digest)
+        self._digest_cache = ((version, fingerprint), digest)
         return digest
 
-    def weights_hash(self) -> bytes:
-        return self.weights_digest()[:8]
+    def weights_hash(self, version: int = bs.FORMAT_VERSION) -> bytes:
+        """The first 8 bytes of weights_digest: what a stream of format `version` names."""
+        return self.weights_digest(version)[:8]
 
     def check_header(self, header: bs.Header) -> None:
         """ModelMismatchError unless this model wrote the stream (name and weights hash)."""
-        if header.model_id != self.model_id or header.weights_hash != self.weights_hash():
+        if header.model_id != self.model_id or header.weights_hash != self.weights_hash(header.version):
             raise bs.ModelMismatchError(
                 f"bitstream was written by model {header.model_id!r} (weights {header.weights_hash.hex()}), "
-                f"not by {self.model_id!r} (weights {self.weights_hash().hex()})")
+                f"not by {self.model_id!r} (weights {self.weights_hash(header.version).hex()})")
 
     def check_codable(self) -> None:
         if self.training:
@@ -167,17 +176,38 @@ class M2TCodec(nn.Module):
     def _entropy_fingerprint(self) -> tuple:
         return tuple((k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.entropy_model.state_dict().items())
 
+    def _synthesis_fingerprint(self) -> tuple:
+        return tuple((k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.g_s.state_dict().items())
+
     def sync_exact(self) -> None:
-        """Re-export the exact model if the float entropy weights changed since (training),
-        with the exponents it has. Deterministic: elementwise rounding only."""
+        """Re-export the exact entropy model and the integer g_s if their float weights changed
+        since (training), with the exponents they have. Deterministic: elementwise rounding."""
         fingerprint = self._entropy_fingerprint()
         if fingerprint != self._exact_source:
             self.exact.export_from(self.entropy_model)
             self._exact_source = fingerprint
+        fingerprint = self._synthesis_fingerprint()
+        if fingerprint != self._synthesis_source:
+            self.g_s_int.export_from(self.g_s)
+            self._synthesis_source = fingerprint
 
     def mark_exact_synced(self) -> None:
-        """The float weights and the exact model were just set consistently (a checkpoint)."""
+        """The float weights and the integer models were just set consistently (a checkpoint)."""
         self._exact_source = self._entropy_fingerprint()
+        self._synthesis_source = self._synthesis_fingerprint()
+
+    @torch.no_grad()
+    def calibrate_synthesis(self, latents: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Choose the integer g_s's activation exponents from latents y_hat (B, C, h, w) of
+        training images, and export. Returns the observed activation maxima."""
+        was_training = self.g_s.training
+        self.g_s.eval()
+        try:
+            observed = self.g_s_int.calibrate(self.g_s, [y.to(self.device) for y in latents])
+        finally:
+            self.g_s.train(was_training)
+        self._synthesis_source = self._synthesis_fingerprint()
+        return observed
 
     @torch.no_grad()
     def calibrate_exact(self, tokens: torch.Tensor) -> dict[str, float]:
@@ -204,8 +234,9 @@ class M2TCodec(nn.Module):
         """y_hat (C, h, w) -> RGB uint8 (height, width, 3)."""
         from . import tiling
 
+        self.sync_exact()
         x_hat = tiling.synthesis(self.g_s, y_hat[None].to(self.device, torch.float32).contiguous(), height, width,
-                                 run=self._inference_transform("g_s"))
+                                 run=self._integer_synthesis)
         return x_hat.permute(1, 2, 0).cpu().numpy()  # (3, height, width) uint8 -> (height, width, 3)
 
     @torch.inference_mode()
@@ -237,7 +268,8 @@ class M2TCodec(nn.Module):
 
         batch = batch or coding.transform_batch(self.device)
         out: list[np.ndarray | None] = [None] * len(latents)
-        run = self._inference_transform("g_s")
+        run = self._integer_synthesis
+        self.sync_exact()
         for idx in _same_size_runs([(tuple(y.shape), H, W) for y, H, W in latents], batch):
             _, H, W = latents[idx[0]]
             y = torch.stack([latents[i][0] for i in idx]).to(self.device, torch.float32)  # (B, C, h, w)
@@ -248,18 +280,23 @@ class M2TCodec(nn.Module):
                     out[i] = x_hat[k]
         return [x if x is not None else self.synthesis(*latents[i]) for i, x in enumerate(out)]
 
+    def _integer_synthesis(self, y: torch.Tensor) -> torch.Tensor:
+        """The integer g_s: y_hat (B, C, h, w) -> uint8 pixels (B, 3, 16h, 16w)."""
+        return IS.synthesize(self.g_s_int, y)
+
     def transforms_implementation(self) -> str:
-        """How synthesis() runs g_s here, which decides the decoded pixels: "frozen" or
-        "eager" (see transforms.FROZEN_TRANSFORMS: g_s runs eagerly; so do GPUs)."""
-        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen" or "g_s" not in FROZEN_TRANSFORMS:
+        """How g_a runs here ("frozen" on CPUs unless M2T_EAGER_TRANSFORMS=1, else "eager");
+        g_s decodes in integers everywhere."""
+        if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen":
             return "eager"
         with torch.inference_mode():
-            return "frozen" if self._inference_transform("g_s") is not None else "eager"
+            return "frozen" if self._inference_transform("g_a") is not None else "eager"
 
     def numerics(self) -> dict:
-        """numerics_environment() of this codec's device and transforms: what decides the
-        decoded pixels' last bits (an archive records it; verify compares pixels under it)."""
-        return numerics_environment(self.device, self.transforms_implementation())
+        """What decides the decoded pixels: only the stream and the model, since g_s is exact
+        integer arithmetic (an archive records this; verify compares pixels wherever it is
+        equal, i.e. on any machine)."""
+        return {"synthesis": IS.SYNTHESIS_ARITHMETIC}
 
     def _inference_transform(self, name: str):
         """The frozen CPU form of g_a (or of any transform in FROZEN_TRANSFORMS; built on first
@@ -301,9 +338,9 @@ class M2TCodec(nn.Module):
 
 
 def numerics_environment(device: torch.device | str = "cpu", transforms: str | None = None) -> dict:
-    """What decides g_a's and g_s's float results (not the entropy model's: that is exact):
-    two decoders with the same environment give the same pixels; others may differ in the
-    last bit of a few pixels. `transforms`: how g_a/g_s run (M2TCodec.numerics() fills it)."""
+    """What decides float transforms' results: g_a's here (the latent it rounds), and the
+    pixels of m2t 0.3's float g_s, which archives of 0.3 recorded (verify compares their
+    pixels only under the same environment). `transforms`: how they ran."""
     device = torch.device(device)
     if transforms is None:
         frozen = device.type == "cpu" and CPU_TRANSFORMS == "frozen" and "g_s" in FROZEN_TRANSFORMS

@@ -21,20 +21,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
+from . import bitstream as bs
 from .config import ConfigError, ModelConfig
-from .model import M2TCodec
+
+if TYPE_CHECKING:  # torch and the model are imported where a model is built: listing and
+    import torch  # reading checkpoints' metadata (m2t models, m2t info) stay fast
+
+    from .model import M2TCodec
+
+MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of a checkpoint's JSON header (its tensor table and metadata)
 
 CHECKPOINT_FORMAT = "m2t-checkpoint"
-CHECKPOINT_VERSION = "3"  # 3: entropy_model.* by network.layer_spec names; 2 is still read (see above)
-READABLE_CHECKPOINT_VERSIONS = ("1", "2", "3")
+CHECKPOINT_VERSION = "4"  # 4: the integer synthesis transform (g_s_int.*); 2 and 3 are still read (see above)
+READABLE_CHECKPOINT_VERSIONS = ("1", "2", "3", "4")
 IGNORED_V2_PREFIXES = ("entropy_model.", "legacy_entropy_model.")  # rebuilt from exact.* / format 1 only
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -67,12 +71,16 @@ def search_dirs() -> list[Path]:
 
 
 def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = None,
-                    info: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+                    info: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
                     float_entropy_model: bool = True) -> Path:
     """Write model weights (float tensors cast to `dtype`; integer tensors in the narrowest
     integer type that holds them) and its config to one safetensors file. With
     `float_entropy_model=False` (shipped models), the float entropy weights are left out:
     loading rebuilds them from the exact model."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = torch.float32 if dtype is None else dtype
     model_id = model_id or model.model_id
     if not MODEL_NAME_RE.match(model_id):
         raise ValueError(f"invalid model name {model_id!r}: letters, digits, '.', '_', '-' (max 64)")
@@ -100,8 +108,7 @@ def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = No
 def read_metadata(path: str | Path) -> tuple[str, ModelConfig, dict[str, Any]]:
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = _safetensors_metadata(path)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -116,9 +123,28 @@ def read_metadata(path: str | Path) -> tuple[str, ModelConfig, dict[str, Any]]:
     return meta.get("model_id", path.stem), config, info
 
 
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file, read from its JSON header without torch
+    (the format: an 8-byte little-endian header size, then the header)."""
+    with open(path, "rb") as f:
+        size_bytes = f.read(8)
+        if len(size_bytes) != 8:
+            raise ValueError("shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", size_bytes)
+        if size > MAX_SAFETENSORS_HEADER:
+            raise ValueError(f"header of {size} bytes (at most {MAX_SAFETENSORS_HEADER})")
+        header = json.loads(f.read(size))
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("malformed metadata")
+    return meta
+
+
 def _narrowest(t: torch.Tensor) -> torch.Tensor:
     """An integer tensor in the narrowest signed type that holds its values (loading casts
     it back to the model's type: the values, and the weights hash, are unchanged)."""
+    import torch
+
     lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
     for dtype in (torch.int8, torch.int16, torch.int32):
         info = torch.iinfo(dtype)
@@ -128,6 +154,10 @@ def _narrowest(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2TCodec:
+    from safetensors import safe_open
+
+    from .model import M2TCodec
+
     path = Path(path)
     model_id, config, _ = read_metadata(path)
     with safe_open(str(path), framework="pt") as f:
@@ -137,11 +167,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
         raise CheckpointError(
             f"{path}: a checkpoint of m2t before 0.2 (float entropy model only): it cannot code portable streams; "
             "convert it with m2t 0.2.0 (python -m pipeline.convert_exact), then load the result")
-    if version != CHECKPOINT_VERSION:  # m2t 0.2: float entropy weights in the old layout, format-1 weights
+    if version == "2":  # m2t 0.2: float entropy weights in the old layout, format-1 weights
         keys = {k for k in keys if not k.startswith(IGNORED_V2_PREFIXES)}
     model = M2TCodec(config, model_id=model_id)
     has_float = any(k.startswith("entropy_model.") for k in keys)
-    expected = {k: v for k, v in model.state_dict().items() if has_float or not k.startswith("entropy_model.")}
+    has_int_synthesis = any(k.startswith("g_s_int.") for k in keys)  # versions 2-3 have none
+    expected = {k: v for k, v in model.state_dict().items()
+                if (has_float or not k.startswith("entropy_model.")) and (has_int_synthesis or not k.startswith("g_s_int."))}
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
@@ -154,11 +186,28 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
                 raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, "
                                       f"config expects {tuple(expected[k].shape)}")
             tensors[k] = t.to(expected[k].dtype)
-    model.load_state_dict(tensors, strict=has_float)
+    model.load_state_dict(tensors, strict=has_float and has_int_synthesis)
     if not has_float:
         model.exact.load_into(model.entropy_model)
+    if not has_int_synthesis:
+        _calibrate_synthesis_without_data(model)
     model.mark_exact_synced()
     return model.to(device).eval()
+
+
+def _calibrate_synthesis_without_data(model: M2TCodec) -> None:
+    """A checkpoint of m2t 0.3 or earlier has no integer g_s: its exponents are calibrated here
+    on a fixed synthetic latent (seeded Laplace integers), which serves for decoding; the
+    trainer calibrates on real latents. Save the model again (save_checkpoint) to keep the
+    result: the weights hash of format 4 names the integer g_s, so a stream written with this
+    model decodes only with the same exponents (any mismatch is refused, never mis-decoded)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    C = model.cfg.C
+    u = torch.rand(2, C, 16, 16, generator=generator, dtype=torch.float64) - 0.5
+    y = torch.round(-4.0 * torch.sign(u) * torch.log1p(-2.0 * u.abs())).float()  # Laplace(0, 4), integers
+    model.calibrate_synthesis([y])
 
 
 def find_model(name: str) -> Path:
@@ -211,12 +260,11 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
 
 def update_checkpoint_info(path: str | Path, updates: dict[str, Any]) -> None:
     """Merge `updates` into a checkpoint's `info` metadata; tensors are rewritten unchanged."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     path = Path(path)
     model_id, config, info = read_metadata(path)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
+    metadata = _safetensors_metadata(path)
     tensors = load_file(str(path))
     info.update(updates)
     metadata["info"] = json.dumps(info, sort_keys=True)
@@ -290,6 +338,7 @@ def find_installed_model(name: str, weights_hash_hex: str, device: str | torch.d
             model = load_model(path, device=device)
         except (CheckpointError, ConfigError, OSError, ValueError):
             continue
-        if model.model_id == name and model.weights_hash().hex() == weights_hash_hex:
+        names = {model.weights_hash(v).hex() for v in bs.READABLE_VERSIONS}  # an archive of m2t 0.3 names v3's
+        if model.model_id == name and weights_hash_hex in names:
             return path
     return None

@@ -195,6 +195,8 @@ def analysis(g_a: nn.Module, x: torch.Tensor, plan: TilePlan | None = None, run=
 
 
 def _to_uint8(x_hat: torch.Tensor) -> torch.Tensor:
+    if x_hat.dtype == torch.uint8:  # already pixels (the integer g_s)
+        return x_hat
     return torch.round(x_hat.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 

@@ -139,7 +139,8 @@ class SynthesisTransform(nn.Module):
 # How g_a runs for inference on a CPU: "frozen" (TorchScript, frozen and optimised for
 # inference: oneDNN convolutions with pre-packed weights and fused element-wise work) or
 # "eager" (the nn.Module as it is; M2T_EAGER_TRANSFORMS=1). Frozen g_a is 1.4x faster on one
-# thread at 768x512 and 1920x1080 (bench/codec_speed.py --stages). g_s stays eager: frozen it
+# thread at 768x512 and 1920x1080 (bench/codec_speed.py --stages). Decoding runs the integer
+# g_s (int_synthesis.py); the float g_s (training, calibration) stays eager: frozen it
 # was no faster at 768x512 and 15 % slower at 1920x1080 (FROZEN_TRANSFORMS). The two forms
 # differ only in float rounding, which g_a may: the entropy model, the only part a decoder
 # must reproduce, is exact integer arithmetic either way.

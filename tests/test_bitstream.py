@@ -56,8 +56,25 @@ def _layout(data: bytes) -> dict:
         "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
         "width": fixed + 12, "payload_len": fixed + 16, "latent_crc": fixed + 20,
         "payload_crc": fixed + 24, "num_steps": fixed + 28, "table": fixed + 29,
-        "header_crc": pos, "payload": pos + 4,
+        "step_crcs": pos, "header_crc": pos + 2 * num_steps, "payload": pos + 2 * num_steps + 4,
     }
+
+
+def _step_pieces(data: bytes) -> tuple:
+    """The step table's pieces (bytes), read from the layout without checking any CRC."""
+    lay = _layout(data)
+    num_steps = data[lay["num_steps"]]
+    pos, values = lay["table"], []
+    while pos < lay["step_crcs"]:
+        end = pos
+        while data[end] & 0x80:
+            end += 1
+        values.append(sum((b & 0x7F) << (7 * i) for i, b in enumerate(data[pos:end + 1])))
+        pos = end + 1
+    chunks, words = values[0], values[1:]
+    payload_len = struct.unpack_from("<I", data, lay["payload_len"])[0]
+    words.append(payload_len // 4 - sum(words))
+    return tuple(tuple(4 * w for w in words[k * chunks:(k + 1) * chunks]) for k in range(num_steps))
 
 
 def _fix_crcs(data: bytes, payload_crc: bool = False) -> bytes:
@@ -66,6 +83,9 @@ def _fix_crcs(data: bytes, payload_crc: bool = False) -> bytes:
     lay = _layout(out)
     if payload_crc:
         struct.pack_into("<I", out, lay["payload_crc"], zlib.crc32(bytes(out[lay["payload"]:])))
+        pieces = _step_pieces(bytes(out))
+        crcs = bs.step_checksums(bytes(out[lay["payload"]:]), pieces)
+        struct.pack_into(f"<{len(crcs)}H", out, lay["step_crcs"], *crcs)
     struct.pack_into("<I", out, lay["header_crc"], zlib.crc32(bytes(out[:lay["header_crc"]])))
     return bytes(out)
 
@@ -114,10 +134,11 @@ def _header_len(data: bytes) -> int:
 def test_header_layout_matches_spec(stream, model):
     lay = _layout(stream)
     assert stream[:4] == bs.MAGIC == b"M2TC"
-    assert stream[4] == bs.FORMAT_VERSION == 3
+    assert stream[4] == bs.FORMAT_VERSION == 4
     assert stream[7:7 + stream[6]] == model.model_id.encode()
     h = bs.read_header(stream)
-    assert h.version == 3 and h.flags == 0
+    assert h.version == 4 and h.flags == 0
+    assert h.step_crcs == bs.step_checksums(stream[h.size:], h.step_pieces)
     # The step table: S steps x 1 chunk (2 windows), the last piece implied by payload_len.
     assert stream[lay["num_steps"]] == h.num_steps == model.cfg.num_steps and h.num_chunks == 1
     assert stream[lay["table"]] == 1 and _header_len(stream) == h.size
@@ -143,7 +164,8 @@ def test_header_layout_matches_spec(stream, model):
 def test_header_roundtrip(kw):
     payload = bytes(range(40))
     header = Header(weights_hash=b"\x01\x02\x03\x04\x05\x06\x07\x08", payload_len=len(payload),
-                    latent_crc=0xDEADBEEF, payload_crc=zlib.crc32(payload), **kw)
+                    latent_crc=0xDEADBEEF, payload_crc=zlib.crc32(payload),
+                    step_crcs=bs.step_checksums(payload, kw["step_pieces"]), **kw)
     data = bs.pack(header, payload)
     assert data[:len(header.to_bytes())] == header.to_bytes()
     got, got_payload = bs.unpack(data, max_pixels=bs.MAX_SIDE**2)
@@ -235,7 +257,7 @@ def test_wrong_magic(model, stream):
     _expect_error(model.decompress, b"\x89PNG\r\n\x1a\n" + bytes(64))
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 5, 255])
 def test_unknown_version(model, stream, version):
     """Unknown versions are refused; the retired ones (1, 2) with the release that reads them."""
     bad = _patch(stream, "version", "<B", version)  # header CRC fixed: the version check fires
@@ -411,7 +433,7 @@ def test_one_unit_integer_mismatch_never_returns_a_wrong_image(layer, row, model
     twin.eval()
     twin.exact.linears[layer].bias[row] += 1
     true_hash = model.weights_hash()
-    monkeypatch.setattr(twin, "weights_hash", lambda: true_hash)
+    monkeypatch.setattr(twin, "weights_hash", lambda version=bs.FORMAT_VERSION: true_hash)
     try:
         out = twin.decompress(encoded.bitstream)
     except BitstreamError:
@@ -419,3 +441,26 @@ def test_one_unit_integer_mismatch_never_returns_a_wrong_image(layer, row, model
     _, y = Decoder(twin).decode_latent(encoded.bitstream)
     assert torch.equal(y.to(torch.int32), encoded.y_hat)
     assert np.array_equal(out, encoded.x_hat)
+
+
+def test_every_step_of_a_prefix_is_checked(model, stream):
+    """Format 4 checks each step's bytes: a bit flip inside the first step fails the preview
+    of a prefix and the full decode alike, naming the step; bytes of a step the prefix does
+    not reach are not read."""
+    h = bs.read_header(stream)
+    first_end = h.step_ends[0]
+    assert first_end > h.size  # the first step has bytes
+    damaged = bytearray(stream)
+    damaged[h.size] ^= 0x10
+    damaged = bytes(damaged)
+    for decode in (lambda d: model.decompress(d, steps=1), lambda d: Decoder(model).preview(d[:first_end]),
+                   model.decompress, m2t_core.decompress):
+        err = _expect_error(decode, damaged)
+        assert "step 1 of" in str(err), str(err)
+    # Damage in the last step: a preview of the first step is still whole and checked.
+    late = bytearray(stream)
+    late[-1] ^= 0x01
+    late = bytes(late)
+    preview = Decoder(model).preview(late[:first_end])
+    assert preview.steps == 1 and preview.bytes_read == first_end
+    assert "fails its checksum" in str(_expect_error(model.decompress, late))

@@ -105,3 +105,17 @@ def test_full_program_routes_pipeline_commands_to_their_own_parsers(capsys):
     assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
     assert main(["info", "no-such-file.m2t"]) == 2
     assert capsys.readouterr().err.strip() == "m2t info: error: no such file: no-such-file.m2t"
+
+
+def test_quick_commands_do_not_import_torch(tmp_path):
+    """`m2t --version`, `m2t models` and `m2t info` read metadata and headers only: they import
+    neither torch nor the pipeline's heavy packages, so they start in a fraction of a second
+    (start-up time itself is a benchmark figure, not a test)."""
+    golden = REPO / "tests" / "data" / "golden-v4-m2t-small-q1.m2t"
+    for argv in (["--version"], ["models"], ["info", str(golden)]):
+        out = _run("import sys; from pipeline.cli import main\n"
+                   "try:\n    code = main(%r)\nexcept SystemExit as exc:\n    code = exc.code\n"
+                   "assert code in (0, None), code\n"
+                   "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'pyarrow', 'fsspec')]\n"
+                   "assert not bad, bad[:5]" % (argv,))
+        assert out.returncode == 0, (argv, out.stderr[-2000:])

@@ -4,11 +4,14 @@ Round-trip tests cannot see a change that encoder and decoder make together; the
 
 * the entropy coder's output for fixed integer parameters is pinned (integer arithmetic and
   constriction: the same on every machine);
-* tests/data/golden-v3-<model>.m2t were written by every shipped model, coding the latent
+* tests/data/golden-v4-<model>.m2t were written by every shipped model, coding the latent
   of a synthetic image (golden-<model>.latent.npy). On ANY machine each stream must decode
-  to exactly that latent, and coding that latent must give exactly those bytes.
-  (Re-encoding the image is not the test: g_a is float, and another machine may round a
-  latent value differently and write other, equally valid bytes.)
+  to exactly that latent, coding that latent must give exactly those bytes, and the decoded
+  pixels must hash to the committed SHA-256 (golden.json), at 1, 2 and 4 threads, alone,
+  in a batch and in tiles: the integer synthesis transform makes pixels a pure function of
+  the stream. (Re-encoding the image is not the test: g_a is float, and another machine may
+  round a latent value differently and write other, equally valid bytes.)
+* tests/data/golden-v3-*.m2t (m2t 0.3) still decode to their latent.
 * tests/data/golden-v1-*.m2t and golden-v2-*.m2t are streams of the retired format versions
   1 and 2 (m2t 0.2.0 and earlier): they are refused with an error that names the release
   that reads them and says to re-encode. Never silently wrong.
@@ -68,7 +71,7 @@ def test_integer_entropy_coder_output_is_pinned():
     np.testing.assert_array_equal(SymbolDecoder(data).decode(params), values)
 
 
-SHIPPED = sorted(GOLDEN["v3"])
+SHIPPED = sorted(GOLDEN["v4"])
 RETIRED = [(version, name) for version in ("v1", "v2") for name in sorted(GOLDEN[version])]
 
 
@@ -81,16 +84,44 @@ def test_every_shipped_model_has_golden_streams():
     assert SHIPPED == shipped and all((DATA / f"golden-{n}.latent.npy").is_file() for n in shipped)
 
 
+def _pixels_sha256(rgb: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).hexdigest()
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_golden_stream_decodes_to_its_latent_anywhere(name):
+def test_golden_stream_decodes_to_its_latent_and_pixels_anywhere(name):
     model = load_model(name)
-    data = (DATA / f"golden-v3-{name}.m2t").read_bytes()
+    data = (DATA / f"golden-v4-{name}.m2t").read_bytes()
     header, y_hat = Decoder(model).decode_latent(data)
-    assert header.version == FORMAT_VERSION == 3
+    assert header.version == FORMAT_VERSION == 4
     np.testing.assert_array_equal(y_hat.to(torch.int32).numpy(), _latent(name))
     rgb = golden_image()
     decoded = model.decompress(data)
     assert decoded.shape == rgb.shape and psnr(rgb, decoded) > 20.0
+    assert _pixels_sha256(decoded) == GOLDEN["v4"][name]["pixels_sha256"]
+
+
+@pytest.mark.parametrize("name", ["m2t-small-q2", "mt-small-q2"])
+def test_golden_pixels_at_any_thread_count_batch_and_tiling(name):
+    """Pixels are a pure function of the stream: 1, 2 and 4 threads, a batch of streams of
+    one size, and tiles (a forced small tile plan) all give the committed pixels."""
+    from m2t_core import tiling
+
+    model = load_model(name)
+    data = (DATA / f"golden-v4-{name}.m2t").read_bytes()
+    want = GOLDEN["v4"][name]["pixels_sha256"]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            assert _pixels_sha256(model.decompress(data)) == want, f"{n} threads"
+    finally:
+        torch.set_num_threads(threads)
+    for rgb in Decoder(model, batch_images=3).decompress_many([data, data, data]):
+        assert _pixels_sha256(rgb) == want, "in a batch"
+    margin = tiling._default_plan(model.g_s, "synthesis").margin  # covers g_s's receptive field
+    with tiling.forced_plan(tiling.TilePlan(tile=2, margin=margin)):  # a 6x9 latent in 2x2 tiles
+        assert _pixels_sha256(model.decompress(data)) == want, "in tiles"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -99,7 +130,18 @@ def test_coding_the_golden_latent_gives_the_golden_bytes(name):
     latent = torch.from_numpy(_latent(name).astype(np.float32))
     rgb = golden_image()
     encoded = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
-    assert encoded.bitstream == (DATA / f"golden-v3-{name}.m2t").read_bytes()
+    assert encoded.bitstream == (DATA / f"golden-v4-{name}.m2t").read_bytes()
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN["v3"]))
+def test_streams_of_m2t_0_3_still_decode_to_their_latent(name):
+    """Format 3 names the model without its integer g_s (weights_hash(3)): same latent."""
+    model = load_model(name)
+    data = (DATA / f"golden-v3-{name}.m2t").read_bytes()
+    header, y_hat = Decoder(model).decode_latent(data)
+    assert header.version == 3
+    np.testing.assert_array_equal(y_hat.to(torch.int32).numpy(), _latent(name))
+    assert psnr(golden_image(), model.decompress(data)) > 20.0
 
 
 @pytest.mark.parametrize("version,name", RETIRED)
@@ -124,7 +166,8 @@ def write_golden() -> None:  # pragma: no cover - run by hand for a new format v
         latent = torch.from_numpy(_latent(path.stem).astype(np.float32))
         enc = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
         (DATA / f"golden-{version}-{path.stem}.m2t").write_bytes(enc.bitstream)
-        manifest[version][path.stem] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4)}
+        manifest[version][path.stem] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4),
+                                        "pixels_sha256": _pixels_sha256(model.decompress(enc.bitstream))}
     (DATA / "golden.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(manifest[version], indent=1))
 

@@ -63,6 +63,28 @@ def write_rows(archive: Path, shard: str, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=A.index_schema()), archive / "shards" / f"{shard}.parquet")
 
 
+def reseal(archive: Path) -> None:
+    """What anyone can do without the signing key: recompute every row digest and the
+    manifest's digests after changing the archive (so only a signature can tell)."""
+    import hashlib
+
+    from pipeline.storage.integrity import stream_digest
+
+    m = json.loads((archive / A.MANIFEST).read_text())
+    for entry in m["shards"]:
+        shard = entry["shard"]
+        blob = (archive / "shards" / f"{shard}.bin").read_bytes()
+        rows = rows_of(archive, shard)
+        for r in rows:
+            if r["status"] == "ok":
+                r["digest"] = stream_digest(r["key"], blob[r["offset"]:r["offset"] + r["length"]])
+        write_rows(archive, shard, rows)
+        entry["sha256"] = {n: hashlib.sha256((archive / "shards" / f"{shard}.{n}").read_bytes()).hexdigest()
+                           for n in ("bin", "parquet")}
+    m["keys_sha256"] = hashlib.sha256((archive / A.KEYS_INDEX).read_bytes()).hexdigest()
+    (archive / A.MANIFEST).write_text(json.dumps(m))
+
+
 def verify(archive, tmp_path, *extra) -> tuple[int, dict]:
     report = tmp_path / "verify-report.json"
     code = V.verify_main([str(archive), "--no-progress", "--report", str(report), *extra])
@@ -171,14 +193,18 @@ def test_batched_decoding_isolates_a_stream_that_decodes_wrong(archive, tmp_path
 
     code, report = verify(archive, tmp_path, "--no-ray", "--batch-images", "4")
     assert code == V.EXIT_OK and report["verified"] == 4, report["issues"]
-    # Batched g_s rounds by batch shape: its pixels are never held to the index's CRC.
-    assert report["checks"]["pixels_compared"] == 0 and report["checks"]["pixels_not_compared"] == 4
+    # The integer g_s: batched pixels are the encoder's too, so every image is compared.
+    assert report["checks"]["pixels_compared"] == 4 and report["checks"]["pixels_not_compared"] == 0
     model = build_model(TINY, model_id="tiny-verify")
     same = {"numerics": model.numerics()}
-    assert V.pixels_comparable(same, model, 1)
-    assert not V.pixels_comparable(same, model, 4)
-    assert not V.pixels_comparable({"numerics": {**model.numerics(), "transform_batch": 16}}, model, 1)
-    assert not V.pixels_comparable({"numerics": {**model.numerics(), "threads": 99}}, model, 1)
+    assert V.pixels_comparable(same, model, 1) and V.pixels_comparable(same, model, 4)
+    # An archive of m2t 0.3 (float g_s): only under the environment that wrote it, one at a time.
+    from m2t_core.model import numerics_environment
+
+    old = {"numerics": numerics_environment(model.device, model.transforms_implementation())}
+    assert V.pixels_comparable(old, model, 1) and not V.pixels_comparable(old, model, 4)
+    assert not V.pixels_comparable({"numerics": {**old["numerics"], "transform_batch": 16}}, model, 1)
+    assert not V.pixels_comparable({"numerics": {**old["numerics"], "threads": 99}}, model, 1)
     assert not V.pixels_comparable(None, model, 1)
 
     copy = tmp_path / "b.m2t"
@@ -189,12 +215,14 @@ def test_batched_decoding_isolates_a_stream_that_decodes_wrong(archive, tmp_path
     header, payload = bs.unpack(bytes(blob[row["offset"]:row["offset"] + row["length"]]))
     bad = bytearray(payload)
     bad[len(bad) // 3] ^= 0x5A
-    data = bs.pack(dataclasses.replace(header, payload_crc=zlib.crc32(bytes(bad))), bytes(bad))
+    data = bs.pack(dataclasses.replace(header, payload_crc=zlib.crc32(bytes(bad)),
+                                       step_crcs=bs.step_checksums(bytes(bad), header.step_pieces)), bytes(bad))
     assert len(data) == row["length"]
     blob[row["offset"]:row["offset"] + row["length"]] = data
     row["crc32"] = zlib.crc32(data)
     (copy / "shards" / "00000.bin").write_bytes(bytes(blob))
     write_rows(copy, "00000", rows)
+    reseal(copy)  # digests rewritten too: only decoding can tell
     for extra in (["--batch-images", "4"], []):
         code, report = verify(copy, tmp_path, "--no-ray", *extra)
         assert code == V.EXIT_ISSUES
@@ -231,6 +259,7 @@ def test_restore_refuses_keys_that_escape(archive, tmp_path):
     rows = rows_of(copy, "00000")
     rows[0]["key"] = "../../escaped"
     write_rows(copy, "00000", rows)
+    reseal(copy)
     out = tmp_path / "deep" / "out"
     code = V.restore_main([str(copy), str(out), "--no-ray", "--no-progress", "--shards", "00000"])
     assert code == V.EXIT_ISSUES
@@ -283,3 +312,58 @@ def test_no_ray_shard_failing_every_attempt_is_incomplete(archive, tmp_path, mon
     assert code == V.EXIT_INCOMPLETE and calls.count("00000") == 2  # 1 + --shard-retries
     assert report["shards"]["failed"] == {"00000": "OSError: disk gone"}
     assert [i["kind"] for i in report["issues"]] == ["worker_failed"] and report["verified"] == 2
+
+
+def test_signed_archives_refuse_what_does_not_match(archive, tmp_path, checkpoint, monkeypatch, capsys):
+    """Issue 26, item 4: with a key the manifest is signed (HMAC-SHA256); verify and get given
+    the key refuse a changed manifest or index, even one whose digests were all recomputed."""
+    key_file = tmp_path / "key"
+    key_file.write_text("a-secret-of-at-least-16-bytes\n")
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(2):
+        (root / f"s{i}.png").write_bytes(png_bytes(random_image(H, W, seed=60 + i)))
+    signed = tmp_path / "signed.m2t"
+    code = m2t_main(["compress", str(root), str(signed), "--no-ray", "--no-progress", "--model", str(checkpoint),
+                     "--set", "torch_threads=1", "--sign-key-file", str(key_file)])
+    assert code == C.EXIT_OK, capsys.readouterr()
+    manifest = json.loads((signed / A.MANIFEST).read_text())
+    assert manifest["signature"]["algorithm"] == "HMAC-SHA256" and "secret" not in json.dumps(manifest)
+    assert all(set(s["sha256"]) == {"bin", "parquet"} for s in manifest["shards"]) and manifest["keys_sha256"]
+    code, report = verify(signed, tmp_path, "--no-ray", "--sign-key-file", str(key_file))
+    assert code == V.EXIT_OK and report["verified"] == 2, report["issues"]
+    assert m2t_main(["get", str(signed), "s0.png", str(tmp_path / "o.png"), "--sign-key-file", str(key_file)]) == 0
+    # Another key: nothing is read.
+    monkeypatch.setenv("M2T_SIGN_KEY", "another-key-16-bytes-or-more")
+    code, report = verify(signed, tmp_path, "--no-ray")
+    assert code == V.EXIT_ISSUES and report["images"] == 0
+    assert [i["kind"] for i in report["issues"]] == ["bad_signature"], report["issues"]
+    assert m2t_main(["get", str(signed), "s0.png", str(tmp_path / "o.png")]) == 2
+    assert "signature does not match" in capsys.readouterr().err
+    monkeypatch.delenv("M2T_SIGN_KEY")
+    # Rows remapped in the shard index and keys.parquet, every digest recomputed: unsigned checks
+    # pass, the signature does not.
+    rows = rows_of(signed, "00000")
+    rows[0]["key"], rows[1]["key"] = rows[1]["key"], rows[0]["key"]  # s0.png now names s1's stream
+    write_rows(signed, "00000", rows)
+    reseal(signed)
+    rows = {r["key"]: r for r in rows_of(signed, "00000")}
+    keys = [{n: rows[r["key"]].get(n, r[n]) for n in r} for r in pq.read_table(signed / A.KEYS_INDEX).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(keys, schema=A.keys_schema()), signed / A.KEYS_INDEX)
+    reseal(signed)
+    code, report = verify(signed, tmp_path, "--no-ray")
+    assert "digest_mismatch" not in {i["kind"] for i in report["issues"]}, report["issues"]
+    code, report = verify(signed, tmp_path, "--no-ray", "--sign-key-file", str(key_file))
+    assert code == V.EXIT_ISSUES and [i["kind"] for i in report["issues"]] == ["bad_signature"], report["issues"]
+    assert m2t_main(["get", str(signed), "s0.png", str(tmp_path / "o.png"), "--sign-key-file", str(key_file)]) == 2
+    assert "signature does not match" in capsys.readouterr().err
+    # The manifest kept as signed, the index changed: the index is refused.
+    (signed / A.MANIFEST).write_text(json.dumps(manifest))
+    code, report = verify(signed, tmp_path, "--no-ray", "--sign-key-file", str(key_file))
+    assert code == V.EXIT_ISSUES and report["verified"] == 0
+    assert {i["kind"] for i in report["issues"]} == {"digest_mismatch"}, report["issues"]
+    assert m2t_main(["get", str(signed), "s0.png", str(tmp_path / "o.png"), "--sign-key-file", str(key_file)]) == 2
+    assert "not the index the manifest records" in capsys.readouterr().err
+    # Too short a key is a usage error.
+    key_file.write_text("short")
+    assert m2t_main(["get", str(signed), "s0.png", str(tmp_path / "o.png"), "--sign-key-file", str(key_file)]) == 2

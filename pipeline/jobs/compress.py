@@ -60,6 +60,7 @@ from pipeline.errors import run_main
 from pipeline.storage import archive as A
 from pipeline.jobs.runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
 from pipeline.jobs.runner import Item, Job, Placement, Report, Run, cluster_actors, peak_rss_mib, run_job
+from pipeline.storage.integrity import file_sha256, sign_manifest, stream_digest
 from pipeline.storage.lease import ArchiveLease, check_holder
 from pipeline.storage.sources import ShardSpec, SourceItem, iter_shard, plan_shards
 
@@ -254,17 +255,18 @@ def compress_shard(model, spec: ShardSpec, job: ShardSettings) -> dict[str, Any]
     except BaseException:
         blob.abort()
         raise
-    archive.write_table(archive.shard_path(spec.shard, ".parquet"),
-                        pa.Table.from_pylist(rows, schema=A.index_schema()))
+    index_sha256 = archive.write_table(archive.shard_path(spec.shard, ".parquet"),
+                                       pa.Table.from_pylist(rows, schema=A.index_schema()))
     stats = {
         "shard": spec.shard, "kind": spec.kind, "fingerprint": spec.fingerprint, "settings": settings_of(job),
+        # What the manifest records of the shard's files, and `m2t verify` checks (tamper evidence).
+        "sha256": {"bin": blob.digest.hexdigest(), "parquet": index_sha256},
         **totals, "wall_s": time.perf_counter() - t0, "failures": failures,
         "worker": f"{socket.gethostname()}:{os.getpid()}", "node_id": job.node_id,
         "plan_shard_size": job.plan_shard_size,
-        # What decided the decoded pixels (g_s is float): verify compares decoded_crc32 only
-        # under the same numerics, never when g_s ran on batches (it rounds by batch shape);
-        # the latent CRC is checked everywhere.
-        "numerics": {**model.numerics(), **({"transform_batch": job.batch_images} if job.batch_images > 1 else {})},
+        # What decides the decoded pixels: the integer g_s (m2t >= 0.4), the same on every
+        # machine, thread count and batch; verify compares decoded_crc32 wherever these match.
+        "numerics": model.numerics(),
         "peak_rss_mib": peak_rss_mib(), "finished_at": A.now_iso(),
     }
     _fence(job, spec.shard, "marked complete")
@@ -277,7 +279,7 @@ def _index_row(shard: str, d: _Decoded) -> dict[str, Any]:
     height, width = d.rgb.shape[:2] if d.rgb is not None else (None, None)
     return dict(key=d.item.key, source=d.item.source, shard=shard, offset=None, length=None, height=height,
                 width=width, source_bytes=d.item.source_bytes, bpp=None, psnr=None, mse=None, crc32=None,
-                decoded_crc32=None, status=d.item.status, error=d.item.error or None, step_ends=None)
+                decoded_crc32=None, status=d.item.status, error=d.item.error or None, step_ends=None, digest=None)
 
 
 def _add_stream(row: dict[str, Any], encoded, rgb: np.ndarray, blob, totals: dict[str, Any]) -> None:
@@ -287,7 +289,7 @@ def _add_stream(row: dict[str, Any], encoded, rgb: np.ndarray, blob, totals: dic
 
     data = encoded.bitstream
     row.update(offset=blob.append(data), length=len(data), bpp=encoded.bpp, crc32=zlib.crc32(data),
-               step_ends=list(bitstream.read_header(data).step_ends))
+               step_ends=list(bitstream.read_header(data).step_ends), digest=stream_digest(row["key"], data))
     totals["ok"] += 1
     totals["source_bytes"] += row["source_bytes"]
     totals["compressed_bytes"] += len(data)
@@ -353,8 +355,9 @@ class CompressJob(Job):
     worker = ShardWorker
 
     def __init__(self, cfg: CompressConfig, overwrite: bool = False, break_lease: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, sign_key: bytes | None = None):
         super().__init__()
+        self.sign_key = sign_key  # signs the manifest (HMAC-SHA256); never written anywhere
         cfg.check_complete()
         inputs, output = inputs_and_output(cfg.input, cfg.output)  # the archive's .parquet files are no inputs
         cfg = dataclasses.replace(cfg, input=inputs, output=output, model=model_source(cfg.model))
@@ -505,7 +508,7 @@ class CompressJob(Job):
 
     def _write_manifest(self, completed: dict[str, dict], totals: dict[str, Any]) -> None:
         cfg, model, archive = self.cfg, self.model, self.archive
-        keys = archive.write_keys_index([s.shard for s in self.shards])
+        keys, keys_sha256 = archive.write_keys_index([s.shard for s in self.shards])
         manifest = {
             "format": A.ARCHIVE_FORMAT, "archive_version": A.ARCHIVE_VERSION, "created": A.now_iso(),
             "model": {"id": model.model_id, "source": cfg.model, "weights_sha256": self.settings.weights_sha256,
@@ -514,26 +517,37 @@ class CompressJob(Job):
             # The streams decode on any machine (exact integer entropy model).
             "portable": True,
             "config": {**cfg.to_dict(), "storage_options": redact(cfg.storage_options)},
-            "keys_index": A.KEYS_INDEX, "keys": keys,
+            "keys_index": A.KEYS_INDEX, "keys": keys, "keys_sha256": keys_sha256,
             "shards": [{"shard": s.shard, "kind": s.kind, "fingerprint": s.fingerprint,
                         "images": completed[s.shard]["images"], "ok": completed[s.shard]["ok"],
                         "bytes": completed[s.shard]["compressed_bytes"],
+                        "sha256": self._shard_digests(s.shard, completed[s.shard]),
                         "numerics": completed[s.shard].get("numerics")} for s in self.shards],
             "totals": totals,
         }
+        if self.sign_key is not None:
+            manifest = sign_manifest(manifest, self.sign_key)
         archive.write_json(archive.path(A.MANIFEST), manifest)
+
+    def _shard_digests(self, shard: str, stats: Mapping[str, Any]) -> dict[str, str]:
+        """The SHA-256 of a shard's .bin and .parquet: from its stats, or (a shard written
+        before stats recorded them, resumed) hashed now."""
+        recorded = stats.get("sha256")
+        if isinstance(recorded, dict) and all(isinstance(recorded.get(n), str) for n in ("bin", "parquet")):
+            return {"bin": recorded["bin"], "parquet": recorded["parquet"]}
+        return {n: file_sha256(self.archive, self.archive.shard_path(shard, f".{n}")) for n in ("bin", "parquet")}
 
     def save(self, report: dict[str, Any]) -> None:
         self.archive.write_json(self.archive.path(A.REPORT), report)
 
 
 def compress_dataset(cfg: CompressConfig, overwrite: bool = False, progress: bool = True,
-                     break_lease: bool = False) -> tuple[dict, int]:
+                     break_lease: bool = False, sign_key: bytes | None = None) -> tuple[dict, int]:
     """Run the job; returns (report, exit code). Raises ConfigError / SourceError for usage
     errors, LeaseHeldError when another job holds the archive's lease (`break_lease`: take over
     a stale one), LeaseLostError when this job lost it while running. The lease is released
-    when the job ends, also on errors."""
-    job = CompressJob(cfg, overwrite, break_lease, progress)
+    when the job ends, also on errors. `sign_key`: sign the manifest (pipeline/storage/integrity.py)."""
+    job = CompressJob(cfg, overwrite, break_lease, progress, sign_key)
     try:
         return run_job(job, job.options)
     finally:
@@ -562,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--break-lease", action="store_true",
                         help="take over the archive's lease if it is stale (its job died: no heartbeat for "
                              "lease_timeout_s); a live job's lease is never broken")
+    parser.add_argument("--sign-key-file", default=None, metavar="PATH",
+                        help="sign the manifest (HMAC-SHA256) with this key (default: $M2T_SIGN_KEY if set); "
+                             "verify / get given the key then refuse a changed archive")
     return parser
 
 
@@ -584,8 +601,10 @@ def _main(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, enabled=False))
     if args.verify_existing:
         cfg = dataclasses.replace(cfg, verify_existing=True)
+    from pipeline.storage.integrity import sign_key
+
     report, code = compress_dataset(cfg, overwrite=args.overwrite, progress=not args.no_progress,
-                                    break_lease=args.break_lease)
+                                    break_lease=args.break_lease, sign_key=sign_key(args.sign_key_file))
     print(format_report(report))
     print(f"report: {A.join_url(report['output'], A.REPORT)}")
     return code

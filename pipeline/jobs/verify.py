@@ -23,6 +23,8 @@ Restore writes `<OUTPUT>/<key>.<format>` (the extension is always appended, so t
 never map to one path). Keys that could escape OUTPUT (absolute, `..` or `.` segments,
 empty segments, backslashes, drive letters, control characters) are refused (issue
 `unsafe_key`), never rewritten. Files already present are skipped: rerun to resume.
+`--format webdataset|parquet` writes one tar / Parquet file per archive shard instead
+(pipeline/jobs/exports.py; a shard whose file and marker exist is skipped on a rerun).
 
 Exit codes: 0 clean; 1 mismatches or errors found; 2 usage error; 3 incomplete run (no
 manifest, or a shard's worker failed).
@@ -32,12 +34,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
-import re
 import socket
 import sys
 import time
@@ -56,6 +56,10 @@ from pipeline.storage.manifest import ModelUnavailable, issue, read_manifest, re
 from pipeline.jobs.runner import EXIT_INCOMPLETE, EXIT_ISSUES, EXIT_OK, EXIT_USAGE  # noqa: F401 (the job's exit codes)
 from pipeline.jobs.runner import Item, Job, Placement, Report, Run, RunOptions, peak_rss_mib, run_job
 from pipeline.storage.sources import SourceCache, join_url, read_source
+from pipeline.storage.index_checks import (IndexCheckError, IndexSummary, check_shard_index, iter_index_rows,
+                                           read_index_bytes, safe_relpath, unsafe_key_reason)  # noqa: F401
+from pipeline.storage.integrity import (IntegrityError, blob_digest_problem, check_index_digest, keys_digest_problem,
+                                        sign_key, stream_digest)
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +82,16 @@ ISSUE_KINDS = {
     "model_unavailable": "no available checkpoint has the manifest's model weights",
     "source_error": "--against-source: the source image cannot be read",
     "source_mismatch": "--against-source: recomputed PSNR / bpp / size differ from the index",
-    "unsafe_key": "restore: the key could escape the output root; refused",
+    "unsafe_key": "the key could escape an output root (restore refuses it; verify reports it)",
+    "bad_index": "a shard index's rows overlap, are not sorted by offset, or outnumber what the blob can hold: "
+                 "the shard is refused before anything is decoded",
+    "digest_mismatch": "an index, blob or stream is not what the manifest / row digest records (changed or remapped)",
+    "bad_signature": "with a signing key: the manifest is unsigned or its signature does not match; nothing is read",
     "write_error": "restore: the image could not be written",
     "worker_failed": "the shard's worker failed (the shard was not checked)",
 }
 # Issue kinds that are errors (the rest are mismatches: data that decodes, but not to what was recorded).
-DECODE_KINDS = {"bad_manifest", "decode_error", "corrupt_bitstream", "unsupported_version", "bad_offset", "missing_blob",
+DECODE_KINDS = {"bad_manifest", "bad_index", "bad_signature", "decode_error", "corrupt_bitstream", "unsupported_version", "bad_offset", "missing_blob",
                 "missing_index", "worker_failed", "model_unavailable", "source_error", "write_error"}
 FORMATS = {"png": ("PNG", ".png"), "bmp": ("BMP", ".bmp"), "tiff": ("TIFF", ".tiff"),
            "webp": ("WEBP", ".webp"), "ppm": ("PPM", ".ppm")}  # lossless only
@@ -108,6 +116,9 @@ def _check_stream(model, row, data: bytes, blob_crc_ok: bool, max_pixels: int, w
         return None, issue(shard, key, "crc_mismatch",
                            f"shard {shard}, key {key!r}: CRC-32 {zlib.crc32(data):08x} of the bitstream, "
                            f"index says {row['crc32']:08x} (bytes changed)")
+    if row.get("digest") is not None and stream_digest(key, data) != row["digest"]:
+        return None, issue(shard, key, "digest_mismatch", f"shard {shard}, key {key!r}: the row's digest does not "
+                           "bind this key to these bytes (the row points at another key's stream)")
     if header.model_id != model.model_id or header.weights_hash != model.weights_hash():
         return None, issue(shard, key, "model_mismatch",
                            f"shard {shard}, key {key!r}: written by model {header.model_id!r} "
@@ -146,72 +157,53 @@ def process_shard(model, shard: str, job: DecodeSettings) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         issues.append(issue(shard, None, "incomplete_shard", f"shard {shard}: shards/{shard}.stats.json is not "
                             f"valid JSON ({exc})"))
-    try:
-        table = A.read_parquet(fs, archive.shard_path(shard, ".parquet"))
-        schema = A.index_schema()
-        bad = A.schema_problems(table.schema, schema)
-        if bad:
-            raise ValueError(f"malformed index ({'; '.join(bad[:5])})")
-        rows = [{"step_ends": None, **r}
-                for r in table.select([n for n in schema.names if n in table.schema.names]).to_pylist()]
-    except Exception as exc:
-        issues.append(issue(shard, None, "missing_index", f"shard {shard}: cannot read shards/{shard}.parquet: "
-                            f"{type(exc).__name__}: {exc}"))
+    loaded = _checked_index(archive, shard, job, stats, out)
+    if loaded is None:  # an issue says why: nothing of the shard is decoded
         out["seconds"] = time.perf_counter() - t0
         return out
-    ok_rows = [r for r in rows if r["status"] == "ok"]
-    if job.keys is not None:
-        ok_rows = [r for r in ok_rows if r["key"] in job.keys]
-    expect = job.manifest_shard
-    if expect and job.keys is None and isinstance(expect.get("images"), int) \
-            and isinstance(expect.get("ok"), int) and (len(rows) != expect["images"] or len([r for r in rows if r["status"] == "ok"]) != expect["ok"]):
-        issues.append(issue(shard, None, "index_mismatch", f"shard {shard}: the index has {len(rows)} rows, "
-                            f"the manifest says {expect['images']} (ok: manifest {expect['ok']})"))
+    index, summary = loaded
     blob_path = archive.shard_path(shard, ".bin")
-    try:
-        size = fs.size(blob_path) if fs.exists(blob_path) else None
-    except FileNotFoundError:
-        size = None
-    if size is None:
-        if ok_rows or not stats or stats.get("compressed_bytes"):
-            issues.append(issue(shard, None, "missing_blob", f"shard {shard}: shards/{shard}.bin is missing; "
-                                f"{len(ok_rows)} image(s) cannot be decoded"))
-        out["images"] = len(ok_rows)
-        out["seconds"] = time.perf_counter() - t0
-        return out
-    if stats is not None and stats.get("compressed_bytes") is not None and size != stats["compressed_bytes"]:
-        issues.append(issue(shard, None, "truncated_blob",
-                            f"shard {shard}: shards/{shard}.bin has {size} bytes, the shard wrote "
-                            f"{stats['compressed_bytes']} ({'truncated' if size < stats['compressed_bytes'] else 'extra bytes'})"))
     max_pixels = int(job.max_pixels)
-    max_length = 3 * max_pixels + 65536  # never more bytes than raw RGB: bounds every read
-    out_archive = A.Archive(job.output, job.storage_options) if job.mode == "restore" else None
+    sink = None  # restore: where the images go (pipeline/jobs/exports.py)
+    if job.mode == "restore":
+        from pipeline.jobs import exports
+
+        sink = exports.open_export(job.export, job.output, job.storage_options, shard, job.format, job.ext)
+        if exports.resume_shard(sink, out):  # a shard file written by an earlier run
+            out["seconds"] = time.perf_counter() - t0
+            return out
     source_cache = SourceCache()  # --against-source: a tar or Parquet file is opened once per shard
     batch = decode_batch(job, model)
     # A bad row becomes an issue here; good ones are decoded `batch` at a time
     # (decompress_many: the windows of many images share each transformer step).
     pending: list[tuple[dict, bytes, Any, str | None]] = []  # (row, stream, header, dest)
-    for row in ok_rows:
+    for number, row in enumerate(iter_index_rows(index)):  # streamed: memory is one batch of rows
         key = row["key"]
+        if row["status"] != "ok" or (job.keys is not None and key not in job.keys):
+            continue
         out["images"] += 1
         dest = None
-        if out_archive is not None:
-            rel = safe_relpath(key, job.ext)
+        unsafe = unsafe_key_reason(key) if sink is None else None  # verify: what restore would refuse
+        if unsafe:
+            issues.append(issue(shard, key, "unsafe_key", f"shard {shard}, key {key!r}: restore would refuse it "
+                                f"({unsafe}: the key could escape an output root)"))
+            continue
+        if sink is not None:
+            rel = sink.place(key)
             if rel is None:
                 issues.append(issue(shard, key, "unsafe_key", f"shard {shard}, key {key!r}: refused, the key "
                                     "could escape the output root (absolute, '..', '.', empty segment, "
                                     "backslash, drive or control character)"))
                 continue
-            dest = out_archive.path(rel)
+            dest = rel
             out["files"][key] = rel
-            if fs_exists(out_archive, dest):
+            if sink.exists(dest):
                 out["skipped"] += 1
                 continue
         offset, length = row["offset"], row["length"]
-        if offset is None or length is None or offset < 0 or length <= 0 or length > max_length \
-                or offset + length > size:
-            issues.append(issue(shard, key, "bad_offset", f"shard {shard}, key {key!r}: offset {offset} + length "
-                                f"{length} is outside shards/{shard}.bin ({size} bytes)"))
+        if number in summary.bad_rows:  # checked before anything was read
+            issues.append(issue(shard, key, "bad_offset", f"shard {shard}, key {key!r}: {summary.bad_rows[number][1]} "
+                                f"(shards/{shard}.bin)"))
             continue
         data = fs.cat_file(blob_path, start=offset, end=offset + length)
         if len(data) != length:
@@ -224,13 +216,63 @@ def process_shard(model, shard: str, job: DecodeSettings) -> dict[str, Any]:
             continue
         pending.append((row, data, header, dest))
         if len(pending) >= batch:
-            _decode_and_check(model, pending, job, out, out_archive, source_cache, batch)
+            _decode_and_check(model, pending, job, out, sink, source_cache, batch)
             pending = []
     if pending:
-        _decode_and_check(model, pending, job, out, out_archive, source_cache, batch)
+        _decode_and_check(model, pending, job, out, sink, source_cache, batch)
+    if sink is not None:
+        sink.commit(out)  # shard formats: the file moved into place, then its marker
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mib"] = peak_rss_mib()  # of the worker process that decoded this shard
     return out
+
+
+def _checked_index(archive: A.Archive, shard: str, job: DecodeSettings, stats: dict | None,
+                   out: dict) -> tuple[bytes, IndexSummary] | None:
+    """The shard's index bytes and their check against its blob (index_checks), before anything
+    is decoded; None (with the issue in `out`) when nothing of the shard can be decoded."""
+    issues = out["issues"]
+    try:
+        index = read_index_bytes(archive, shard)
+    except Exception as exc:  # missing, too large
+        issues.append(issue(shard, None, getattr(exc, "kind", "missing_index"), f"shard {shard}: cannot read "
+                            f"shards/{shard}.parquet: {type(exc).__name__}: {exc}"))
+        return None
+    try:
+        check_index_digest(index, shard, job.manifest_shard)
+    except IntegrityError as exc:
+        issues.append(issue(shard, None, exc.kind, str(exc)))
+        if job.signed:  # a signed archive's changed index is refused; otherwise its rows say what changed
+            return None
+    try:
+        size = archive.fs.size(archive.shard_path(shard, ".bin"))
+    except FileNotFoundError:
+        size = None
+    try:
+        if size is None:
+            ok = sum(r["status"] == "ok" for r in iter_index_rows(index, ["status"]))
+            if ok or not stats or stats.get("compressed_bytes"):
+                issues.append(issue(shard, None, "missing_blob", f"shard {shard}: shards/{shard}.bin is missing; "
+                                    f"{ok} image(s) cannot be decoded"))
+            out["images"] = ok
+            return None
+        summary = check_shard_index(index, shard, int(size), 3 * int(job.max_pixels) + 65536)  # <= raw RGB
+    except IndexCheckError as exc:
+        issues.append(issue(shard, exc.key, exc.kind, str(exc)))
+        return None
+    problem = blob_digest_problem(archive, shard, job.manifest_shard)
+    if problem:  # the streams are still checked one by one (CRC, digest): they say which
+        issues.append(issue(shard, None, "digest_mismatch", problem))
+    if stats is not None and stats.get("compressed_bytes") is not None and size != stats["compressed_bytes"]:
+        issues.append(issue(shard, None, "truncated_blob",
+                            f"shard {shard}: shards/{shard}.bin has {size} bytes, the shard wrote "
+                            f"{stats['compressed_bytes']} ({'truncated' if size < stats['compressed_bytes'] else 'extra bytes'})"))
+    expect = job.manifest_shard
+    if expect and job.keys is None and isinstance(expect.get("images"), int) \
+            and isinstance(expect.get("ok"), int) and (summary.rows != expect["images"] or summary.ok != expect["ok"]):
+        issues.append(issue(shard, None, "index_mismatch", f"shard {shard}: the index has {summary.rows} rows, "
+                            f"the manifest says {expect['images']} (ok: {summary.ok}, manifest {expect['ok']})"))
+    return index, summary
 
 
 def decode_batch(job: DecodeSettings, model) -> int:
@@ -240,21 +282,26 @@ def decode_batch(job: DecodeSettings, model) -> int:
 
 
 def pixels_comparable(expect: Mapping[str, Any] | None, model, batch: int) -> bool:
-    """Whether this worker's decoded pixels can be held to the index's decoded_crc32: only
-    under the numerics that wrote it (the latent CRC, checked inside decoding, holds
-    everywhere). g_s run on a batch rounds by the batch's shape, so batched pixels (the
-    writer's or ours) are never compared."""
+    """Whether this worker's decoded pixels can be held to the index's decoded_crc32. Archives
+    of m2t >= 0.4 decode with the integer g_s: pixels are a pure function of the stream, so
+    they are compared on any machine, thread count and batch. Archives of m2t 0.3 (float g_s)
+    recorded the environment that rounded their pixels: compared only under the same one, one
+    image at a time (the latent CRC, checked inside decoding, holds everywhere)."""
     written = (expect or {}).get("numerics")
-    if not isinstance(written, Mapping) or written.get("transform_batch", 1) != 1:
+    if not isinstance(written, Mapping):
         return False
-    return batch == 1 and written == model.numerics()
+    if written == model.numerics():  # the integer g_s
+        return True
+    if written.get("transform_batch", 1) != 1 or batch != 1:
+        return False
+    return written == numerics_environment(model.device, model.transforms_implementation())
 
 
-def _decode_and_check(model, pending: list, job: DecodeSettings, out: dict, out_archive, source_cache: SourceCache,
+def _decode_and_check(model, pending: list, job: DecodeSettings, out: dict, sink, source_cache: SourceCache,
                       batch: int) -> None:
     """Decode `pending` streams together, then check (and restore) each decoded image."""
     from m2t_core import Decoder
-    from m2t_core.image_io import load_image, save_image
+    from m2t_core.image_io import load_image
     from m2t_core.metrics import mse as mse_of, psnr_from_mse
 
     shard, issues, max_pixels = out["shard"], out["issues"], int(job.max_pixels)
@@ -270,7 +317,7 @@ def _decode_and_check(model, pending: list, job: DecodeSettings, out: dict, out_
             continue
         out["pixels"] += header.height * header.width
         got = zlib.crc32(np.ascontiguousarray(rgb).tobytes())
-        # Pixels come from float g_s: compared only under the numerics that wrote decoded_crc32.
+        # Pixels: compared wherever the archive's numerics allow (pixels_comparable).
         out.setdefault("pixel_checks", {"compared": 0, "skipped": 0})["compared" if comparable else "skipped"] += 1
         if comparable and row["decoded_crc32"] is not None and got != row["decoded_crc32"]:
             issues.append(issue(shard, key, "decoded_mismatch", f"shard {shard}, key {key!r}: decoded pixels have "
@@ -299,9 +346,7 @@ def _decode_and_check(model, pending: list, job: DecodeSettings, out: dict, out_
                 continue
         if dest is not None:
             try:
-                buf = io.BytesIO()
-                save_image(rgb, buf, format=job.format)
-                out_archive.write_bytes(dest, buf.getvalue())
+                sink.add(key, dest, rgb, row)
                 out["written"] += 1
             except Exception as exc:
                 issues.append(issue(shard, key, "write_error", f"shard {shard}, key {key!r}: {dest}: {exc}"))
@@ -313,28 +358,6 @@ def _close(a: float, b: float) -> bool:
     if math.isinf(a) or math.isinf(b):
         return a == b
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-
-
-def fs_exists(archive: A.Archive, path: str) -> bool:
-    try:
-        return archive.fs.exists(path)
-    except Exception:
-        return False
-
-
-_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
-
-
-def safe_relpath(key: str, ext: str) -> str | None:
-    """`key` + `ext` as a path relative to the output root, or None if the key could escape it.
-    Keys are never rewritten (two keys could otherwise collide): unsafe ones are refused."""
-    if not key or key.startswith("/") or _UNSAFE_CHARS.search(key) or re.match(r"^[A-Za-z]:", key) \
-            or "://" in key:
-        return None
-    parts = key.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return None
-    return key + ext
 
 
 @dataclass(frozen=True)
@@ -353,8 +376,10 @@ class DecodeSettings:
     output: str | None = None  # restore: the output root URL
     format: str = "PNG"  # restore: Pillow's format name ...
     ext: str = ".png"  # ... and the extension appended to each key
+    export: str = "folder"  # restore: a kind of exports.EXPORT_FORMATS
     keys: frozenset[str] | None = None  # restore: only these keys
     manifest_shard: Mapping[str, Any] | None = None  # the manifest's entry of the shard being decoded
+    signed: bool = False  # the manifest's signature was checked: an index that is not the signed one is refused
 
 
 class DecodeWorker:
@@ -397,6 +422,7 @@ class VerifyConfig:
     format: str = "png"  # restore: a key of FORMATS
     keys: frozenset[str] | None = None  # restore: only these keys
     report: str | None = None  # where to save the JSON report (None: the default)
+    sign_key_file: str | None = None  # the manifest must be signed with this key (else $M2T_SIGN_KEY, if set)
 
     @classmethod
     def from_args(cls, mode: str, args: argparse.Namespace) -> "VerifyConfig":
@@ -419,7 +445,8 @@ class VerifyConfig:
         return cls(mode, local(args.archive), runner, storage_options=options, shards=shards, model=args.model,
                    against_source=not restore and args.against_source, batch_images=args.batch_images,
                    output=local(args.output) if restore else None, format=args.format if restore else "png",
-                   keys=frozenset(args.keys) if restore and args.keys else None, report=args.report)
+                   keys=frozenset(args.keys) if restore and args.keys else None, report=args.report,
+                   sign_key_file=args.sign_key_file)
 
 
 class VerifyJob(Job):
@@ -436,7 +463,12 @@ class VerifyJob(Job):
 
     def plan(self) -> list[Item]:
         cfg = self.cfg
-        self.manifest, self.issues = read_manifest(A.Archive(cfg.archive, cfg.storage_options))
+        archive = A.Archive(cfg.archive, cfg.storage_options)
+        key = sign_key(cfg.sign_key_file)
+        self.manifest, self.issues = read_manifest(archive, key)
+        problem = keys_digest_problem(archive, self.manifest) if self.manifest.get("shards") else None
+        if problem:
+            self.issues.append(issue(None, None, "digest_mismatch", problem))
         entries = {s["shard"]: s for s in self.manifest.get("shards", [])}
         self.shards = list(entries)
         if cfg.shards:
@@ -450,12 +482,15 @@ class VerifyJob(Job):
         except ModelUnavailable as exc:
             self.issues.append(issue(None, None, "model_unavailable", str(exc)))
             model_source, self.shards = "", []
-        fmt, ext = FORMATS[cfg.format]
+        from pipeline.jobs.exports import export_settings
+
+        export, fmt, ext = export_settings(cfg.format, cfg.keys)
         self.settings = DecodeSettings(
             cfg.mode, cfg.archive, cfg.storage_options, model_source,
             max_pixels=min(int(written.get("max_pixels") or bs.DEFAULT_MAX_PIXELS), bs.DEFAULT_MAX_PIXELS),
             batch_images=cfg.batch_images, against_source=cfg.against_source,
-            image_column=written.get("parquet_image_column"), output=cfg.output, format=fmt, ext=ext, keys=cfg.keys)
+            image_column=written.get("parquet_image_column"), output=cfg.output, format=fmt, ext=ext, keys=cfg.keys,
+            export=export, signed=key is not None)
         # The ETA from images/s needs the image count: the manifest's (not with --keys: a subset).
         count = lambda s: entries[s].get("images") if cfg.keys is None else None
         return [Item(s, (s, entries[s]), count(s)) for s in self.shards]
@@ -547,7 +582,10 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("archive", help="archive URL (a folder or s3://bucket/prefix)")
     if mode == "restore":
         p.add_argument("output", help="output root URL; images go to OUTPUT/<key>.<format>")
-        p.add_argument("--format", default="png", choices=sorted(FORMATS), help="lossless image format (png)")
+        p.add_argument("--format", default="png", choices=[*sorted(FORMATS), "folder", "webdataset", "parquet"],
+                       help="a folder of lossless images (png, the default, = folder; bmp, tiff, webp, ppm), or "
+                            "one PNG tar shard per archive shard (webdataset) or Parquet shard (parquet; Hugging Face "
+                            "datasets loads it): pipeline/jobs/exports.py")
         p.add_argument("--keys", nargs="+", default=None, help="restore only these keys")
     else:
         p.add_argument("--against-source", action="store_true",
@@ -559,6 +597,9 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, metavar="PATH",
                    help=f"where to save the JSON report (default: ./{VERIFY_REPORT if mode == 'verify' else ''}"
                         + ("" if mode == "verify" else f"OUTPUT/{RESTORE_REPORT}") + ")")
+    p.add_argument("--sign-key-file", default=None, metavar="PATH",
+                   help="the archive must be signed with this key: its manifest's signature and every index's and "
+                        "blob's digest are checked, and nothing is read otherwise (default: $M2T_SIGN_KEY if set)")
     p.add_argument("--no-ray", action="store_true", help="decode in this process, without Ray")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     p.add_argument("--actors", type=int, default=0, help="actors (0: one per GPU, else one per --cpus-per-actor)")
@@ -593,6 +634,10 @@ def _run(cfg: VerifyConfig) -> int:
             out = A.Archive(cfg.output, cfg.storage_options)
             out.write_json(out.path(RESTORE_REPORT), report)
             target = join_url(cfg.output, RESTORE_REPORT)
+        elif target is not None and "://" in target:  # s3://...: kept when the head node is not
+            folder, name = target.rsplit("/", 1)
+            out = A.Archive(folder, cfg.storage_options)
+            out.write_json(out.path(name), report)
         else:
             target = target or VERIFY_REPORT
             with open(target, "w") as f:

@@ -261,6 +261,7 @@ def start_qat(model: M2TCodec, x: torch.Tensor) -> None:
     y = torch.round(model.g_a(x.float()))
     tokens = to_windows(pad_latent(y, model.cfg.window), model.cfg.window)  # (B*nW, L, C)
     model.calibrate_exact(tokens.float())
+    model.calibrate_synthesis([y])  # the integer g_s's exponents, from the same latents
     model.train(was_training)
     model.qat = True
 
@@ -557,6 +558,7 @@ def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, 
     """Round the weights to export_dtype, validate THAT model (its figures are what users get),
     write <model_id>.safetensors."""
     dtype = EXPORT_DTYPES[cfg.export_dtype]
+    model.sync_exact()  # the integer models follow the float weights trained since calibration
     exported = M2TCodec(model.cfg, model_id=cfg.model_id)
     exported.load_state_dict({k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v
                               for k, v in model.state_dict().items()})

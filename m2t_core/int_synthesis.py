@@ -1,0 +1,506 @@
+"""The synthesis transform g_s in exact integer arithmetic: decoded pixels are a pure function
+of the latent, the same on every CPU kind, GPU, thread count, batch, tiling and torch build.
+
+Why: the entropy model is exact, so every decoder recovers the same latent; the float g_s
+then rounded differently per machine and thread count (a few pixels one level apart). Here
+every number between the latent and the pixels is an integer:
+
+* an activation is an integer tensor with a fixed power-of-two exponent per tensor
+  (value = q * 2^-e, |q| <= ACT_LIMIT, 16 bits), chosen once at calibration on training
+  latents and stored with the model (`act_exp`);
+* a convolution weight row (one output channel) is integer with its own exponent `w_exp`,
+  bias at the accumulator's exponent; rescaling is a rounding right shift per channel;
+* the products run in float32 *carriers* on integer operands, split so that no partial sum
+  can leave the range where float32 is exact: the activation is split into two planes
+  (q = 256 * hi + lo, |hi|, |lo| <= 128) that go through the convolution as one batch, and
+  every weight row satisfies 128 * sum|w| + |bias| + rounding < 2^24 (`exactness_margin_bits`
+  says by how much). Every partial sum of every output is then an integer below 2^24, which
+  float32 holds exactly, so the result does not depend on summation order, blocking, FMA,
+  SIMD width, thread count or device. Only the algorithm must be a sum of products: direct
+  convolution or im2col + GEMM (what PyTorch runs on CPUs), never Winograd/FFT or reduced
+  precision (TF32, bf16): `exact_products()` turns those off, and GPUs run im2col + matmul.
+* the two planes are recombined and rescaled without leaving exact float32 either:
+  floor((256 * P_hi + X) / 2^s) = floor((P_hi + floor(X / 256)) / 2^(s - 8)) for s >= 8;
+* the sigmoid of the attention gate is a lookup in a table computed with integer-only
+  arithmetic (intmath), the gate an exact product below 2^24;
+* pixels: round(clamp(x, 0, 1) * 255) as an integer multiply and shift.
+
+Cost against the float g_s on Kodak (measured with real bitstreams, docs/models.md): the
+weights keep about 17 bits of L1 budget per row and activations 16 bits; calibration and
+the bounds are in `export_from` / `calibrate`.
+
+Layout: tensors are NCHW float32 holding integers. The structure (which convolutions, in
+which order) is read from the float SynthesisTransform, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import intmath
+from .transforms import ResidualBottleneck, SimplifiedAttention, SubpixelConvTranspose2d, SynthesisTransform
+
+ACT_LIMIT = 32639  # |q| of an activation: its planes (q + 128) // 256 and the rest stay within int8
+PLANE = 256  # q = PLANE * hi + lo
+PLANE_MAX = 128  # |hi|, |lo| <= 128
+FP32_EXACT = 1 << 24  # every integer below 2^24 is a float32
+ROW_BUDGET = FP32_EXACT - (1 << 21)  # PLANE_MAX * sum|w| of a row: |P_hi|, |P_lo| <= this
+MAX_SHIFT = 21  # rescaling shifts: the convolution's bias f_lo < 2^21 and f_hi < 2^13
+MAX_BIAS_OUT = 1 << 20  # |bias| in output steps (beyond it, the clamp decides anyway)
+GATE_IN_EXP = 8  # the attention mask's logits, in 1/256
+GATE_HALF = 16 << GATE_IN_EXP  # the sigmoid table covers [-16, 16]
+GATE_BITS = 8  # sigmoid in 1/256: |trunk| * 2^8 < 2^24
+PIXEL_EXP = 12  # the last convolution's output, in 1/4096 of the [0, 1] pixel range
+MIN_EXP, MAX_EXP = -8, 24  # activation exponents are clipped to this range
+CALIBRATION_MARGIN = 2.0  # an activation's exponent leaves room for 2x its calibrated maximum
+# What decides decoded pixels (M2TCodec.numerics, recorded in archives): this arithmetic only.
+SYNTHESIS_ARITHMETIC = "integer-v1"
+
+
+@functools.lru_cache(maxsize=None)
+def sigmoid_table() -> np.ndarray:
+    """round(2^GATE_BITS * sigmoid(i / 2^GATE_IN_EXP)), i = -GATE_HALF..GATE_HALF, computed
+    with integer-only arithmetic (intmath's fixed point): the same table on every machine."""
+    one = intmath.ONE
+    step = intmath._exp(Fraction(-1, 1 << GATE_IN_EXP))  # exp(-1/256)
+    neg = [one]  # exp(-i / 256), i = 0..GATE_HALF
+    for _ in range(GATE_HALF):
+        neg.append(intmath._mul(neg[-1], step))
+    out = []
+    for i in range(-GATE_HALF, GATE_HALF + 1):
+        # sigmoid(x) = 1 / (1 + exp(-x)); for x < 0 use exp(x) / (1 + exp(x)).
+        e = neg[abs(i)]
+        value = intmath._div(one, one + e) if i >= 0 else intmath._div(e, one + e)
+        out.append(intmath._round_to(value, GATE_BITS))
+    return np.asarray(out, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------- structure
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    name: str  # the float module's path in g_s ("layers.1", "layers.0.trunk.2.body.4", ...)
+    c_in: int
+    c_out: int  # rows of the integer weight (s*s*C_out for a sub-pixel deconvolution)
+    kernel: int
+    upsample: int  # 1: an ordinary convolution; s: a stride-s deconvolution (sub-pixel form)
+
+
+def conv_specs(g_s: SynthesisTransform) -> list[ConvSpec]:
+    """Every convolution of g_s, in forward order, with its integer shape."""
+    specs = []
+    for name, m in g_s.named_modules():
+        if isinstance(m, SubpixelConvTranspose2d):
+            s = m.stride[0]
+            k = m._subpixel_kernel()[0].shape[-1]
+            specs.append(ConvSpec(name, m.in_channels, m.out_channels * s * s, k, s))
+        elif isinstance(m, nn.Conv2d):
+            specs.append(ConvSpec(name, m.in_channels, m.out_channels, m.kernel_size[0], 1))
+    return specs
+
+
+def activation_names(g_s: SynthesisTransform) -> list[str]:
+    """The calibrated activations: one stream per resolution stage before the last
+    deconvolution ("stream0" holds the latent's stage), and the ReLU outputs inside residual
+    blocks ("<block>.body.0.out", "<block>.body.2.out")."""
+    deconvs = sum(1 for layer in g_s.layers if isinstance(layer, SubpixelConvTranspose2d))
+    names = [f"stream{i}" for i in range(deconvs)]  # the last deconvolution writes pixels
+    for name, m in g_s.named_modules():
+        if isinstance(m, ResidualBottleneck):
+            names += [f"{name}.body.0.out", f"{name}.body.2.out"]
+    return names
+
+
+# ---------------------------------------------------------------------- parameters
+
+
+class IntConv(nn.Module):
+    """One convolution's integers: weight (rows, c_in, k, k) at per-row exponent w_exp, bias
+    at the accumulator's exponent (e_in + w_exp)."""
+
+    def __init__(self, spec: ConvSpec):
+        super().__init__()
+        self.spec = spec
+        k = spec.kernel
+        self.register_buffer("weight", torch.zeros(spec.c_out, spec.c_in, k, k, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(spec.c_out, dtype=torch.int64))
+        self.register_buffer("w_exp", torch.zeros(spec.c_out, dtype=torch.int64))
+        self._carriers: dict = {}
+
+    def carriers(self, device, shift: torch.Tensor) -> tuple[torch.Tensor, "Rescale"]:
+        """The float32 weight on `device` (exact: integers below 2^24) and the rescaling terms
+        of each row for the shifts `shift` (e_in + w_exp - e_out); cached."""
+        key = None if self.weight.is_inference() else (self.weight._version, self.bias._version, self.w_exp._version)
+        hit = self._carriers.get(device)
+        if hit is None or key is None or hit[0] != key or not torch.equal(hit[2].shift, shift):
+            hit = (key, self.weight.to(device, torch.float32), Rescale.of(self.bias, shift, device))
+            self._carriers[device] = hit
+        return hit[1], hit[2]
+
+
+@dataclass
+class Rescale:
+    """floor((acc + bias + 2^(s-1)) / 2^s) of each row, split so float32 stays exact:
+    bias + 2^(s-1) = 2^s b_int + frac with 0 <= frac < 2^s <= 2^MAX_SHIFT. The convolution adds
+    f_lo (frac's low 8 bits where s >= 8, all of it elsewhere) to both planes' products as its
+    bias; `delta` = f_hi - f_lo corrects the high plane."""
+
+    shift: torch.Tensor  # (rows,) int64, on the CPU
+    f_lo: torch.Tensor  # (rows,) float32 on the device: the convolution's bias
+    delta: torch.Tensor  # (rows, 1, 1) float32 on the device, as the rest
+    b_int: torch.Tensor
+    scale: torch.Tensor  # 2^-(s - 8)
+    wide: torch.Tensor  # s >= 8
+    all_wide: bool
+
+    @staticmethod
+    def of(bias: torch.Tensor, shift: torch.Tensor, device) -> "Rescale":
+        s = shift.to(torch.int64).clamp(min=0)  # export keeps shifts >= 0 (checked by exactness_margin_bits)
+        total = bias.to(torch.int64) + torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp(min=0), 0)
+        b_int = torch.div(total, torch.ones_like(s) << s, rounding_mode="floor")
+        frac = total - (b_int << s)  # 0 <= frac < 2^s
+        wide = s >= 8
+        f_hi = torch.where(wide, frac >> 8, 0)
+        f_lo = torch.where(wide, frac & 255, frac)
+        col = (lambda t: t.to(device, torch.float32)[:, None, None])  # (rows, 1, 1)
+        return Rescale(shift.to(torch.int64).clone(), f_lo.to(device, torch.float32), col(f_hi - f_lo),
+                       col(b_int), col(torch.pow(2.0, -(s - 8).double())), col(wide), bool(wide.all()))
+
+
+class IntSynthesis(nn.Module):
+    """The integers of g_s (all buffers): one IntConv per convolution of the float module
+    (module paths with '.' -> '_'), and the activation exponents."""
+
+    def __init__(self, g_s: SynthesisTransform):
+        super().__init__()
+        self.specs = conv_specs(g_s)
+        self.program = structure(g_s)
+        self.convs = nn.ModuleDict({_key(s.name): IntConv(s) for s in self.specs})
+        self.names = activation_names(g_s)
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._wiring = {conv: (a_in, a_out) for conv, a_in, a_out in _walk_structure(self.program)}
+        self.register_buffer("act_exp", torch.full((len(self.names),), 8, dtype=torch.int64))
+
+    def exp(self, name: str) -> int:
+        if name == "pixels":
+            return PIXEL_EXP
+        if name == "gate":
+            return GATE_IN_EXP
+        return int(self.act_exp[self._index[name]])
+
+    def conv(self, name: str) -> IntConv:
+        return self.convs[_key(name)]
+
+    # ------------------------------------------------------------ float -> integers
+
+    @torch.no_grad()
+    def calibrate(self, g_s: SynthesisTransform, latents: list[torch.Tensor]) -> dict[str, float]:
+        """Choose the activation exponents from the float g_s's maxima on `latents` (each
+        (B, C, h, w) float, from training images), then export the integer weights."""
+        observed: dict[str, float] = {}
+        ops = FloatOps(g_s, observed)
+        for y in latents:
+            forward(ops, self.program, y.float())
+        exps = []
+        for name in self.names:
+            m = observed.get(name, 0.0)
+            e = MAX_EXP if m <= 0 else math.floor(math.log2(ACT_LIMIT / (CALIBRATION_MARGIN * m)))
+            exps.append(max(MIN_EXP, min(MAX_EXP, e)))
+        self.act_exp.copy_(torch.tensor(exps, dtype=torch.int64))
+        self.export_from(g_s)
+        return observed
+
+    @torch.no_grad()
+    def export_from(self, g_s: SynthesisTransform) -> None:
+        """Round the float weights onto the integer grid with the stored activation exponents:
+        per row, the finest weight exponent whose row keeps PLANE_MAX * L1 within the
+        float32-exact budget. Deterministic (elementwise float64 rounding of float32 values)."""
+        modules = dict(g_s.named_modules())
+        for spec in self.specs:
+            module = modules[spec.name]
+            if spec.upsample > 1:
+                kernel, _ = module._subpixel_kernel()
+                bias = module.bias.repeat_interleave(spec.upsample ** 2)
+            else:
+                kernel, bias = module.weight, module.bias
+            w = kernel.detach().double().reshape(spec.c_out, -1)  # (rows, c_in * k * k)
+            b = bias.detach().double()
+            e_in = self.exp(self.input_of(spec.name))
+            e_out = self.exp(self.output_of(spec.name))
+            l1 = w.abs().sum(dim=1).clamp(min=1e-30)
+            # PLANE_MAX * sum|round(w 2^e)| <= PLANE_MAX * (2^e L1 + K / 2) <= ROW_BUDGET, and the
+            # rescaling shift (e_in + w_exp - e_out) at most MAX_SHIFT.
+            room = ROW_BUDGET / PLANE_MAX - w.shape[1] / 2
+            w_exp = torch.floor(torch.log2(room / l1))
+            w_exp = w_exp.clamp(max=e_out - e_in + MAX_SHIFT).clamp(-30, 30)
+            conv = self.conv(spec.name)
+            conv.weight.copy_(torch.round(w * torch.pow(2.0, w_exp)[:, None]).reshape(conv.weight.shape).to(torch.int32))
+            limit = float(MAX_BIAS_OUT) * torch.pow(2.0, w_exp + e_in - e_out)
+            conv.bias.copy_(torch.round(b * torch.pow(2.0, w_exp + e_in)).clamp(-limit, limit).to(torch.int64))
+            conv.w_exp.copy_(w_exp.to(torch.int64))
+
+    def input_of(self, conv_name: str) -> str:
+        return self._wiring[conv_name][0]
+
+    def output_of(self, conv_name: str) -> str:
+        return self._wiring[conv_name][1]
+
+    # ------------------------------------------------------------ checks
+
+    def exactness_margin_bits(self) -> float:
+        """log2(2^24 / the largest |intermediate| a convolution's products or rescaling can
+        reach). Positive means every product, sum and rescaling step is exact in float32."""
+        worst = ACT_LIMIT * (1 << GATE_BITS)  # the attention gate's product
+        for spec in self.specs:
+            c = self.conv(spec.name)
+            shift = self.exp(self.input_of(spec.name)) + c.w_exp - self.exp(self.output_of(spec.name))
+            if int(shift.min()) < 0 or int(shift.max()) > MAX_SHIFT:
+                return -math.inf
+            r = Rescale.of(c.bias, shift, "cpu")
+            p = c.weight.abs().to(torch.int64).reshape(spec.c_out, -1).sum(dim=1) * PLANE_MAX  # bounds |P_hi|, |P_lo|
+            conv_out = p + r.f_lo.long()  # the convolution's outputs, bias included
+            wide = conv_out + (conv_out >> 8) + 1 + r.delta.flatten().long().abs()  # P_hi + f_hi + q
+            worst = max(worst, int(conv_out.max()), int(wide.max()))
+        return math.log2(FP32_EXACT) - math.log2(worst)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+# ---------------------------------------------------------------------- the forward pass, once
+
+
+def structure(g_s: SynthesisTransform) -> list[tuple]:
+    """g_s as a program: ("attn", prefix, trunk RB prefixes, mask RB prefixes, mask conv),
+    ("rb", prefix), ("deconv", name), in forward order."""
+    program = []
+    for i, layer in enumerate(g_s.layers):
+        name = f"layers.{i}"
+        if isinstance(layer, SimplifiedAttention):
+            trunk = [f"{name}.trunk.{j}" for j in range(len(layer.trunk))]
+            mask = [f"{name}.mask.{j}" for j in range(len(layer.mask) - 1)]
+            program.append(("attn", name, trunk, mask, f"{name}.mask.{len(layer.mask) - 1}"))
+        elif isinstance(layer, ResidualBottleneck):
+            program.append(("rb", name))
+        elif isinstance(layer, SubpixelConvTranspose2d):
+            program.append(("deconv", name))
+        else:
+            raise TypeError(f"g_s layer {name} is a {type(layer).__name__}: the integer synthesis has no form for it")
+    return program
+
+
+def _walk_structure(program: list[tuple]):
+    """(conv, input activation, output activation) for every convolution, in forward order."""
+    stage = 0
+    stream = "stream0"
+    last = sum(1 for p in program if p[0] == "deconv")
+    for item in program:
+        if item[0] == "deconv":
+            stage += 1
+            out = "pixels" if stage == last else f"stream{stage}"
+            yield item[1], stream, out
+            stream = out
+            continue
+        blocks = [item[1]] if item[0] == "rb" else item[2] + item[3]
+        for rb in blocks:
+            yield f"{rb}.body.0", stream, f"{rb}.body.0.out"
+            yield f"{rb}.body.2", f"{rb}.body.0.out", f"{rb}.body.2.out"
+            yield f"{rb}.body.4", f"{rb}.body.2.out", stream
+        if item[0] == "attn":
+            yield item[4], stream, "gate"
+
+
+def forward(ops, program: list[tuple], y: torch.Tensor) -> torch.Tensor:
+    """g_s (as `structure` lists it) written once against an arithmetic `ops` (FloatOps:
+    float, observing maxima; IntOps: exact integers). y (B, C, h, w) -> the last
+    convolution's output (B, 3, 16h, 16w)."""
+    x = ops.enter(y)
+    stream = "stream0"
+    for item in program:
+        if item[0] == "deconv":
+            x, stream = ops.deconv(item[1], x, stream)
+        elif item[0] == "rb":
+            x = _residual(ops, item[1], x, stream)
+        else:
+            _, _, trunk, mask, gate_conv = item
+            t = x
+            for rb in trunk:
+                t = _residual(ops, rb, t, stream)
+            m = x
+            for rb in mask:
+                m = _residual(ops, rb, m, stream)
+            x = ops.gate(x, t, ops.conv(gate_conv, m, stream, "gate", relu=False), stream)
+    return x
+
+
+def _residual(ops, rb: str, x: torch.Tensor, stream: str) -> torch.Tensor:
+    h = ops.conv(f"{rb}.body.0", x, stream, f"{rb}.body.0.out", relu=True)
+    h = ops.conv(f"{rb}.body.2", h, f"{rb}.body.0.out", f"{rb}.body.2.out", relu=True)
+    return ops.add(x, ops.conv(f"{rb}.body.4", h, f"{rb}.body.2.out", stream, relu=False), stream)
+
+
+class FloatOps:
+    """The float g_s, step by step, recording each activation's largest |value| (calibration)."""
+
+    def __init__(self, g_s: SynthesisTransform, observed: dict[str, float]):
+        self.modules = dict(g_s.named_modules())
+        self.observed = observed
+        self.deconvs = sum(1 for m in g_s.layers if isinstance(m, SubpixelConvTranspose2d))
+        self.stage = 0
+
+    def _see(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        self.observed[name] = max(self.observed.get(name, 0.0), float(x.abs().max()))
+        return x
+
+    def enter(self, y):
+        self.stage = 0
+        return self._see("stream0", y)
+
+    def conv(self, name, x, a_in, a_out, relu):
+        out = self.modules[name](x)
+        out = F.relu(out) if relu else out
+        return out if a_out == "gate" else self._see(a_out, out)
+
+    def deconv(self, name, x, stream):
+        self.stage += 1
+        out = self.modules[name](x)
+        if self.stage == self.deconvs:
+            return out, "pixels"
+        return self._see(f"stream{self.stage}", out), f"stream{self.stage}"
+
+    def add(self, x, d, stream):
+        return self._see(stream, x + d)
+
+    def gate(self, x, t, m, stream):
+        return self._see(stream, x + t * torch.sigmoid(m))
+
+
+class IntOps:
+    """Exact integer arithmetic in float32 carriers (see the module docstring for the bounds)."""
+
+    def __init__(self, model: IntSynthesis, device: torch.device):
+        self.m, self.device = model, device
+        self.deconvs = sum(1 for s in model.specs if s.upsample > 1)
+        self.stage = 0
+        self.gate_table = torch.from_numpy(sigmoid_table()).to(device, torch.float32)
+
+    def enter(self, y: torch.Tensor) -> torch.Tensor:
+        self.stage = 0
+        e = self.m.exp("stream0")
+        y = y.to(self.device, torch.float32).clamp(-ACT_LIMIT, ACT_LIMIT)  # integers (the latent)
+        return _rescale(y, -e, ACT_LIMIT)
+
+    def _carriers(self, name: str, device) -> tuple[torch.Tensor, "Rescale"]:
+        conv = self.m.conv(name)
+        shift = self.m.exp(self.m.input_of(name)) + conv.w_exp - self.m.exp(self.m.output_of(name))
+        return conv.carriers(device, shift)
+
+    def _products(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of integer x with the integer weights plus the bias f_lo, exactly:
+        (P_hi, P_lo) stacked on the batch (2B, rows, H, W), each |P| < ROW_BUDGET + 2^MAX_SHIFT."""
+        weight, rescale = self._carriers(name, x.device)
+        k = weight.shape[-1]
+        B = x.shape[0]
+        planes = x.new_empty((2 * B,) + tuple(x.shape[1:]))  # (2B, C, H, W): hi, then lo; |.| <= 128
+        hi = torch.add(x, PLANE // 2, out=planes[:B]).mul_(1.0 / PLANE).floor_()
+        torch.sub(x, hi, alpha=PLANE, out=planes[B:])
+        if x.device.type == "cpu":  # direct convolution or im2col + GEMM: sums of products
+            return F.conv2d(planes, weight, rescale.f_lo, padding=k // 2)
+        # GPUs: im2col + matmul (cuDNN may pick Winograd/FFT, which are not sums of products)
+        _, C, H, W = planes.shape
+        cols = F.unfold(planes, k, padding=k // 2)  # (2B, C*k*k, H*W)
+        out = torch.matmul(weight.reshape(weight.shape[0], -1), cols) + rescale.f_lo[:, None]  # (2B, rows, H*W)
+        return out.view(2 * B, -1, H, W)
+
+    def _requant(self, name: str, p: torch.Tensor, low: int, high: int) -> torch.Tensor:
+        _, rescale = self._carriers(name, p.device)
+        return _combine(p, rescale).clamp_(low, high)
+
+    def conv(self, name, x, a_in, a_out, relu):
+        p = self._products(name, x)
+        if a_out == "gate":
+            return self._requant(name, p, -GATE_HALF, GATE_HALF)
+        return self._requant(name, p, 0 if relu else -ACT_LIMIT, ACT_LIMIT)
+
+    def deconv(self, name, x, stream):
+        self.stage += 1
+        s = self.m.conv(name).spec.upsample
+        out_name = "pixels" if self.stage == self.deconvs else f"stream{self.stage}"
+        out = self._requant(name, self._products(name, x), -ACT_LIMIT, ACT_LIMIT)
+        return F.pixel_shuffle(out, s), out_name  # exact: a permutation
+
+    def add(self, x, d, stream):
+        return d.add_(x).clamp_(-ACT_LIMIT, ACT_LIMIT)  # |x + d| < 2^16: exact (d is this block's own)
+
+    def gate(self, x, t, m, stream):
+        sig = self.gate_table[(m + GATE_HALF).long()]  # (B, C, H, W) in 1/2^GATE_BITS
+        g = sig.mul_(t).add_(1 << (GATE_BITS - 1)).mul_(1.0 / (1 << GATE_BITS)).floor_()  # |t * sig| < 2^23
+        return (x + g).clamp_(-ACT_LIMIT, ACT_LIMIT)
+
+
+def _combine(p: torch.Tensor, r: Rescale) -> torch.Tensor:
+    """floor((PLANE * P_hi + P_lo + bias + 2^(s-1)) / 2^s) of each row from the products
+    p = (P_hi + f_lo, P_lo + f_lo) stacked on the batch, in exact float32 steps (in place):
+    for s >= 8 it is b_int + floor((P_hi + f_hi + floor((P_lo + f_lo) / 256)) / 2^(s-8)), every
+    term an integer below 2^24. A row with s < 8 (its output finer than input x weight; rare)
+    is b_int + P_hi 2^(8-s) + floor((P_lo + f_lo) / 2^s): the product is exact (a power of
+    two) and a sum beyond 2^24 lies far beyond the clamp that follows."""
+    B = p.shape[0] // 2
+    hi, lo = p[:B], p[B:]
+    if not r.all_wide:  # r.scale is 2^(8-s): P_hi 2^(8-s) and floor(lo 2^-s)
+        narrow = (hi - r.f_lo[:, None, None]) * r.scale + torch.floor(lo * (r.scale * (1.0 / PLANE))) + r.b_int
+    q = lo.mul_(1.0 / PLANE).floor_()  # floor((P_lo + f_lo) / 256)
+    wide = hi.add_(q).add_(r.delta).mul_(r.scale).floor_().add_(r.b_int)
+    return wide if r.all_wide else torch.where(r.wide > 0, wide, narrow)
+
+
+def _rescale(x: torch.Tensor, shift: int, limit: int) -> torch.Tensor:
+    """round(x / 2^shift) (halves up), clamped; exact for integer x below 2^24."""
+    if shift <= 0:
+        return (x * float(1 << -shift)).clamp_(-limit, limit)
+    return torch.floor((x + (1 << (shift - 1))) * (1.0 / (1 << shift))).clamp_(-limit, limit)
+
+
+@contextlib.contextmanager
+def exact_products():
+    """Float32 products as exact sums of products: no TF32 / bf16 down-conversion (the
+    settings a user may have changed for training)."""
+    saved = []
+    backends = torch.backends
+    for obj, attr, value in ((backends.cuda.matmul, "allow_tf32", False), (backends.cudnn, "allow_tf32", False)):
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+    precision = getattr(backends.mkldnn, "conv", None)
+    if precision is not None and hasattr(precision, "fp32_precision"):
+        saved.append((precision, "fp32_precision", precision.fp32_precision))
+        precision.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+def to_pixels(q: torch.Tensor) -> torch.Tensor:
+    """The last convolution's integers (in 1/2^PIXEL_EXP) -> uint8 pixels:
+    clamp(floor((255 q + 2^(PIXEL_EXP-1)) / 2^PIXEL_EXP), 0, 255), exact (|255 q| < 2^23)."""
+    return torch.floor((q * 255.0 + (1 << (PIXEL_EXP - 1))) * (1.0 / (1 << PIXEL_EXP))).clamp_(0, 255).to(torch.uint8)
+
+
+@torch.inference_mode()
+def synthesize(model: IntSynthesis, y: torch.Tensor) -> torch.Tensor:
+    """The integer g_s: y_hat (B, C, h, w) (integers, any dtype) -> uint8 (B, 3, 16h, 16w)."""
+    with exact_products():
+        q = forward(IntOps(model, y.device), model.program, y)
+    return to_pixels(q)
