@@ -41,7 +41,20 @@ def centre_crop(rgb, size: int):
     return rgb[top:top + size, left:left + size]
 
 
+def stored_float_dtype(path: Path) -> torch.dtype:
+    """The dtype the checkpoint keeps its float tensors in (the shipped ones: float16)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_slice(key)
+            if t.get_dtype() in ("F16", "BF16", "F32"):
+                return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[t.get_dtype()]
+    return torch.float32
+
+
 def calibrate(path: Path, images: list[Path], crop: int, data: str) -> dict:
+    dtype = stored_float_dtype(path)  # rewritten in the same precision: the same weights hash
     model = registry.load_model(path, cache=False)
     model_id, _, info = registry.read_metadata(path)
     t0 = time.time()
@@ -55,7 +68,7 @@ def calibrate(path: Path, images: list[Path], crop: int, data: str) -> dict:
     if details["exactness_margin_bits"] <= 0:
         raise SystemExit(f"{path}: the integer g_s is not provably exact (margin {details['exactness_margin_bits']} bits)")
     registry.save_checkpoint(model, path, model_id, info={**info, "integer_synthesis": details},
-                             float_entropy_model=False)
+                             dtype=dtype, float_entropy_model=False)
     return details
 
 
