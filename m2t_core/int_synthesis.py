@@ -143,7 +143,8 @@ class IntConv(nn.Module):
         key = None if self.weight.is_inference() else (self.weight._version, self.bias._version, self.w_exp._version)
         hit = self._carriers.get(device)
         if hit is None or key is None or hit[0] != key or not torch.equal(hit[2].shift, shift):
-            hit = (key, self.weight.to(device, torch.float32), Rescale.of(self.bias, shift, device))
+            weight = self.weight.to(device, torch.float32).contiguous(memory_format=torch.channels_last)
+            hit = (key, weight, Rescale.of(self.bias, shift, device))
             self._carriers[device] = hit
         return hit[1], hit[2]
 
@@ -399,7 +400,8 @@ class IntOps:
         self.stage = 0
         e = self.m.exp("stream0")
         y = y.to(self.device, torch.float32).clamp(-ACT_LIMIT, ACT_LIMIT)  # integers (the latent)
-        return _rescale(y, -e, ACT_LIMIT)
+        # Channels-last all the way: oneDNN's convolutions are 1.1-2.5x faster on it (same sums).
+        return _rescale(y, -e, ACT_LIMIT).contiguous(memory_format=torch.channels_last)
 
     def _carriers(self, name: str, device) -> tuple[torch.Tensor, "Rescale"]:
         conv = self.m.conv(name)
@@ -412,9 +414,14 @@ class IntOps:
         weight, rescale = self._carriers(name, x.device)
         k = weight.shape[-1]
         B = x.shape[0]
-        planes = x.new_empty((2 * B,) + tuple(x.shape[1:]))  # (2B, C, H, W): hi, then lo; |.| <= 128
+        planes = torch.empty((2 * B,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last)  # (2B, C, H, W): hi, then lo; |.| <= 128
         hi = torch.add(x, PLANE // 2, out=planes[:B]).mul_(1.0 / PLANE).floor_()
         torch.sub(x, hi, alpha=PLANE, out=planes[B:])
+        if k == 1:  # one matrix product over the channels-last pixels (a GEMM: sums of products)
+            _, C, H, W = planes.shape
+            out = torch.addmm(rescale.f_lo, planes.permute(0, 2, 3, 1).reshape(-1, C), weight.view(-1, C).t())
+            return out.view(2 * B, H, W, -1).permute(0, 3, 1, 2)  # (2B, rows, H, W), channels-last
         if x.device.type == "cpu":  # direct convolution or im2col + GEMM: sums of products
             return F.conv2d(planes, weight, rescale.f_lo, padding=k // 2)
         # GPUs: im2col + matmul (cuDNN may pick Winograd/FFT, which are not sums of products)
@@ -438,7 +445,7 @@ class IntOps:
         s = self.m.conv(name).spec.upsample
         out_name = "pixels" if self.stage == self.deconvs else f"stream{self.stage}"
         out = self._requant(name, self._products(name, x), -ACT_LIMIT, ACT_LIMIT)
-        return F.pixel_shuffle(out, s), out_name  # exact: a permutation
+        return F.pixel_shuffle(out, s).contiguous(memory_format=torch.channels_last), out_name  # a permutation
 
     def add(self, x, d, stream):
         return d.add_(x).clamp_(-ACT_LIMIT, ACT_LIMIT)  # |x + d| < 2^16: exact (d is this block's own)

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""What the integer synthesis transform and format 4 cost in rate-distortion (a benchmark).
+
+    python bench/integer_synthesis.py                 # every shipped model, all 24 Kodak images
+    python bench/integer_synthesis.py --quick         # 4 images
+
+For every image and model, one real format-4 bitstream (`Encoder.encode_image`) and three
+decodes of its latent: the integer g_s that decodes since m2t 0.4, the float g_s it was
+exported from (what m2t 0.3 decoded with), and their pixel difference. Rates are the real
+stream sizes; the format-3 size of the same stream is its format-4 size minus the step
+checksums (2 bytes a step). Reported per model: mean bpp and PSNR of each, and over the four
+M2T rate points the BD-rate (pchip, `pipeline.evaluation.rd.bd_rate`) of
+  * the integer g_s against the float g_s at format 4's rates (the synthesis alone), and
+  * m2t 0.4 (format 4, integer g_s) against m2t 0.3 (format 3, float g_s) (all of it);
+for the single MT model, the PSNR and bpp differences. Writes
+bench/results/integer_synthesis.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._common import DEFAULT_DATA, load_avg  # noqa: E402
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from m2t_core.metrics import psnr
+
+    return float(psnr(a, b))
+
+
+def measure(model, rgbs: list[np.ndarray]) -> dict:
+    from m2t_core import Encoder, bitstream as bs, tiling
+
+    rows = []
+    encoder = Encoder(model)
+    for rgb in rgbs:
+        enc = encoder.encode_image(rgb)
+        H, W = rgb.shape[:2]
+        header = bs.read_header(enc.bitstream)
+        with torch.inference_mode():
+            x_int = model.decompress(enc.bitstream)
+            x_float = tiling.synthesis(model.g_s, enc.y_hat[None].float(), H, W).permute(1, 2, 0).numpy()
+        bytes_v4 = len(enc.bitstream)
+        bytes_v3 = bytes_v4 - 2 * header.num_steps
+        diff = np.abs(x_int.astype(int) - x_float.astype(int))
+        rows.append({"bytes_v4": bytes_v4, "bytes_v3": bytes_v3, "pixels": H * W,
+                     "psnr_integer": _psnr(rgb, x_int), "psnr_float": _psnr(rgb, x_float),
+                     "max_abs_diff": int(diff.max()), "frac_diff": float((diff > 0).mean())})
+    mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    return {
+        "bpp_v4": float(np.mean([8 * r["bytes_v4"] / r["pixels"] for r in rows])),
+        "bpp_v3": float(np.mean([8 * r["bytes_v3"] / r["pixels"] for r in rows])),
+        "psnr_integer": mean("psnr_integer"), "psnr_float": mean("psnr_float"),
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows), "frac_diff": mean("frac_diff"), "images": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from m2t_core import load_model
+    from m2t_core.image_io import load_image
+    from m2t_core.registry import PACKAGE_WEIGHTS
+    from m2t_core.sysinfo import cpu_model
+    from pipeline.evaluation.rd import bd_rate
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kodak", type=Path, default=DEFAULT_DATA / "kodak")
+    ap.add_argument("--quick", action="store_true", help="4 images")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "integer_synthesis")
+    args = ap.parse_args(argv)
+    paths = sorted(p for p in args.kodak.iterdir() if p.suffix.lower() == ".png")[: 4 if args.quick else None]
+    if not paths:
+        raise SystemExit(f"no PNG images in {args.kodak}")
+    rgbs = [load_image(p) for p in paths]
+    t0 = time.time()
+    results = {}
+    for path in sorted(PACKAGE_WEIGHTS.glob("*.safetensors")):
+        results[path.stem] = measure(load_model(path.stem), rgbs)
+        r = results[path.stem]
+        print(f"{path.stem}: bpp {r['bpp_v3']:.5f} (format 3) {r['bpp_v4']:.5f} (format 4); PSNR float g_s "
+              f"{r['psnr_float']:.4f} integer g_s {r['psnr_integer']:.4f} dB; pixels differing "
+              f"{r['frac_diff']:.2%}, at most {r['max_abs_diff']} levels", flush=True)
+    m2t = [n for n in results if n.startswith("m2t-")]
+    curve = lambda bpp, psnr: {"bpp": [results[n][bpp] for n in m2t], "psnr": [results[n][psnr] for n in m2t]}  # noqa: E731
+    summary = {
+        "bd_rate_integer_vs_float_g_s_pct": bd_rate(curve("bpp_v4", "psnr_float"), curve("bpp_v4", "psnr_integer")),
+        "bd_rate_m2t_0_4_vs_0_3_pct": bd_rate(curve("bpp_v3", "psnr_float"), curve("bpp_v4", "psnr_integer")),
+    }
+    report = {"benchmark": "integer_synthesis", "command": " ".join(["bench/integer_synthesis.py"] + (argv or sys.argv[1:])),
+              "machine": {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "load_average_after": load_avg(), "images": [p.name for p in paths],
+              "seconds": round(time.time() - t0, 1), "summary": summary,
+              "models": {n: {k: v for k, v in r.items() if k != "images"} for n, r in results.items()},
+              "per_image": {n: r["images"] for n, r in results.items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["| model | bpp format 3 | bpp format 4 | PSNR float g_s | PSNR integer g_s | pixels differing |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for n, r in results.items():
+        lines.append(f"| {n} | {r['bpp_v3']:.5f} | {r['bpp_v4']:.5f} | {r['psnr_float']:.4f} | "
+                     f"{r['psnr_integer']:.4f} | {r['frac_diff']:.2%} (max {r['max_abs_diff']}) |")
+    lines += ["", f"BD-rate (M2T q1-q4, pchip), integer vs float g_s at format-4 rates: "
+              f"{summary['bd_rate_integer_vs_float_g_s_pct']['value']:+.3f} %",
+              f"BD-rate, m2t 0.4 (format 4, integer g_s) vs m2t 0.3 (format 3, float g_s): "
+              f"{summary['bd_rate_m2t_0_4_vs_0_3_pct']['value']:+.3f} %",
+              "", f"Kodak, {len(paths)} images; {report['machine'].get('cpu')}; `{report['command']}`"]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-4:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
