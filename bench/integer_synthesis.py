@@ -7,8 +7,8 @@
 For every image and model, one real format-4 bitstream (`Encoder.encode_image`) and three
 decodes of its latent: the integer g_s that decodes since m2t 0.4, the float g_s it was
 exported from (what m2t 0.3 decoded with), and their pixel difference. Rates are the real
-stream sizes; the format-3 size of the same stream is its format-4 size minus the step
-checksums (2 bytes a step). Reported per model: mean bpp and PSNR of each, and over the four
+stream sizes; the format-3 size of the same stream is its format-4 size minus the piece
+checksums (2 bytes a piece: a step of a chunk). Reported per model: mean bpp and PSNR of each, and over the four
 M2T rate points the BD-rate (pchip, `pipeline.evaluation.rd.bd_rate`) of
   * the integer g_s against the float g_s at format 4's rates (the synthesis alone), and
   * m2t 0.4 (format 4, integer g_s) against m2t 0.3 (format 3, float g_s) (all of it);
@@ -52,7 +52,7 @@ def measure(model, rgbs: list[np.ndarray]) -> dict:
             x_int = model.decompress(enc.bitstream)
             x_float = tiling.synthesis(model.g_s, enc.y_hat[None].float(), H, W).permute(1, 2, 0).numpy()
         bytes_v4 = len(enc.bitstream)
-        bytes_v3 = bytes_v4 - 2 * header.num_steps
+        bytes_v3 = bytes_v4 - 2 * header.num_steps * header.num_chunks
         diff = np.abs(x_int.astype(int) - x_float.astype(int))
         rows.append({"bytes_v4": bytes_v4, "bytes_v3": bytes_v3, "pixels": H * W,
                      "psnr_integer": _psnr(rgb, x_int), "psnr_float": _psnr(rgb, x_float),

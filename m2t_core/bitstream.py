@@ -19,11 +19,11 @@ Format version 4 (written now; portable, progressive, exact pixels), little-endi
     step table       varints  S * num_chunks - 1 piece lengths in 4-byte words, step-major
                               (step 1: chunk 1, 2, ...; step 2: ...); the last piece is the
                               rest of the payload
-    step_crcs        u16 x S  (version 4) the low 16 bits of the CRC-32 of each step's bytes
-                              (its pieces, contiguous in the payload): a prefix of the stream
-                              is checked step by step, so a preview verifies all it reads and
-                              a damaged stream fails at its first bad step, before any model
-                              work on the steps after it
+    piece_crcs       u16 x S * num_chunks  (version 4) per piece, step-major like the table:
+                              the low 16 bits of piece_checksum(height, width, the symbols
+                              that piece codes), checked as each piece is decoded: a preview
+                              verifies all it decodes, and a damaged stream, another model or
+                              an edited size fails at its first bad piece
     header_crc       u32      CRC-32 of every header byte before this field
     payload          the pieces in table order
 
@@ -158,7 +158,7 @@ class Header:
     step_pieces: tuple[tuple[int, ...], ...]
     flags: int = 0
     version: int = FORMAT_VERSION
-    step_crcs: tuple[int, ...] = ()  # version 4: step_checksums(payload, step_pieces)
+    piece_crcs: tuple[int, ...] = ()  # version 4: piece_checksum per (step, chunk), step-major
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -197,7 +197,7 @@ class Header:
         return self._serialize()
 
     def _serialize(self) -> bytes:
-        """The header's bytes in its version's layout (3: no step checksums)."""
+        """The header's bytes in its version's layout (3: no piece checksums)."""
         model_id = self.model_id.encode("ascii")
         if not 1 <= len(model_id) <= MAX_MODEL_ID_LEN:
             raise ValueError(f"model id must be 1..{MAX_MODEL_ID_LEN} ASCII bytes: {self.model_id!r}")
@@ -208,14 +208,19 @@ class Header:
         fixed = _FIXED_AFTER_ID.pack(
             self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc,
             self.payload_crc, self.num_steps,
-        ) + self._step_table() + (self._step_crc_table() if self.version >= 4 else b"")
+        ) + self._step_table() + (self._piece_crc_table() if self.version >= 4 else b"")
         body = MAGIC + bytes([self.version, self.flags, len(model_id)]) + model_id + fixed
         return body + _HEADER_CRC.pack(zlib.crc32(body))
 
-    def _step_crc_table(self) -> bytes:
-        if len(self.step_crcs) != self.num_steps or any(not 0 <= c < 1 << 16 for c in self.step_crcs):
-            raise ValueError("step_crcs needs one 16-bit checksum per step (step_checksums)")
-        return struct.pack(f"<{self.num_steps}H", *self.step_crcs)
+    def piece_crc(self, step: int, chunk: int) -> int | None:
+        """The checksum of piece (step, chunk) (0-based), or None (a version 3 stream)."""
+        return self.piece_crcs[step * self.num_chunks + chunk] if self.piece_crcs else None
+
+    def _piece_crc_table(self) -> bytes:
+        count = self.num_steps * self.num_chunks
+        if len(self.piece_crcs) != count or any(not 0 <= c < 1 << 16 for c in self.piece_crcs):
+            raise ValueError("piece_crcs needs one 16-bit checksum per piece (piece_checksum)")
+        return struct.pack(f"<{count}H", *self.piece_crcs)
 
     def _step_table(self) -> bytes:
         pieces = [p for step in self.step_pieces for p in step]
@@ -229,15 +234,11 @@ class Header:
         return _varint(self.num_chunks) + b"".join(_varint(p // WORD_BYTES) for p in pieces[:-1])
 
 
-def step_checksums(payload: bytes, step_pieces) -> tuple[int, ...]:
-    """The low 16 bits of the CRC-32 of each step's bytes in the payload (step-major order:
-    step k's pieces are contiguous)."""
-    out, start = [], 0
-    for pieces in step_pieces:
-        end = start + sum(pieces)
-        out.append(zlib.crc32(payload[start:end]) & 0xFFFF)
-        start = end
-    return tuple(out)
+def piece_checksum(height: int, width: int, symbols: bytes) -> int:
+    """The low 16 bits of the CRC-32 of the image size (two u32) then the symbols a piece codes
+    (int32 little-endian, in coding order). Over decoded values, not bytes: a preview checks
+    what it decodes, and another model or an edited size shows as well as a damaged byte."""
+    return zlib.crc32(symbols, zlib.crc32(struct.pack("<II", height, width))) & 0xFFFF
 
 
 def pack(header: Header, payload: bytes) -> bytes:
@@ -280,12 +281,12 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
     weights_hash, height, width, payload_len, latent_crc, payload_crc, num_steps = \
         _FIXED_AFTER_ID.unpack_from(data, fixed_start)
     step_pieces, table_end = _read_step_table(data, table_start, num_steps, payload_len)
-    step_crcs: tuple[int, ...] = ()
+    piece_crcs: tuple[int, ...] = ()
     if version >= 4:
-        crc_table = struct.Struct(f"<{num_steps}H")
+        crc_table = struct.Struct(f"<{num_steps * len(step_pieces[0])}H")
         if len(data) < table_end + crc_table.size:
-            raise BitstreamError(f"truncated bitstream: the header's step checksums need {crc_table.size} bytes")
-        step_crcs = crc_table.unpack_from(data, table_end)
+            raise BitstreamError(f"truncated bitstream: the header's piece checksums need {crc_table.size} bytes")
+        piece_crcs = crc_table.unpack_from(data, table_end)
         table_end += crc_table.size
     header_end = table_end + _HEADER_CRC.size
     if len(data) < header_end:
@@ -312,21 +313,12 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
             f"{kind} payload: header says {payload_len} bytes, found {len(payload)}"
             + (" (a preview decodes the complete steps of a cut stream)" if kind == "truncated" else "")
         )
-    if step_crcs:  # every complete step the bytes hold, first to last
-        start = 0
-        for k, (pieces, want) in enumerate(zip(step_pieces, step_crcs)):
-            end = start + sum(pieces)
-            if end > len(payload):
-                break
-            if zlib.crc32(payload[start:end]) & 0xFFFF != want:
-                raise BitstreamError(f"corrupt payload: step {k + 1} of {num_steps} fails its checksum")
-            start = end
     if not cut_short and zlib.crc32(payload) != payload_crc:
         raise BitstreamError("corrupt payload: payload checksum mismatch")
     header = Header(
         model_id=model_id, weights_hash=weights_hash, height=height, width=width, payload_len=payload_len,
         latent_crc=latent_crc, payload_crc=payload_crc, step_pieces=step_pieces, flags=flags, version=version,
-        step_crcs=step_crcs,
+        piece_crcs=piece_crcs,
     )
     return header, payload
 

@@ -114,7 +114,7 @@ class Decoder:
             tokens[n] = torch.zeros(windows, ww * ww, C, dtype=torch.int32, device=device)
             valid[n] = coding.valid_tokens(coding.latent_size(header.height, header.width), ww, device)  # (nW, L)
             for c, start in enumerate(coding.chunk_starts(windows)):
-                chunks.append((n, start, min(bs.CHUNK_WINDOWS, windows - start), decoders[c]))
+                chunks.append((n, start, min(bs.CHUNK_WINDOWS, windows - start), (decoders[c], header, c)))
         failed: set[int] = set()
         for part in coding.passes(chunks, lambda c: c[2], self.windows_per_pass):
             part = [c for c in part if c[0] not in failed]
@@ -126,10 +126,10 @@ class Decoder:
             def decode(i: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
                 kept = keep.gather(1, positions)  # (b, n_i)
                 values = torch.zeros(kept.shape + (C,), dtype=torch.int32, device=device)
-                for (n, _, _, decoder), a, b in zip(part, bounds[:-1], bounds[1:]):
+                for (n, _, _, (decoder, header, c)), a, b in zip(part, bounds[:-1], bounds[1:]):
                     try:
                         values[a:b][kept[a:b]] = _decode_symbols(decoder, params.index(slice(a, b)).flat(kept[a:b]),
-                                                                 C, device)
+                                                                 C, device, header, i, c)
                     except bs.BitstreamError as exc:
                         raise _ChunkError(n, exc) from None
                 return values
@@ -196,7 +196,7 @@ class Decoder:
         valid = coding.valid_tokens((h, w), ww, device)  # (nW, L)
         tokens = torch.zeros(valid.shape[0], ww * ww, C, dtype=torch.int32, device=device)
         filled = torch.zeros(tokens.shape, dtype=torch.float32, device=device) if steps < S else None
-        for decoder, start in zip(decoders, coding.chunk_starts(valid.shape[0])):
+        for c, (decoder, start) in enumerate(zip(decoders, coding.chunk_starts(valid.shape[0]))):
             keep_chunk = valid[start:start + bs.CHUNK_WINDOWS]
 
             def decode(i: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
@@ -208,7 +208,7 @@ class Decoder:
                         -MAX_ABS_SYMBOL, MAX_ABS_SYMBOL).to(torch.int32)
                 keep = keep_chunk.gather(1, positions)  # (b, n_i)
                 values = torch.zeros(keep.shape + (C,), dtype=torch.int32, device=device)
-                values[keep] = _decode_symbols(decoder, params.flat(keep), C, device)
+                values[keep] = _decode_symbols(decoder, params.flat(keep), C, device, header, i, c)
                 if filled is not None:
                     filled[start:start + len(positions)].scatter_(1, at, values.float())
                 return values
@@ -291,12 +291,20 @@ class Decoder:
         return results
 
 
-def _decode_symbols(decoder: SymbolDecoder, flat: X.IntParams, C: int, device) -> torch.Tensor:
-    """The next symbols of a chunk's stream under `flat` (n, K) -> (n / C, C) int32."""
+def _decode_symbols(decoder: SymbolDecoder, flat: X.IntParams, C: int, device, header: bs.Header,
+                    step: int, chunk: int) -> torch.Tensor:
+    """The next symbols of a chunk's stream under `flat` (n, K) -> (n / C, C) int32, checked
+    against the header's checksum of piece (step, chunk) (format 4)."""
     try:
         symbols = decoder.decode(snap_integer(flat.mean_q, flat.level, flat.logit_q))
     except Exception as exc:
         raise bs.BitstreamError(f"entropy decoding failed: {exc}") from None
+    symbols = np.ascontiguousarray(symbols, dtype="<i4")
+    want = header.piece_crc(step, chunk)
+    if want is not None and bs.piece_checksum(header.height, header.width, symbols.tobytes()) != want:
+        raise bs.BitstreamError(
+            f"corrupt stream: step {step + 1} of {header.num_steps} (chunk {chunk + 1} of {header.num_chunks}) fails "
+            "its checksum: damaged bytes, or a header that names another model or image size")
     return torch.from_numpy(symbols.astype(np.int32)).to(device).view(-1, C)
 
 

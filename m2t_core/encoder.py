@@ -74,12 +74,15 @@ def code_plan(plan: CodingPlan) -> EncodedImage:
     first steps of every window."""
     streams: list[bytes] = []
     marks: list[list[int]] = []
+    crcs: list[list[int]] = []  # per chunk, per step
     for chunk_steps in plan.steps:
         encoder = SymbolEncoder()
         chunk_marks: list[int] = []
+        crcs.append([])
         for symbols, params in chunk_steps:
             encoder.encode(symbols, snap_integer(params.mean_q, params.level, params.logit_q))
             chunk_marks.append(encoder.num_words())
+            crcs[-1].append(bs.piece_checksum(plan.height, plan.width, np.asarray(symbols, dtype="<i4").tobytes()))
         streams.append(encoder.finish())
         marks.append(chunk_marks)
     min_len = bs.min_payload_len(plan.num_windows)
@@ -88,7 +91,8 @@ def code_plan(plan: CodingPlan) -> EncodedImage:
     header = bs.Header(
         model_id=plan.model_id, weights_hash=plan.weights_hash, height=plan.height, width=plan.width,
         payload_len=len(payload), latent_crc=coding.latent_checksum(plan.y_int, plan.height, plan.width),
-        payload_crc=zlib.crc32(payload), step_pieces=pieces, step_crcs=bs.step_checksums(payload, pieces),
+        payload_crc=zlib.crc32(payload), step_pieces=pieces,
+        piece_crcs=tuple(crcs[c][k] for k in range(len(pieces)) for c in range(len(crcs))),  # step-major
         flags=(bs.FLAG_CUDA if plan.on_cuda else 0) | (bs.FLAG_ADAPTIVE_ORDER if plan.adaptive_order else 0),
     )
     return EncodedImage(bs.pack(header, payload), plan.y_int, plan.height, plan.width, plan.x_hat)

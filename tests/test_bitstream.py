@@ -14,6 +14,7 @@ import os
 # every number computed, is unchanged (checked: identical bitstreams either way).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import re
 import struct
 import time
 import zlib
@@ -56,25 +57,9 @@ def _layout(data: bytes) -> dict:
         "version": 4, "flags": 5, "id_len": 6, "model_id": 7, "hash": fixed, "height": fixed + 8,
         "width": fixed + 12, "payload_len": fixed + 16, "latent_crc": fixed + 20,
         "payload_crc": fixed + 24, "num_steps": fixed + 28, "table": fixed + 29,
-        "step_crcs": pos, "header_crc": pos + 2 * num_steps, "payload": pos + 2 * num_steps + 4,
+        "piece_crcs": pos, "header_crc": pos + 2 * num_steps * values[0],
+        "payload": pos + 2 * num_steps * values[0] + 4,
     }
-
-
-def _step_pieces(data: bytes) -> tuple:
-    """The step table's pieces (bytes), read from the layout without checking any CRC."""
-    lay = _layout(data)
-    num_steps = data[lay["num_steps"]]
-    pos, values = lay["table"], []
-    while pos < lay["step_crcs"]:
-        end = pos
-        while data[end] & 0x80:
-            end += 1
-        values.append(sum((b & 0x7F) << (7 * i) for i, b in enumerate(data[pos:end + 1])))
-        pos = end + 1
-    chunks, words = values[0], values[1:]
-    payload_len = struct.unpack_from("<I", data, lay["payload_len"])[0]
-    words.append(payload_len // 4 - sum(words))
-    return tuple(tuple(4 * w for w in words[k * chunks:(k + 1) * chunks]) for k in range(num_steps))
 
 
 def _fix_crcs(data: bytes, payload_crc: bool = False) -> bytes:
@@ -83,9 +68,6 @@ def _fix_crcs(data: bytes, payload_crc: bool = False) -> bytes:
     lay = _layout(out)
     if payload_crc:
         struct.pack_into("<I", out, lay["payload_crc"], zlib.crc32(bytes(out[lay["payload"]:])))
-        pieces = _step_pieces(bytes(out))
-        crcs = bs.step_checksums(bytes(out[lay["payload"]:]), pieces)
-        struct.pack_into(f"<{len(crcs)}H", out, lay["step_crcs"], *crcs)
     struct.pack_into("<I", out, lay["header_crc"], zlib.crc32(bytes(out[:lay["header_crc"]])))
     return bytes(out)
 
@@ -138,7 +120,7 @@ def test_header_layout_matches_spec(stream, model):
     assert stream[7:7 + stream[6]] == model.model_id.encode()
     h = bs.read_header(stream)
     assert h.version == 4 and h.flags == 0
-    assert h.step_crcs == bs.step_checksums(stream[h.size:], h.step_pieces)
+    assert len(h.piece_crcs) == h.num_steps * h.num_chunks and h.piece_crc(0, 0) == h.piece_crcs[0]
     # The step table: S steps x 1 chunk (2 windows), the last piece implied by payload_len.
     assert stream[lay["num_steps"]] == h.num_steps == model.cfg.num_steps and h.num_chunks == 1
     assert stream[lay["table"]] == 1 and _header_len(stream) == h.size
@@ -165,7 +147,7 @@ def test_header_roundtrip(kw):
     payload = bytes(range(40))
     header = Header(weights_hash=b"\x01\x02\x03\x04\x05\x06\x07\x08", payload_len=len(payload),
                     latent_crc=0xDEADBEEF, payload_crc=zlib.crc32(payload),
-                    step_crcs=bs.step_checksums(payload, kw["step_pieces"]), **kw)
+                    piece_crcs=tuple(range(len(kw["step_pieces"]) * len(kw["step_pieces"][0]))), **kw)
     data = bs.pack(header, payload)
     assert data[:len(header.to_bytes())] == header.to_bytes()
     got, got_payload = bs.unpack(data, max_pixels=bs.MAX_SIDE**2)
@@ -315,11 +297,12 @@ def test_consistent_but_wrong_header_fields(model, stream, encoded):
     h = bs.read_header(stream)
     cases = {
         "latent_crc": (_patch(stream, "latent_crc", "<I", h.latent_crc ^ 1), ChecksumMismatchError),
-        # The size edited within the same 16-pixel block (same latent): the latent CRC covers it.
-        "height-1": (_patch(stream, "height", "<I", h.height - 1), ChecksumMismatchError),
-        "height+1": (_patch(stream, "height", "<I", h.height + 1), ChecksumMismatchError),
-        "width-1": (_patch(stream, "width", "<I", h.width - 1), ChecksumMismatchError),
-        "width+1": (_patch(stream, "width", "<I", h.width + 1), ChecksumMismatchError),
+        # The size edited within the same 16-pixel block (same latent): the piece checksums
+        # (format 4) cover it, so the first piece fails; the latent CRC would too.
+        "height-1": (_patch(stream, "height", "<I", h.height - 1), BitstreamError),
+        "height+1": (_patch(stream, "height", "<I", h.height + 1), BitstreamError),
+        "width-1": (_patch(stream, "width", "<I", h.width - 1), BitstreamError),
+        "width+1": (_patch(stream, "width", "<I", h.width + 1), BitstreamError),
         "flags=2": (_patch(stream, "flags", "<B", 2), BitstreamError),
         "height=0": (_patch(stream, "height", "<I", 0), BitstreamError),
         "width=0": (_patch(stream, "width", "<I", 0), BitstreamError),
@@ -443,24 +426,35 @@ def test_one_unit_integer_mismatch_never_returns_a_wrong_image(layer, row, model
     assert np.array_equal(out, encoded.x_hat)
 
 
-def test_every_step_of_a_prefix_is_checked(model, stream):
-    """Format 4 checks each step's bytes: a bit flip inside the first step fails the preview
-    of a prefix and the full decode alike, naming the step; bytes of a step the prefix does
-    not reach are not read."""
+def test_every_piece_a_preview_decodes_is_checked(model, stream):
+    """Format 4 checks each piece's decoded symbols: a bit flip in a prefix either fails its
+    preview (and the full decode) naming the step, or changes nothing the prefix decodes (a bit
+    no decoded value depends on): never a wrong preview, silently. A header that names another
+    image size (its CRC recomputed) fails on the preview path too, where no latent CRC exists;
+    a damaged later step leaves the preview of the first steps whole."""
     h = bs.read_header(stream)
-    first_end = h.step_ends[0]
-    assert first_end > h.size  # the first step has bytes
-    damaged = bytearray(stream)
-    damaged[h.size] ^= 0x10
-    damaged = bytes(damaged)
-    for decode in (lambda d: model.decompress(d, steps=1), lambda d: Decoder(model).preview(d[:first_end]),
-                   model.decompress, m2t_core.decompress):
-        err = _expect_error(decode, damaged)
-        assert "step 1 of" in str(err), str(err)
-    # Damage in the last step: a preview of the first step is still whole and checked.
+    first_end = h.step_ends[3]  # a prefix of 4 steps
+    assert first_end > h.size
+    clean = Decoder(model).preview(stream[:first_end]).image
+    caught = 0
+    for pos in range(h.size, first_end):  # every byte of the first 4 steps, one bit flip each
+        damaged = bytearray(stream)
+        damaged[pos] ^= 0x80
+        damaged = _fix_crcs(bytes(damaged), payload_crc=True)  # only the piece checksums can tell
+        try:
+            image = Decoder(model).preview(damaged[:first_end]).image
+        except BitstreamError as err:
+            assert re.search(r"step [1-4] of", str(err)) and "fails its checksum" in str(err), str(err)
+            caught += 1
+            err = _expect_error(model.decompress, damaged)  # the full decode fails as early
+            assert "fails its checksum" in str(err) or "entropy decoding failed" in str(err), str(err)
+            continue
+        assert np.array_equal(image, clean), f"byte {pos}: a wrong preview, silently"  # a bit the step never read
+    assert caught > 0
+    wider = _patch(stream, "width", "<I", h.width + 16)  # one more column of latents: same windows
+    err = _expect_error(lambda d: Decoder(model).preview(d, steps=1), wider)
+    assert "fails its checksum" in str(err) or "step table" in str(err), str(err)
     late = bytearray(stream)
     late[-1] ^= 0x01
-    late = bytes(late)
-    preview = Decoder(model).preview(late[:first_end])
-    assert preview.steps == 1 and preview.bytes_read == first_end
-    assert "fails its checksum" in str(_expect_error(model.decompress, late))
+    preview = Decoder(model).preview(bytes(late)[:first_end])
+    assert preview.steps == 4 and preview.bytes_read == first_end and np.array_equal(preview.image, clean)

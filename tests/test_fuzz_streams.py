@@ -6,14 +6,14 @@ retired versions' streams are refused as a whole, tests/test_golden.py) is mutat
 header edits with the header CRC recomputed (so the edited field is what gets checked), and
 payload edits with the payload and header CRCs recomputed (so the entropy decoder itself sees
 garbage). Each mutant is decoded by `m2t_core.decompress` (the model found from the header)
-in a pool of 2 spawned worker processes, each with an address-space limit (RLIMIT_AS) and a
+and through its preview path (`steps=4`), in a pool of 2 spawned worker processes, each with an address-space limit (RLIMIT_AS) and a
 per-item time limit; a worker that dies fails the test.
 
 A mutant whose header is still valid and names a golden stream's model and weights makes the
 decoder run the network over the whole image (~0.4 s per stream on one core), so only the
-first M2T_FUZZ_DEEP of those (default 80, alternately payload and header mutants) are
+first M2T_FUZZ_DEEP of those (default 60, alternately payload and header mutants) are
 decoded; the others are counted and skipped. M2T_FUZZ_ITEMS (default 4000) and M2T_FUZZ_DEEP
-raise the numbers on a bigger box. About 45 s on a 2-core VM.
+raise the numbers on a bigger box. About 30 s on a 2-core VM.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import pytest
 DATA = Path(__file__).resolve().parent / "data"
 SEED = 20261201
 ITEMS = int(os.environ.get("M2T_FUZZ_ITEMS", "4000"))
-DEEP = int(os.environ.get("M2T_FUZZ_DEEP", "80"))
+DEEP = int(os.environ.get("M2T_FUZZ_DEEP", "60"))  # each decoded twice: full and preview
 SHALLOW_LIMIT_S = 20.0  # per mutant that is refused from its header / checksums (they take ms)
 DEEP_LIMIT_S = 120.0  # per mutant decoded in full (a 144x96 stream: < 1 s on one core; generous for busy VMs)
 MEMORY_HEADROOM = 3 << 30  # address space a worker may add to what it had after importing torch
 BATCH = 200
+PREVIEW_STEPS = 4  # the preview path each mutant is decoded through too (m2t_core.decompress(steps=...))
 
 
 # ---------------------------------------------------------------- worker side (spawned processes)
@@ -75,24 +76,41 @@ def _decode_batch(items: list[tuple[int, bytes, float]], max_pixels: int) -> lis
 
     import m2t_core
 
-    out = []
-    for index, data, limit in items:
+    def attempt(data: bytes, limit: float, steps: int | None) -> tuple[str, str]:
         signal.setitimer(signal.ITIMER_REAL, limit)
         try:
-            rgb = m2t_core.decompress(data, max_pixels=max_pixels)
+            rgb = m2t_core.decompress(data, max_pixels=max_pixels, steps=steps)
             header = m2t_core.read_header(data, max_pixels=max_pixels)
             ok = rgb.dtype == np.uint8 and rgb.shape == (header.height, header.width, 3)
-            out.append((index, "ok" if ok else "other", "" if ok else f"decoded array {rgb.dtype} {rgb.shape}"))
+            return ("ok", "") if ok else ("other", f"decoded array {rgb.dtype} {rgb.shape}")
         except _Timeout:
-            out.append((index, "timeout", f"over {limit} s"))
+            return "timeout", f"over {limit} s"
         except m2t_core.BitstreamError as exc:
-            out.append((index, "bitstream_error", f"{type(exc).__name__}: {str(exc)[:200]}"))
+            return "bitstream_error", f"{type(exc).__name__}: {str(exc)[:200]}"
         except MemoryError:
-            out.append((index, "memory", "MemoryError"))
+            return "memory", "MemoryError"
         except BaseException as exc:  # noqa: BLE001  (anything else is the bug being looked for)
-            out.append((index, "other", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}"))
+            return "other", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+
+    out = []
+    for index, data, limit in items:
+        # The full decode, then the preview path (the first PREVIEW_STEPS steps): each must
+        # decode or raise a BitstreamError; the outcome reported is the full decode's unless
+        # the preview did worse. A shallow mutant's preview is decoded only where its header
+        # is refused (cheap): the others are mostly truncations, i.e. valid prefixes.
+        full = attempt(data, limit, None)
+        if limit < DEEP_LIMIT_S:
+            try:
+                m2t_core.read_header(data, max_pixels=max_pixels, prefix=True)
+                out.append((index, *full))
+                continue
+            except Exception:  # noqa: BLE001  (the preview below must raise it as a BitstreamError)
+                pass
+        preview = attempt(data, limit, PREVIEW_STEPS)
+        worse = preview if preview[0] not in ("ok", "bitstream_error") else full
+        out.append((index, worse[0], ("preview: " if worse is preview else "") + worse[1]))
     return out
 
 

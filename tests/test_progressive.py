@@ -179,7 +179,8 @@ def test_the_step_table_is_checked():
     enc = Encoder(model).encode_image(random_image(40, 50, seed=7))
     header, payload = bs.unpack(enc.bitstream)
     # A table with the wrong number of chunks for the image (the header CRC fixed up).
-    bad = dataclasses.replace(header, step_pieces=tuple(row + (0,) for row in header.step_pieces))
+    bad = dataclasses.replace(header, step_pieces=tuple(row + (0,) for row in header.step_pieces),
+                              piece_crcs=header.piece_crcs * 2)
     with pytest.raises(bs.BitstreamError, match="chunks"):
         model.decompress(bs.pack(bad, payload))
     # The adaptive-order flag on an M2T stream.
