@@ -77,6 +77,10 @@ CHUNK_WINDOWS = 64
 
 _FIXED_AFTER_ID = struct.Struct("<8sIIIIIB")  # hash, h, w, len, crcs, num_steps (then the step table)
 _HEADER_CRC = struct.Struct("<I")
+# The fewest bytes any readable stream has (format 3's smallest: magic, version, flags, a 1-byte
+# model id, the fixed fields, a one-chunk step table, the header CRC, one window's payload):
+# an archive index row shorter than this cannot hold a stream.
+MIN_STREAM_BYTES = len(MAGIC) + 3 + 1 + _FIXED_AFTER_ID.size + 1 + _HEADER_CRC.size + MIN_PAYLOAD_BYTES_PER_WINDOW
 
 
 class BitstreamError(ValueError):

@@ -46,17 +46,10 @@ class IndexCheckError(A.ArchiveError):
 
 
 def min_stream_bytes() -> int:
-    """The fewest bytes any bitstream has: its smallest header (magic, version, flags, a
-    1-byte model id, the fixed fields, a one-chunk step table, the header CRC) and the
-    smallest payload of one window. A lower bound for every format version that only adds
-    fields (m2t_core.bitstream.MIN_STREAM_BYTES where the codec defines it)."""
+    """The fewest bytes any bitstream has (m2t_core.bitstream.MIN_STREAM_BYTES)."""
     from m2t_core import bitstream as bs
 
-    exact = getattr(bs, "MIN_STREAM_BYTES", None)
-    if isinstance(exact, int) and exact > 0:
-        return exact
-    fixed = getattr(getattr(bs, "_FIXED_AFTER_ID", None), "size", 29)
-    return len(bs.MAGIC) + 3 + 1 + fixed + 1 + 4 + bs.min_payload_len(1)
+    return bs.MIN_STREAM_BYTES
 
 
 @dataclass
