@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import struct
 import sys
 import zlib
 from pathlib import Path

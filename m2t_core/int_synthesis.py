@@ -13,24 +13,26 @@ every number between the latent and the pixels is an integer:
 * the products run in float32 *carriers* on integer operands, split so that no partial sum
   can leave the range where float32 is exact: the activation is split into two planes
   (q = 256 * hi + lo, |hi|, |lo| <= 128) that go through the convolution as one batch, and
-  every weight row satisfies 128 * sum|w| + |bias| + rounding < 2^24 (`exactness_margin_bits`
-  says by how much). Every partial sum of every output is then an integer below 2^24, which
+  every weight row satisfies 128 * sum|w| <= 2^24 - 2^21 (`exactness_margin_bits` checks every
+  bound of a model's integers). Every partial sum of every output is then an integer below 2^24, which
   float32 holds exactly, so the result does not depend on summation order, blocking, FMA,
   SIMD width, thread count or device. Only the algorithm must be a sum of products: direct
   convolution or im2col + GEMM (what PyTorch runs on CPUs), never Winograd/FFT or reduced
   precision (TF32, bf16): `exact_products()` turns those off, and GPUs run im2col + matmul.
 * the two planes are recombined and rescaled without leaving exact float32 either:
-  floor((256 * P_hi + X) / 2^s) = floor((P_hi + floor(X / 256)) / 2^(s - 8)) for s >= 8;
+  floor((256 * P_hi + X) / 2^s) = floor((P_hi + floor(X / 256)) / 2^(s - 8)) for s >= 8, the
+  bias split into its part in output steps and a remainder below 2^s (`Rescale`);
 * the sigmoid of the attention gate is a lookup in a table computed with integer-only
   arithmetic (intmath), the gate an exact product below 2^24;
 * pixels: round(clamp(x, 0, 1) * 255) as an integer multiply and shift.
 
-Cost against the float g_s on Kodak (measured with real bitstreams, docs/models.md): the
-weights keep about 17 bits of L1 budget per row and activations 16 bits; calibration and
-the bounds are in `export_from` / `calibrate`.
+Cost against the float g_s on Kodak, real bitstreams (bench/integer_synthesis.py,
+docs/models.md): +0.05 % BD-rate, no retraining. Speed: every convolution runs twice (the two
+planes), about 2.4x the float g_s's time on one CPU thread (docs/benchmarks.md).
 
-Layout: tensors are NCHW float32 holding integers. The structure (which convolutions, in
-which order) is read from the float SynthesisTransform, so the two can never disagree.
+Layout: tensors are (B, C, H, W) float32 holding integers, in channels-last memory (oneDNN's
+faster layout). The structure (which convolutions, in which order) is read from the float
+SynthesisTransform, so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ PLANE = 256  # q = PLANE * hi + lo
 PLANE_MAX = 128  # |hi|, |lo| <= 128
 FP32_EXACT = 1 << 24  # every integer below 2^24 is a float32
 ROW_BUDGET = FP32_EXACT - (1 << 21)  # PLANE_MAX * sum|w| of a row: |P_hi|, |P_lo| <= this
-MAX_SHIFT = 21  # rescaling shifts: the convolution's bias f_lo < 2^21 and f_hi < 2^13
+MAX_SHIFT = 21  # rescaling shifts at most: the high plane's rounding carry f_hi < 2^13
 MAX_BIAS_OUT = 1 << 20  # |bias| in output steps (beyond it, the clamp decides anyway)
 GATE_IN_EXP = 8  # the attention mask's logits, in 1/256
 GATE_HALF = 16 << GATE_IN_EXP  # the sigmoid table covers [-16, 16]
@@ -166,15 +168,16 @@ class Rescale:
 
     @staticmethod
     def of(bias: torch.Tensor, shift: torch.Tensor, device) -> "Rescale":
-        s = shift.to(torch.int64).clamp(min=0)  # export keeps shifts >= 0 (checked by exactness_margin_bits)
-        total = bias.to(torch.int64) + torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp(min=0), 0)
-        b_int = torch.div(total, torch.ones_like(s) << s, rounding_mode="floor")
-        frac = total - (b_int << s)  # 0 <= frac < 2^s
+        s = shift.to(torch.int64)  # may be negative (an output finer than input x weight): a left shift
+        up, down = (-s).clamp(min=0), s.clamp(min=0)
+        total = bias.to(torch.int64) + torch.where(s > 0, torch.ones_like(s) << (down - 1).clamp(min=0), 0)
+        b_int = torch.where(s >= 0, torch.div(total, torch.ones_like(s) << down, rounding_mode="floor"), total << up)
+        frac = torch.where(s >= 0, total - (b_int << down), 0)  # 0 <= frac < 2^s
         wide = s >= 8
         f_hi = torch.where(wide, frac >> 8, 0)
         f_lo = torch.where(wide, frac & 255, frac)
         col = (lambda t: t.to(device, torch.float32)[:, None, None])  # (rows, 1, 1)
-        return Rescale(shift.to(torch.int64).clone(), f_lo.to(device, torch.float32), col(f_hi - f_lo),
+        return Rescale(s.clone(), f_lo.to(device, torch.float32), col(f_hi - f_lo),
                        col(b_int), col(torch.pow(2.0, -(s - 8).double())), col(wide), bool(wide.all()))
 
 
@@ -265,7 +268,7 @@ class IntSynthesis(nn.Module):
         for spec in self.specs:
             c = self.conv(spec.name)
             shift = self.exp(self.input_of(spec.name)) + c.w_exp - self.exp(self.output_of(spec.name))
-            if int(shift.min()) < 0 or int(shift.max()) > MAX_SHIFT:
+            if int(shift.max()) > MAX_SHIFT:
                 return -math.inf
             r = Rescale.of(c.bias, shift, "cpu")
             p = c.weight.abs().to(torch.int64).reshape(spec.c_out, -1).sum(dim=1) * PLANE_MAX  # bounds |P_hi|, |P_lo|
@@ -461,8 +464,9 @@ def _combine(p: torch.Tensor, r: Rescale) -> torch.Tensor:
     p = (P_hi + f_lo, P_lo + f_lo) stacked on the batch, in exact float32 steps (in place):
     for s >= 8 it is b_int + floor((P_hi + f_hi + floor((P_lo + f_lo) / 256)) / 2^(s-8)), every
     term an integer below 2^24. A row with s < 8 (its output finer than input x weight; rare)
-    is b_int + P_hi 2^(8-s) + floor((P_lo + f_lo) / 2^s): the product is exact (a power of
-    two) and a sum beyond 2^24 lies far beyond the clamp that follows."""
+    (or negative: a left shift) is b_int + P_hi 2^(8-s) + floor((P_lo + f_lo) / 2^s): scaling by a
+    power of two is exact, an exact sum below 2^24 is returned exactly, and one beyond 2^24
+    stays beyond it (rounding is monotonic), far beyond the clamp that follows."""
     B = p.shape[0] // 2
     hi, lo = p[:B], p[B:]
     if not r.all_wide:  # r.scale is 2^(8-s): P_hi 2^(8-s) and floor(lo 2^-s)

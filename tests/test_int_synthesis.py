@@ -1,0 +1,110 @@
+"""The integer synthesis transform (m2t_core/int_synthesis.py) computes exactly its integer
+definition: checked against a float64 reference that computes the same integers the direct
+way (whole accumulators, one floor division per output), where float64 is exact for every
+value involved. The float32 form splits activations into planes and rescales in steps; any
+slip in those bounds or steps shows here as a differing pixel."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2t_core import int_synthesis as IS
+from m2t_core import load_model
+
+from _models import tiny_model
+
+
+class ReferenceOps:
+    """The integer definition in float64: conv of the whole activation (|sums| < 2^53), then
+    floor((acc + bias + 2^(s-1)) / 2^s) per row (a left shift where s < 0), clamped."""
+
+    def __init__(self, model: IS.IntSynthesis):
+        self.m = model
+        self.deconvs = sum(1 for s in model.specs if s.upsample > 1)
+        self.stage = 0
+        self.table = torch.from_numpy(IS.sigmoid_table()).double()
+
+    def enter(self, y):
+        self.stage = 0
+        e = self.m.exp("stream0")
+        y = y.double().clamp(-IS.ACT_LIMIT, IS.ACT_LIMIT)
+        if e >= 0:
+            return (y * 2.0 ** e).clamp(-IS.ACT_LIMIT, IS.ACT_LIMIT)
+        return torch.floor((y + 2.0 ** (-e - 1)) / 2.0 ** -e).clamp(-IS.ACT_LIMIT, IS.ACT_LIMIT)
+
+    def _conv(self, name, x, low, high):
+        conv = self.m.conv(name)
+        shift = (self.m.exp(self.m.input_of(name)) + conv.w_exp - self.m.exp(self.m.output_of(name))).double()
+        acc = F.conv2d(x, conv.weight.double(), padding=conv.spec.kernel // 2) + conv.bias.double()[:, None, None]
+        half = torch.where(shift > 0, 2.0 ** (shift - 1), 0.0)[:, None, None]
+        out = torch.floor((acc + half) * 2.0 ** -shift[:, None, None])  # exact: integers < 2^53, powers of two
+        return out.clamp(low, high)
+
+    def conv(self, name, x, a_in, a_out, relu):
+        if a_out == "gate":
+            return self._conv(name, x, -IS.GATE_HALF, IS.GATE_HALF)
+        return self._conv(name, x, 0 if relu else -IS.ACT_LIMIT, IS.ACT_LIMIT)
+
+    def deconv(self, name, x, stream):
+        self.stage += 1
+        out = "pixels" if self.stage == self.deconvs else f"stream{self.stage}"
+        return F.pixel_shuffle(self._conv(name, x, -IS.ACT_LIMIT, IS.ACT_LIMIT), self.m.conv(name).spec.upsample), out
+
+    def add(self, x, d, stream):
+        return (x + d).clamp(-IS.ACT_LIMIT, IS.ACT_LIMIT)
+
+    def gate(self, x, t, m, stream):
+        sig = self.table[(m + IS.GATE_HALF).long()]
+        return (x + torch.floor((t * sig + 2.0 ** (IS.GATE_BITS - 1)) / 2.0 ** IS.GATE_BITS)).clamp(
+            -IS.ACT_LIMIT, IS.ACT_LIMIT)
+
+
+def reference_pixels(model: IS.IntSynthesis, y: torch.Tensor) -> np.ndarray:
+    q = IS.forward(ReferenceOps(model), model.program, y)
+    px = torch.floor((q * 255.0 + 2.0 ** (IS.PIXEL_EXP - 1)) / 2.0 ** IS.PIXEL_EXP).clamp(0, 255)
+    return px.to(torch.uint8).numpy()
+
+
+def _latents(C: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.round(torch.randn(2, C, 3, 4, generator=g) * 6)
+    y[0, 0, 0, 0], y[0, 1, 0, 1], y[1, 2, 1, 0] = 32768, -32768, 900  # extremes clamp, defined
+    return y
+
+
+def test_shipped_model_equals_its_integer_definition():
+    model = load_model("m2t-small-q2")
+    assert model.g_s_int.exactness_margin_bits() > 0
+    y = _latents(model.cfg.C, 0)
+    np.testing.assert_array_equal(IS.synthesize(model.g_s_int, y).numpy(), reference_pixels(model.g_s_int, y))
+
+
+@pytest.mark.parametrize("bump", [0, 6, 12])
+def test_every_rescaling_form_equals_the_definition(bump):
+    """Weights 2^bump times larger get 2^bump coarser integer weights, so rows shift by less
+    than 8, or by a negative amount (a left shift): those forms must hold exactly too."""
+    model = copy.deepcopy(tiny_model("m2t")).eval()
+    g_int = model.g_s_int
+    with torch.no_grad():
+        for p in model.g_s.parameters():
+            p.mul_(2.0 ** bump)
+        g_int.export_from(model.g_s)
+    shifts = torch.cat([g_int.exp(g_int.input_of(s.name)) + g_int.conv(s.name).w_exp - g_int.exp(g_int.output_of(s.name))
+                        for s in g_int.specs])
+    assert g_int.exactness_margin_bits() > 0
+    if bump == 12:
+        assert int(shifts.min()) < 0 < int(shifts.max())  # left shifts, narrow and wide rows
+    y = _latents(model.cfg.C, bump)
+    np.testing.assert_array_equal(IS.synthesize(g_int, y).numpy(), reference_pixels(g_int, y))
+
+
+def test_sigmoid_table_is_pinned_and_monotone():
+    table = IS.sigmoid_table()
+    assert table[0] == 0 and table[IS.GATE_HALF] == 1 << (IS.GATE_BITS - 1) and table[-1] == 1 << IS.GATE_BITS
+    assert (np.diff(table) >= 0).all()
+    assert (table + table[::-1] == 1 << IS.GATE_BITS).all()  # sigmoid(-x) = 1 - sigmoid(x), exactly
