@@ -398,6 +398,7 @@ class IntOps:
         self.deconvs = sum(1 for s in model.specs if s.upsample > 1)
         self.stage = 0
         self.gate_table = torch.from_numpy(sigmoid_table()).to(device, torch.float32)
+        self._looked_up: dict[str, tuple[torch.Tensor, "Rescale"]] = {}  # per conv, for this pass
 
     def enter(self, y: torch.Tensor) -> torch.Tensor:
         self.stage = 0
@@ -407,9 +408,11 @@ class IntOps:
         return _rescale(y, -e, ACT_LIMIT).contiguous(memory_format=torch.channels_last)
 
     def _carriers(self, name: str, device) -> tuple[torch.Tensor, "Rescale"]:
-        conv = self.m.conv(name)
-        shift = self.m.exp(self.m.input_of(name)) + conv.w_exp - self.m.exp(self.m.output_of(name))
-        return conv.carriers(device, shift)
+        if name not in self._looked_up:  # products and rescaling of one call share the lookup
+            conv = self.m.conv(name)
+            shift = self.m.exp(self.m.input_of(name)) + conv.w_exp - self.m.exp(self.m.output_of(name))
+            self._looked_up[name] = conv.carriers(device, shift)
+        return self._looked_up[name]
 
     def _products(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The convolution of integer x with the integer weights plus the bias f_lo, exactly:
