@@ -96,6 +96,30 @@ class SimplifiedAttention(nn.Module):
         return x + self.trunk(x) * torch.sigmoid(self.mask(x))
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _fp32_ends(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """`layers(x)`; under autocast the first and the last layer run in fp32. In bf16 an input
+    pixel in [0.5, 1] or a reconstructed one is rounded to 1/256 (about one grey level) and a
+    latent above 32 to 1/4: fine-tuning m2t-small-q3 768 crops with the ends in bf16 lost
+    0.13 dB on val against fp32 at equal crops (bench/train_speed.py). The ends have 3 input
+    or output channels, or work on the 16x-down-sampled latent; g_a's first-stage residual
+    stream stays fp32 too (fp32 + a bf16 block is fp32), its convolutions bf16. Together
+    they cost 17 % of a CPU step and recovered most of the loss (docs/training.md)."""
+    if not _autocast_on(x.device.type):
+        return layers(x)
+    with torch.autocast(x.device.type, enabled=False):
+        h = layers[0](x.float())
+    h = layers[1:-1](h)
+    with torch.autocast(x.device.type, enabled=False):
+        return layers[-1](h.float())
+
+
 def _blocks(channels: int, count: int) -> list[nn.Module]:
     return [ResidualBottleneck(channels) for _ in range(count)]
 
@@ -114,7 +138,7 @@ class AnalysisTransform(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return _fp32_ends(self.layers, x)
 
 
 class SynthesisTransform(nn.Module):
@@ -131,7 +155,7 @@ class SynthesisTransform(nn.Module):
         )
 
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
-        return self.layers(y_hat)
+        return _fp32_ends(self.layers, y_hat)
 
 
 # ---------------------------------------------------------------------- CPU inference

@@ -277,6 +277,20 @@ def test_resume_continues_step_count_and_optimizer(tmp_path):
     assert registry.read_metadata(out / "tiny-test.safetensors")[2]["steps"] == 12
 
 
+def test_time_limit_stops_checkpoints_and_exports_at_the_step_reached(tmp_path, caplog):
+    make_images(tmp_path / "train", 4)
+    cfg = tiny_config(tmp_path / "train", tmp_path / "run", "steps=100000", "log_every=5", "checkpoint_every=1000",
+                      "time_limit_s=2")
+    with caplog.at_level(logging.INFO):
+        T.train(cfg)
+    step = json.loads((tmp_path / "run" / "last-state.json").read_text())["step"]
+    assert 0 < step < 100000 and "time limit of 2 s reached" in caplog.text
+    info = registry.read_metadata(tmp_path / "run" / "tiny-test.safetensors")[2]
+    assert info["steps"] == step and info["crops_seen"] == step * 2
+    with pytest.raises(ConfigError, match="ray.workers: 1"):
+        tiny_config(tmp_path / "train", tmp_path / "run2", "time_limit_s=5", "ray.workers=2")
+
+
 def test_ray_trainer_one_worker(tmp_path, ray_cluster):
     make_images(tmp_path / "train", 3)
     cfg = tiny_config(tmp_path / "train", tmp_path / "run", "steps=3", "log_every=1")

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -47,177 +46,19 @@ import torch.nn.functional as F
 import yaml
 
 from m2t_core import M2TCodec, registry
-from m2t_core.config import (ConfigError, ModelConfig, apply_overrides, dataclass_from_dict, load_mapping,
-                             load_model_config, yaml_numbers)
+from m2t_core.config import ConfigError, ModelConfig, dataclass_from_dict
 from m2t_core.metrics import psnr, psnr_from_mse
-from m2t_core.sysinfo import cpu_model
+from m2t_core.sysinfo import cpu_flags, cpu_model
 from pipeline.storage.sources import SourceCache, SourceError, filesystem
 from pipeline.training.checkpoints import (atomic_write, copy_weights, has_state, load_state, save_state,
                                            truncate_metrics)
 from pipeline.training.data import CropDataset, InfiniteSampler, list_samples, load_val_images
+from pipeline.training.device_pool import DeviceBatches
+from pipeline.training.pool import BatchStream, ImagePool
+from pipeline.training.train_config import EXPORT_DTYPES, TrainConfig, load_config, prepare_config, train_sources
+from pipeline.training.train_config import RayConfig, resolve_model_config  # noqa: F401 (the job's API, as before)
 
 log = logging.getLogger(__name__)
-
-AMP_MODES = ("none", "bf16")
-EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-# ====================================================================== configuration
-
-
-@dataclass
-class RayConfig:
-    workers: int = 1  # training workers (data parallel, one GPU each when GPUs are used)
-    use_gpu: Any = None  # null: use GPUs iff the cluster has some; true/false to force
-    cpus_per_worker: int = 1  # CPUs Ray reserves per worker (DataLoader workers come on top)
-
-
-@dataclass
-class TrainConfig:
-    # Model: a preset path (relative to the config file that names it, or to the current
-    # directory when given with --set) or an inline mapping of ModelConfig fields. May be
-    # left out when init_from is set: the architecture then comes from that checkpoint.
-    model: Any = None
-    model_id: str = "m2t-trained"  # registry name of the export
-    init_from: Any = None  # checkpoint path or registry name: start from its weights
-    # Data: one fsspec URL or a list, as `m2t compress` reads them: folders of images (searched
-    # recursively), globs, webdataset .tar shards, Parquet files (one image per row).
-    train_data: Any = None
-    val_data: Any = None
-    parquet_image_column: Any = None  # Parquet: the image column (null: found as compress finds it)
-    crop_size: int = 256
-    batch_size: int = 16  # per worker
-    steps: int = 20000
-    lr: float = 1e-4
-    warmup_steps: int = 500  # linear warm-up from 0
-    lr_decay_at: float = 0.9  # lr / 10 from this fraction of the steps on
-    # Quantisation-aware training of the entropy model from this fraction of the steps on:
-    # at that step the exact (integer) model's exponents are calibrated on the batch's
-    # latents, and from then on the entropy model trains through the integer grid
-    # (m2t_core/exact.py). 1.0: float training throughout, calibration at export only.
-    qat_from: float = 0.8
-    lmbda: float = 0.0067  # loss = bpp + lmbda * MSE(0..255)
-    lambda_boost: float = 10.0  # lmbda x lambda_boost during the first lambda_boost_fraction
-    lambda_boost_fraction: float = 0.15
-    mt_mask_range: tuple[float, float] = (0.05, 0.99)  # MT: fraction of tokens masked per window
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    amp: str = "none"  # "none" | "bf16" (autocast of the network only)
-    compile: bool = False  # torch.compile the training forward pass
-    num_workers: int = 8  # DataLoader worker processes per training worker
-    seed: int = 0
-    log_every: int = 100
-    val_every: int = 2000
-    val_images: int = 8
-    checkpoint_every: int = 1000
-    output_dir: str = "runs/train"
-    export_dtype: str = "float16"
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    cpu_threads: int = 0  # torch threads when device is "cpu" (0: PyTorch's default)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        need(self.train_data not in (None, "", []),
-             "train_data is required (an fsspec URL or a list of them; e.g. --set train_data=/data/photos)")
-        for name in ("train_data", "val_data"):
-            value = getattr(self, name)
-            need(value is None or isinstance(value, str)
-                 or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
-                 f"{name} must be a URL or a list of URLs, got {value!r}")
-        need(self.parquet_image_column is None or (isinstance(self.parquet_image_column, str)
-                                                   and self.parquet_image_column != ""),
-             f"parquet_image_column must be a column name or null, got {self.parquet_image_column!r}")
-        need(self.model is not None or self.init_from is not None,
-             "model is required (a preset path or mapping) unless init_from names a checkpoint")
-        need(self.model is None or isinstance(self.model, (str, dict)),
-             f"model must be a preset path or a mapping, got {self.model!r}")
-        need(self.init_from is None or isinstance(self.init_from, str),
-             f"init_from must be a checkpoint path or registry name, got {self.init_from!r}")
-        need(bool(registry.MODEL_NAME_RE.match(self.model_id)),
-             f"model_id {self.model_id!r} is not a valid registry name (letters, digits, '.', '_', '-')")
-        need(self.crop_size > 0 and self.crop_size % 16 == 0,
-             f"crop_size must be a positive multiple of 16, got {self.crop_size}")
-        for name in ("batch_size", "steps", "log_every", "val_every", "checkpoint_every"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "val_images", "cpu_threads"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.lr > 0 and self.lmbda > 0 and self.lambda_boost > 0 and self.grad_clip > 0,
-             "lr, lmbda, lambda_boost and grad_clip must be positive")
-        for name in ("lr_decay_at", "lambda_boost_fraction", "qat_from"):
-            need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
-        lo, hi = self.mt_mask_range if len(self.mt_mask_range) == 2 else (-1, -1)
-        need(0.0 < lo <= hi <= 1.0, f"mt_mask_range must be [lo, hi] with 0 < lo <= hi <= 1, got {self.mt_mask_range}")
-        need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        need(self.export_dtype in EXPORT_DTYPES, f"export_dtype must be one of {sorted(EXPORT_DTYPES)}")
-        need(self.ray.workers >= 1 and self.ray.cpus_per_worker >= 0, "ray.workers must be >= 1")
-        need(self.ray.use_gpu in (None, True, False), "ray.use_gpu must be null, true or false")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["mt_mask_range"] = list(self.mt_mask_range)
-        return data
-
-
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a training config file, then apply `key=value` overrides (dotted keys for nested
-    fields, values parsed as YAML). Unknown keys and bad values raise ConfigError."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml_numbers(load_mapping(path))
-        # A preset path in a config file is relative to that file, so configs can move together.
-        if isinstance(data.get("model"), str) and not Path(data["model"]).is_absolute():
-            data["model"] = str((path.parent / data["model"]).resolve())
-    apply_overrides(data, overrides)
-    return dataclass_from_dict(TrainConfig, data)
-
-
-def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The architecture to train: from `model`, else from the `init_from` checkpoint."""
-    if isinstance(cfg.model, dict):
-        return ModelConfig.from_dict(cfg.model)
-    if isinstance(cfg.model, str):
-        if not Path(cfg.model).is_file():
-            raise ConfigError(f"model preset not found: {cfg.model}")
-        return load_model_config(cfg.model)
-    return registry.read_metadata(_checkpoint_path(cfg.init_from))[1]
-
-
-def _checkpoint_path(name_or_path: str) -> Path:
-    if name_or_path.endswith(".safetensors") or os.sep in name_or_path:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ConfigError(f"init_from checkpoint not found: {path}")
-        return path
-    return registry.find_model(name_or_path)
-
-
-def _absolute_url(url: str) -> str:
-    return url if "://" in url else str(Path(url).expanduser().resolve())
-
-
-def prepare_config(cfg: TrainConfig) -> TrainConfig:
-    """Make paths absolute and the model inline, so that workers anywhere read the same thing."""
-    urls = lambda v: None if v is None else (_absolute_url(v) if isinstance(v, str) else [_absolute_url(u) for u in v])
-    model_cfg = resolve_model_config(cfg)
-    if cfg.init_from is not None:
-        init_path = _checkpoint_path(cfg.init_from)
-        init_cfg = registry.read_metadata(init_path)[1]
-        if init_cfg != model_cfg:
-            raise ConfigError(f"init_from {init_path} has a different architecture than `model`: "
-                              f"{init_cfg} vs {model_cfg} (leave `model` out to take the checkpoint's)")
-    return dataclasses.replace(
-        cfg, model=model_cfg.to_dict(), train_data=urls(cfg.train_data), val_data=urls(cfg.val_data),
-        output_dir=str(Path(cfg.output_dir).expanduser().resolve()),
-        init_from=str(_checkpoint_path(cfg.init_from).resolve()) if cfg.init_from else None,
-    )
-
 
 # ====================================================================== loss, schedules, validation
 
@@ -300,6 +141,19 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products; without them bf16 is emulated
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where the device computes bf16 natively, else "none". On the 2-core
+    AMD EPYC VM (AVX512-BF16) bf16 autocast made a m2t-small step 2.2x faster (bench/train_speed.py)."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    return "bf16" if any(flag in cpu_flags() for flag in BF16_CPU_FLAGS) else "none"
+
+
 def pick_device(name: str) -> torch.device:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda":
@@ -349,6 +203,7 @@ class _Worker:
     world: int
     device: torch.device
     under_ray: bool
+    amp: str  # resolved: "none" | "bf16"
 
     @property
     def is_main(self) -> bool:  # rank 0 logs, validates, checkpoints and exports
@@ -369,29 +224,27 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     shuffle_seed = int(np.random.SeedSequence([cfg.seed, start_step]).generate_state(1)[0])
     run_seed = int(np.random.SeedSequence([cfg.seed, start_step, worker.rank]).generate_state(1)[0])
     torch.manual_seed(run_seed)
-    sources = SourceCache()  # holds the tar indexes listed here, for the DataLoader workers
-    samples = list_samples(cfg.train_data, cfg.parquet_image_column, sources)
     if worker.is_main:
         worker.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(worker.out_dir / "config.yaml",
                      lambda p: p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
         if start_step:
             truncate_metrics(worker.out_dir / "metrics.jsonl", start_step)
-        log.info("%d training images from %s on %s x %d", len(samples), cfg.train_data, worker.device, worker.world)
+        log.info("training on %s x %d, amp %s, %s, loader %s", worker.device, worker.world, worker.amp,
+                 "channels-last" if cfg.channels_last else "NCHW", cfg.loader)
     run_log = _RunLog(worker, load_val_images(cfg.val_data, cfg.val_images, cfg.parquet_image_column)
                       if worker.is_main else [])
-    loader = _data_loader(worker, CropDataset(samples, cfg.crop_size, seed=run_seed,
-                                              image_column=cfg.parquet_image_column, cache=sources),
-                          shuffle_seed, run_seed)
-    batches = iter(loader)
-    x, t_start = _train_steps(worker, model, optimizer, batches, start_step, elapsed_before, run_log)
-    if not model.qat and start_step < cfg.steps:  # qat_from = 1: calibrate for the export
-        start_qat(model, x)
-    del batches, loader  # stops the DataLoader workers
+    batches, stop_batches = _batches(worker, shuffle_seed, run_seed)
+    try:
+        x, t_start, last_step = _train_steps(worker, model, optimizer, batches, start_step, elapsed_before, run_log)
+        if not model.qat and start_step < last_step:  # qat_from = 1 or a time limit: calibrate for the export
+            start_qat(model, x)
+    finally:
+        stop_batches()
 
     if worker.is_main:
         export(cfg, model, worker.device, worker.world, elapsed_before + time.time() - t_start,
-               run_log.validation, max(start_step, cfg.steps))
+               run_log.validation, last_step, amp=worker.amp)
 
 
 def _place_worker(cfg: TrainConfig, under_ray: bool) -> _Worker:
@@ -410,7 +263,7 @@ def _place_worker(cfg: TrainConfig, under_ray: bool) -> _Worker:
         torch.backends.cudnn.benchmark = True  # fixed crop size: autotune once
         torch.backends.cuda.matmul.allow_tf32 = True  # training only; coding turns it off itself
         torch.backends.cudnn.allow_tf32 = True
-    return _Worker(cfg, rank, world, device, under_ray)
+    return _Worker(cfg, rank, world, device, under_ray, resolve_amp(cfg.amp, device))
 
 
 def _build_model(worker: _Worker, resume: bool) -> tuple[M2TCodec, torch.optim.Optimizer, int, float]:
@@ -425,7 +278,7 @@ def _build_model(worker: _Worker, resume: bool) -> tuple[M2TCodec, torch.optim.O
         copy_weights(model, registry.load_checkpoint(cfg.init_from))
         log.info("initialised from %s", cfg.init_from)
     # On the device before the optimizer exists, so restored moments land next to their params.
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     start_step, elapsed_before = 0, 0.0
@@ -436,6 +289,34 @@ def _build_model(worker: _Worker, resume: bool) -> tuple[M2TCodec, torch.optim.O
     if start_step >= cfg.steps:
         log.info("nothing to train: step %d >= steps %d", start_step, cfg.steps)
     return model, optimizer, start_step, elapsed_before
+
+
+def _batches(worker: _Worker, shuffle_seed: int, run_seed: int):
+    """(an endless iterator of uint8 (B, 3, crop, crop) batches, a function that stops it)."""
+    cfg = worker.cfg
+    if cfg.loader in ("memory", "device"):
+        threads = cfg.cpu_threads or torch.get_num_threads()
+        pool = ImagePool.load(train_sources(cfg), cfg.crop_size, cfg.memory_mb, seed=run_seed, rank=worker.rank,
+                              world=worker.world, image_column=cfg.parquet_image_column, threads=threads)
+        if cfg.loader == "device":
+            stream = DeviceBatches(pool, cfg.batch_size, seed=run_seed, device=worker.device)
+            log.info("training images on %s: %.0f MB", worker.device, stream.nbytes / 2**20)
+        else:
+            stream = BatchStream(pool, cfg.batch_size, seed=run_seed)
+        return stream, stream.close
+    sources = SourceCache()  # holds the tar indexes listed here, for the DataLoader workers
+    samples = list_samples(cfg.train_data, cfg.parquet_image_column, sources)
+    if worker.is_main:
+        log.info("%d training images from %s", len(samples), cfg.train_data)
+    loader = _data_loader(worker, CropDataset(samples, cfg.crop_size, seed=run_seed,
+                                              image_column=cfg.parquet_image_column, cache=sources),
+                          shuffle_seed, run_seed)
+    batches = iter(loader)
+
+    def stop() -> None:
+        nonlocal batches, loader
+        del batches, loader  # stops the DataLoader workers
+    return batches, stop
 
 
 def _data_loader(worker: _Worker, dataset: CropDataset, shuffle_seed: int,
@@ -503,13 +384,34 @@ class _RunLog:
             self.append(record)
 
 
+def to_input(batch: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [0, 1] on the device, in the training layout."""
+    return batch.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=layout)
+
+
+def train_step(net: torch.nn.Module, model: M2TCodec, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               lmbda: float, cfg: TrainConfig, autocast) -> torch.Tensor:
+    """One optimisation step on batch x; returns (loss, bpp, mse), detached, on the device."""
+    with autocast:
+        out = net(x, cfg.mt_mask_range)
+    bpp, mse = rate_distortion(out, x)
+    loss = bpp + lmbda * mse
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return torch.stack([loss.detach(), bpp.detach(), mse.detach()])
+
+
 def _train_steps(worker: _Worker, model: M2TCodec, optimizer: torch.optim.Optimizer, batches: Iterator,
-                 start_step: int, elapsed_before: float, run_log: _RunLog) -> tuple[torch.Tensor | None, float]:
+                 start_step: int, elapsed_before: float, run_log: _RunLog) -> tuple[torch.Tensor | None, float, int]:
     """Steps start_step + 1 .. cfg.steps, with logging, validation and checkpoints on rank 0.
-    Returns the last batch (None if no step ran) and the time the steps started."""
+    Returns the last batch (None if no step ran), the time the steps started and the last step
+    (below cfg.steps when cfg.time_limit_s stopped the run)."""
     cfg, device = worker.cfg, worker.device
     net = _training_net(worker, model)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=worker.amp == "bf16")
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     qat_step = qat_start_step(cfg)
     model.train()
     x = None
@@ -521,19 +423,11 @@ def _train_steps(worker: _Worker, model: M2TCodec, optimizer: torch.optim.Optimi
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = next(batches).to(device, non_blocking=True).float().div_(255.0)
+        x = to_input(next(batches), device, layout)
         if step == qat_step:
             start_qat(model, x)
             log.info("step %d: exact entropy model calibrated; quantisation-aware training from here", step)
-        with autocast:
-            out = net(x, cfg.mt_mask_range)
-        bpp, mse = rate_distortion(out, x)
-        loss = bpp + lmbda_at(cfg, step) * mse
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        sums += torch.stack([loss.detach(), bpp.detach(), mse.detach()])
+        sums += train_step(net, model, optimizer, x, lmbda_at(cfg, step), cfg, autocast)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.time()
@@ -549,12 +443,17 @@ def _train_steps(worker: _Worker, model: M2TCodec, optimizer: torch.optim.Optimi
         if worker.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_state(worker.out_dir, model, optimizer, step, elapsed_before + time.time() - t_start, cfg)
         paused += time.time() - t_pause
-    return x, t_start
+        if cfg.time_limit_s and time.time() - t_start >= cfg.time_limit_s and step < cfg.steps:
+            log.info("time limit of %.0f s reached at step %d of %d: stopping here", cfg.time_limit_s, step, cfg.steps)
+            if step % cfg.checkpoint_every:
+                save_state(worker.out_dir, model, optimizer, step, elapsed_before + time.time() - t_start, cfg)
+            return x, t_start, step
+    return x, t_start, max(start_step, cfg.steps)
 
 
 
 def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, wall_s: float,
-           run_validation, step: int) -> Path:
+           run_validation, step: int, amp: str | None = None) -> Path:
     """Round the weights to export_dtype, validate THAT model (its figures are what users get),
     write <model_id>.safetensors."""
     dtype = EXPORT_DTYPES[cfg.export_dtype]
@@ -568,7 +467,8 @@ def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, 
     info = {
         "train_data": cfg.train_data, "val_data": cfg.val_data, "crop_size": cfg.crop_size,
         "steps": step, "batch_size": cfg.batch_size * world, "lambda": cfg.lmbda,
-        "distortion": "MSE on the 0..255 scale", "lr": cfg.lr, "amp": cfg.amp, "init_from": cfg.init_from,
+        "crops_seen": step * cfg.batch_size * world, "loader": cfg.loader, "channels_last": cfg.channels_last,
+        "distortion": "MSE on the 0..255 scale", "lr": cfg.lr, "amp": amp or cfg.amp, "init_from": cfg.init_from,
         "wall_time_s": round(wall_s, 1), "hardware": hardware_name(device, world),
         "val_bpp": val["bpp"] if val else None, "val_psnr": val["psnr"] if val else None,
         "val_images": val["images"] if val else 0,
@@ -622,7 +522,7 @@ def run_with_ray(cfg: TrainConfig, resume: bool) -> None:
 def train(cfg: TrainConfig, resume: bool = False, use_ray: bool = False) -> Path:
     """Train (in-process or on Ray) and return the path of the exported model."""
     cfg = prepare_config(cfg)
-    for url in [cfg.train_data] if isinstance(cfg.train_data, str) else cfg.train_data:
+    for url in [u for spec in train_sources(cfg) for u in spec.urls]:
         fs, root = filesystem(url)
         if not (fs.glob(root) if any(c in root for c in "*?[") else fs.exists(root)):
             raise ConfigError(f"train_data not found: {url}")
@@ -650,10 +550,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field (dotted keys for nested, YAML values); repeatable")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's last state")
     parser.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
+    parser.add_argument("--probe", action="store_true",
+                        help="measure training steps/s for a few batch sizes on this machine, then stop")
+    parser.add_argument("--probe-batches", default="4,8,16", help="--probe: batch sizes (default 4,8,16)")
+    parser.add_argument("--probe-crops", default="", help="--probe: crop sizes (default: the config's)")
     args = parser.parse_args(argv)
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.probe:
+            from pipeline.training.probe import run_probe
+
+            ints = lambda text: [int(v) for v in text.split(",") if v.strip()]
+            return run_probe(cfg, ints(args.probe_batches), ints(args.probe_crops))
         use_ray = not args.no_ray and _ray_available()
         if not args.no_ray and not use_ray:
             log.info("ray is not installed: training in this process")
