@@ -136,3 +136,15 @@ def test_autocast_runs_the_transforms_ends_in_fp32():
     assert y.dtype == x_hat.dtype == torch.float32
     with torch.no_grad():  # without autocast: exactly the plain Sequential
         assert torch.equal(model.g_a(x), model.g_a.layers(x))
+
+
+def test_probe_measures_batches_and_settings(capsys):
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "train" / "tiny-test.yaml"
+    assert T.main(["--config", str(tiny), "--set", "train_data=/nowhere", "--probe", "--probe-batches", "1,2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("crop")]
+    assert len(rows) == 4  # two batch sizes, then the other amp and the other layout at the config's batch
+    assert "amp bf16" in rows[2] and "NCHW" in rows[3]
+    assert "fastest at crop 64: batch_size" in out and "crops/s" in rows[0]
