@@ -39,7 +39,8 @@ def test_two_rounds_resume_one_run_and_log_each(setup):
     argv = ["--config", str(TINY), "--set", f"train_data={root / 'train'}", "--set", "init_from=tiny-q2",
             "--set", "model_id=tiny-q2", "--set", "model=null", "--set", "val_images=0",
             "--out", str(root / "campaign"), "--round-steps", "3", "--rounds", "2",
-            "--val", str(root / "val"), "--ladder", "tiny-q1,tiny-q2,tiny-q3", "--log", str(log), "--threads", "1"]
+            "--val", str(root / "val"), "--ladder", "tiny-q1,tiny-q2,tiny-q3", "--log", str(log), "--threads", "1",
+            "--nice", "0"]
     assert C.main(argv) == 0
     run = root / "campaign" / "tiny-q2"
     rounds = [json.loads(line) for line in (run / "campaign.jsonl").read_text().splitlines()]
@@ -57,7 +58,7 @@ def test_ship_installs_only_an_improving_round(setup):
     argv = ["--config", str(TINY), "--set", f"train_data={root / 'train'}", "--set", "init_from=tiny-q2",
             "--set", "model_id=tiny-q2", "--set", "model=null", "--set", "val_images=0", "--set", "lr=3e-3",
             "--out", str(root / "campaign"), "--round-steps", "4", "--rounds", "1", "--ship",
-            "--val", str(root / "val"), "--ladder", "tiny-q1,tiny-q2,tiny-q3", "--threads", "1"]
+            "--val", str(root / "val"), "--ladder", "tiny-q1,tiny-q2,tiny-q3", "--threads", "1", "--nice", "0"]
     assert C.main(argv) == 0
     record = json.loads((root / "campaign" / "tiny-q2" / "campaign.jsonl").read_text())
     installed = (weights / "tiny-q2.safetensors").read_bytes()

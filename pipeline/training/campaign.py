@@ -11,7 +11,8 @@ round, in this invocation or a later one, resumes the same run (weights, optimiz
 from <out>/<model_id>/last-*), extending `steps` by --round-steps, so the lr schedule's
 decay (lr / 10 for the last 10 % of the steps) and the quantisation-aware phase (qat_from)
 end every round: each candidate is an annealed, exactly-calibrated export. Interrupting a
-round loses at most checkpoint_every steps (the next invocation resumes it).
+round loses at most checkpoint_every steps (the next invocation resumes it). The campaign runs
+at a lowered CPU priority (--nice), so other work on the machine takes the cores first.
 
 After a round, pipeline.training.select_model codes val with real bitstreams, computes the
 ladder's BD-rate with the candidate in place of the model it would replace, ships it (with
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -82,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ship", action="store_true", help="install a candidate that improves on val")
     parser.add_argument("--log", default="", help="markdown file whose campaign log gets a row per round")
     parser.add_argument("--threads", type=int, default=0, help="threads for the val coding (0: all cores)")
+    parser.add_argument("--nice", type=int, default=10,
+                        help="lower this process's CPU priority by N (default 10): other work on the machine goes first")
     args = parser.parse_args(argv)
     T._setup_logging()
     if args.rounds <= 0 and args.hours <= 0:
         parser.error("give --rounds or --hours (the campaign must know when to stop)")
+    if args.nice > 0 and hasattr(os, "nice"):
+        os.nice(args.nice)  # "as long as the machine is free": a background campaign yields the cores
     try:
         cfg = T.load_config(args.config, args.overrides)
         round_steps = args.round_steps or cfg.steps
