@@ -14,6 +14,11 @@ have no exact model: m2t 0.2.0 converts them (`python -m pipeline.convert_exact`
 
 Registry names resolve to `<name>.safetensors` in the directories of the environment
 variable M2T_MODEL_PATH (os.pathsep-separated), then in the package's `weights/` folder.
+A stream names its model and weights hash: to decode it, the registry also tries the
+weights a model name had before, kept as `previous/<name>@<digest>.safetensors` in the same
+folders (pipeline.training.select_model --ship keeps the file it replaces there), so
+archives written before a retrained model was installed still decode. `m2t models` and
+find_model see only the current files.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ IGNORED_V2_PREFIXES = ("entropy_model.", "legacy_entropy_model.")  # rebuilt fro
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_MODEL = "m2t-small-q3"
+PREVIOUS_DIR = "previous"  # replaced weights of a name, kept so that their streams still decode
 
 
 class ModelNotFoundError(LookupError):
@@ -238,7 +244,7 @@ def list_models() -> list[ModelInfo]:
     return out
 
 
-_CACHE: dict[tuple[str, str], M2TCodec] = {}
+_CACHE: dict[tuple[str, int, int, str], M2TCodec] = {}
 
 
 def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu",
@@ -249,7 +255,8 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     path = Path(name_or_path) if looks_like_path else find_model(name_or_path)
     if not path.is_file():
         raise ModelNotFoundError(f"checkpoint not found: {path}")
-    key = (str(path.resolve()), str(device))
+    stat = path.stat()  # a file replaced in place (a shipped retrained model) is loaded anew
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
     if cache and key in _CACHE:
         return _CACHE[key]
     model = load_checkpoint(path, device)
@@ -294,7 +301,9 @@ def _header_matches(model: M2TCodec, header) -> bool:
 
 def installed_checkpoints(name: str) -> list[Path]:
     """Every installed checkpoint file called `<name>.safetensors` ($M2T_MODEL_PATH, then the
-    package's weights/), for a valid registry name; [] otherwise. Never a path from `name`."""
+    package's weights/), then the name's previous weights (`previous/<name>@*.safetensors`
+    in the same folders), for a valid registry name; [] otherwise. Never a path from `name`
+    (a valid name holds no glob character)."""
     if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
         return []
     out = []
@@ -302,6 +311,8 @@ def installed_checkpoints(name: str) -> list[Path]:
         candidate = d / f"{name}.safetensors"
         if candidate.is_file():
             out.append(candidate)
+    for d in search_dirs():  # the weights the name had before, after every current file
+        out.extend(sorted(p for p in (d / PREVIOUS_DIR).glob(f"{name}@*.safetensors") if p.is_file()))
     return out
 
 

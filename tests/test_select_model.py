@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from _models import build_model, random_image
-from m2t_core import registry
+import m2t_core
+from m2t_core import Encoder, registry
 from m2t_core.config import load_model_config
 from pipeline.training import select_model as S
 
@@ -93,8 +94,16 @@ def test_cli_evaluates_logs_caches_and_ships(campaign, capsys):
     assert len(ladder_files) == 3
     stamps = {p: p.stat().st_mtime_ns for p in ladder_files}
 
+    old_bytes = (weights / "tiny-q2.safetensors").read_bytes()
+    rgb = random_image(48, 64, seed=5)
+    old = Encoder(registry.load_model("tiny-q2", cache=False), reconstruct=True).encode_image(rgb)
     code, out, err = run(capsys, *common, "--ship", "--log", log, "--json", work / "second.json")
     assert code == 0, err
+    # The replaced weights are kept where the registry finds them for the streams they wrote.
+    [kept] = (weights / "previous").glob("tiny-q2@*.safetensors")
+    assert kept.read_bytes() == old_bytes and "kept the replaced weights" in out
+    assert [m.name for m in registry.list_models() if m.name.startswith("tiny")] == ["tiny-q1", "tiny-q2", "tiny-q3"]
+    assert np.array_equal(m2t_core.decompress(old.bitstream), old.x_hat)  # found by name and weights hash
     second = json.loads((work / "second.json").read_text())
     assert second["evaluated"] == ["candidate@val"]  # the ladder came from the cache
     assert {p: p.stat().st_mtime_ns for p in ladder_files} == stamps  # not rewritten

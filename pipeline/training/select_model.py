@@ -27,8 +27,9 @@ coded afresh (its decode check is part of the decision) and then cached too.
 --ship copies the candidate over the installed member (registry.find_model(id), normally
 m2t_core/weights/; an extra point goes beside the ladder's first member) through a temporary
 file and os.replace; a candidate whose architecture config differs from the member's is
-refused (exit 2) before anything is evaluated. Streams written by the replaced file no longer
-decode with it: keep a copy on M2T_MODEL_PATH where they matter (docs/models.md). --log appends
+refused (exit 2) before anything is evaluated. The replaced file is kept as
+previous/<id>@<digest>.safetensors beside it, where the registry finds it for the streams it
+wrote (--no-keep-previous: not kept; those streams then no longer decode). --log appends
 one row to the table under "## Training campaign log" in a markdown file. Exit codes: 0
 evaluated (shipped or not), 2 bad input (missing or bad checkpoint, dataset, ladder, or an
 architecture mismatch under --ship).
@@ -382,6 +383,17 @@ def check_architecture(candidate: Checkpoint, replaced: Checkpoint | None) -> No
                          f"{replaced.path} ({differ})")
 
 
+def keep_previous(replaced: Checkpoint) -> Path:
+    """Copy the installed file about to be replaced to previous/<id>@<digest>.safetensors
+    beside it, where the registry still finds it for the streams it wrote."""
+    folder = replaced.path.parent / registry.PREVIOUS_DIR
+    folder.mkdir(exist_ok=True)
+    kept = folder / f"{replaced.model_id}@{replaced.weights_digest[:16]}.safetensors"
+    if not kept.exists():
+        install(replaced.path, kept)
+    return kept
+
+
 def install(candidate: Path, target: Path) -> None:
     """Copy `candidate` to `target` through a temporary file in its folder and os.replace, so
     a reader never sees half a checkpoint."""
@@ -463,6 +475,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--val", type=Path, default=Path("../shared/datasets/val"), help="the decision's images")
     ap.add_argument("--kodak", type=Path, default=None, help="also Kodak's BD-rate, for the log only")
     ap.add_argument("--ship", action="store_true", help="install the candidate if it improves")
+    ap.add_argument("--no-keep-previous", action="store_true",
+                    help="--ship: do not keep the replaced file in previous/ (its streams will no longer decode)")
     ap.add_argument("--log", type=Path, default=None, help="append a row to this markdown file's campaign log")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="evaluations of installed models")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -526,6 +540,8 @@ def run(args: argparse.Namespace) -> int:
     kodak = measure(candidate, ladder, kodak_set, args.cache, evaluated) if kodak_set else None
     shipped = False
     if args.ship and val["ship"]:
+        if replaced is not None and not args.no_keep_previous:
+            print(f"kept the replaced weights for their streams: {keep_previous(replaced)}")
         install(candidate.path, target)
         shipped = True
     for line in summary_lines(candidate, val, kodak):
