@@ -1,5 +1,6 @@
-"""Training job for the M2T / MT codec: config, loss, the loop, export, Ray launch (data in
-data.py, the resumable state in checkpoints.py).
+"""Training job for the M2T / MT codec: loss, the loop, export, Ray launch (the config in
+train_config.py; crops from pool.py in memory, device_pool.py on the GPU or data.py streaming;
+the resumable state in checkpoints.py; probe.py measures steps/s).
 
     python jobs/train.py --config configs/train/m2t-small.yaml --set train_data=/data/photos
     m2t train --config configs/train/m2t-small.yaml --set train_data=s3://bucket/shards --resume
