@@ -190,3 +190,9 @@ def write_report(json_path: Path, report: dict) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {json_path}", flush=True)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line per row (cells as str)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

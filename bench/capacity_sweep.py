@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import DEFAULT_DATA, REPO, LoadMeter, bench_image, code_state, write_report  # noqa: E402
+from bench._common import DEFAULT_DATA, REPO, LoadMeter, bench_image, code_state, markdown_table, write_report  # noqa: E402
 
 SEED = 0
 LATENT_GAIN = 8.0  # g_a's last layer x8: |y_hat| ~ 1-10, as tests/_models.build_model explains
@@ -94,13 +94,12 @@ def markdown(report: dict) -> str:
     base = rows[0]
     lines = [f"# Capacity sweep: {report['machine']}", "",
              f"`{report['command']}`; torch {report['torch']}; kodim01 (768x512) on one thread; training on "
-             f"{report['threads']} threads, batch 8, crop 256. Random-initialised models: speed only.", "",
-             "| N | C | params (M) | encode (s) | decode (s) | decode x | train crops/s | train x |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['N']} | {r['C']} | {r['params_M']} | {r['encode_s_1thread']:.2f} | "
-                     f"{r['decode_s_1thread']:.2f} | {r['decode_s_1thread'] / base['decode_s_1thread']:.2f} | "
-                     f"{r['train_crops_per_s']:.2f} | {r['train_crops_per_s'] / base['train_crops_per_s']:.2f} |")
+             f"{report['threads']} threads, batch 8, crop 256. Random-initialised models: speed only.", ""]
+    lines += markdown_table(
+        ["N", "C", "params (M)", "encode (s)", "decode (s)", "decode x", "train crops/s", "train x"],
+        [[r["N"], r["C"], r["params_M"], f"{r['encode_s_1thread']:.2f}", f"{r['decode_s_1thread']:.2f}",
+          f"{r['decode_s_1thread'] / base['decode_s_1thread']:.2f}", f"{r['train_crops_per_s']:.2f}",
+          f"{r['train_crops_per_s'] / base['train_crops_per_s']:.2f}"] for r in rows])
     return "\n".join(lines) + "\n"
 
 

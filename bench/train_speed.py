@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import DEFAULT_DATA, REPO, LoadMeter, code_state, write_report  # noqa: E402
+from bench._common import DEFAULT_DATA, REPO, LoadMeter, code_state, markdown_table, write_report  # noqa: E402
 
 VARIANTS = {
     "before": {"loader": "stream", "num_workers": 12, "amp": "bf16", "channels_last": False, "batch_size": 16},
@@ -81,14 +81,13 @@ def markdown(report: dict) -> str:
     lines = [f"# Training throughput: {report['machine']}", "",
              f"`{report['command']}`; torch {report['torch']}, {report['threads']} threads; "
              f"{report['crops']} crops per variant, warm-started from m2t-small-q3 on `{report['train_data']}`.", "",
-             "| variant | loader | amp | layout | batch | crops/s | x before | val bpp | val PSNR | val loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             ]
     before = next((r["crops_per_s"] for r in report["rows"] if r["variant"] == "before"), None)
-    for r in report["rows"]:
-        ratio = f"{r['crops_per_s'] / before:.2f}" if before else "-"
-        lines.append(f"| {r['variant']} | {r['loader']} | {r['amp']} | {'NHWC' if r['channels_last'] else 'NCHW'} | "
-                     f"{r['batch_size']} | {r['crops_per_s']:.2f} | {ratio} | {r.get('val_bpp', '-')} | "
-                     f"{r.get('val_psnr', '-')} | {r.get('val_loss', '-')} |")
+    lines += markdown_table(
+        ["variant", "loader", "amp", "layout", "batch", "crops/s", "x before", "val bpp", "val PSNR", "val loss"],
+        [[r["variant"], r["loader"], r["amp"], "NHWC" if r["channels_last"] else "NCHW", r["batch_size"],
+          f"{r['crops_per_s']:.2f}", f"{r['crops_per_s'] / before:.2f}" if before else "-",
+          r.get("val_bpp", "-"), r.get("val_psnr", "-"), r.get("val_loss", "-")] for r in report["rows"]])
     return "\n".join(lines) + "\n"
 
 
