@@ -34,18 +34,14 @@ from pathlib import Path
 from m2t_core.config import ConfigError
 from pipeline.training import select_model
 from pipeline.training import trainer as T
-from pipeline.training.checkpoints import has_state
+from pipeline.training.checkpoints import has_state, saved_step
 
 log = logging.getLogger(__name__)
 
 
-def current_step(run_dir: Path) -> int:
-    return json.loads((run_dir / "last-state.json").read_text())["step"] if has_state(run_dir) else 0
-
-
 def run_round(args, run_dir: Path, round_steps: int) -> dict:
     """Train one more round, then judge its export on val; returns the round's record."""
-    start = current_step(run_dir)
+    start = saved_step(run_dir)
     target = start + round_steps
     cfg = T.load_config(args.config, args.overrides + [f"steps={target}", f"output_dir={run_dir}"])
     t0 = time.time()

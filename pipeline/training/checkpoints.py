@@ -41,6 +41,11 @@ def has_state(out_dir: Path) -> bool:
     return (out_dir / "last-state.json").is_file()
 
 
+def saved_step(out_dir: Path) -> int:
+    """The step of the training state in out_dir (0 when there is none)."""
+    return json.loads((out_dir / "last-state.json").read_text())["step"] if has_state(out_dir) else 0
+
+
 def save_state(out_dir: Path, model: M2TCodec, optimizer: torch.optim.Optimizer, step: int,
                elapsed_s: float, cfg: "TrainConfig") -> None:
     """Weights + optimizer tensors + a JSON of scalars; the JSON is written last and names

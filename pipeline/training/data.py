@@ -129,6 +129,16 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
             epoch += 1
 
 
+def centre_crop(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The centre max_side x max_side (at most) of an image; None: the whole image."""
+    if not max_side:
+        return rgb
+    h, w = rgb.shape[:2]
+    ch, cw = min(h, max_side), min(w, max_side)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(rgb[top:top + ch, left:left + cw])
+
+
 def load_val_images(urls: str | Sequence[str] | None, count: int, image_column: str | None = None) -> list[np.ndarray]:
     """The first `count` readable images, center-cropped to at most 512 x 512."""
     images: list[np.ndarray] = []
@@ -141,10 +151,7 @@ def load_val_images(urls: str | Sequence[str] | None, count: int, image_column: 
         except Exception as exc:
             log.warning("skipping unreadable validation image %s: %s", sample, exc)
             continue
-        h, w = rgb.shape[:2]
-        ch, cw = min(h, VAL_MAX_SIDE), min(w, VAL_MAX_SIDE)
-        top, left = (h - ch) // 2, (w - cw) // 2
-        images.append(np.ascontiguousarray(rgb[top:top + ch, left:left + cw]))
+        images.append(centre_crop(rgb, VAL_MAX_SIDE))
         if len(images) == count:
             break
     cache.close()

@@ -43,7 +43,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ from m2t_core import registry
 from m2t_core.image_io import load_image
 from m2t_core.metrics import psnr
 from pipeline.errors import PipelineError, UsageError, run_main
-from pipeline.training.data import MAX_DECODE_PIXELS, VAL_MAX_SIDE  # the trainer's validation crop
+from pipeline.training.data import MAX_DECODE_PIXELS, VAL_MAX_SIDE, centre_crop  # the trainer's validation crop
 
 SHIP_BELOW_PERCENT = -0.05  # val BD-rate (%) a candidate must beat (strictly) to ship
 DEFAULT_LADDER = ("m2t-small-q1", "m2t-small-q2", "m2t-small-q3", "m2t-small-q4")
@@ -93,15 +92,6 @@ class Dataset:
 
 def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def centre_crop(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
-    if not max_side:
-        return rgb
-    h, w = rgb.shape[:2]
-    ch, cw = min(h, max_side), min(w, max_side)
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return np.ascontiguousarray(rgb[top:top + ch, left:left + cw])
 
 
 def load_dataset(name: str, root: Path, max_side: int | None) -> Dataset:
@@ -395,19 +385,11 @@ def keep_previous(replaced: Checkpoint) -> Path:
 
 
 def install(candidate: Path, target: Path) -> None:
-    """Copy `candidate` to `target` through a temporary file in its folder and os.replace, so
-    a reader never sees half a checkpoint."""
+    """Copy `candidate` to `target` through a temporary file (write_atomically), so a reader
+    never sees half a checkpoint."""
     if target.exists() and target.resolve() == candidate.resolve():
         return  # the candidate is the installed file
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(candidate, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(target, candidate.read_bytes())
 
 
 # ====================================================================== the campaign log

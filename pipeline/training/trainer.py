@@ -52,7 +52,7 @@ from m2t_core.metrics import psnr, psnr_from_mse
 from m2t_core.sysinfo import cpu_flags, cpu_model
 from pipeline.storage.sources import SourceCache, SourceError, filesystem
 from pipeline.training.checkpoints import (atomic_write, copy_weights, has_state, load_state, save_state,
-                                           truncate_metrics)
+                                           saved_step, truncate_metrics)
 from pipeline.training.data import CropDataset, InfiniteSampler, list_samples, load_val_images
 from pipeline.training.device_pool import DeviceBatches
 from pipeline.training.pool import BatchStream, ImagePool
@@ -486,8 +486,7 @@ def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, 
 def _check_output_dir(cfg: TrainConfig, resume: bool) -> None:
     out_dir = Path(cfg.output_dir)
     if has_state(out_dir) and not resume:
-        step = json.loads((out_dir / "last-state.json").read_text()).get("step")
-        raise ConfigError(f"{out_dir} already holds a training state at step {step}: "
+        raise ConfigError(f"{out_dir} already holds a training state at step {saved_step(out_dir)}: "
                           "pass --resume to continue it, or choose another output_dir")
     if resume and not has_state(out_dir):
         log.warning("--resume: no training state in %s, starting from step 0", out_dir)
