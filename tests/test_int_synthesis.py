@@ -108,3 +108,39 @@ def test_sigmoid_table_is_pinned_and_monotone():
     assert table[0] == 0 and table[IS.GATE_HALF] == 1 << (IS.GATE_BITS - 1) and table[-1] == 1 << IS.GATE_BITS
     assert (np.diff(table) >= 0).all()
     assert (table + table[::-1] == 1 << IS.GATE_BITS).all()  # sigmoid(-x) = 1 - sigmoid(x), exactly
+
+
+def test_checkpoints_leave_out_the_integer_weights_the_float_g_s_gives_back(tmp_path):
+    """Version 5: a checkpoint stores the integer g_s's weights only when the float g_s, as
+    written, does not reproduce them; either way loading gives the same integers and hash."""
+    from safetensors import safe_open
+
+    from m2t_core import registry
+
+    model = copy.deepcopy(tiny_model("m2t")).eval()
+    with torch.no_grad():  # transforms that fp16 holds exactly, integers derived from them
+        for p in [*model.g_a.parameters(), *model.g_s.parameters()]:
+            p.copy_(p.half().float())
+        model.g_s_int.export_from(model.g_s)
+    model.mark_exact_synced()
+    weight_keys = {f"g_s_int.convs.{k}.weight" for k in model.g_s_int.convs}
+
+    def saved(name):
+        path = registry.save_checkpoint(model, tmp_path / f"{name}.safetensors", "tiny", dtype=torch.float16,
+                                        float_entropy_model=False)
+        with safe_open(str(path), framework="pt") as f:
+            keys, version = set(f.keys()), f.metadata()["format_version"]
+        return registry.load_checkpoint(path), keys, version
+
+    slim, keys, version = saved("slim")
+    assert version == "5" and not keys & weight_keys and any(k.startswith("g_s_int.") for k in keys)
+    assert slim.weights_hash() == model.weights_hash()
+    for k in weight_keys:
+        assert torch.equal(slim.state_dict()[k], model.state_dict()[k]), k
+    # Integers the floats do not give back (here one weight nudged) are stored and kept.
+    first = next(iter(model.g_s_int.convs.values()))
+    first.weight.view(-1)[0] += 1
+    full, keys, _ = saved("full")
+    assert weight_keys <= keys
+    assert torch.equal(next(iter(full.g_s_int.convs.values())).weight, first.weight)
+    assert full.weights_hash() == model.weights_hash() != slim.weights_hash()

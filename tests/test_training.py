@@ -3,6 +3,8 @@ generated images, on the CPU."""
 
 from __future__ import annotations
 
+import copy
+
 import io
 import json
 import logging
@@ -218,14 +220,20 @@ def test_export_and_checkpoint_round_trip(tiny_run, tmp_path):
         assert key in info, key
     assert info["steps"] == 40 and info["crop_size"] == 64 and info["val_bpp"] > 0
     # The export is the last transforms rounded to fp16 and the last exact (integer) entropy
-    # model as it is; its float entropy weights are rebuilt from those integers.
+    # model as it is; its float entropy weights are rebuilt from those integers, and its
+    # integer g_s is derived from the rounded float g_s (so the file leaves its weights out).
     last = registry.load_checkpoint(tiny_run / "last.safetensors")
     exported = registry.load_checkpoint(export)
     for k, v in last.state_dict().items():
-        if k.startswith("entropy_model."):
+        if k.startswith(("entropy_model.", "g_s_int.")):
             continue
         assert torch.equal(exported.state_dict()[k], v.half().float() if v.is_floating_point() else v), k
-    assert not any(k.startswith("entropy_model.") for k in load_file(str(export)))
+    stored = load_file(str(export))
+    assert not any(k.startswith("entropy_model.") or k.endswith(".weight") and k.startswith("g_s_int.") for k in stored)
+    rederived = copy.deepcopy(exported.g_s_int)
+    rederived.export_from(exported.g_s)
+    for k, v in rederived.state_dict().items():
+        assert torch.equal(exported.g_s_int.state_dict()[k], v), k
     # A bitstream of the exported model decodes, through a freshly loaded copy, to its reconstruction.
     rgb = np.asarray(Image.open(next((tiny_run.parent / "val").iterdir())).convert("RGB"))
     enc = m2t_core.Encoder(exported, reconstruct=True).encode_image(rgb)

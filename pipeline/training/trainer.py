@@ -462,7 +462,11 @@ def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, 
     exported = M2TCodec(model.cfg, model_id=cfg.model_id)
     exported.load_state_dict({k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v
                               for k, v in model.state_dict().items()})
-    exported.mark_exact_synced()  # the exact integers are the model: not re-derived from fp16
+    # The exact entropy integers are the model (its floats are rebuilt from them), while the
+    # integer g_s follows the float g_s as exported: derived from the rounded weights, so the
+    # checkpoint can leave them out (registry.save_checkpoint) and loading gives them back.
+    exported.g_s_int.export_from(exported.g_s)
+    exported.mark_exact_synced()
     exported.to(device).eval()
     val = run_validation(step, exported, exported=True)
     info = {
