@@ -11,13 +11,18 @@ Round-trip tests cannot see a change that encoder and decoder make together; the
   in a batch and in tiles: the integer synthesis transform makes pixels a pure function of
   the stream. (Re-encoding the image is not the test: g_a is float, and another machine may
   round a latent value differently and write other, equally valid bytes.)
+* when a model's weights are replaced (a retrained release), its golden stream moves to
+  golden-v4-<model>@<weights hash>.m2t (golden.json "v4_replaced") and must still decode,
+  through the stream's own header, to the same latent and pixels: the registry finds the
+  replaced weights in weights/previous/. Archives written before a release stay readable.
 * tests/data/golden-v3-*.m2t (m2t 0.3) still decode to their latent.
 * tests/data/golden-v1-*.m2t and golden-v2-*.m2t are streams of the retired format versions
   1 and 2 (m2t 0.2.0 and earlier): they are refused with an error that names the release
   that reads them and says to re-encode. Never silently wrong.
 
 Write the files of a new format version from the committed latents (never rewrite an old
-version's): python tests/test_golden.py --write
+version's): python tests/test_golden.py --write. After shipping new weights for a model:
+python tests/test_golden.py --write MODEL (keeps the old stream as a replaced one).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from m2t_core import Decoder, Encoder, load_model  # noqa: E402
 from m2t_core.bitstream import FORMAT_VERSION, UnsupportedVersionError, read_header  # noqa: E402
 from m2t_core.entropy_coding import SymbolDecoder, SymbolEncoder, snap_integer  # noqa: E402
 from m2t_core.metrics import psnr  # noqa: E402
-from m2t_core.registry import PACKAGE_WEIGHTS  # noqa: E402
+from m2t_core.registry import PACKAGE_WEIGHTS, load_model_for_header  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 GOLDEN = json.loads((DATA / "golden.json").read_text())
@@ -73,6 +78,7 @@ def test_integer_entropy_coder_output_is_pinned():
 
 SHIPPED = sorted(GOLDEN["v4"])
 RETIRED = [(version, name) for version in ("v1", "v2") for name in sorted(GOLDEN[version])]
+REPLACED = sorted(GOLDEN.get("v4_replaced", {}))  # "<model>@<weights hash>"
 
 
 def _latent(name: str) -> np.ndarray:
@@ -133,11 +139,27 @@ def test_coding_the_golden_latent_gives_the_golden_bytes(name):
     assert encoded.bitstream == (DATA / f"golden-v4-{name}.m2t").read_bytes()
 
 
+@pytest.mark.parametrize("key", REPLACED)
+def test_streams_of_replaced_weights_still_decode_to_their_latent_and_pixels(key):
+    """A stream written before its model's weights were replaced names the old weights: the
+    registry finds them in weights/previous/ (never the current file, whose hash differs)."""
+    name, weights = key.split("@")
+    data = (DATA / f"golden-v4-{key}.m2t").read_bytes()
+    header = read_header(data)
+    assert header.model_id == name and header.weights_hash.hex() == weights
+    assert load_model(name).weights_hash().hex() != weights  # the current weights are others
+    model = load_model_for_header(header)
+    _, y_hat = Decoder(model).decode_latent(data)
+    np.testing.assert_array_equal(y_hat.to(torch.int32).numpy(), _latent(name))
+    assert _pixels_sha256(m2t_core.decompress(data)) == GOLDEN["v4_replaced"][key]["pixels_sha256"]
+
+
 @pytest.mark.parametrize("name", sorted(GOLDEN["v3"]))
 def test_streams_of_m2t_0_3_still_decode_to_their_latent(name):
-    """Format 3 names the model without its integer g_s (weights_hash(3)): same latent."""
-    model = load_model(name)
+    """Format 3 names the model without its integer g_s (weights_hash(3)): same latent, with
+    the weights the stream names (the replaced ones where a model was retrained since)."""
     data = (DATA / f"golden-v3-{name}.m2t").read_bytes()
+    model = load_model_for_header(read_header(data))
     header, y_hat = Decoder(model).decode_latent(data)
     assert header.version == 3
     np.testing.assert_array_equal(y_hat.to(torch.int32).numpy(), _latent(name))
@@ -156,24 +178,35 @@ def test_retired_format_streams_name_the_release_that_reads_them(version, name):
         assert "m2t 0.2.0" in str(info.value) and "re-encode" in str(info.value), str(info.value)
 
 
-def write_golden() -> None:  # pragma: no cover - run by hand for a new format version
+def write_golden(names: list[str]) -> None:  # pragma: no cover - run by hand
+    """Streams of the current format for `names` (all shipped models when empty: a new format
+    version). A model's stream written by other weights is kept as a replaced one."""
     rgb = golden_image()
     manifest = dict(GOLDEN)
     version = f"v{FORMAT_VERSION}"
-    manifest[version] = {}
-    for path in sorted(PACKAGE_WEIGHTS.glob("*.safetensors")):
-        model = load_model(path.stem)
-        latent = torch.from_numpy(_latent(path.stem).astype(np.float32))
+    if not names:
+        manifest[version] = {}
+    replaced = manifest.setdefault(f"{version}_replaced", {})
+    for name in names or sorted(p.stem for p in PACKAGE_WEIGHTS.glob("*.safetensors")):
+        model = load_model(name)
+        path = DATA / f"golden-{version}-{name}.m2t"
+        if names and path.is_file():
+            old = read_header(path.read_bytes()).weights_hash.hex()
+            if old == model.weights_hash().hex():
+                raise SystemExit(f"{name}: its golden stream already names the installed weights")
+            path.rename(DATA / f"golden-{version}-{name}@{old}.m2t")
+            replaced[f"{name}@{old}"] = manifest[version][name]
+        latent = torch.from_numpy(_latent(name).astype(np.float32))
         enc = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
-        (DATA / f"golden-{version}-{path.stem}.m2t").write_bytes(enc.bitstream)
-        manifest[version][path.stem] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4),
-                                        "pixels_sha256": _pixels_sha256(model.decompress(enc.bitstream))}
+        path.write_bytes(enc.bitstream)
+        manifest[version][name] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4),
+                                   "pixels_sha256": _pixels_sha256(model.decompress(enc.bitstream))}
     (DATA / "golden.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(json.dumps(manifest[version], indent=1))
+    print(json.dumps({k: manifest[version][k] for k in names} if names else manifest[version], indent=1))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--write"]:
-        write_golden()
+    if sys.argv[1:2] == ["--write"]:
+        write_golden(sys.argv[2:])
     else:
-        raise SystemExit("usage: python tests/test_golden.py --write")
+        raise SystemExit("usage: python tests/test_golden.py --write [MODEL ...]")

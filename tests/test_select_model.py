@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from _models import build_model, random_image
 import m2t_core
@@ -110,7 +112,12 @@ def test_cli_evaluates_logs_caches_and_ships(campaign, capsys):
     assert {n: second["val"]["ladder"][n]["bpp"] for n in ("tiny-q1", "tiny-q2", "tiny-q3")} == \
         {n: first["val"]["ladder"][n]["bpp"] for n in ("tiny-q1", "tiny-q2", "tiny-q3")}
     assert second["shipped"] and "shipped to" in out
-    assert (weights / "tiny-q2.safetensors").read_bytes() == candidate.read_bytes()
+    installed = weights / "tiny-q2.safetensors"  # the candidate, with the decision in its metadata
+    assert load_file(str(installed)).keys() == load_file(str(candidate)).keys()
+    assert all(torch.equal(t, load_file(str(candidate))[k]) for k, t in load_file(str(installed)).items())
+    selected = registry.read_metadata(installed)[2]["selected"]
+    assert selected["val_bd_rate_percent"] == round(second["val"]["bd_rate"]["value"], 3)
+    assert selected["replaces"] == kept.stem and selected["val_images"] >= 1 and selected["kodak_bd_rate_percent"] is None
     assert not list(weights.glob(".*tmp"))
     text = log.read_text()
     assert text.startswith("# Models\n\nSome text.\n\n## Training campaign log\n\n| date (UTC) | model |")

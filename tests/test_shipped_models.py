@@ -60,3 +60,17 @@ def test_cli_lists_models_with_kodak_figures():
     lines = {line.split()[0]: line for line in out.stdout.splitlines()}
     for name in SHIPPED:
         assert name in lines and "MB" in lines[name] and "bpp" in lines[name], out.stdout
+
+
+def test_every_weights_file_is_in_the_package_data():
+    """A pip install must carry every checkpoint, the replaced ones in weights/previous/ too
+    (old streams name them): each file under m2t_core/weights matches pyproject's package-data."""
+    import fnmatch
+    import tomllib
+
+    root = Path(m2t_core.__file__).resolve().parent
+    repo = root.parent
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["m2t_core"]
+    files = [p.relative_to(root).as_posix() for p in (root / "weights").rglob("*.safetensors")]
+    assert files and all(any(fnmatch.fnmatchcase(f, g) and f.count("/") == g.count("/") for g in globs) for f in files), \
+        (files, globs)

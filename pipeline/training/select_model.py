@@ -392,6 +392,18 @@ def install(candidate: Path, target: Path) -> None:
     write_atomically(target, candidate.read_bytes())
 
 
+def selection_record(val: Mapping[str, Any], kodak: Mapping[str, Any] | None, replaced: Checkpoint | None,
+                     val_images: int) -> dict[str, Any]:
+    """What the shipped file's metadata keeps of the decision (`m2t info` shows it)."""
+    def bd(part):
+        return None if part is None or part["bd_rate"]["value"] is None else round(part["bd_rate"]["value"], 3)
+
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "val_bd_rate_percent": bd(val), "val_images": val_images, "kodak_bd_rate_percent": bd(kodak),
+            "ladder": list(val["ladder"]),
+            "replaces": f"{replaced.model_id}@{replaced.weights_digest[:16]}" if replaced is not None else None}
+
+
 # ====================================================================== the campaign log
 
 
@@ -525,6 +537,7 @@ def run(args: argparse.Namespace) -> int:
         if replaced is not None and not args.no_keep_previous:
             print(f"kept the replaced weights for their streams: {keep_previous(replaced)}")
         install(candidate.path, target)
+        registry.update_checkpoint_info(target, {"selected": selection_record(val, kodak, replaced, len(val_set.images))})
         shipped = True
     for line in summary_lines(candidate, val, kodak):
         print(line)
