@@ -4,12 +4,13 @@ training set carried with the working tree, for a fixed number of seconds, and b
 the export, the training log and the GPU's busy fraction.
 
 Here, once (the GPU machine reaches no network and has no constriction; the tiles and the
-wheel travel with the tree, which holds at most 64 MiB with the shipped weights' ~53 MiB):
+wheel travel with the tree, which holds at most 64 MiB, the shipped weights included; fetch
+the wheel first, so that `--budget-mb auto` leaves room for it):
 
-    python -m pipeline.training.pack --config configs/train/m2t-small-cpu.yaml --out runs/gpu-pack \\
-        --budget-mb 7 --png-sources nonphoto
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_17_x86_64 -d .whl constriction==0.5.0   # .whl/ in .git/info/exclude
+    python -m pipeline.training.pack --config configs/train/m2t-small-cpu.yaml --out runs/gpu-pack \\
+        --budget-mb auto --png-sources nonphoto
 
 There (device `run`, carry ["runs/gpu-pack", ".whl"], timeout 600):
 

@@ -114,3 +114,28 @@ def test_a_pack_feeds_device_batches(packed):
     assert all(im.shape == (TILE, TILE, 3) for im in pool.groups[0])  # tiles arrive unresized
     batch = next(DeviceBatches(pool, 8, seed=0, device="cpu"))
     assert batch.shape == (8, 3, 32, 32) and batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_auto_budget_is_what_the_gpu_machine_has_left(tmp_path):
+    """64 MiB less every file that travels (tracked, or untracked and not ignored), less the
+    other carried paths, less 1 MiB; ignored files and the pack's own folder do not count."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "weights").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("runs/\n.whl/\n")
+    (repo / "weights" / "model.bin").write_bytes(b"w" * 3_000_000)
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    (repo / "notes.txt").write_bytes(b"n" * 1000)  # untracked, not ignored: it travels
+    (repo / "pack").mkdir()
+    (repo / "pack" / "old.jpg").write_bytes(b"t" * 5_000_000)  # not ignored, but the new pack replaces it
+    (repo / "runs").mkdir()
+    (repo / "runs" / "other.bin").write_bytes(b"x" * 7_000_000)  # ignored: stays behind
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "constriction.whl").write_bytes(b"c" * 400_000)
+    tree = 3_000_000 + 1000 + len("runs/\n.whl/\n")
+    got = pack.auto_budget(repo, [".whl"], repo / "pack")
+    assert got == (64 << 20) - (1 << 20) - tree - 400_000
+    assert pack.auto_budget(repo, [], repo / "pack") == got + 400_000
+    assert pack.auto_budget(repo, [], repo / "elsewhere") == got + 400_000 - 5_000_000

@@ -3,7 +3,7 @@ small enough to travel with the working tree to a lent GPU machine (which receiv
 64 MiB, code and shipped weights included).
 
     python -m pipeline.training.pack --config configs/train/m2t-small-cpu.yaml --out runs/gpu-pack \\
-        --budget-mb 7 --png-sources nonphoto
+        --budget-mb auto --png-sources nonphoto
 
 Tiles are cut as the memory loader cuts crops (pool.py): a source by weight, an image of it
 (each source's images in a shuffled order, so a small pack sees as many distinct images as
@@ -13,7 +13,9 @@ crop leaves the GPU loader a random offset to draw. Tiles are JPEG at --quality 
 chroma (subsampling would blur the colour detail the codec learns to keep); tiles of sources
 whose URL contains a --png-sources substring are PNG, because JPEG blurs text and line art.
 Tiles are written until the next one would exceed --budget-mb (MiB, tiles only; the folder's
-manifest.json adds a few KiB). Any image-folder loader reads the result; manifest.json
+manifest.json adds a few KiB). `--budget-mb auto` is what the GPU machine has left: 64 MiB
+less the files that travel anyway (git's tracked and untracked-not-ignored files), less the
+other carried paths (--carry, default .whl), less 1 MiB of room. Any image-folder loader reads the result; manifest.json
 records what it holds and how it was made.
 """
 
@@ -24,6 +26,7 @@ import io
 import json
 import logging
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,11 +158,35 @@ def print_summary(manifest: dict) -> None:
               f"{row['bytes'] / max(1, row['tiles']) / 1024:6.1f} KiB/tile, from {row['images_loaded']} images")
 
 
+TRAVEL_LIMIT = 64 << 20  # bytes of working tree a lent GPU machine receives (code, weights, carried paths)
+TRAVEL_ROOM = 1 << 20
+
+
+def _tree_bytes(paths: Sequence[Path]) -> int:
+    return sum(f.stat().st_size for p in paths if p.exists()
+               for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file() and not f.is_symlink())
+
+
+def auto_budget(repo: Path, carried: Sequence[str], out: Path) -> int:
+    """Bytes of tiles that still fit beside what travels to a GPU machine: every file git
+    tracks or would add (not ignored), and the other carried paths."""
+    listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            check=True, capture_output=True).stdout.split(b"\0")
+    out = out.resolve()
+    files = [repo / name.decode("utf-8", "surrogateescape") for name in listed if name]
+    files = [f for f in files if out not in f.resolve().parents]  # a re-pack replaces the old tiles
+    used = _tree_bytes(files) + _tree_bytes([repo / c for c in carried])
+    return TRAVEL_LIMIT - TRAVEL_ROOM - used
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m pipeline.training.pack", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="training config whose train_data the tiles come from")
     ap.add_argument("--out", required=True, help="folder to write (must be missing or empty)")
-    ap.add_argument("--budget-mb", type=float, required=True, help="MiB of tiles at most")
+    ap.add_argument("--budget-mb", required=True,
+                    help="MiB of tiles at most, or 'auto': what a GPU machine's 64 MiB leaves beside the tree")
+    ap.add_argument("--carry", default=".whl",
+                    help="--budget-mb auto: other carried paths, comma-separated (default .whl)")
     ap.add_argument("--tile", type=int, default=320, help="tile side in pixels (default 320)")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     ap.add_argument("--seed", type=int, default=0)
@@ -176,10 +203,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     png_sources = [s for s in args.png_sources.split(",") if s]
-    if args.tile <= 0 or not 1 <= args.quality <= 100 or not args.budget_mb > 0:
-        print("pack: --tile and --budget-mb must be positive and --quality in 1..100", file=sys.stderr)
-        return 2
     out = Path(args.out)
+    try:
+        if args.budget_mb == "auto":
+            budget = auto_budget(Path.cwd(), [c for c in args.carry.split(",") if c], out)
+            print(f"pack: --budget-mb auto: {budget / 2**20:.2f} MiB beside the tree and {args.carry or 'nothing'}")
+        else:
+            budget = int(float(args.budget_mb) * 2**20)
+    except (ValueError, OverflowError):
+        budget = 0
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"pack: --budget-mb auto needs a git checkout as the current directory ({exc})", file=sys.stderr)
+        return 2
+    if args.tile <= 0 or not 1 <= args.quality <= 100 or not budget > 0:
+        print(f"pack: --tile and --budget-mb must be positive (here {args.budget_mb!r}: {budget / 2**20:.2f} MiB) "
+              "and --quality in 1..100", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
         specs = train_sources(cfg)
@@ -199,7 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s, spec in enumerate(specs):
         if s not in pool.source_of_group:
             log.warning("train_data source %s has no readable image: no tile comes from it", spec.url)
-    budget = int(args.budget_mb * 2**20)
     tiles = write_tiles(pool, specs, out, args.tile, budget, args.quality, png_sources, args.seed)
     if not tiles["names"]:
         print(f"pack: --budget-mb {args.budget_mb} holds no tile (the first was {tiles['next_tile_bytes']} bytes)",
