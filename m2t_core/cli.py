@@ -142,7 +142,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .registry import DEFAULT_MODEL, list_models
+    from .registry import DEFAULT_MODEL, list_models, list_previous_models
 
     models = list_models()
     if not models:
@@ -154,6 +154,9 @@ def cmd_models(args) -> int:
                    else "kodak not measured")
         default = "  (default)" if m.name == DEFAULT_MODEL else ""
         print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  {figures}{default}")
+    if args.previous:
+        for m in list_previous_models():
+            print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  replaced: decodes the streams it wrote")
     return 0
 
 
@@ -218,6 +221,8 @@ def add_codec_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=CODEC_COMMANDS["info"])
 
     p = sub.add_parser("models", help="list the installed models")
+    p.add_argument("--previous", action="store_true",
+                   help="also the replaced weights kept for old streams (<name>@<weights hash>)")
     p.set_defaults(func=CODEC_COMMANDS["models"])
 
 

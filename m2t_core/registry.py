@@ -271,6 +271,20 @@ def list_models() -> list[ModelInfo]:
     return out
 
 
+def list_previous_models() -> list[ModelInfo]:
+    """The replaced weights kept for their streams (`previous/<name>@<hash>.safetensors` in
+    each model folder), named `<name>@<hash>`; metadata only, no torch."""
+    out = []
+    for d in search_dirs():
+        for path in sorted((d / PREVIOUS_DIR).glob("*@*.safetensors")) if (d / PREVIOUS_DIR).is_dir() else ():
+            try:
+                _, config, info = read_metadata(path)
+            except CheckpointError:
+                continue
+            out.append(ModelInfo(path.stem, path, config, info))
+    return out
+
+
 _CACHE: dict[tuple[str, int, int, str], M2TCodec] = {}
 
 

@@ -62,6 +62,16 @@ def test_cli_lists_models_with_kodak_figures():
         assert name in lines and "MB" in lines[name] and "bpp" in lines[name], out.stdout
 
 
+def test_cli_lists_replaced_weights_on_request():
+    previous = sorted(p.stem for p in (Path(m2t_core.__file__).resolve().parent / "weights" / "previous").glob("*.safetensors"))
+    run = [sys.executable, "-m", "m2t_core.cli", "models"]
+    plain = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(run + ["--previous"], capture_output=True, text=True, check=True).stdout
+    assert previous and not any(name in plain for name in previous)
+    for name in previous:
+        assert f"{name}  " in listed and "replaced" in listed.split(name)[1].splitlines()[0], listed
+
+
 def test_every_weights_file_is_in_the_package_data():
     """A pip install must carry every checkpoint, the replaced ones in weights/previous/ too
     (old streams name them): each file under m2t_core/weights matches pyproject's package-data."""

@@ -12,7 +12,7 @@
 # allows ray>=2.40), Python 3.11, no CUDA. torch is installed first, pinned like the Makefile
 # (torch==2.13.0) and as its CPU wheel (an unpinned torch would pull a multi-GB CUDA build), as the
 # Makefile does; then the project with `pip install -e ".[pipeline]"`. The shipped weights
-# (m2t_core/weights/*.safetensors: 5 files, 52 MB in all) are in the image. Runs as the base image's non-root
+# (m2t_core/weights/*.safetensors and previous/: 8.2 MB a file) are in the image. Runs as the base image's non-root
 # user `ray` (uid 1000, gid 100 `users`). Expected size: an estimate of ~3 GB uncompressed (the Ray CPU base ~2 GB,
 # the torch CPU wheel ~0.7 GB installed, the rest <0.5 GB); not built here (no Docker daemon).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu

@@ -12,7 +12,7 @@
 # allows ray>=2.40), Python 3.11, CUDA 12.8. torch is installed first, pinned like the Makefile
 # (torch==2.13.0) but as the build for the base image's CUDA (cu128), exactly as the README says
 # for GPU machines; then the project with `pip install -e ".[pipeline]"`. The shipped weights
-# (m2t_core/weights/*.safetensors: 5 files, 52 MB in all) are in the image. Runs as the base image's non-root
+# (m2t_core/weights/*.safetensors and previous/: 8.2 MB a file) are in the image. Runs as the base image's non-root
 # user `ray` (uid 1000, gid 100 `users`). Expected size: an estimate of ~11 GB uncompressed (the CUDA base ~6 GB,
 # torch cu128 with its nvidia-* wheels ~4.5 GB, the rest <0.5 GB); not built here (no Docker daemon).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128
