@@ -183,13 +183,17 @@ def code_state(paths: tuple[str, ...] = ("m2t_core", "pipeline", "bench")) -> di
             "uncommitted": [line[3:] for line in status.splitlines()] if status else []}
 
 
-def write_report(json_path: Path, report: dict) -> None:
-    """Write a benchmark's results as indented JSON (folders created) and say where."""
+def write_report(json_path: Path, report: dict, markdown: str | None = None) -> None:
+    """Write a benchmark's results as indented JSON (folders created) and say where; with
+    `markdown`, also that text beside it (.md) and on stdout."""
     import json
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {json_path}", flush=True)
+    if markdown is not None:
+        json_path.with_suffix(".md").write_text(markdown)
+        print(markdown, flush=True)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:

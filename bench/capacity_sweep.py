@@ -122,9 +122,7 @@ def main() -> int:
     report = {"machine": f"{cpu_model()} ({os.cpu_count()} cores)", "torch": torch.__version__, "threads": threads,
               "image": source, "command": "python bench/capacity_sweep.py " + " ".join(sys.argv[1:]),
               "other_cores_busy": meter.other_cores(), "rows": rows, **code_state()}
-    write_report(args.out, report)
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 

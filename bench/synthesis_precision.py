@@ -192,9 +192,7 @@ def main() -> int:
               "command": "python bench/synthesis_precision.py " + " ".join(sys.argv[1:]),
               "crop": args.crop, "calibration_crops": len(calibration), "eval_crops": len(images),
               "reference_psnr_db": round(study.reference, 4), "rows": study.rows(), **code_state()}
-    write_report(args.out, report)
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 

@@ -119,9 +119,7 @@ def main() -> int:
               "threads": torch.get_num_threads(), "crops": args.crops, "train_data": args.train,
               "command": "python bench/train_speed.py " + " ".join(sys.argv[1:]), "rows": rows, **code_state()}
     out = Path(args.out)
-    write_report(out, report)
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(out, report, markdown(report))
     return 0
 
 
