@@ -61,10 +61,12 @@ def test_ship_installs_only_an_improving_round(setup):
             "--val", str(root / "val"), "--ladder", "tiny-q1,tiny-q2,tiny-q3", "--threads", "1", "--nice", "0"]
     assert C.main(argv) == 0
     record = json.loads((root / "campaign" / "tiny-q2" / "campaign.jsonl").read_text())
-    installed = (weights / "tiny-q2.safetensors").read_bytes()
-    candidate = Path(record["candidate"]).read_bytes()
+    # Shipping installs the candidate's weights (its metadata gains the decision: `selected`).
+    installed = registry.load_checkpoint(weights / "tiny-q2.safetensors").weights_hash()
+    candidate = registry.load_checkpoint(record["candidate"]).weights_hash()
     assert record["select"]["shipped"] == record["select"]["ship"]
     assert (installed == candidate) == record["select"]["shipped"]
+    assert ("selected" in registry.read_metadata(weights / "tiny-q2.safetensors")[2]) == record["select"]["shipped"]
 
 
 def test_needs_a_stopping_rule(setup, capsys):
