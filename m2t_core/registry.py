@@ -201,10 +201,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
     model = M2TCodec(config, model_id=model_id)
     has_float = any(k.startswith("entropy_model.") for k in keys)
     has_int_synthesis = any(k.startswith("g_s_int.") for k in keys)  # versions 2-3 have none
-    derive_synthesis = has_int_synthesis and not (_synthesis_weight_keys(model) & keys)  # version 5
+    synthesis_weights = _synthesis_weight_keys(model)
+    derive_synthesis = has_int_synthesis and not (synthesis_weights & keys)  # version 5
+    derived = synthesis_weights if derive_synthesis else set()
     expected = {k: v for k, v in model.state_dict().items()
                 if (has_float or not k.startswith("entropy_model.")) and (has_int_synthesis or not k.startswith("g_s_int."))
-                and not (derive_synthesis and k in _synthesis_weight_keys(model))}
+                and k not in derived}
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
