@@ -447,6 +447,22 @@ def encode_with_eager_g_a(encoder: Encoder, rgb: np.ndarray):
         model_module.CPU_TRANSFORMS = before
 
 
+def without_int8_route(work: Callable) -> Callable:
+    """`work` with the integer g_s on its float32 route only (M2T_INT8_CONV=0, as m2t 0.5
+    ran): the same pixels, for a before/after in one run."""
+    def run():
+        before = os.environ.get("M2T_INT8_CONV")
+        os.environ["M2T_INT8_CONV"] = "0"
+        try:
+            return work()
+        finally:
+            if before is None:
+                del os.environ["M2T_INT8_CONV"]
+            else:
+                os.environ["M2T_INT8_CONV"] = before
+    return run
+
+
 def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log) -> dict:
     """Median seconds per image of each stage of staged coding (see the module docstring)."""
     from m2t_core.transforms import frozen_for_inference
@@ -477,12 +493,14 @@ def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log
         # The codec decodes with the integer g_s (m2t_core/int_synthesis.py); the float g_s
         # (eager and frozen) is what m2t 0.3 ran, measured for comparison.
         "g_s integer": (lambda: model.synthesis(ys[0], H, W), 1),
+        "g_s integer, float32 route (m2t 0.5)": (without_int8_route(lambda: model.synthesis(ys[0], H, W)), 1),
         f"g_s integer, batch {batch}": (lambda: model.synthesis_batch(latents, batch=batch), batch),
         "g_s float eager (m2t 0.3)": (lambda: tiling.synthesis(model.g_s, ys[0][None].float(), H, W), 1),
         "g_s float frozen": (lambda: tiling.synthesis(model.g_s, ys[0][None].float(), H, W, run=frozen_g_s), 1),
         "encode_image (end to end)": (lambda: encoder.encode_image(rgbs[0]), 1),
         "encode_image, g_a eager (M2T_EAGER_TRANSFORMS=1)": (lambda: encode_with_eager_g_a(encoder, rgbs[0]), 1),
         "decompress (end to end)": (lambda: decoder.decompress(stream), 1),
+        "decompress, float32 route g_s (m2t 0.5)": (without_int8_route(lambda: decoder.decompress(stream)), 1),
     }
     out = {}
     with torch.inference_mode():
@@ -494,7 +512,7 @@ def bench_stages(model: M2TCodec, rgb: np.ndarray, batch: int, repeats: int, log
                 work()
                 times.append((time.perf_counter() - t0) / n)
             out[name] = {"median_s_per_image": statistics.median(times), "runs_s_per_image": times}
-            log(f"  {name:<34} {out[name]['median_s_per_image']:.3f} s per image")
+            log(f"  {name:<42} {out[name]['median_s_per_image']:.3f} s per image")
     return out
 
 

@@ -1,0 +1,183 @@
+"""The integer g_s's convolutions on the CPU's int8 units (VNNI, AMX), exactly.
+
+int_synthesis runs each convolution as float32 products on two 8-bit planes of the
+activation, exact because every partial sum stays below 2^24. The same integers go through
+oneDNN's int8 convolution here: the activation's planes as uint8 (value + 128, the zero point
+oneDNN subtracts exactly in int32) and the weight's too (w = 256 w_hi + w_lo, both within
+int8), so one convolution with 2x the output rows gives all four plane products, accumulated
+in int32 and returned as float32:
+
+    out (2B, 2R, H, W) = [[x_hi * w_hi, x_hi * w_lo + f_lo], [x_lo * w_hi, x_lo * w_lo + f_lo]]
+    P_hi + f_lo = 256 (x_hi * w_hi) + (x_hi * w_lo + f_lo), and the same for x_lo
+
+which are exactly the two planes' products (plus bias) that int_synthesis's float32 route
+computes, so everything after them, and the pixels, are unchanged. Exact when every
+accumulator and every partial sum of the combination fits float32 (|.| < 2^24, checked per
+convolution from its weights: `fits`) and the kernel really is an int32 sum of int8 products.
+
+The last condition depends on the machine: oneDNN on CPUs without VNNI halves the weights or
+saturates 16-bit pair sums. So the kernel is *probed* before use: for every shape a model
+needs, random and extreme operands are compared with exact float64 convolutions, and a
+single difference (or an exception, a missing operator, a non-x86 build) turns this route off
+for the process; int_synthesis then runs its float32 route, which gives the same integers.
+M2T_INT8_CONV=0 turns it off by hand (benchmarks, debugging).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+PLANE = 256
+ZERO_POINT = 128  # uint8 plane = int8 plane + 128
+FP32_EXACT = 1 << 24
+BAND_BYTES = 4 << 20  # per thread: a band's widest temporary (the four plane products, float32)
+HI_RANGE = (-128 * PLANE - ZERO_POINT, 127 * PLANE + 127 - ZERO_POINT)  # w whose w_hi, w_lo fit int8
+
+
+def enabled() -> bool:
+    """Whether this route may run at all here (the probe still decides per shape)."""
+    if os.environ.get("M2T_INT8_CONV", "1") == "0":
+        return False
+    try:
+        torch.ops.onednn.qconv2d_pointwise  # noqa: B018  (raises where this build has no oneDNN int8)
+        torch.ops.onednn.qconv_prepack  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available()
+
+
+def split_weight(w: torch.Tensor) -> torch.Tensor:
+    """Integer weight (R, C, k, k) -> int8 (2R, C, k, k): the rows of w_hi, then of w_lo,
+    w = 256 w_hi + w_lo, w_lo in [-128, 127]. The caller checks `fits` first."""
+    w = w.to(torch.int64)
+    hi = torch.div(w + ZERO_POINT, PLANE, rounding_mode="floor")
+    lo = w - PLANE * hi
+    return torch.cat([hi, lo]).to(torch.int8)
+
+
+def fits(w: torch.Tensor, f_lo: torch.Tensor) -> bool:
+    """Whether the int8 route is exact for this weight (R, C, k, k) and bias f_lo (R,): both
+    planes within int8, every accumulator (a plane product plus the bias) below 2^24, and so
+    is every partial sum of int_synthesis's combination of the four products,
+    floor(x_lo w_lo / 256) + x_lo w_hi + x_hi w_lo (before 256 x_hi w_hi joins)."""
+    w = w.to(torch.int64)
+    if int(w.min()) < HI_RANGE[0] or int(w.max()) > HI_RANGE[1]:
+        return False
+    R = w.shape[0]
+    l1 = split_weight(w).to(torch.int64).abs().flatten(1).sum(dim=1) * 128  # (2R,) bounds |x * plane|
+    hi, lo = l1[:R], l1[R:]
+    bias = f_lo.to(torch.int64).abs().cpu()
+    accumulators = torch.maximum(hi, lo + bias)
+    partial = lo + bias + (lo + bias) // PLANE + 1 + hi
+    return bool((accumulators < FP32_EXACT).all() and (partial < FP32_EXACT).all())
+
+
+def plane_pack(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Float32 integers x (B, C, h, W), |x| <= 32639 -> `out` uint8 (2B, C, h, W): the high
+    planes (x + 128) // 256 + 128, then the low planes (x + 128) mod 256 = x_lo + 128. Both
+    are bytes of v = x + 128 + 2^15 in [0, 2^16): its low byte, and its second byte
+    (x_hi + 128, since adding 2^15 adds 128 to the second byte)."""
+    B, C, h, W = x.shape
+    v = torch.empty((B, h, W, C), dtype=torch.int32)
+    v.copy_(x.permute(0, 2, 3, 1)).add_(ZERO_POINT + (1 << 15))  # (B, h, W, C), in [0, 2^16)
+    if sys.byteorder == "little":
+        as_bytes = v.view(torch.uint8)  # (B, h, W, 4C): the bytes of each value, lowest first
+        low, second = as_bytes[..., 0::4], as_bytes[..., 1::4]
+    else:
+        low, second = v.bitwise_and(PLANE - 1), torch.bitwise_right_shift(v, 8)
+    planes = out.permute(0, 2, 3, 1)  # (2B, h, W, C)
+    planes[:B].copy_(second)
+    planes[B:].copy_(low)
+
+
+def convolve(conv: "PackedConv", x: torch.Tensor, finish) -> torch.Tensor:
+    """The convolution of float32 integers x (B, C, H, W) as `conv`'s products, in bands of
+    rows: finish(products, out) takes each band's four plane products (2B, 2R, n, W) float32
+    (`PackedConv.raw`) and writes its output rows into `out` (B, R, n, W), a band of the
+    result (B, R, H, W) channels-last. Bands keep every temporary small enough for the caches;
+    a band reads `p` rows of its neighbours, so the result is the whole convolution's."""
+    B, C, H, W = x.shape
+    p = conv.kernel // 2
+    budget = BAND_BYTES * torch.get_num_threads()  # small bands lose to per-call costs, large ones to the caches
+    band = max(1, min(H, budget // (2 * B * 2 * conv.rows * 4 * W)))  # rows per band
+    out = torch.empty((B, conv.rows, H, W), dtype=torch.float32, memory_format=torch.channels_last)
+    buffers: dict[int, torch.Tensor] = {}
+    for y0 in range(0, H, band):
+        y1 = min(H, y0 + band)
+        rows = y1 - y0 + 2 * p
+        planes = buffers.get(rows)
+        if planes is None:
+            planes = buffers[rows] = torch.empty((2 * B, C, rows, W), dtype=torch.uint8,
+                                                 memory_format=torch.channels_last)
+        a0, a1 = max(0, y0 - p), min(H, y1 + p)  # the input rows this band reads
+        top, bottom = a0 - (y0 - p), a1 - (y0 - p)
+        if top or bottom < rows:  # above or below the image: zeros (the zero point)
+            planes.fill_(ZERO_POINT)
+        plane_pack(x[:, :, a0:a1], planes[:, :, top:bottom])
+        finish(conv.raw(planes), out[:, :, y0:y1])
+    return out
+
+
+class PackedConv:
+    """One convolution's weight planes prepacked for oneDNN, with its bias."""
+
+    def __init__(self, weight: torch.Tensor, f_lo: torch.Tensor):
+        R, C, k, _ = weight.shape
+        self.rows, self.kernel = R, k
+        self.w_scale = torch.ones(2 * R, dtype=torch.float32)
+        self.w_zero = torch.zeros(2 * R, dtype=torch.int64)
+        w8 = split_weight(weight).contiguous(memory_format=torch.channels_last)
+        pad = [0, k // 2]  # rows come padded (`convolve` reads its neighbours' rows), columns not
+        self.packed = torch.ops.onednn.qconv_prepack(w8, self.w_scale, 1.0, ZERO_POINT, [1, 1], pad, [1, 1], 1, None)
+        self.bias = torch.cat([torch.zeros(R), f_lo.float().cpu()])  # on the w_lo rows: added once per plane
+
+    def raw(self, planes: torch.Tensor) -> torch.Tensor:
+        """uint8 planes (2B, C, n + 2p, W), p = kernel // 2 rows above and below included ->
+        the four plane products (2B, 2R, n, W), float32 (columns padded with zeros)."""
+        p = self.kernel // 2
+        return torch.ops.onednn.qconv2d_pointwise(
+            planes, 1.0, ZERO_POINT, self.packed, self.w_scale, self.w_zero, self.bias, [1, 1], [0, p], [1, 1], 1,
+            1.0, 0, torch.float32, "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def probe(c_in: int, rows: int, kernel: int) -> bool:
+    """Whether oneDNN's int8 convolution of this shape is an exact int32 sum of products on
+    this machine: random and extreme operands against exact float64 convolutions."""
+    if not enabled():
+        return False
+    g = torch.Generator().manual_seed(c_in * 1009 + rows * 31 + kernel)
+    # Nonzero weights on the first `live` input channels only, so that every sum of this probe
+    # stays below 2^24 (float32 returns it exactly) while adjacent channels, which non-VNNI
+    # kernels add in saturating 16-bit pairs, still meet at the extremes.
+    live = max(2, min(c_in, (FP32_EXACT - 1) // (2 * 128 * 128 * kernel * kernel)))
+    cases = []
+    for x_value, w_value in ((0, -128), (255, -128), (0, 127), (255, 127)):  # the extremes of u8 x s8
+        cases.append((torch.full((2, c_in, 4, 5), x_value, dtype=torch.uint8),
+                      torch.full((rows, c_in, kernel, kernel), w_value, dtype=torch.int64)))
+    cases.append((torch.randint(0, 256, (2, c_in, 5, 37), generator=g, dtype=torch.uint8),
+                  torch.randint(-128, 128, (rows, c_in, kernel, kernel), generator=g) | 1))  # odd weights
+    for _, w_small in cases:
+        w_small[:, live:] = 0
+    try:
+        for x8, w_small in cases:
+            # A weight whose planes are (w_small, w_small): w = 257 w_small; an integer bias.
+            w = w_small * (PLANE + 1)
+            f_lo = torch.randint(0, 256, (rows,), generator=g).float()
+            conv = PackedConv(w, f_lo)
+            p = kernel // 2
+            padded = F.pad(x8, (0, 0, p, p), value=ZERO_POINT)  # the rows `convolve` supplies
+            got = conv.raw(padded.contiguous(memory_format=torch.channels_last))
+            xs = x8.double() - ZERO_POINT
+            ws = split_weight(w).double()
+            want = F.conv2d(xs, ws, torch.cat([torch.zeros(rows), f_lo]).double(), padding=kernel // 2)
+            if not torch.equal(got.double(), want):
+                return False
+    except Exception:  # noqa: BLE001  (any failure of the int8 route means: use the float32 one)
+        return False
+    return True

@@ -1,0 +1,148 @@
+"""The integer g_s's int8 route (m2t_core/int8_conv.py) gives exactly the integers of its
+float32 route, wherever it runs; where the CPU's int8 kernels are not exact it is refused.
+
+Both routes run here on real kernels: the int8 route wherever the probe accepts this CPU
+(VNNI or AMX), the float32 route always; test_int_synthesis checks either against the
+float64 definition."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m2t_core import int8_conv, int_synthesis as IS
+from m2t_core.registry import load_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _int8_convs(g_int: IS.IntSynthesis) -> int:
+    return sum(1 for c in g_int.convs.values() if c._int8 is not None and c._int8[2] is not None)
+
+
+def _latents(C: int, shape: tuple[int, int], batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.round(torch.randn(batch, C, *shape, generator=g) * 5)
+    y[0, 0, 0, 0], y[-1, 1, -1, -1] = 32768, -32768  # clamped, defined
+    return y
+
+
+@pytest.mark.parametrize("model_name", ["m2t-small-q2", "mt-small-q2"])
+@pytest.mark.parametrize("shape,batch", [((3, 5), 1), ((2, 7), 2)])
+def test_int8_route_gives_the_float32_routes_pixels(model_name, shape, batch):
+    model = load_model(model_name)
+    y = _latents(model.cfg.C, shape, batch, seed=sum(shape) + batch)
+    float_route = IS.synthesize(model.g_s_int, y, int8=False)
+    int8_route = IS.synthesize(model.g_s_int, y)
+    assert torch.equal(int8_route, float_route)
+    for b in range(batch):  # alone or in a batch: the same pixels
+        assert torch.equal(IS.synthesize(model.g_s_int, y[b:b + 1]), float_route[b:b + 1])
+
+
+def test_bands_threads_and_image_edges_do_not_change_pixels(monkeypatch):
+    """Bands of one row, of a few rows with a short last band, and the whole image at once;
+    one thread and two: the pixels stay the float32 route's."""
+    model = load_model("m2t-small-q3")
+    y = _latents(model.cfg.C, (3, 2), 1, seed=7)  # 48x32 pixels: bands meet the image edges
+    want = IS.synthesize(model.g_s_int, y, int8=False)
+    threads = torch.get_num_threads()
+    try:
+        for band_bytes in (1, 40_000, 10 ** 12):
+            monkeypatch.setattr(int8_conv, "BAND_BYTES", band_bytes)
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                assert torch.equal(IS.synthesize(model.g_s_int, y), want), (band_bytes, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_cpu_with_int8_dot_products_takes_the_int8_route():
+    """Where the CPU has exact int8 dot products (VNNI, AMX) the probe must accept it, so the
+    fast route is not lost unnoticed; elsewhere every convolution keeps the float32 route."""
+    model = load_model("m2t-small-q2")
+    IS.synthesize(model.g_s_int, _latents(model.cfg.C, (2, 2), 1, seed=1))
+    flags = _cpu_flags()
+    capable = platform.machine() in ("x86_64", "AMD64") and bool(flags & {"avx512_vnni", "amx_int8"})
+    if capable and int8_conv.enabled():
+        assert int8_conv.probe(64, 64, 3)
+        assert _int8_convs(model.g_s_int) == len(model.g_s_int.convs)
+    elif not int8_conv.enabled() or not int8_conv.probe(64, 64, 3):
+        assert _int8_convs(model.g_s_int) == 0
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA names x86 ISAs")
+def test_kernels_without_vnni_are_refused_and_pixels_stay_exact():
+    """oneDNN without VNNI (capped here to AVX2, as on older CPUs) does not sum int8 products
+    exactly: the probe must refuse it, and the decoder must give the same pixels anyway."""
+    script = (
+        "import sys, torch\n"
+        "from m2t_core import int8_conv, int_synthesis as IS\n"
+        "from m2t_core.registry import load_model\n"
+        "m = load_model('m2t-small-q2')\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "y = torch.round(torch.randn(1, m.cfg.C, 2, 3, generator=g) * 5)\n"
+        "same = torch.equal(IS.synthesize(m.g_s_int, y), IS.synthesize(m.g_s_int, y, int8=False))\n"
+        "used = sum(1 for c in m.g_s_int.convs.values() if c._int8 is not None and c._int8[2] is not None)\n"
+        "print(int8_conv.probe(64, 64, 3), used, same)\n"
+    )
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", M2T_INT8_CONV="1")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    assert out == ["False", "0", "True"]
+
+
+def test_weights_beyond_two_int8_planes_or_float32_sums_keep_the_float32_route():
+    w = torch.zeros(4, 8, 3, 3, dtype=torch.int32)
+    w[0, 0, 0, 0] = 127 * 256 + 127 - 128  # the largest weight whose planes fit int8
+    assert int8_conv.fits(w, torch.zeros(4))
+    w[0, 0, 0, 0] += 1
+    assert not int8_conv.fits(w, torch.zeros(4))
+    wide = torch.full((2, 128, 3, 3), 257 * 127, dtype=torch.int32)  # 128 * sum|plane| = 2^24 - ...: too wide
+    assert 128 * 127 * wide[0].numel() >= int8_conv.FP32_EXACT
+    assert not int8_conv.fits(wide, torch.zeros(2))
+    planes = int8_conv.split_weight(torch.tensor([-32896, -129, -128, 0, 127, 128, 32639]).view(7, 1, 1, 1))
+    hi, lo = planes[:7].flatten().tolist(), planes[7:].flatten().tolist()
+    assert [256 * h + l for h, l in zip(hi, lo)] == [-32896, -129, -128, 0, 127, 128, 32639]
+    assert min(hi + lo) >= -128 and max(hi + lo) <= 127
+
+
+def test_m2t_int8_conv_0_turns_the_route_off(monkeypatch):
+    monkeypatch.setenv("M2T_INT8_CONV", "0")
+    assert not int8_conv.enabled()
+    model = load_model("m2t-small-q2")
+    ops = IS.IntOps(model.g_s_int, torch.device("cpu"))
+    assert not ops.int8
+    y = _latents(model.cfg.C, (2, 2), 1, seed=2)
+    np.testing.assert_array_equal(IS.synthesize(model.g_s_int, y).numpy(),
+                                  IS.synthesize(model.g_s_int, y, int8=False).numpy())
+
+
+def test_a_used_model_still_copies_and_pickles():
+    """oneDNN's packed weights cannot be copied: copies and pickles of a model that has decoded
+    leave the caches behind and rebuild them, with the same pixels."""
+    import copy
+    import pickle
+
+    model = load_model("m2t-small-q2")
+    y = _latents(model.cfg.C, (2, 3), 1, seed=4)
+    want = IS.synthesize(model.g_s_int, y)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(IS.synthesize(other.g_s_int, y), want)
