@@ -158,7 +158,7 @@ class IntConv(nn.Module):
         if self._int8 is None or key is None or self._int8[0] != key or not torch.equal(self._int8[1], shift):
             f_lo = Rescale.of(self.bias, shift, "cpu").f_lo
             spec = self.spec
-            usable = (int8_conv.probe(spec.c_in, 2 * spec.c_out, spec.kernel)
+            usable = (int8_conv.probe(spec.c_in, spec.c_out, spec.kernel)
                       and int8_conv.fits(self.weight, f_lo))
             self._int8 = (key, shift.clone(), int8_conv.PackedConv(self.weight, f_lo) if usable else None)
         return self._int8[2]
