@@ -52,13 +52,13 @@ def _device(arg: str) -> str:
 
 def cmd_encode(args) -> int:
     from .encoder import Encoder
-    from .image_io import load_image
 
+    if args.target_bpp is not None or args.target_psnr is not None:
+        return _encode_to_target(args)
+    if args.ladder is not None:
+        raise CliError("--ladder goes with --target-bpp or --target-psnr")
     model = _model(args.model, _device(args.device))
-    notes: list[str] = []
-    rgb = load_image(args.input, max_pixels=args.max_pixels, notes=notes)
-    for note in notes:  # e.g. a multi-frame GIF/TIFF: only its first frame is coded
-        print(f"m2t encode: warning: {args.input}: {note}", file=sys.stderr)
+    rgb = _load_input(args)
     t0 = time.perf_counter()
     encoder = Encoder(model, max_pixels=args.max_pixels, reconstruct=args.psnr, adaptive_order=args.adaptive_order)
     encoded = encoder.encode_image(rgb)
@@ -71,6 +71,45 @@ def cmd_encode(args) -> int:
 
         line += f", PSNR {psnr(rgb, encoded.x_hat):.2f} dB"
     print(f"{line}, model {model.model_id}, {elapsed:.2f} s (start-up {_startup(t0):.2f} s: torch, model)")
+    return 0
+
+
+def _load_input(args):
+    from .image_io import load_image
+
+    notes: list[str] = []
+    rgb = load_image(args.input, max_pixels=args.max_pixels, notes=notes)
+    for note in notes:  # e.g. a multi-frame GIF/TIFF: only its first frame is coded
+        print(f"m2t encode: warning: {args.input}: {note}", file=sys.stderr)
+    return rgb
+
+
+def _encode_to_target(args) -> int:
+    """encode --target-bpp / --target-psnr: the ladder model that meets the target (rate_control)."""
+    from . import rate_control
+
+    if args.model is not None:
+        raise CliError("--model and a target exclude each other: the target chooses the model (see --ladder)")
+    try:
+        target = rate_control.Target(bpp=args.target_bpp, psnr=args.target_psnr)
+        ladder = rate_control.load_ladder(args.ladder.split(",") if args.ladder else None, _device(args.device))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    rgb = _load_input(args)
+    t0 = time.perf_counter()
+    result = rate_control.encode_to_target(rgb, target, ladder, max_pixels=args.max_pixels)
+    elapsed = time.perf_counter() - t0
+    Path(args.output).write_bytes(result.encoded.bitstream)
+    h, w = rgb.shape[:2]
+    tried = ", ".join(f"{t.model_id} {t.bpp:.4f} bpp" + (f" {t.psnr:.2f} dB" if t.psnr is not None else "")
+                      for t in result.trials)
+    quality = f", PSNR {result.psnr:.2f} dB" if result.psnr is not None else ""
+    print(f"{args.input} -> {args.output}: {w}x{h}, {len(result.encoded.bitstream)} bytes, "
+          f"{result.encoded.bpp:.4f} bpp{quality}, model {result.model_id} for target {target.describe()} "
+          f"(tried: {tried}), {elapsed:.2f} s (start-up {_startup(t0):.2f} s: torch, models)")
+    if not result.met:
+        print(f"m2t encode: warning: {args.input}: no model of the ladder meets {target.describe()}; "
+              f"wrote the closest, {result.model_id}", file=sys.stderr)
     return 0
 
 
@@ -203,6 +242,14 @@ def add_codec_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--psnr", action="store_true", help="also print the PSNR of the reconstruction")
     p.add_argument("--adaptive-order", action="store_true",
                    help="MT models: choose each step's positions by the model's confidence (MaskGIT)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-bpp", type=float, default=None, metavar="BPP",
+                        help="choose the best model of the ladder whose stream is at most BPP bits per pixel")
+    target.add_argument("--target-psnr", type=float, default=None, metavar="DB",
+                        help="choose the cheapest model of the ladder whose decoded image reaches DB dB PSNR")
+    p.add_argument("--ladder", default=None, metavar="NAMES",
+                   help="with a target: comma-separated models to choose from, ordered by their training "
+                        "lambda (default m2t-small-q1,...,q4)")
     p.set_defaults(func=CODEC_COMMANDS["encode"])
 
     p = sub.add_parser("decode", help="decompress an .m2t bitstream to an image file")
