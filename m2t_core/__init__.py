@@ -35,6 +35,7 @@ _LAZY = {
     "CodingPlan": "encoder", "EncodedImage": "encoder", "Encoder": "encoder", "code_plan": "encoder",
     "ImageError": "image_io", "load_image": "image_io", "save_image": "image_io", "to_rgb_array": "image_io",
     "M2TCodec": "model",
+    "Target": "rate_control", "encode_to_target": "rate_control", "load_ladder": "rate_control",
 }
 
 
@@ -73,10 +74,11 @@ def decompress(data: bytes, model: M2TCodec | str | None = None, max_pixels: int
 
 
 __all__ = [
-    "BitstreamError", "ChecksumMismatchError", "CheckpointError", "CodingPlan", "ConfigError", "DEFAULT_MODEL",
-    "Decoder", "EncodedImage", "Encoder", "Header", "ImageError", "ImageTooLargeError", "M2TCodec", "ModelConfig",
-    "ModelMismatchError", "ModelNotFoundError", "PartialStreamWarning", "Preview", "UnknownStreamModelError",
-    "UnsupportedVersionError", "code_plan", "compress", "decompress", "list_models", "load_checkpoint",
-    "load_image", "load_model", "load_model_config", "load_model_for_header", "read_header", "save_checkpoint",
-    "save_image", "to_rgb_array",
+    "BitstreamError", "CheckpointError", "ChecksumMismatchError", "CodingPlan", "ConfigError", "DEFAULT_MODEL",
+    "Decoder", "EncodedImage", "Encoder", "Header", "ImageError", "ImageTooLargeError", "M2TCodec",
+    "ModelConfig", "ModelMismatchError", "ModelNotFoundError", "PartialStreamWarning", "Preview", "Target",
+    "UnknownStreamModelError", "UnsupportedVersionError", "code_plan", "compress", "decompress",
+    "encode_to_target", "list_models", "load_checkpoint", "load_image", "load_ladder", "load_model",
+    "load_model_config", "load_model_for_header", "read_header", "save_checkpoint", "save_image",
+    "to_rgb_array",
 ]

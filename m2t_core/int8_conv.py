@@ -163,7 +163,8 @@ def probe(c_in: int, c_out: int, kernel: int) -> bool:
     extreme = torch.where(torch.arange(c_out) % 2 == 0, -128, 127)[:, None, None, None]
     weights = [extreme.expand(c_out, c_in, kernel, kernel).clone(),  # the extremes of the s8 side
                torch.randint(-128, 128, (c_out, c_in, kernel, kernel), generator=g) | 1]  # odd: halving shows
-    padded = F.pad(x8, (0, 0, p, p), value=ZERO_POINT).contiguous(memory_format=torch.channels_last)  # rows as `convolve` gives them
+    # The rows above and below come with the input, as `convolve` gives them.
+    padded = F.pad(x8, (0, 0, p, p), value=ZERO_POINT).contiguous(memory_format=torch.channels_last)
     try:
         for w_small in weights:
             w_small[:, live:] = 0
