@@ -238,10 +238,13 @@ def version(dist: str) -> str | None:
 def machine_info() -> dict:
     import torch
 
+    from m2t_core import int8_conv
+
     return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "ray_cluster_cpus": CLUSTER_CPUS, "torch": torch.__version__, "ray": version("ray"),
-            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
+            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "int8_conv": int8_conv.status()}
 
 
 def fmt_tables(throughput: dict, ratios: dict, rss: dict) -> str:

@@ -51,6 +51,16 @@ def enabled() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
+def status() -> str:
+    """Whether the integer g_s's convolutions run here on int8 units, and why not (benchmark
+    records): probed on a typical shape of the small preset."""
+    if os.environ.get("M2T_INT8_CONV", "1") == "0":
+        return "off (M2T_INT8_CONV=0)"
+    if not enabled():
+        return "off (this torch build has no oneDNN int8 convolution)"
+    return "on" if probe(64, 64, 3) else "off (this CPU's int8 kernels are not exact: the float32 route runs)"
+
+
 def split_weight(w: torch.Tensor) -> torch.Tensor:
     """Integer weight (R, C, k, k) -> int8 (2R, C, k, k): the rows of w_hi, then of w_lo,
     w = 256 w_hi + w_lo, w_lo in [-128, 127]. The caller checks `fits` first."""

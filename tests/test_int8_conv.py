@@ -82,7 +82,7 @@ def test_a_cpu_with_int8_dot_products_takes_the_int8_route():
     flags = _cpu_flags()
     capable = platform.machine() in ("x86_64", "AMD64") and bool(flags & {"avx512_vnni", "amx_int8"})
     if capable and int8_conv.enabled():
-        assert int8_conv.probe(64, 64, 3)
+        assert int8_conv.probe(64, 64, 3) and int8_conv.status() == "on"
         assert _int8_convs(model.g_s_int) == len(model.g_s_int.convs)
     elif not int8_conv.enabled() or not int8_conv.probe(64, 64, 3):
         assert _int8_convs(model.g_s_int) == 0
@@ -101,12 +101,12 @@ def test_kernels_without_vnni_are_refused_and_pixels_stay_exact():
         "y = torch.round(torch.randn(1, m.cfg.C, 2, 3, generator=g) * 5)\n"
         "same = torch.equal(IS.synthesize(m.g_s_int, y), IS.synthesize(m.g_s_int, y, int8=False))\n"
         "used = sum(1 for c in m.g_s_int.convs.values() if c._int8 is not None and c._int8[2] is not None)\n"
-        "print(int8_conv.probe(64, 64, 3), used, same)\n"
+        "print(int8_conv.probe(64, 64, 3), used, same, int8_conv.status().split()[0])\n"
     )
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", M2T_INT8_CONV="1")
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300, check=True).stdout.split()
-    assert out == ["False", "0", "True"]
+    assert out == ["False", "0", "True", "off"]
 
 
 def test_weights_beyond_two_int8_planes_or_float32_sums_keep_the_float32_route():
@@ -126,7 +126,7 @@ def test_weights_beyond_two_int8_planes_or_float32_sums_keep_the_float32_route()
 
 def test_m2t_int8_conv_0_turns_the_route_off(monkeypatch):
     monkeypatch.setenv("M2T_INT8_CONV", "0")
-    assert not int8_conv.enabled()
+    assert not int8_conv.enabled() and int8_conv.status() == "off (M2T_INT8_CONV=0)"
     model = load_model("m2t-small-q2")
     ops = IS.IntOps(model.g_s_int, torch.device("cpu"))
     assert not ops.int8
