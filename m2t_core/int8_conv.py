@@ -41,8 +41,12 @@ HI_RANGE = (-128 * PLANE - ZERO_POINT, 127 * PLANE + 127 - ZERO_POINT)  # w whos
 
 def enabled() -> bool:
     """Whether this route may run at all here (the probe still decides per shape)."""
-    if os.environ.get("M2T_INT8_CONV", "1") == "0":
-        return False
+    return os.environ.get("M2T_INT8_CONV", "1") != "0" and _onednn_int8()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_int8() -> bool:
+    """Whether this torch build has oneDNN's int8 convolution (looked up once)."""
     try:
         torch.ops.onednn.qconv2d_pointwise  # noqa: B018  (raises where this build has no oneDNN int8)
         torch.ops.onednn.qconv_prepack  # noqa: B018

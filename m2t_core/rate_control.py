@@ -17,9 +17,7 @@ model (the top one for PSNR, the bottom one for bpp) with `met=False`: reported,
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
@@ -75,15 +73,14 @@ def load_ladder(names: Sequence[str] | None = None, device: str = "cpu") -> list
     """The ladder's models (registry names or checkpoint paths; default DEFAULT_LADDER),
     ordered from the lowest rate up by their training lambda (checkpoint metadata). Raises
     ValueError when a model has no lambda, two share one, or the ladder is empty."""
-    from .registry import find_model, load_model, read_metadata
+    from .registry import checkpoint_path, load_model, read_metadata
 
     names = list(names or DEFAULT_LADDER)
     if not names:
         raise ValueError("the ladder needs at least one model")
     keyed = []
     for name in names:
-        path = Path(name) if name.endswith(".safetensors") or os.sep in name else find_model(name)
-        _, _, info = read_metadata(path)
+        _, _, info = read_metadata(checkpoint_path(name))
         lmbda = info.get("lambda") if isinstance(info, dict) else None
         if not isinstance(lmbda, (int, float)) or not lmbda > 0:
             raise ValueError(f"ladder model {name}: its checkpoint records no training lambda to order it by")

@@ -290,12 +290,17 @@ def list_previous_models() -> list[ModelInfo]:
 _CACHE: dict[tuple[str, int, int, str], M2TCodec] = {}
 
 
+def checkpoint_path(name_or_path: str | Path | None = None) -> Path:
+    """The checkpoint file a registry name or a path names (the default model without one)."""
+    name_or_path = str(name_or_path or DEFAULT_MODEL)
+    looks_like_path = name_or_path.endswith(".safetensors") or os.sep in name_or_path
+    return Path(name_or_path) if looks_like_path else find_model(name_or_path)
+
+
 def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu",
                cache: bool = True) -> M2TCodec:
     """Load a model by registry name or checkpoint path (cached per process by default)."""
-    name_or_path = str(name_or_path or DEFAULT_MODEL)
-    looks_like_path = name_or_path.endswith(".safetensors") or os.sep in name_or_path
-    path = Path(name_or_path) if looks_like_path else find_model(name_or_path)
+    path = checkpoint_path(name_or_path)
     if not path.is_file():
         raise ModelNotFoundError(f"checkpoint not found: {path}")
     stat = path.stat()  # a file replaced in place (a shipped retrained model) is loaded anew

@@ -8,7 +8,6 @@ float64 definition."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -19,19 +18,9 @@ import torch
 
 from m2t_core import int8_conv, int_synthesis as IS
 from m2t_core.registry import load_model
+from m2t_core.sysinfo import cpu_flags
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def _int8_convs(g_int: IS.IntSynthesis) -> int:
@@ -79,8 +68,8 @@ def test_a_cpu_with_int8_dot_products_takes_the_int8_route():
     fast route is not lost unnoticed; elsewhere every convolution keeps the float32 route."""
     model = load_model("m2t-small-q2")
     IS.synthesize(model.g_s_int, _latents(model.cfg.C, (2, 2), 1, seed=1))
-    flags = _cpu_flags()
-    capable = platform.machine() in ("x86_64", "AMD64") and bool(flags & {"avx512_vnni", "amx_int8"})
+    flags = cpu_flags()
+    capable = bool(flags & {"avx512_vnni", "amx_int8"})
     if capable and int8_conv.enabled():
         assert int8_conv.probe(64, 64, 3) and int8_conv.status() == "on"
         assert _int8_convs(model.g_s_int) == len(model.g_s_int.convs)
@@ -88,7 +77,6 @@ def test_a_cpu_with_int8_dot_products_takes_the_int8_route():
         assert _int8_convs(model.g_s_int) == 0
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA names x86 ISAs")
 def test_kernels_without_vnni_are_refused_and_pixels_stay_exact():
     """oneDNN without VNNI (capped here to AVX2, as on older CPUs) does not sum int8 products
     exactly: the probe must refuse it, and the decoder must give the same pixels anyway."""
