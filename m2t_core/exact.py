@@ -391,10 +391,10 @@ class IntOps:
         return t.to(torch.int64)
 
 
-def _floor_div_f64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """floor(a / b) for integer-valued float64 tensors (b > 0, |a| < 2^52), exactly: the
-    float quotient can be off by one where it rounds across an integer; two integer-valued
-    comparisons (exact below 2^53) correct it."""
+def _floor_div_f64(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """floor(a / b) for an integer-valued float64 tensor a and b (a tensor or a Python float,
+    integer-valued, b > 0, |a| < 2^52), exactly: the float quotient can be off by one where it
+    rounds across an integer; two integer-valued comparisons (exact below 2^53) correct it."""
     q = torch.floor(a / b)
     q = q - (q * b > a).to(q.dtype)
     return q + ((q + 1) * b <= a).to(q.dtype)
@@ -424,8 +424,8 @@ class Float64Ops(IntOps):
     def linear(self, name: str, x: torch.Tensor, limit: int | None = ACT_MAX) -> torch.Tensor:
         bias_half, scale = self._requant(name, x.device)
         acc = torch.matmul(x, self.m.linears[name].weight_f64())  # exact: integers below 2^53
-        out = torch.floor((acc + bias_half) * scale)
-        return out if limit is None else out.clamp(-limit, limit)
+        out = acc.add_(bias_half).mul_(scale).floor_()  # in place: the product is this call's own
+        return out if limit is None else out.clamp_(-limit, limit)
 
     def embed(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         u = tokens.to(torch.float64).clamp(-TOKEN_CLAMP, TOKEN_CLAMP) * (1 << INPUT_EXP)
@@ -436,30 +436,71 @@ class Float64Ops(IntOps):
         return super().pos(which, idx).to(torch.float64)
 
     def layer_norm(self, name: str, r: torch.Tensor) -> torch.Tensor:
-        return super().layer_norm(name, r.to(torch.int64)).to(torch.float64)
+        """IntOps.layer_norm step for step on float64 integers. Every value stays an integer
+        below 2^52 (|d| <= 2^18, sum d^2 < D 2^36, var < 2^52), where float64 sums, products and
+        powers of two are exact and _floor_div_f64 divides exactly; floor(q 2^16 / D) is split
+        as q = D t + u, so no product reaches 2^53."""
+        D = r.shape[-1]
+        e_n = N.ln_exponent(self.cfg.d_model)
+        mu = _floor_div_f64(2 * r.sum(-1, keepdim=True) + D, 2.0 * D)
+        d = r - mu
+        q = (d * d).sum(-1, keepdim=True)
+        t = _floor_div_f64(q, float(D))
+        extra = float(1 << (2 * LN_EXTRA_BITS))
+        var = t * extra + _floor_div_f64((q - t * D) * extra, float(D)) + _ln_eps_int(self.m.exp("residual"))
+        sigma = torch.floor(torch.sqrt(var))  # within one of floor(sqrt(var)); then exact:
+        sigma = sigma - (sigma * sigma > var).to(r.dtype)
+        sigma = sigma + ((sigma + 1) * (sigma + 1) <= var).to(r.dtype)
+        n = _floor_div_f64(d * float(1 << (e_n + LN_EXTRA_BITS + 1)) + sigma, 2 * sigma).clamp_(-ACT_MAX, ACT_MAX)
+        nrm = self.m.norms[name]
+        gamma, beta = self._norm_params(name, r.device)
+        shift = int(nrm.shift)
+        out = n.mul_(gamma).add_(beta)
+        if shift > 0:
+            out = out.add_(2.0 ** (shift - 1)).mul_(2.0 ** -shift).floor_()
+        else:
+            out = out.mul_(2.0 ** -shift)
+        return out.clamp_(-ACT_MAX, ACT_MAX)
+
+    def _norm_params(self, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("norm", name, device)
+        if key not in self._req:
+            nrm = self.m.norms[name]
+            self._req[key] = (nrm.gamma.to(device, torch.float64), nrm.beta.to(device, torch.float64))
+        return self._req[key]
 
     def attention(self, layer: int, q, k, v, valid: torch.Tensor | None) -> torch.Tensor:
         shift = self._score_shift(layer)
-        raw = torch.matmul(q, k.transpose(-1, -2))  # exact, < 2^36
-        scores = torch.floor((raw * N.attn_multiplier(q.shape[-1]) + 2.0 ** (shift - 1)) * 2.0 ** -shift)
-        if valid is not None:
-            scores = scores.masked_fill(~valid, -2.0 ** 40)
-        gap = (scores.amax(dim=-1, keepdim=True) - scores).clamp(max=intmath.EXP_SIZE - 1)
-        e = self._table("exp", q.device)[gap.to(torch.int64)]  # (B, h, T, Tk), <= 2^15
-        if valid is not None:
-            e = e.masked_fill(~valid, 0.0)
+        # In place on the fresh product (the teacher-forced encoder's (B, h, 256, 256) score
+        # tensors are ~13 MB each: every extra pass and allocation shows).
+        scores = torch.matmul(q, k.transpose(-1, -2))  # exact, < 2^36
+        scores.mul_(N.attn_multiplier(q.shape[-1])).add_(2.0 ** (shift - 1)).mul_(2.0 ** -shift).floor_()  # < 2^51
+        invalid = None if valid is None else ~valid
+        if invalid is not None:
+            scores.masked_fill_(invalid, -2.0 ** 40)
+        gap = torch.sub(scores.amax(dim=-1, keepdim=True), scores, out=scores).clamp_(max=intmath.EXP_SIZE - 1)
+        table = self._table("exp", q.device)
+        e = table.index_select(0, gap.flatten().to(torch.int32)).view(gap.shape)  # (B, h, T, Tk), <= 2^15
+        if invalid is not None:
+            e.masked_fill_(invalid, 0.0)
         num = torch.matmul(e, v)  # exact, < 2^40
         den = e.sum(-1, keepdim=True)
         return _floor_div_f64(2 * num + den, 2 * den)  # round(num / den), halves up
 
     def gelu(self, g: torch.Tensor) -> torch.Tensor:
-        inside = self._table("gelu", g.device)[(g + intmath.GELU_HALF).clamp(0, 2 * intmath.GELU_HALF).to(torch.int64)]
-        return torch.where(g > intmath.GELU_HALF, g, torch.where(g < -intmath.GELU_HALF, 0.0, inside))
+        # IntOps.gelu in fewer passes: the table's first entry is 0 (GELU below -8 is 0 in
+        # 1/256; checked in _table), so below the table the lookup already gives IntOps' 0.
+        index = torch.add(g, intmath.GELU_HALF).clamp_(0, 2 * intmath.GELU_HALF)
+        inside = self._table("gelu", g.device).index_select(0, index.flatten().to(torch.int32)).view(g.shape)
+        return torch.where(g > intmath.GELU_HALF, g, inside)
 
     def _table(self, name: str, device) -> torch.Tensor:
         key = (name, device)
         if key not in self._req:
-            self._req[key] = self.m.tables(device)[name].to(torch.float64)
+            table = self.m.tables(device)[name].to(torch.float64)
+            if name == "gelu" and table[0] != 0:
+                raise ValueError("the GELU table must start at 0 (gelu relies on it)")
+            self._req[key] = table
         return self._req[key]
 
     def head(self, x: torch.Tensor) -> IntParams:

@@ -445,11 +445,14 @@ def m2t_teacher_forced(ops, tokens: torch.Tensor):
     return _output(ops, h[:, layout.tensor("predicting_slot", tokens.device)])  # (B, L, D) in position order
 
 
-def mt_forward(ops, tokens: torch.Tensor, masked: torch.Tensor):
-    """One full MT pass: tokens (B, L, C), masked (B, L) bool -> parameters (B, L, C, K)."""
+def mt_forward(ops, tokens: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor | None = None):
+    """One full MT pass: tokens (B, L, C), masked (B, L) bool -> parameters (B, L, C, K), or
+    only those of `positions` (n,) (B, n, C, K): the final norm and the head work per position,
+    so a decoding step skips the head for the positions it does not code."""
     x = ops.embed(tokens, masked)
     x = ops.add(x, ops.pos("target", torch.arange(tokens.shape[1], device=tokens.device)))
-    return _output(ops, _blocks(ops, x, None, None))
+    h = _blocks(ops, x, None, None)  # (B, L, D)
+    return _output(ops, h if positions is None else h[:, positions])  # (B, n, D) -> (B, n, C, K)
 
 
 def step(ops, tokens: torch.Tensor, state: DecodeState, use_cache: bool = True):
@@ -462,7 +465,7 @@ def step(ops, tokens: torch.Tensor, state: DecodeState, use_cache: bool = True):
     mode = ops.cfg.mode
     if mode == "mt":
         masked = (layout.tensor("position_step", tokens.device) >= i)[None, :].expand(tokens.shape[0], -1)
-        return mt_forward(ops, tokens, masked).index((slice(None), layout.groups(tokens.device)[i]))
+        return mt_forward(ops, tokens, masked, layout.groups(tokens.device)[i])
     if mode != "m2t":
         raise ValueError(f"unknown mode {mode!r}")
     n_i, start, end = layout.sched.sizes[i], layout.slot_starts[i], layout.slot_starts[i + 1]

@@ -248,3 +248,47 @@ def test_float64_carrier_equals_the_int64_reference(name):
     for i, group in enumerate(model.layout.sched.groups):
         _assert_same(N.step(ref, known, s_ref), N.step(fast, known, s_fast), f"{name} step {i}")
         known[:, torch.as_tensor(group)] = tokens[:, torch.as_tensor(group)]
+
+
+def test_float64_elementwise_steps_equal_the_int64_reference_at_their_limits():
+    """Float64Ops' GELU and LayerNorm (rewritten in float64 for speed) against IntOps on the
+    inputs whole passes rarely reach: GELU far beyond its table on both sides, and LayerNorm
+    rows at +-RESIDUAL_MAX, constant rows (the variance is eps alone), rows with one spike,
+    rows whose normalised values are exact halves (rounding ties), and random rows of every
+    magnitude."""
+    model = _model("m2t-small-q3")
+    ref, fast = X.IntOps(model.exact), X.CodingOps(model.exact)
+    half = intmath.GELU_HALF
+    g = torch.cat([torch.arange(-3 * half, 3 * half + 1), torch.tensor([-N.RESIDUAL_MAX, N.RESIDUAL_MAX])])
+    assert torch.equal(fast.gelu(g.double()).to(torch.int64), ref.gelu(g))
+    D, gen = model.cfg.d_model, torch.Generator().manual_seed(5)
+    # Ties: +-8192 with one pair moved to 8194 / 8190 keeps the mean 0 and puts the variance
+    # in [2^42, (2^21 + 1)^2), so sigma = 2^21 and d 2^19 / sigma = d / 4 ends in .5 there.
+    side = [8192] * (D // 2 - 2) + [8194, 8190]
+    tie = torch.tensor(side + [-v for v in side])
+    q = sum(v * v for v in tie.tolist())
+    var = (q << 16) // D + X._ln_eps_int(model.exact.exp("residual"))
+    assert math.isqrt(var) == 1 << 21 and N.ln_exponent(D) + X.LN_EXTRA_BITS == 19
+    rows = [torch.full((D,), N.RESIDUAL_MAX), torch.full((D,), -N.RESIDUAL_MAX), torch.full((D,), 7), tie,
+            torch.where(torch.arange(D) % 2 == 0, N.RESIDUAL_MAX, -N.RESIDUAL_MAX),
+            torch.zeros(D).index_fill_(0, torch.tensor([3]), N.RESIDUAL_MAX)]
+    rows += [torch.randint(-(1 << b), (1 << b) + 1, (D,), generator=gen) for b in range(0, 18) for _ in range(4)]
+    r = torch.stack(rows).to(torch.int64)[None]  # (1, rows, D)
+    for name in ("b0_norm1", "norm"):
+        assert torch.equal(fast.layer_norm(name, r.double()).to(torch.int64), ref.layer_norm(name, r)), name
+
+
+@pytest.mark.parametrize("name", ["tiny-mt", "mt-small-q2"])
+def test_mt_step_equals_the_full_pass_at_its_positions(name):
+    """An MT decoding step runs the head on its own group's positions only; the parameters
+    must be those of the full pass (every position) at those positions."""
+    model = _model(name)
+    tokens = _windows(model, 2, seed=8)
+    ops, state = X.CodingOps(model.exact), N.DecodeState()
+    known = torch.zeros_like(tokens)
+    step_of = model.layout.tensor("position_step", tokens.device)
+    for i, group in enumerate(model.layout.groups(tokens.device)):
+        masked = (step_of >= i)[None, :].expand(tokens.shape[0], -1)
+        full = N.mt_forward(ops, known, masked).index((slice(None), group))
+        _assert_same(N.step(ops, known, state), full, f"{name} step {i}")
+        known[:, group] = tokens[:, group]
