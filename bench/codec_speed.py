@@ -247,7 +247,8 @@ def transformer_flops(model: M2TCodec, num_windows: int) -> float:
     `num_windows` windows, counted from the shapes: the linear layers and attention products
     (the exact model runs them as float64 products of integers). M2T (cached): slot group i
     feeds its m_i slots once and attends to all slots so far; MT: S full passes over the L
-    positions, the output head on every position (as the code does)."""
+    positions, the output head on each step's own group (as the code does since m2t 0.5.2;
+    0.5.1 ran it on every position)."""
     cfg, layout = model.cfg, model.layout
     D, L = cfg.d_model, cfg.tokens_per_window
     per_token_block = 2 * (4 * D * D + 2 * D * cfg.d_mlp)  # qkv + proj + MLP
@@ -260,7 +261,7 @@ def transformer_flops(model: M2TCodec, num_windows: int) -> float:
             flops += m_i * embed + cfg.n_layers * (m_i * per_token_block + attention) + layout.sched.sizes[i] * head
     else:
         attention = 2 * 2 * L * L * D
-        flops = cfg.num_steps * (L * embed + cfg.n_layers * (L * per_token_block + attention) + L * head)
+        flops = cfg.num_steps * (L * embed + cfg.n_layers * (L * per_token_block + attention)) + L * head
     return flops * num_windows
 
 
