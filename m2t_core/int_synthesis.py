@@ -151,10 +151,17 @@ class IntConv(nn.Module):
         state["_carriers"], state["_int8"] = {}, None
         return state
 
+    def _weights_key(self) -> tuple | None:
+        """What the caches below depend on (None for inference tensors, which have no version
+        counter: then nothing is cached)."""
+        if self.weight.is_inference():
+            return None
+        return self.weight._version, self.bias._version, self.w_exp._version
+
     def int8_conv(self, shift: torch.Tensor) -> "int8_conv.PackedConv | None":
         """The int8 route of this convolution (int8_conv.py) for the shifts `shift`, or None
         where it would not be exact here; cached."""
-        key = None if self.weight.is_inference() else (self.weight._version, self.bias._version, self.w_exp._version)
+        key = self._weights_key()
         if self._int8 is None or key is None or self._int8[0] != key or not torch.equal(self._int8[1], shift):
             f_lo = Rescale.of(self.bias, shift, "cpu").f_lo
             spec = self.spec
@@ -166,7 +173,7 @@ class IntConv(nn.Module):
     def carriers(self, device, shift: torch.Tensor) -> tuple[torch.Tensor, "Rescale"]:
         """The float32 weight on `device` (exact: integers below 2^24) and the rescaling terms
         of each row for the shifts `shift` (e_in + w_exp - e_out); cached."""
-        key = None if self.weight.is_inference() else (self.weight._version, self.bias._version, self.w_exp._version)
+        key = self._weights_key()
         hit = self._carriers.get(device)
         if hit is None or key is None or hit[0] != key or not torch.equal(hit[2].shift, shift):
             weight = self.weight.to(device, torch.float32).contiguous(memory_format=torch.channels_last)
@@ -311,6 +318,10 @@ class IntSynthesis(nn.Module):
     def output_of(self, conv_name: str) -> str:
         return self._wiring[conv_name][1]
 
+    def shift(self, conv_name: str) -> torch.Tensor:
+        """The rescaling shift of each row of a convolution: e_in + w_exp - e_out."""
+        return self.exp(self.input_of(conv_name)) + self.conv(conv_name).w_exp - self.exp(self.output_of(conv_name))
+
     # ------------------------------------------------------------ checks
 
     def exactness_margin_bits(self) -> float:
@@ -319,7 +330,7 @@ class IntSynthesis(nn.Module):
         worst = ACT_LIMIT * (1 << GATE_BITS)  # the attention gate's product
         for spec in self.specs:
             c = self.conv(spec.name)
-            shift = self.exp(self.input_of(spec.name)) + c.w_exp - self.exp(self.output_of(spec.name))
+            shift = self.shift(spec.name)
             if int(shift.max()) > MAX_SHIFT:
                 return -math.inf
             r = Rescale.of(c.bias, shift, "cpu")
@@ -464,14 +475,11 @@ class IntOps:
 
     def _carriers(self, name: str, device) -> tuple[torch.Tensor, "Rescale"]:
         if name not in self._looked_up:  # products and rescaling of one call share the lookup
-            conv = self.m.conv(name)
-            shift = self.m.exp(self.m.input_of(name)) + conv.w_exp - self.m.exp(self.m.output_of(name))
-            self._looked_up[name] = conv.carriers(device, shift)
+            self._looked_up[name] = self.m.conv(name).carriers(device, self.m.shift(name))
         return self._looked_up[name]
 
     def _int8(self, name: str):
-        conv = self.m.conv(name)
-        return conv.int8_conv(self.m.exp(self.m.input_of(name)) + conv.w_exp - self.m.exp(self.m.output_of(name)))
+        return self.m.conv(name).int8_conv(self.m.shift(name))
 
     def _products(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The convolution of integer x with the integer weights plus the bias f_lo, exactly:
