@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
-"""What the integer synthesis transform and format 4 cost in rate-distortion (a benchmark).
+"""What the integer synthesis transforms and formats 4 and 5 cost in rate-distortion (a benchmark).
 
     python bench/integer_synthesis.py                 # every shipped model, all 24 Kodak images
     python bench/integer_synthesis.py --quick         # 4 images
 
-For every image and model, one real format-4 bitstream (`Encoder.encode_image`) and three
-decodes of its latent: the integer g_s that decodes since m2t 0.4, the float g_s it was
-exported from (what m2t 0.3 decoded with), and their pixel difference. Rates are the real
-stream sizes; the format-3 size of the same stream is its format-4 size minus the piece
-checksums (2 bytes a piece: a step of a chunk). Reported per model: mean bpp and PSNR of each, and over the four
-M2T rate points the BD-rate (pchip, `pipeline.evaluation.rd.bd_rate`) of
-  * the integer g_s against the float g_s at format 4's rates (the synthesis alone), and
-  * m2t 0.4 (format 4, integer g_s) against m2t 0.3 (format 3, float g_s) (all of it);
-for the single MT model, the PSNR and bpp differences. Writes
-bench/results/integer_synthesis.json and .md.
+For every image and model, one real bitstream (`Encoder.encode_image`, format 5) and three
+decodes of its latent: integer-v2 (format 5, m2t 0.6: 8-bit weights), integer-v1 (format 4,
+m2t 0.4-0.5) and the float g_s both are exported from (what m2t 0.3 decoded with). Formats 4
+and 5 have one layout, so one stream's size is the rate of both; the format-3 size is it
+minus the piece checksums (2 bytes a piece: a step of a chunk). Reported per model: mean bpp
+and PSNR of each, and over the four M2T rate points the BD-rate (pchip,
+`pipeline.evaluation.rd.bd_rate`) of
+  * each integer g_s against the float g_s at the same rates (the synthesis alone),
+  * integer-v2 against integer-v1 (what format 5 costs against format 4), and
+  * the current format against m2t 0.3 (format 3, float g_s) (all of it);
+for the single MT model, the PSNR and bpp differences. Writes OUT.json and OUT.md
+(default bench/results/integer_synthesis).
 """
 
 from __future__ import annotations
@@ -48,21 +50,25 @@ def measure(model, rgbs: list[np.ndarray]) -> dict:
         enc = encoder.encode_image(rgb)
         H, W = rgb.shape[:2]
         header = bs.read_header(enc.bitstream)
+        assert header.version == bs.FORMAT_VERSION == 5
         with torch.inference_mode():
-            x_int = model.decompress(enc.bitstream)
+            x_v2 = model.decompress(enc.bitstream)
+            x_v1 = model.synthesis(enc.y_hat, H, W, version=4)
             x_float = tiling.synthesis(model.g_s, enc.y_hat[None].float(), H, W).permute(1, 2, 0).numpy()
-        bytes_v4 = len(enc.bitstream)
-        bytes_v3 = bytes_v4 - 2 * header.num_steps * header.num_chunks
-        diff = np.abs(x_int.astype(int) - x_float.astype(int))
-        rows.append({"bytes_v4": bytes_v4, "bytes_v3": bytes_v3, "pixels": H * W,
-                     "psnr_integer": _psnr(rgb, x_int), "psnr_float": _psnr(rgb, x_float),
-                     "max_abs_diff": int(diff.max()), "frac_diff": float((diff > 0).mean())})
+        bytes_now = len(enc.bitstream)
+        bytes_v3 = bytes_now - 2 * header.num_steps * header.num_chunks
+        diff = np.abs(x_v2.astype(int) - x_float.astype(int))
+        rows.append({"bytes": bytes_now, "bytes_v3": bytes_v3, "pixels": H * W,
+                     "psnr_integer_v2": _psnr(rgb, x_v2), "psnr_integer_v1": _psnr(rgb, x_v1),
+                     "psnr_float": _psnr(rgb, x_float),
+                     "max_abs_diff_v2": int(diff.max()), "frac_diff_v2": float((diff > 0).mean())})
     mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
     return {
-        "bpp_v4": float(np.mean([8 * r["bytes_v4"] / r["pixels"] for r in rows])),
+        "bpp": float(np.mean([8 * r["bytes"] / r["pixels"] for r in rows])),
         "bpp_v3": float(np.mean([8 * r["bytes_v3"] / r["pixels"] for r in rows])),
-        "psnr_integer": mean("psnr_integer"), "psnr_float": mean("psnr_float"),
-        "max_abs_diff": max(r["max_abs_diff"] for r in rows), "frac_diff": mean("frac_diff"), "images": rows,
+        "psnr_integer_v2": mean("psnr_integer_v2"), "psnr_integer_v1": mean("psnr_integer_v1"),
+        "psnr_float": mean("psnr_float"), "max_abs_diff_v2": max(r["max_abs_diff_v2"] for r in rows),
+        "frac_diff_v2": mean("frac_diff_v2"), "images": rows,
     }
 
 
@@ -87,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(PACKAGE_WEIGHTS.glob("*.safetensors")):
         results[path.stem] = measure(load_model(path.stem), rgbs)
         r = results[path.stem]
-        print(f"{path.stem}: bpp {r['bpp_v3']:.5f} (format 3) {r['bpp_v4']:.5f} (format 4); PSNR float g_s "
-              f"{r['psnr_float']:.4f} integer g_s {r['psnr_integer']:.4f} dB; pixels differing "
-              f"{r['frac_diff']:.2%}, at most {r['max_abs_diff']} levels", flush=True)
+        print(f"{path.stem}: bpp {r['bpp_v3']:.5f} (format 3) {r['bpp']:.5f} (formats 4, 5); PSNR float g_s "
+              f"{r['psnr_float']:.4f} integer-v1 {r['psnr_integer_v1']:.4f} integer-v2 {r['psnr_integer_v2']:.4f} dB; "
+              f"v2 pixels differing from float {r['frac_diff_v2']:.2%}, at most {r['max_abs_diff_v2']} levels",
+              flush=True)
     m2t = [n for n in results if n.startswith("m2t-")]
     curve = lambda bpp, psnr: {"bpp": [results[n][bpp] for n in m2t], "psnr": [results[n][psnr] for n in m2t]}  # noqa: E731
     summary = {
-        "bd_rate_integer_vs_float_g_s_pct": bd_rate(curve("bpp_v4", "psnr_float"), curve("bpp_v4", "psnr_integer")),
-        "bd_rate_m2t_0_4_vs_0_3_pct": bd_rate(curve("bpp_v3", "psnr_float"), curve("bpp_v4", "psnr_integer")),
+        "bd_rate_integer_v1_vs_float_g_s_pct": bd_rate(curve("bpp", "psnr_float"), curve("bpp", "psnr_integer_v1")),
+        "bd_rate_integer_v2_vs_float_g_s_pct": bd_rate(curve("bpp", "psnr_float"), curve("bpp", "psnr_integer_v2")),
+        "bd_rate_format_5_vs_4_pct": bd_rate(curve("bpp", "psnr_integer_v1"), curve("bpp", "psnr_integer_v2")),
+        "bd_rate_format_5_vs_3_pct": bd_rate(curve("bpp_v3", "psnr_float"), curve("bpp", "psnr_integer_v2")),
     }
     report = {"benchmark": "integer_synthesis", "command": " ".join(["bench/integer_synthesis.py"] + (argv or sys.argv[1:])),
               "machine": {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -104,18 +113,21 @@ def main(argv: list[str] | None = None) -> int:
               "per_image": {n: r["images"] for n, r in results.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = ["| model | bpp format 3 | bpp format 4 | PSNR float g_s | PSNR integer g_s | pixels differing |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | bpp format 3 | bpp formats 4, 5 | PSNR float g_s | PSNR integer-v1 (format 4) | "
+             "PSNR integer-v2 (format 5) | v2 pixels differing from float |", "|---|---:|---:|---:|---:|---:|---:|"]
     for n, r in results.items():
-        lines.append(f"| {n} | {r['bpp_v3']:.5f} | {r['bpp_v4']:.5f} | {r['psnr_float']:.4f} | "
-                     f"{r['psnr_integer']:.4f} | {r['frac_diff']:.2%} (max {r['max_abs_diff']}) |")
-    lines += ["", f"BD-rate (M2T q1-q4, pchip), integer vs float g_s at format-4 rates: "
-              f"{summary['bd_rate_integer_vs_float_g_s_pct']['value']:+.3f} %",
-              f"BD-rate, m2t 0.4 (format 4, integer g_s) vs m2t 0.3 (format 3, float g_s): "
-              f"{summary['bd_rate_m2t_0_4_vs_0_3_pct']['value']:+.3f} %",
+        lines.append(f"| {n} | {r['bpp_v3']:.5f} | {r['bpp']:.5f} | {r['psnr_float']:.4f} | "
+                     f"{r['psnr_integer_v1']:.4f} | {r['psnr_integer_v2']:.4f} | "
+                     f"{r['frac_diff_v2']:.2%} (max {r['max_abs_diff_v2']}) |")
+    bd = lambda key: f"{summary[key]['value']:+.3f} %"  # noqa: E731
+    lines += ["", "BD-rate (M2T q1-q4, pchip) at the same rates:",
+              f"- integer-v1 (format 4) vs float g_s: {bd('bd_rate_integer_v1_vs_float_g_s_pct')}",
+              f"- integer-v2 (format 5) vs float g_s: {bd('bd_rate_integer_v2_vs_float_g_s_pct')}",
+              f"- integer-v2 vs integer-v1 (format 5 vs 4): {bd('bd_rate_format_5_vs_4_pct')}",
+              f"- format 5 vs m2t 0.3 (format 3, float g_s): {bd('bd_rate_format_5_vs_3_pct')}",
               "", f"Kodak, {len(paths)} images; {report['machine'].get('cpu')}; `{report['command']}`"]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-4:]))
+    print("\n".join(lines[-8:]))
     return 0
 
 

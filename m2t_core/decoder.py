@@ -241,7 +241,8 @@ class Decoder:
             _, y = self.decode_latent(data)
         else:
             _, y = self._decode_steps(header, payload, k)  # k < S: the filled latent
-        return Preview(image=self.model.synthesis(y, header.height, header.width), y=y, steps=k, num_steps=S,
+        return Preview(image=self.model.synthesis(y, header.height, header.width, header.version), y=y, steps=k,
+                       num_steps=S,
                        bytes_read=header.step_ends[k - 1] if k else header.size, total_bytes=header.step_ends[-1])
 
     @torch.inference_mode()
@@ -263,7 +264,7 @@ class Decoder:
                 f"{header.step_ends[-1]} bytes): decoded a preview"), stacklevel=2)
             return self.preview(data).image
         header, y_hat = self.decode_latent(data)
-        return self.model.synthesis(y_hat, header.height, header.width)
+        return self.model.synthesis(y_hat, header.height, header.width, header.version)
 
     @torch.inference_mode()
     def decompress_many(self, streams: Sequence[bytes]) -> list:
@@ -275,26 +276,30 @@ class Decoder:
         by default) and may differ in float rounding in a batch. A cut stream is an error
         here (decompress() previews it)."""
         results: list = list(self.decode_latents(streams))
-        good = [(n, got) for n, got in enumerate(results) if not isinstance(got, Exception)]
-        latents = [(y_hat, header.height, header.width) for _, (header, y_hat) in good]
-        try:
-            images = self.model.synthesis_batch(latents, self.batch_images)
-        except Exception:  # e.g. out of memory in a batch: one at a time, each failing alone
-            images = []
-            for latent in latents:
-                try:
-                    images.append(self.model.synthesis(*latent))
-                except Exception as exc:
-                    images.append(exc)
-        for (n, _), image in zip(good, images):
-            results[n] = image
+        by_version: dict[int, list] = {}  # each format version has its own integer g_s
+        for n, got in enumerate(results):
+            if not isinstance(got, Exception):
+                by_version.setdefault(got[0].version, []).append((n, got))
+        for version, good in by_version.items():
+            latents = [(y_hat, header.height, header.width) for _, (header, y_hat) in good]
+            try:
+                images = self.model.synthesis_batch(latents, self.batch_images, version)
+            except Exception:  # e.g. out of memory in a batch: one at a time, each failing alone
+                images = []
+                for latent in latents:
+                    try:
+                        images.append(self.model.synthesis(*latent, version=version))
+                    except Exception as exc:
+                        images.append(exc)
+            for (n, _), image in zip(good, images):
+                results[n] = image
         return results
 
 
 def _decode_symbols(decoder: SymbolDecoder, flat: X.IntParams, C: int, device, header: bs.Header,
                     step: int, chunk: int) -> torch.Tensor:
     """The next symbols of a chunk's stream under `flat` (n, K) -> (n / C, C) int32, checked
-    against the header's checksum of piece (step, chunk) (format 4)."""
+    against the header's checksum of piece (step, chunk) (format 4 on)."""
     try:
         symbols = decoder.decode(snap_integer(flat.mean_q, flat.level, flat.logit_q))
     except Exception as exc:

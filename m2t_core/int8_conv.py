@@ -37,6 +37,7 @@ ZERO_POINT = 128  # uint8 plane = int8 plane + 128
 FP32_EXACT = 1 << 24
 BAND_BYTES = 4 << 20  # per thread: a band's widest temporary (the four plane products, float32)
 HI_RANGE = (-128 * PLANE - ZERO_POINT, 127 * PLANE + 127 - ZERO_POINT)  # w whose w_hi, w_lo fit int8
+WEIGHT8_MAX = 127  # a weight within +-127 is its own plane
 
 
 def enabled() -> bool:
@@ -74,18 +75,28 @@ def split_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([hi, lo]).to(torch.int8)
 
 
+def weight_planes(w: torch.Tensor) -> int:
+    """1 where every weight is within int8 (m2t's integer-v2 weights: the weight is its own
+    plane), else 2 (w = 256 w_hi + w_lo)."""
+    return 1 if int(w.min()) >= -WEIGHT8_MAX and int(w.max()) <= WEIGHT8_MAX else 2
+
+
 def fits(w: torch.Tensor, f_lo: torch.Tensor) -> bool:
-    """Whether the int8 route is exact for this weight (R, C, k, k) and bias f_lo (R,): both
-    planes within int8, every accumulator (a plane product plus the bias) below 2^24, and so
-    is every partial sum of int_synthesis's combination of the four products,
-    floor(x_lo w_lo / 256) + x_lo w_hi + x_hi w_lo (before 256 x_hi w_hi joins)."""
+    """Whether the int8 route is exact for this weight (R, C, k, k) and bias f_lo (R,).
+    One plane (`weight_planes`): every accumulator (an activation plane's product plus the
+    bias) below 2^24, the bound int_synthesis's float32 route has. Two planes: both within
+    int8, every accumulator below 2^24, and so is every partial sum of int_synthesis's
+    combination of the four products, floor(x_lo w_lo / 256) + x_lo w_hi + x_hi w_lo (before
+    256 x_hi w_hi joins)."""
     w = w.to(torch.int64)
+    bias = f_lo.to(torch.int64).abs().cpu()
+    if weight_planes(w) == 1:
+        return bool((w.abs().flatten(1).sum(dim=1) * 128 + bias < FP32_EXACT).all())
     if int(w.min()) < HI_RANGE[0] or int(w.max()) > HI_RANGE[1]:
         return False
     R = w.shape[0]
     l1 = split_weight(w).to(torch.int64).abs().flatten(1).sum(dim=1) * 128  # (2R,) bounds |x * plane|
     hi, lo = l1[:R], l1[R:]
-    bias = f_lo.to(torch.int64).abs().cpu()
     accumulators = torch.maximum(hi, lo + bias)
     partial = lo + bias + (lo + bias) // PLANE + 1 + hi
     return bool((accumulators < FP32_EXACT).all() and (partial < FP32_EXACT).all())
@@ -118,7 +129,7 @@ def convolve(conv: "PackedConv", x: torch.Tensor, finish) -> torch.Tensor:
     B, C, H, W = x.shape
     p = conv.kernel // 2
     budget = BAND_BYTES * torch.get_num_threads()  # small bands lose to per-call costs, large ones to the caches
-    band = max(1, min(H, budget // (2 * B * 2 * conv.rows * 4 * W)))  # rows per band
+    band = max(1, min(H, budget // (2 * B * conv.planes * conv.rows * 4 * W)))  # rows per band
     out = torch.empty((B, conv.rows, H, W), dtype=torch.float32, memory_format=torch.channels_last)
     buffers: dict[int, torch.Tensor] = {}
     for y0 in range(0, H, band):
@@ -138,21 +149,27 @@ def convolve(conv: "PackedConv", x: torch.Tensor, finish) -> torch.Tensor:
 
 
 class PackedConv:
-    """One convolution's weight planes prepacked for oneDNN, with its bias."""
+    """One convolution's weight planes prepacked for oneDNN, with its bias: one plane where
+    the weight is within int8 (`weight_planes`), else two."""
 
     def __init__(self, weight: torch.Tensor, f_lo: torch.Tensor):
         R, C, k, _ = weight.shape
-        self.rows, self.kernel = R, k
-        self.w_scale = torch.ones(2 * R, dtype=torch.float32)
-        self.w_zero = torch.zeros(2 * R, dtype=torch.int64)
-        w8 = split_weight(weight).contiguous(memory_format=torch.channels_last)
+        self.rows, self.kernel, self.planes = R, k, weight_planes(weight)
+        self.w_scale = torch.ones(self.planes * R, dtype=torch.float32)
+        self.w_zero = torch.zeros(self.planes * R, dtype=torch.int64)
+        w8 = weight.to(torch.int8) if self.planes == 1 else split_weight(weight)
+        w8 = w8.contiguous(memory_format=torch.channels_last)
         pad = [0, k // 2]  # rows come padded (`convolve` reads its neighbours' rows), columns not
         self.packed = torch.ops.onednn.qconv_prepack(w8, self.w_scale, 1.0, ZERO_POINT, [1, 1], pad, [1, 1], 1, None)
-        self.bias = torch.cat([torch.zeros(R), f_lo.float().cpu()])  # on the w_lo rows: added once per plane
+        # Two planes: the bias on the w_lo rows only, so that it is added once per activation plane.
+        f_lo = f_lo.float().cpu()
+        self.bias = f_lo if self.planes == 1 else torch.cat([torch.zeros(R), f_lo])
 
     def raw(self, planes: torch.Tensor) -> torch.Tensor:
         """uint8 planes (2B, C, n + 2p, W), p = kernel // 2 rows above and below included ->
-        the four plane products (2B, 2R, n, W), float32 (columns padded with zeros)."""
+        the plane products (2B, planes * R, n, W), float32 (columns padded with zeros): one
+        weight plane gives [x_hi * w + f_lo, x_lo * w + f_lo], two the four products
+        [[x_hi * w_hi, x_hi * w_lo + f_lo], [x_lo * w_hi, x_lo * w_lo + f_lo]]."""
         p = self.kernel // 2
         return torch.ops.onednn.qconv2d_pointwise(
             planes, 1.0, ZERO_POINT, self.packed, self.w_scale, self.w_zero, self.bias, [1, 1], [0, p], [1, 1], 1,
@@ -160,10 +177,11 @@ class PackedConv:
 
 
 @functools.lru_cache(maxsize=None)
-def probe(c_in: int, c_out: int, kernel: int) -> bool:
-    """Whether oneDNN's int8 convolution of this shape (a PackedConv of c_out rows) is an exact
-    int32 sum of products on this machine: extreme and random operands against exact float64
-    convolutions, in two calls of one input shape (one kernel to generate)."""
+def probe(c_in: int, c_out: int, kernel: int, planes: int = 2) -> bool:
+    """Whether oneDNN's int8 convolution of this shape (a PackedConv of c_out rows and `planes`
+    weight planes) is an exact int32 sum of products on this machine: extreme and random
+    operands against exact float64 convolutions, in two calls of one input shape (one kernel
+    to generate)."""
     if not enabled():
         return False
     g = torch.Generator().manual_seed(c_in * 1009 + c_out * 31 + kernel)
@@ -182,11 +200,15 @@ def probe(c_in: int, c_out: int, kernel: int) -> bool:
     try:
         for w_small in weights:
             w_small[:, live:] = 0
-            w = w_small * (PLANE + 1)  # planes (w_small, w_small)
+            w_small = w_small.clamp(-WEIGHT8_MAX, WEIGHT8_MAX) if planes == 1 else w_small
+            w = w_small if planes == 1 else w_small * (PLANE + 1)  # two planes: (w_small, w_small)
             f_lo = torch.randint(0, 256, (c_out,), generator=g).float()
-            got = PackedConv(w, f_lo).raw(padded)
-            want = _reference_conv(x8.double() - ZERO_POINT, split_weight(w).double(),
-                                   torch.cat([torch.zeros(c_out), f_lo]).double())
+            packed = PackedConv(w, f_lo)
+            if packed.planes != planes:
+                return False
+            rows, bias = (w, f_lo) if planes == 1 else (split_weight(w), torch.cat([torch.zeros(c_out), f_lo]))
+            want = _reference_conv(x8.double() - ZERO_POINT, rows.double(), bias.double())
+            got = packed.raw(padded)
             if not torch.equal(got.double(), want):
                 return False
     except Exception:  # noqa: BLE001  (any failure of the int8 route means: use the float32 one)

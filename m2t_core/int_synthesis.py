@@ -29,10 +29,14 @@ every number between the latent and the pixels is an integer:
   run on the int8 units in bands of rows (int8_conv.py), about 1.55x faster than the float32
   route on one thread; elsewhere, and on GPUs, the float32 route. Both give the same integers.
 
-Cost against the float g_s on Kodak, real bitstreams (bench/integer_synthesis.py,
-docs/models.md): +0.05 % BD-rate, no retraining. Speed (docs/benchmarks.md): the float32
+Two arithmetics, which the stream's format version selects (`arithmetic`): integer-v1
+(formats 3, 4; weights within the float32 budget, so two int8 planes) and integer-v2
+(format 5, `IntSynthesis.eight_bit`: weight rows within int8 in every convolution but the
+one that writes pixels, one plane of products, derived from the same model). Cost against
+the float g_s on Kodak, real bitstreams (bench/integer_synthesis.py, docs/models.md):
++0.08 % and +0.55 % BD-rate, no retraining. Speed (docs/benchmarks.md): the float32
 route runs every convolution twice (the two planes), about 2.4x the float g_s's time on one
-CPU thread; the int8 route about 1.5x.
+CPU thread; the int8 route about 1.5x with integer-v1, and integer-v2 1.3-1.5x faster again.
 
 Layout: tensors are (B, C, H, W) float32 holding integers, in channels-last memory (oneDNN's
 faster layout). The structure (which convolutions, in which order) is read from the float
@@ -68,8 +72,16 @@ GATE_BITS = 8  # sigmoid in 1/256: |trunk| * 2^8 < 2^24
 PIXEL_EXP = 12  # the last convolution's output, in 1/4096 of the [0, 1] pixel range
 MIN_EXP, MAX_EXP = -8, 24  # activation exponents are clipped to this range
 CALIBRATION_MARGIN = 2.0  # an activation's exponent leaves room for 2x its calibrated maximum
-# What decides decoded pixels (M2TCodec.numerics, recorded in archives): this arithmetic only.
-SYNTHESIS_ARITHMETIC = "integer-v1"
+WEIGHT8_MAX = int8_conv.WEIGHT8_MAX  # integer-v2: weight rows within int8
+# What decides decoded pixels (M2TCodec.numerics, recorded in archives): the arithmetic, which
+# the stream's format version selects (`arithmetic`).
+ARITHMETIC_V1 = "integer-v1"  # formats 3 and 4: weights within the float32 budget (two int8 planes)
+ARITHMETIC_V2 = "integer-v2"  # format 5: weights within int8 but the pixel convolution's (one plane)
+
+
+def arithmetic(version: int) -> str:
+    """The integer g_s arithmetic that decodes a stream of this format version."""
+    return ARITHMETIC_V2 if version >= 5 else ARITHMETIC_V1
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,10 +177,19 @@ class IntConv(nn.Module):
         if self._int8 is None or key is None or self._int8[0] != key or not torch.equal(self._int8[1], shift):
             f_lo = Rescale.of(self.bias, shift, "cpu").f_lo
             spec = self.spec
-            usable = (int8_conv.probe(spec.c_in, spec.c_out, spec.kernel)
+            usable = (int8_conv.probe(spec.c_in, spec.c_out, spec.kernel, int8_conv.weight_planes(self.weight))
                       and int8_conv.fits(self.weight, f_lo))
             self._int8 = (key, shift.clone(), int8_conv.PackedConv(self.weight, f_lo) if usable else None)
         return self._int8[2]
+
+    def set_rows(self, w: torch.Tensor, b: torch.Tensor, w_exp: torch.Tensor, e_in: int, e_out: int) -> None:
+        """The integers of float rows w (rows, K) and bias b (rows,) (float64) at per-row
+        exponents w_exp: round(w 2^w_exp), the bias at the accumulator's exponent, limited to
+        MAX_BIAS_OUT output steps. Exact: products by powers of two, then round half to even."""
+        self.weight.copy_(_round_rows(w, w_exp, self.weight.shape))
+        limit = float(MAX_BIAS_OUT) * torch.pow(2.0, w_exp + e_in - e_out)
+        self.bias.copy_(torch.round(b * torch.pow(2.0, w_exp + e_in)).clamp(-limit, limit).to(torch.int64))
+        self.w_exp.copy_(w_exp.to(torch.int64))
 
     def carriers(self, device, shift: torch.Tensor) -> tuple[torch.Tensor, "Rescale"]:
         """The float32 weight on `device` (exact: integers below 2^24) and the rescaling terms
@@ -187,15 +208,19 @@ class Rescale:
     """floor((acc + bias + 2^(s-1)) / 2^s) of each row, split so float32 stays exact:
     bias + 2^(s-1) = 2^s b_int + frac with 0 <= frac < 2^s <= 2^MAX_SHIFT. The convolution adds
     f_lo (frac's low 8 bits where s >= 8, all of it elsewhere) to both planes' products as its
-    bias; `delta` = f_hi - f_lo corrects the high plane."""
+    bias; `_combine` takes floor(x / 2^s) in two steps, first by 2^m with m = min(s, 8):
+    b_int + floor((P_hi 2^(8-m) + floor((P_lo + f_lo) / 2^m) + delta) / 2^(s-m)), where
+    delta = f_hi - f_lo 2^(8-m) removes the bias from the high plane's product and adds frac's
+    high part f_hi."""
 
     shift: torch.Tensor  # (rows,) int64, on the CPU
     f_lo: torch.Tensor  # (rows,) float32 on the device: the convolution's bias
     delta: torch.Tensor  # (rows, 1, 1) float32 on the device, as the rest
     b_int: torch.Tensor
-    scale: torch.Tensor  # 2^-(s - 8)
-    wide: torch.Tensor  # s >= 8
-    all_wide: bool
+    scale: torch.Tensor  # 2^-(s - m)
+    hi_scale: torch.Tensor  # 2^(8 - m): 1 on wide rows (s >= 8)
+    lo_scale: torch.Tensor  # 2^-m
+    all_wide: bool  # every row s >= 8 (hi_scale 1, lo_scale 1/256)
 
     @staticmethod
     def of(bias: torch.Tensor, shift: torch.Tensor, device) -> "Rescale":
@@ -205,11 +230,35 @@ class Rescale:
         b_int = torch.where(s >= 0, torch.div(total, torch.ones_like(s) << down, rounding_mode="floor"), total << up)
         frac = torch.where(s >= 0, total - (b_int << down), 0)  # 0 <= frac < 2^s
         wide = s >= 8
+        m = s.clamp(max=8)
         f_hi = torch.where(wide, frac >> 8, 0)
         f_lo = torch.where(wide, frac & 255, frac)
+        hi_scale = torch.pow(2.0, (8 - m).double())
         col = (lambda t: t.to(device, torch.float32)[:, None, None])  # (rows, 1, 1)
-        return Rescale(s.clone(), f_lo.to(device, torch.float32), col(f_hi - f_lo),
-                       col(b_int), col(torch.pow(2.0, -(s - 8).double())), col(wide), bool(wide.all()))
+        return Rescale(s.clone(), f_lo.to(device, torch.float32), col(f_hi - f_lo * hi_scale), col(b_int),
+                       col(torch.pow(2.0, -(s - m).double())), col(hi_scale), col(torch.pow(2.0, -m.double())),
+                       bool(wide.all()))
+
+
+def _int8_exponents(w: torch.Tensor, cap: int) -> torch.Tensor:
+    """Per row of w (rows, K) float64 the largest exponent e <= cap (float64 (rows,)) at which
+    the rounded row fits int8 and the float32 budget: max|round(w 2^e)| <= WEIGHT8_MAX and
+    PLANE_MAX * sum|round(w 2^e)| <= ROW_BUDGET. Decided on the rounded integers (exact sums),
+    from a float estimate at most one too low, so every machine finds the same exponents."""
+
+    def fits(e: torch.Tensor) -> torch.Tensor:
+        q = torch.round(w * torch.pow(2.0, e)[:, None]).abs()
+        return (q.amax(dim=1) <= WEIGHT8_MAX) & (q.sum(dim=1) * PLANE_MAX <= ROW_BUDGET)
+
+    cap = min(cap, 30)
+    peak = w.abs().amax(dim=1).clamp(min=2.0 ** -60)
+    e = torch.floor(torch.log2(WEIGHT8_MAX / peak)).clamp(-30, cap)
+    for _ in range(2):  # the estimate may be low by one
+        up = e + 1
+        e = torch.where((up <= cap) & fits(up), up, e)
+    while not bool(fits(e).all()):  # rows that the budget (or the estimate) holds lower
+        e = torch.where(fits(e), e, e - 1)
+    return e
 
 
 def _round_rows(w: torch.Tensor, w_exp: torch.Tensor, shape) -> torch.Tensor:
@@ -274,11 +323,7 @@ class IntSynthesis(nn.Module):
             room = ROW_BUDGET / PLANE_MAX - w.shape[1] / 2
             w_exp = torch.floor(torch.log2(room / l1))
             w_exp = w_exp.clamp(max=e_out - e_in + MAX_SHIFT).clamp(-30, 30)
-            conv = self.conv(spec.name)
-            conv.weight.copy_(_round_rows(w, w_exp, conv.weight.shape))
-            limit = float(MAX_BIAS_OUT) * torch.pow(2.0, w_exp + e_in - e_out)
-            conv.bias.copy_(torch.round(b * torch.pow(2.0, w_exp + e_in)).clamp(-limit, limit).to(torch.int64))
-            conv.w_exp.copy_(w_exp.to(torch.int64))
+            self.conv(spec.name).set_rows(w, b, w_exp, e_in, e_out)
 
     def _float_rows(self, g_s: SynthesisTransform):
         """(spec, weights (rows, c_in * k * k) float64, bias (rows,) float64) of every
@@ -311,6 +356,27 @@ class IntSynthesis(nn.Module):
             if not torch.equal(_round_rows(w, conv.w_exp.double(), conv.weight.shape), conv.weight):
                 return False
         return True
+
+    @torch.no_grad()
+    def eight_bit(self, g_s: SynthesisTransform) -> "IntSynthesis":
+        """The integer-v2 arithmetic (format 5) of the same g_s: these activation exponents;
+        every convolution but the one that writes pixels with weight rows within +-127 (per
+        row the largest exponent at which the row fits: `_int8_exponents`), so the int8 units
+        need one plane of products instead of two. The pixel convolution (12 rows, cheap)
+        keeps this model's integers: 8 bits there cost most of the PSNR (measured on Kodak:
+        docs/benchmarks.md). A pure function of the float g_s and of act_exp and the pixel
+        convolution here: derived when needed, never stored."""
+        v2 = IntSynthesis(g_s)
+        v2.act_exp.copy_(self.act_exp)
+        for spec, w, b in self._float_rows(g_s):
+            mine, theirs = self.conv(spec.name), v2.conv(spec.name)
+            if self.output_of(spec.name) == "pixels":
+                for buffer in ("weight", "bias", "w_exp"):
+                    getattr(theirs, buffer).copy_(getattr(mine, buffer))
+                continue
+            e_in, e_out = self.exp(self.input_of(spec.name)), self.exp(self.output_of(spec.name))
+            theirs.set_rows(w, b, _int8_exponents(w, e_out - e_in + MAX_SHIFT), e_in, e_out)
+        return v2
 
     def input_of(self, conv_name: str) -> str:
         return self._wiring[conv_name][0]
@@ -515,6 +581,9 @@ class IntOps:
         if fast is None:
             return self._requant(name, self._products(name, x), low, high)
         _, rescale = self._carriers(name, x.device)
+        if fast.planes == 1:  # the float32 route's products: [P_hi + f_lo, P_lo + f_lo]
+            return int8_conv.convolve(fast, x, lambda raw, out: torch.clamp(_combine(raw, rescale), low, high,
+                                                                            out=out))
         return int8_conv.convolve(fast, x, lambda raw, out: _combine_products(raw, rescale, low, high, out))
 
     def conv(self, name, x, a_in, a_out, relu):
@@ -540,19 +609,21 @@ class IntOps:
 
 def _combine(p: torch.Tensor, r: Rescale) -> torch.Tensor:
     """floor((PLANE * P_hi + P_lo + bias + 2^(s-1)) / 2^s) of each row from the products
-    p = (P_hi + f_lo, P_lo + f_lo) stacked on the batch, in exact float32 steps (in place):
-    for s >= 8 it is b_int + floor((P_hi + f_hi + floor((P_lo + f_lo) / 256)) / 2^(s-8)), every
-    term an integer below 2^24. A row with s < 8 (its output finer than input x weight; rare)
-    (or negative: a left shift) is b_int + P_hi 2^(8-s) + floor((P_lo + f_lo) / 2^s): scaling by a
-    power of two is exact, an exact sum below 2^24 is returned exactly, and one beyond 2^24
-    stays beyond it (rounding is monotonic), far beyond the clamp that follows."""
+    p = (P_hi + f_lo, P_lo + f_lo) stacked on the batch, in exact float32 steps (in place), as
+    `Rescale` splits it. Where s >= 8 every term is an integer below 2^24. A row with s < 8
+    (its output finer than input x weight: integer-v2's 8-bit weights have many) or s < 0 (a
+    left shift) is b_int + P_hi 2^(8-s) + floor((P_lo + f_lo) / 2^s): scaling by a power of
+    two is exact, each step adds two floats, whose sum is exact wherever it lies below 2^24,
+    and one beyond 2^24 (rounded: monotonic) stays beyond what the clamp that follows keeps
+    (|delta|, |b_int| < 2^21)."""
     B = p.shape[0] // 2
     hi, lo = p[:B], p[B:]
-    if not r.all_wide:  # r.scale is 2^(8-s): P_hi 2^(8-s) and floor(lo 2^-s)
-        narrow = (hi - r.f_lo[:, None, None]) * r.scale + torch.floor(lo * (r.scale * (1.0 / PLANE))) + r.b_int
-    q = lo.mul_(1.0 / PLANE).floor_()  # floor((P_lo + f_lo) / 256)
-    wide = hi.add_(q).add_(r.delta).mul_(r.scale).floor_().add_(r.b_int)
-    return wide if r.all_wide else torch.where(r.wide > 0, wide, narrow)
+    if r.all_wide:
+        q = lo.mul_(1.0 / PLANE).floor_()  # floor((P_lo + f_lo) / 256)
+    else:
+        q = lo.mul_(r.lo_scale).floor_()  # floor((P_lo + f_lo) / 2^m)
+        hi.mul_(r.hi_scale)
+    return hi.add_(q).add_(r.delta).mul_(r.scale).floor_().add_(r.b_int)
 
 
 def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor) -> None:

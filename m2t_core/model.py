@@ -63,6 +63,7 @@ class M2TCodec(nn.Module):
         self._exact_source = self._entropy_fingerprint()
         self._synthesis_source = self._synthesis_fingerprint()
         self._frozen: dict[str, tuple] = {}  # CPU inference forms of g_a (transforms.FROZEN_TRANSFORMS)
+        self._v2: tuple | None = None  # (its sources' fingerprint, the integer-v2 g_s): int_synthesis
 
     @property
     def device(self) -> torch.device:
@@ -124,10 +125,14 @@ class M2TCodec(nn.Module):
 
     def _hashed_state(self, version: int = bs.FORMAT_VERSION) -> dict[str, torch.Tensor]:
         """The tensors that decide the numbers of a bitstream: the transforms, the exact
-        model's integers and (format 4 on) the integer g_s (the float entropy parameters only
-        feed those). Format 3 streams name the model without the integer g_s."""
-        prefixes = ("g_a.", "g_s.", "exact.") + (("g_s_int.",) if version >= 4 else ())
-        return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        model's integers and the integer g_s of the stream's format (4: integer-v1, 5:
+        integer-v2; the float entropy parameters only feed those). Format 3 streams name the
+        model without the integer g_s."""
+        prefixes = ("g_a.", "g_s.", "exact.") + (("g_s_int.",) if version == 4 else ())
+        state = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        if version >= 5:  # the integer-v2 g_s, derived (never stored): named for what it decodes
+            state.update({f"g_s_int_v2.{k}": v for k, v in self.int_synthesis(version).state_dict().items()})
+        return state
 
     def weights_digest(self, version: int = bs.FORMAT_VERSION) -> bytes:
         """SHA-256 over the config and the tensors of `_hashed_state` (names, shapes, float32
@@ -191,6 +196,22 @@ class M2TCodec(nn.Module):
             self.g_s_int.export_from(self.g_s)
             self._synthesis_source = fingerprint
 
+    def int_synthesis(self, version: int = bs.FORMAT_VERSION) -> IS.IntSynthesis:
+        """The integer g_s that decodes streams of format `version`: `g_s_int` (integer-v1)
+        for formats 3 and 4; for format 5 its integer-v2 form (8-bit weights), derived from
+        the float g_s and g_s_int's exponents on first use and again whenever those change."""
+        self.sync_exact()
+        if version < 5:
+            return self.g_s_int
+        v1 = self.g_s_int
+        pixel_conv = next(s.name for s in v1.specs if v1.output_of(s.name) == "pixels")
+        sources = (self._synthesis_source, _bit_sum(v1.act_exp),
+                   tuple(_bit_sum(t) for t in v1.conv(pixel_conv).state_dict().values()))
+        if self._v2 is None or self._v2[0] != sources:
+            v2 = v1.eight_bit(self.g_s)
+            self._v2 = (sources, v2.to(v1.act_exp.device))
+        return self._v2[1]
+
     def mark_exact_synced(self) -> None:
         """The float weights and the integer models were just set consistently (a checkpoint)."""
         self._exact_source = self._entropy_fingerprint()
@@ -230,13 +251,13 @@ class M2TCodec(nn.Module):
         return torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
 
     @torch.inference_mode()
-    def synthesis(self, y_hat: torch.Tensor, height: int, width: int) -> np.ndarray:
-        """y_hat (C, h, w) -> RGB uint8 (height, width, 3)."""
+    def synthesis(self, y_hat: torch.Tensor, height: int, width: int, version: int = bs.FORMAT_VERSION) -> np.ndarray:
+        """y_hat (C, h, w) -> RGB uint8 (height, width, 3), in the integer g_s of format
+        `version` (the stream's: int_synthesis)."""
         from . import tiling
 
-        self.sync_exact()
         x_hat = tiling.synthesis(self.g_s, y_hat[None].to(self.device, torch.float32).contiguous(), height, width,
-                                 run=self._integer_synthesis)
+                                 run=self._integer_synthesis(version))
         return x_hat.permute(1, 2, 0).cpu().numpy()  # (3, height, width) uint8 -> (height, width, 3)
 
     @torch.inference_mode()
@@ -261,15 +282,16 @@ class M2TCodec(nn.Module):
         return [y if y is not None else self.analysis(rgbs[i]) for i, y in enumerate(out)]
 
     @torch.inference_mode()
-    def synthesis_batch(self, latents: Sequence[tuple[torch.Tensor, int, int]], batch: int = 0) -> list[np.ndarray]:
-        """synthesis() of many (y_hat (C, h, w), H, W): latents of one size through g_s `batch`
-        at a time (0: coding.TRANSFORM_BATCH of the device). RGB uint8 (H, W, 3) each."""
+    def synthesis_batch(self, latents: Sequence[tuple[torch.Tensor, int, int]], batch: int = 0,
+                        version: int = bs.FORMAT_VERSION) -> list[np.ndarray]:
+        """synthesis() of many (y_hat (C, h, w), H, W) of one format `version`: latents of one
+        size through g_s `batch` at a time (0: coding.TRANSFORM_BATCH of the device). RGB
+        uint8 (H, W, 3) each."""
         from . import tiling
 
         batch = batch or coding.transform_batch(self.device)
         out: list[np.ndarray | None] = [None] * len(latents)
-        run = self._integer_synthesis
-        self.sync_exact()
+        run = self._integer_synthesis(version)
         for idx in _same_size_runs([(tuple(y.shape), H, W) for y, H, W in latents], batch):
             _, H, W = latents[idx[0]]
             y = torch.stack([latents[i][0] for i in idx]).to(self.device, torch.float32)  # (B, C, h, w)
@@ -278,11 +300,13 @@ class M2TCodec(nn.Module):
                 x_hat = x_hat.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
                 for k, i in enumerate(idx):
                     out[i] = x_hat[k]
-        return [x if x is not None else self.synthesis(*latents[i]) for i, x in enumerate(out)]
+        return [x if x is not None else self.synthesis(*latents[i], version=version) for i, x in enumerate(out)]
 
-    def _integer_synthesis(self, y: torch.Tensor) -> torch.Tensor:
-        """The integer g_s: y_hat (B, C, h, w) -> uint8 pixels (B, 3, 16h, 16w)."""
-        return IS.synthesize(self.g_s_int, y)
+    def _integer_synthesis(self, version: int):
+        """The integer g_s of format `version` as a function y_hat (B, C, h, w) -> uint8
+        pixels (B, 3, 16h, 16w)."""
+        g_s_int = self.int_synthesis(version)
+        return lambda y: IS.synthesize(g_s_int, y)
 
     def transforms_implementation(self) -> str:
         """How g_a runs here ("frozen" on CPUs unless M2T_EAGER_TRANSFORMS=1, else "eager");
@@ -292,11 +316,16 @@ class M2TCodec(nn.Module):
         with torch.inference_mode():
             return "frozen" if self._inference_transform("g_a") is not None else "eager"
 
-    def numerics(self) -> dict:
-        """What decides the decoded pixels: only the stream and the model, since g_s is exact
-        integer arithmetic (an archive records this; verify compares pixels wherever it is
-        equal, i.e. on any machine)."""
-        return {"synthesis": IS.SYNTHESIS_ARITHMETIC}
+    def numerics(self, version: int = bs.FORMAT_VERSION) -> dict:
+        """What decides the decoded pixels of format `version`: only the stream and the model,
+        since g_s is exact integer arithmetic (an archive records this; verify compares pixels
+        wherever the decoder has that arithmetic, i.e. on any machine: `portable_numerics`)."""
+        return {"synthesis": IS.arithmetic(version)}
+
+    @staticmethod
+    def portable_numerics() -> list[dict]:
+        """The numerics this decoder reproduces on any machine (every integer g_s it has)."""
+        return [{"synthesis": name} for name in (IS.ARITHMETIC_V1, IS.ARITHMETIC_V2)]
 
     def _inference_transform(self, name: str):
         """The frozen CPU form of g_a (or of any transform in FROZEN_TRANSFORMS; built on first

@@ -234,7 +234,7 @@ def _calibrate_synthesis_without_data(model: M2TCodec) -> None:
     """A checkpoint of m2t 0.3 or earlier has no integer g_s: its exponents are calibrated here
     on a fixed synthetic latent (seeded Laplace integers), which serves for decoding; the
     trainer calibrates on real latents. Save the model again (save_checkpoint) to keep the
-    result: the weights hash of format 4 names the integer g_s, so a stream written with this
+    result: the weights hash of formats 4 and 5 names the integer g_s, so a stream written with this
     model decodes only with the same exponents (any mismatch is refused, never mis-decoded)."""
     import torch
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from m2t_core import cli as codec_cli
 from m2t_core.cli import EXIT_ERROR, CliError  # noqa: F401  (re-exported: the codec commands' error policy)
@@ -80,5 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     return codec_cli.run_command(args.command, lambda: args.func(args))
 
 
+def console() -> NoReturn:
+    """The `m2t` console script: main(), then the codec's exit_process (a codec command skips
+    the interpreter's teardown; a pipeline command exits normally)."""
+    argv = sys.argv[1:]
+    codec_cli.exit_process(main(argv), argv[0] if argv else None)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

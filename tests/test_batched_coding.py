@@ -136,7 +136,7 @@ def _check_frozen_transforms(model):
     # g_a runs frozen; the pixels come from the integer g_s, whatever the transforms run as.
     assert model._inference_transform("g_s") is None
     assert model.transforms_implementation() == "frozen"
-    assert model.numerics() == {"synthesis": "integer-v1"}
+    assert model.numerics() == {"synthesis": "integer-v2"} and model.numerics(4) == {"synthesis": "integer-v1"}
     for h, w in SIZES[:2] + [(48, 400)]:  # one traced graph serves every size
         x = torch.from_numpy(random_image(h + (-h) % 16, w + (-w) % 16, seed=h)).permute(2, 0, 1)[None].float() / 255
         y_ref = model.g_a(x)

@@ -119,3 +119,31 @@ def test_quick_commands_do_not_import_torch(tmp_path):
                    "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'pyarrow', 'fsspec')]\n"
                    "assert not bad, bad[:5]" % (argv,))
         assert out.returncode == 0, (argv, out.stderr[-2000:])
+
+
+def test_the_console_script_skips_teardown_after_codec_commands_only(tmp_path):
+    """`m2t` (pipeline.cli:console) ends a codec command with os._exit after flushing (the
+    interpreter's teardown with torch loaded takes 0.4-0.7 s): the output is complete, the
+    exit code is the command's, and a file the command wrote is whole. Atexit handlers do not
+    run after a codec command; after a pipeline command they do (Ray's need them)."""
+    golden = REPO / "tests" / "data" / "golden-v5-m2t-small-q1.m2t"
+    out_png = tmp_path / "decoded.png"
+    probe = ("import atexit, sys; atexit.register(lambda: print('teardown ran', flush=True)); "
+             "from pipeline.cli import console; sys.argv = ['m2t'] + sys.argv[1:]; console()")
+
+    def console(*argv):
+        return subprocess.run([sys.executable, "-c", probe, *argv], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    decoded = console("decode", str(golden), str(out_png))
+    assert decoded.returncode == 0, decoded.stderr[-2000:]
+    assert "144x96" in decoded.stdout and "teardown ran" not in decoded.stdout
+    from PIL import Image
+
+    assert Image.open(out_png).size == (144, 96)
+    info = console("info", str(golden))
+    assert info.returncode == 0 and "format version  5" in info.stdout and "teardown ran" not in info.stdout
+    failed = console("decode", "no-such-file.m2t", str(out_png))
+    assert failed.returncode == 2 and "no such file" in failed.stderr and "teardown ran" not in failed.stdout
+    pipeline = console("get", "no-such-archive", "key", str(tmp_path / "x.png"))
+    assert pipeline.returncode != 0 and "teardown ran" in pipeline.stdout

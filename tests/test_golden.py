@@ -4,15 +4,17 @@ Round-trip tests cannot see a change that encoder and decoder make together; the
 
 * the entropy coder's output for fixed integer parameters is pinned (integer arithmetic and
   constriction: the same on every machine);
-* tests/data/golden-v4-<model>.m2t were written by every shipped model, coding the latent
-  of a synthetic image (golden-<model>.latent.npy). On ANY machine each stream must decode
-  to exactly that latent, coding that latent must give exactly those bytes, and the decoded
-  pixels must hash to the committed SHA-256 (golden.json), at 1, 2 and 4 threads, alone,
-  in a batch and in tiles: the integer synthesis transform makes pixels a pure function of
-  the stream. (Re-encoding the image is not the test: g_a is float, and another machine may
-  round a latent value differently and write other, equally valid bytes.)
+* tests/data/golden-v5-<model>.m2t (the format written now) and golden-v4-<model>.m2t (m2t
+  0.4-0.5) were written by every shipped model, coding the latent of a synthetic image
+  (golden-<model>.latent.npy). On ANY machine each stream must decode to exactly that latent
+  and its decoded pixels must hash to the committed SHA-256 (golden.json), at 1, 2 and 4
+  threads, alone, in a batch and in tiles, on the int8 units and off them: the integer
+  synthesis transform of the stream's version (integer-v1 for 4, integer-v2 for 5) makes
+  pixels a pure function of the stream. Coding the latent must give exactly the bytes of the
+  current version. (Re-encoding the image is not the test: g_a is float, and another machine
+  may round a latent value differently and write other, equally valid bytes.)
 * when a model's weights are replaced (a retrained release), its golden stream moves to
-  golden-v4-<model>@<weights hash>.m2t (golden.json "v4_replaced") and must still decode,
+  golden-v<N>-<model>@<weights hash>.m2t (golden.json "v<N>_replaced") and must still decode,
   through the stream's own header, to the same latent and pixels: the registry finds the
   replaced weights in weights/previous/. Archives written before a release stay readable.
 * tests/data/golden-v3-*.m2t (m2t 0.3) still decode to their latent.
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from golden_image import golden_image  # noqa: E402
 import m2t_core  # noqa: E402
 from m2t_core import Decoder, Encoder, load_model  # noqa: E402
+from m2t_core import int_synthesis as IS  # noqa: E402
 from m2t_core.bitstream import FORMAT_VERSION, UnsupportedVersionError, read_header  # noqa: E402
 from m2t_core.entropy_coding import SymbolDecoder, SymbolEncoder, snap_integer  # noqa: E402
 from m2t_core.metrics import psnr  # noqa: E402
@@ -76,9 +79,12 @@ def test_integer_entropy_coder_output_is_pinned():
     np.testing.assert_array_equal(SymbolDecoder(data).decode(params), values)
 
 
-SHIPPED = sorted(GOLDEN["v4"])
+CURRENT = f"v{FORMAT_VERSION}"
+SHIPPED = sorted(GOLDEN[CURRENT])
+DECODED = [(version, name) for version in ("v4", CURRENT) for name in sorted(GOLDEN[version])]  # exact pixels
 RETIRED = [(version, name) for version in ("v1", "v2") for name in sorted(GOLDEN[version])]
-REPLACED = sorted(GOLDEN.get("v4_replaced", {}))  # "<model>@<weights hash>"
+REPLACED = [(version, key) for version in ("v4", CURRENT)  # "<model>@<weights hash>"
+            for key in sorted(GOLDEN.get(f"{version}_replaced", {}))]
 
 
 def _latent(name: str) -> np.ndarray:
@@ -94,28 +100,41 @@ def _pixels_sha256(rgb: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).hexdigest()
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_golden_stream_decodes_to_its_latent_and_pixels_anywhere(name):
+@pytest.mark.parametrize("version,name", DECODED)
+def test_golden_stream_decodes_to_its_latent_and_pixels_anywhere(version, name):
     model = load_model(name)
-    data = (DATA / f"golden-v4-{name}.m2t").read_bytes()
+    data = (DATA / f"golden-{version}-{name}.m2t").read_bytes()
     header, y_hat = Decoder(model).decode_latent(data)
-    assert header.version == FORMAT_VERSION == 4
+    assert header.version == int(version[1:])
     np.testing.assert_array_equal(y_hat.to(torch.int32).numpy(), _latent(name))
     rgb = golden_image()
     decoded = model.decompress(data)
     assert decoded.shape == rgb.shape and psnr(rgb, decoded) > 20.0
-    assert _pixels_sha256(decoded) == GOLDEN["v4"][name]["pixels_sha256"]
+    assert _pixels_sha256(decoded) == GOLDEN[version][name]["pixels_sha256"]
 
 
-@pytest.mark.parametrize("name", ["m2t-small-q2", "mt-small-q2"])
-def test_golden_pixels_at_any_thread_count_batch_and_tiling(name):
+def test_the_current_format_is_version_5():
+    """Format 5 is format 4's layout decoded by integer-v2 (8-bit weights): other pixels,
+    within a few hundredths of a dB, from the same bytes but the version and weights hash."""
+    assert FORMAT_VERSION == 5
+    for name in SHIPPED:
+        v4, v5 = ((DATA / f"golden-{v}-{name}.m2t").read_bytes() for v in ("v4", "v5"))
+        h4, h5 = read_header(v4), read_header(v5)
+        assert (h4.version, h5.version) == (4, 5) and h4.weights_hash != h5.weights_hash
+        assert v4[h4.size:] == v5[h5.size:]  # the same payload: the entropy coding did not change
+        assert GOLDEN["v4"][name]["pixels_sha256"] != GOLDEN["v5"][name]["pixels_sha256"]
+
+
+@pytest.mark.parametrize("version,name", [(v, n) for v in ("v4", CURRENT) for n in ("m2t-small-q2", "mt-small-q2")])
+def test_golden_pixels_at_any_thread_count_batch_and_tiling(version, name):
     """Pixels are a pure function of the stream: 1, 2 and 4 threads, a batch of streams of
-    one size, and tiles (a forced small tile plan) all give the committed pixels."""
+    one size, tiles (a forced small tile plan) and the float32 route instead of the int8
+    units all give the committed pixels."""
     from m2t_core import tiling
 
     model = load_model(name)
-    data = (DATA / f"golden-v4-{name}.m2t").read_bytes()
-    want = GOLDEN["v4"][name]["pixels_sha256"]
+    data = (DATA / f"golden-{version}-{name}.m2t").read_bytes()
+    want = GOLDEN[version][name]["pixels_sha256"]
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 4):
@@ -128,6 +147,11 @@ def test_golden_pixels_at_any_thread_count_batch_and_tiling(name):
     margin = tiling._default_plan(model.g_s, "synthesis").margin  # covers g_s's receptive field
     with tiling.forced_plan(tiling.TilePlan(tile=2, margin=margin)):  # a 6x9 latent in 2x2 tiles
         assert _pixels_sha256(model.decompress(data)) == want, "in tiles"
+    header, y_hat = Decoder(model).decode_latent(data)
+    pixels = IS.synthesize(model.int_synthesis(header.version), y_hat[None].float(), int8=False)  # the float32 route
+    assert _pixels_sha256(model.synthesis(y_hat, header.height, header.width, header.version)) == want
+    H, W = header.height, header.width
+    assert _pixels_sha256(pixels[0, :, :H, :W].permute(1, 2, 0).numpy()) == want, "on the float32 route"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -136,22 +160,22 @@ def test_coding_the_golden_latent_gives_the_golden_bytes(name):
     latent = torch.from_numpy(_latent(name).astype(np.float32))
     rgb = golden_image()
     encoded = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
-    assert encoded.bitstream == (DATA / f"golden-v4-{name}.m2t").read_bytes()
+    assert encoded.bitstream == (DATA / f"golden-{CURRENT}-{name}.m2t").read_bytes()
 
 
-@pytest.mark.parametrize("key", REPLACED)
-def test_streams_of_replaced_weights_still_decode_to_their_latent_and_pixels(key):
+@pytest.mark.parametrize("version,key", REPLACED)
+def test_streams_of_replaced_weights_still_decode_to_their_latent_and_pixels(version, key):
     """A stream written before its model's weights were replaced names the old weights: the
     registry finds them in weights/previous/ (never the current file, whose hash differs)."""
     name, weights = key.split("@")
-    data = (DATA / f"golden-v4-{key}.m2t").read_bytes()
+    data = (DATA / f"golden-{version}-{key}.m2t").read_bytes()
     header = read_header(data)
     assert header.model_id == name and header.weights_hash.hex() == weights
-    assert load_model(name).weights_hash().hex() != weights  # the current weights are others
+    assert load_model(name).weights_hash(header.version).hex() != weights  # the current weights are others
     model = load_model_for_header(header)
     _, y_hat = Decoder(model).decode_latent(data)
     np.testing.assert_array_equal(y_hat.to(torch.int32).numpy(), _latent(name))
-    assert _pixels_sha256(m2t_core.decompress(data)) == GOLDEN["v4_replaced"][key]["pixels_sha256"]
+    assert _pixels_sha256(m2t_core.decompress(data)) == GOLDEN[f"{version}_replaced"][key]["pixels_sha256"]
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN["v3"]))

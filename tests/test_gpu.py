@@ -73,11 +73,13 @@ def test_cuda_decodes_the_golden_pixels():
     from m2t_core import load_model
 
     data_dir = Path(__file__).resolve().parent / "data"
-    golden = json.loads((data_dir / "golden.json").read_text())["v4"]
-    for name, entry in golden.items():
-        model = load_model(name, device="cuda")
-        rgb = model.decompress((data_dir / f"golden-v4-{name}.m2t").read_bytes())
-        assert hashlib.sha256(np.ascontiguousarray(rgb).tobytes()).hexdigest() == entry["pixels_sha256"], name
+    manifest = json.loads((data_dir / "golden.json").read_text())
+    for version in ("v4", "v5"):  # integer-v1 and integer-v2
+        for name, entry in manifest[version].items():
+            model = load_model(name, device="cuda")
+            rgb = model.decompress((data_dir / f"golden-{version}-{name}.m2t").read_bytes())
+            sha = hashlib.sha256(np.ascontiguousarray(rgb).tobytes()).hexdigest()
+            assert sha == entry["pixels_sha256"], (version, name)
 
 
 def test_cuda_integer_parameters_equal_cpu():

@@ -34,31 +34,34 @@ def _latents(C: int, shape: tuple[int, int], batch: int, seed: int) -> torch.Ten
     return y
 
 
+@pytest.mark.parametrize("version", [4, 5])  # integer-v1 (two weight planes), integer-v2 (one, mostly)
 @pytest.mark.parametrize("model_name", ["m2t-small-q2", "mt-small-q2"])
 @pytest.mark.parametrize("shape,batch", [((3, 5), 1), ((2, 7), 2)])
-def test_int8_route_gives_the_float32_routes_pixels(model_name, shape, batch):
-    model = load_model(model_name)
-    y = _latents(model.cfg.C, shape, batch, seed=sum(shape) + batch)
-    float_route = IS.synthesize(model.g_s_int, y, int8=False)
-    int8_route = IS.synthesize(model.g_s_int, y)
+def test_int8_route_gives_the_float32_routes_pixels(model_name, shape, batch, version):
+    g_int = load_model(model_name).int_synthesis(version)
+    y = _latents(g_int.conv(g_int.specs[0].name).spec.c_in, shape, batch, seed=sum(shape) + batch)
+    float_route = IS.synthesize(g_int, y, int8=False)
+    int8_route = IS.synthesize(g_int, y)
     assert torch.equal(int8_route, float_route)
     for b in range(batch):  # alone or in a batch: the same pixels
-        assert torch.equal(IS.synthesize(model.g_s_int, y[b:b + 1]), float_route[b:b + 1])
+        assert torch.equal(IS.synthesize(g_int, y[b:b + 1]), float_route[b:b + 1])
 
 
-def test_bands_threads_and_image_edges_do_not_change_pixels(monkeypatch):
+@pytest.mark.parametrize("version", [4, 5])
+def test_bands_threads_and_image_edges_do_not_change_pixels(monkeypatch, version):
     """Bands of one row, of a few rows with a short last band, and the whole image at once;
     one thread and two: the pixels stay the float32 route's."""
     model = load_model("m2t-small-q3")
+    g_int = model.int_synthesis(version)
     y = _latents(model.cfg.C, (3, 2), 1, seed=7)  # 48x32 pixels: bands meet the image edges
-    want = IS.synthesize(model.g_s_int, y, int8=False)
+    want = IS.synthesize(g_int, y, int8=False)
     threads = torch.get_num_threads()
     try:
         for band_bytes in (1, 40_000, 10 ** 12):
             monkeypatch.setattr(int8_conv, "BAND_BYTES", band_bytes)
             for n in (1, 2):
                 torch.set_num_threads(n)
-                assert torch.equal(IS.synthesize(model.g_s_int, y), want), (band_bytes, n)
+                assert torch.equal(IS.synthesize(g_int, y), want), (band_bytes, n)
     finally:
         torch.set_num_threads(threads)
 
@@ -70,9 +73,15 @@ def test_a_cpu_with_int8_dot_products_takes_the_int8_route():
     IS.synthesize(model.g_s_int, _latents(model.cfg.C, (2, 2), 1, seed=1))
     flags = cpu_flags()
     capable = bool(flags & {"avx512_vnni", "amx_int8"})
+    v2 = model.int_synthesis(5)
+    IS.synthesize(v2, _latents(model.cfg.C, (2, 2), 1, seed=1))
     if capable and int8_conv.enabled():
-        assert int8_conv.probe(64, 64, 3) and int8_conv.status() == "on"
-        assert _int8_convs(model.g_s_int) == len(model.g_s_int.convs)
+        assert int8_conv.probe(64, 64, 3) and int8_conv.probe(64, 64, 3, 1) and int8_conv.status() == "on"
+        assert _int8_convs(model.g_s_int) == len(model.g_s_int.convs) == _int8_convs(v2)
+        # integer-v2: one plane of products everywhere but the pixel convolution
+        planes = {s.name: v2.conv(s.name)._int8[2].planes for s in v2.specs}
+        pixel_conv = [s.name for s in v2.specs if v2.output_of(s.name) == "pixels"]
+        assert [n for n, p in planes.items() if p == 2] == pixel_conv
     elif not int8_conv.enabled() or not int8_conv.probe(64, 64, 3):
         assert _int8_convs(model.g_s_int) == 0
 
@@ -87,14 +96,28 @@ def test_kernels_without_vnni_are_refused_and_pixels_stay_exact():
         "m = load_model('m2t-small-q2')\n"
         "g = torch.Generator().manual_seed(3)\n"
         "y = torch.round(torch.randn(1, m.cfg.C, 2, 3, generator=g) * 5)\n"
-        "same = torch.equal(IS.synthesize(m.g_s_int, y), IS.synthesize(m.g_s_int, y, int8=False))\n"
-        "used = sum(1 for c in m.g_s_int.convs.values() if c._int8 is not None and c._int8[2] is not None)\n"
-        "print(int8_conv.probe(64, 64, 3), used, same, int8_conv.status().split()[0])\n"
+        "same = used = 0\n"
+        "for g in (m.g_s_int, m.int_synthesis(5)):\n"
+        "    same += torch.equal(IS.synthesize(g, y), IS.synthesize(g, y, int8=False))\n"
+        "    used += sum(1 for c in g.convs.values() if c._int8 is not None and c._int8[2] is not None)\n"
+        "print(int8_conv.probe(64, 64, 3), int8_conv.probe(64, 64, 3, 1), used, same, int8_conv.status().split()[0])\n"
     )
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", M2T_INT8_CONV="1")
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300, check=True).stdout.split()
-    assert out == ["False", "0", "True", "off"]
+    assert out == ["False", "False", "0", "2", "off"]
+
+
+def test_weights_within_int8_are_one_plane():
+    w = torch.zeros(4, 8, 3, 3, dtype=torch.int32)
+    w[0, 0, 0, 0], w[1, 0, 0, 0] = 127, -127
+    assert int8_conv.weight_planes(w) == 1 and int8_conv.fits(w, torch.full((4,), 255.0))
+    packed = int8_conv.PackedConv(w, torch.zeros(4)) if int8_conv.enabled() else None
+    assert packed is None or (packed.planes, packed.rows) == (1, 4)
+    w[2, 0, 0, 0] = -128  # -128 is left to two planes (integer-v2 never writes it)
+    assert int8_conv.weight_planes(w) == 2
+    wide = torch.full((2, 128, 3, 3), 127, dtype=torch.int32)  # 128 * sum|w| over 2^24: not exact in float32
+    assert not int8_conv.fits(wide, torch.zeros(2))
 
 
 def test_weights_beyond_two_int8_planes_or_float32_sums_keep_the_float32_route():

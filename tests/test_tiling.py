@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from m2t_core import Encoder, tiling
+from m2t_core import bitstream as bs
 from m2t_core.metrics import psnr
 
 from _models import build_model, small_config, tiny_config
@@ -91,7 +92,7 @@ def test_small_images_are_not_tiled_and_unchanged(model):
         handle.remove()
     assert torch.equal(y_hat, ref)
     out = model.synthesis(y_hat, 200, 300)  # the integer g_s, whole
-    assert np.array_equal(out, _untiled_synthesis(model._integer_synthesis, y_hat, 200, 300))
+    assert np.array_equal(out, _untiled_synthesis(model._integer_synthesis(bs.FORMAT_VERSION), y_hat, 200, 300))
     # The float g_s it was exported from is the same function up to its quantisation.
     with deterministic_kernels():
         eager = _untiled_synthesis(model.g_s, y_hat, 200, 300)
@@ -139,9 +140,9 @@ def test_tiled_transforms_match_untiled(model):
     diff = np.abs(px.astype(int) - ref_px.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # rounding of a last-bit difference at most
     # The integer g_s (what decodes): tiles give exactly the untiled pixels.
-    int_ref = _untiled_synthesis(model._integer_synthesis, y_hat, H, W)
+    int_ref = _untiled_synthesis(model._integer_synthesis(bs.FORMAT_VERSION), y_hat, H, W)
     int_px = tiling.synthesis(model.g_s, y_hat[None], H, W, tiling.TilePlan(tile=3, margin=margin),
-                              run=model._integer_synthesis)
+                              run=model._integer_synthesis(bs.FORMAT_VERSION))
     assert np.array_equal(int_px.permute(1, 2, 0).numpy(), int_ref)
 
 

@@ -283,14 +283,15 @@ def decode_batch(job: DecodeSettings, model) -> int:
 
 def pixels_comparable(expect: Mapping[str, Any] | None, model, batch: int) -> bool:
     """Whether this worker's decoded pixels can be held to the index's decoded_crc32. Archives
-    of m2t >= 0.4 decode with the integer g_s: pixels are a pure function of the stream, so
-    they are compared on any machine, thread count and batch. Archives of m2t 0.3 (float g_s)
-    recorded the environment that rounded their pixels: compared only under the same one, one
-    image at a time (the latent CRC, checked inside decoding, holds everywhere)."""
+    of m2t >= 0.4 decode with an integer g_s (the one their streams' format names): pixels are
+    a pure function of the stream, so they are compared on any machine, thread count and
+    batch. Archives of m2t 0.3 (float g_s) recorded the environment that rounded their pixels:
+    compared only under the same one, one image at a time (the latent CRC, checked inside
+    decoding, holds everywhere)."""
     written = (expect or {}).get("numerics")
     if not isinstance(written, Mapping):
         return False
-    if written == model.numerics():  # the integer g_s
+    if written in model.portable_numerics():  # an integer g_s (integer-v1: format 4, integer-v2: format 5)
         return True
     if written.get("transform_batch", 1) != 1 or batch != 1:
         return False
