@@ -43,7 +43,10 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
 
 
 class M2TCodec(nn.Module):
-    def __init__(self, cfg: ModelConfig, model_id: str = UNTRAINED_MODEL_ID):
+    def __init__(self, cfg: ModelConfig, model_id: str = UNTRAINED_MODEL_ID, *, export: bool = True):
+        """export=False leaves the integer models' buffers at zero for the caller to fill (a
+        checkpoint being loaded: registry.load_checkpoint), which saves a process's first
+        load about 0.08 s of exporting integers that are overwritten."""
         super().__init__()
         self.cfg = cfg
         self.model_id = model_id
@@ -53,11 +56,12 @@ class M2TCodec(nn.Module):
         self.layout = N.SlotLayout(cfg)
         # The exact (integer) entropy model that codes, kept in sync with entropy_model (sync_exact).
         self.exact = X.ExactEntropyModel(cfg, self.layout)
-        self.exact.init_exponents(self.entropy_model)
-        self.exact.export_from(self.entropy_model)
         # The integer synthesis transform that decodes, kept in sync with g_s (sync_exact).
         self.g_s_int = IS.IntSynthesis(self.g_s)
-        self.g_s_int.export_from(self.g_s)
+        if export:
+            self.exact.init_exponents(self.entropy_model)
+            self.exact.export_from(self.entropy_model)
+            self.g_s_int.export_from(self.g_s)
         self.qat = False  # training: quantisation-aware forward through the exact model's grid
         self._digest_cache: tuple[tuple, bytes] | None = None
         self._exact_source = self._entropy_fingerprint()

@@ -198,7 +198,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
             "convert it with m2t 0.2.0 (python -m pipeline.convert_exact), then load the result")
     if version == "2":  # m2t 0.2: float entropy weights in the old layout, format-1 weights
         keys = {k for k in keys if not k.startswith(IGNORED_V2_PREFIXES)}
-    model = M2TCodec(config, model_id=model_id)
+    model = M2TCodec(config, model_id=model_id, export=False)  # the file holds or derives every integer
     has_float = any(k.startswith("entropy_model.") for k in keys)
     has_int_synthesis = any(k.startswith("g_s_int.") for k in keys)  # versions 2-3 have none
     synthesis_weights = _synthesis_weight_keys(model)
