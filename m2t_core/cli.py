@@ -11,6 +11,7 @@ commands plus the dataset-scale ones) is assembled on top of it from the pieces 
 `python -m m2t_core.cli ...` runs the codec commands alone (a codec-only install).
 
 Errors print one line to stderr and exit with status 2 (no traceback); M2T_DEBUG=1 shows it.
+Output into a pipe whose reader left (`m2t info x.m2t | head -1`) ends quietly with 141.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
 PROCESS_START = time.perf_counter()  # this module loads first: start-up is measured from here
 
 
@@ -296,6 +298,9 @@ def run_command(command: str, call: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("m2t: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (m2t info x.m2t | head -1): nothing to report
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # one clear line, no traceback
         if os.environ.get("M2T_DEBUG"):
             raise
@@ -308,6 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     return run_command(args.command, lambda: args.func(args))
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered for a closed pipe
+    (at exit) raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (an embedding): nothing buffered there
+        pass
 
 
 def _describe(exc: Exception) -> str:

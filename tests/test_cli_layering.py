@@ -147,3 +147,20 @@ def test_the_console_script_skips_teardown_after_codec_commands_only(tmp_path):
     assert failed.returncode == 2 and "no such file" in failed.stderr and "teardown ran" not in failed.stdout
     pipeline = console("get", "no-such-archive", "key", str(tmp_path / "x.png"))
     assert pipeline.returncode != 0 and "teardown ran" in pipeline.stdout
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`m2t info x.m2t | head -1`: the reader leaves after one line; the command ends with 141
+    (128 + SIGPIPE, as a shell reports it) and prints no error."""
+    golden = REPO / "tests" / "data" / "golden-v5-m2t-small-q1.m2t"
+    code = ("import os, sys\n"
+            "r, w = os.pipe()\n"
+            "os.close(r)\n"  # no reader at all: the first flush fails
+            "os.dup2(w, 1)\n"
+            "from pipeline.cli import console\n"
+            "sys.argv = ['m2t', 'info', %r]\n"
+            "console()\n" % str(golden))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 141, (out.returncode, out.stderr[-2000:])
+    assert out.stderr == "", out.stderr[-2000:]
