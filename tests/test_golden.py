@@ -125,6 +125,16 @@ def test_the_current_format_is_version_5():
         assert GOLDEN["v4"][name]["pixels_sha256"] != GOLDEN["v5"][name]["pixels_sha256"]
 
 
+def test_a_batch_of_both_formats_decodes_each_with_its_own_arithmetic():
+    """decompress_many groups streams by format version: each gets its own integer g_s."""
+    model = load_model("m2t-small-q3")
+    streams = [(DATA / f"golden-{v}-m2t-small-q3.m2t").read_bytes() for v in ("v4", CURRENT, "v4", CURRENT)]
+    want = [GOLDEN[v]["m2t-small-q3"]["pixels_sha256"] for v in ("v4", CURRENT, "v4", CURRENT)]
+    got = Decoder(model, batch_images=4).decompress_many(streams + [b"not a stream"])
+    assert [_pixels_sha256(rgb) for rgb in got[:4]] == want
+    assert isinstance(got[4], Exception)
+
+
 @pytest.mark.parametrize("version,name", [(v, n) for v in ("v4", CURRENT) for n in ("m2t-small-q2", "mt-small-q2")])
 def test_golden_pixels_at_any_thread_count_batch_and_tiling(version, name):
     """Pixels are a pure function of the stream: 1, 2 and 4 threads, a batch of streams of
