@@ -62,6 +62,7 @@ from dataclasses import dataclass
 
 MAGIC = b"M2TC"
 FORMAT_VERSION = 5
+WRITABLE_VERSIONS = (4, 5)  # 4 for decoders of m2t 0.4-0.5 (Encoder(format_version=4), m2t encode --format-version 4)
 READABLE_VERSIONS = (3, 4, 5)  # 3: m2t 0.3's, 4: m2t 0.4-0.5's streams (same layout; see the module docstring)
 RETIRED_VERSIONS = (1, 2)  # read by m2t 0.2.0 and earlier (see the module docstring)
 LAST_RELEASE_READING_RETIRED = "0.2.0"
@@ -203,8 +204,9 @@ class Header:
         return sum(1 for end in self.step_ends if end <= available)
 
     def to_bytes(self) -> bytes:
-        if self.version != FORMAT_VERSION:
-            raise ValueError(f"writes format version {FORMAT_VERSION} only, not {self.version}")
+        if self.version not in WRITABLE_VERSIONS:
+            raise ValueError(f"writes format versions {', '.join(map(str, WRITABLE_VERSIONS))} only, "
+                             f"not {self.version}")
         return self._serialize()
 
     def _serialize(self) -> bytes:

@@ -64,6 +64,7 @@ class CodingPlan:
     adaptive_order: bool = False
     on_cuda: bool = False
     x_hat: np.ndarray | None = field(default=None, repr=False)  # the reconstruction, when asked for
+    version: int = bs.FORMAT_VERSION  # the format to write (Encoder.format_version)
 
 
 def code_plan(plan: CodingPlan) -> EncodedImage:
@@ -94,6 +95,7 @@ def code_plan(plan: CodingPlan) -> EncodedImage:
         payload_crc=zlib.crc32(payload), step_pieces=pieces,
         piece_crcs=tuple(crcs[c][k] for k in range(len(pieces)) for c in range(len(crcs))),  # step-major
         flags=(bs.FLAG_CUDA if plan.on_cuda else 0) | (bs.FLAG_ADAPTIVE_ORDER if plan.adaptive_order else 0),
+        version=plan.version,
     )
     return EncodedImage(bs.pack(header, payload), plan.y_int, plan.height, plan.width, plan.x_hat)
 
@@ -132,11 +134,16 @@ class Encoder:
     reconstruct: also compute the decoder's output (EncodedImage.x_hat) with the device's
       g_s, for PSNR;
     adaptive_order: MT models only: each step's positions chosen by the model's confidence;
-    windows_per_pass: entropy-model windows per pass (0: coding.WINDOWS_PER_PASS)."""
+    windows_per_pass: entropy-model windows per pass (0: coding.WINDOWS_PER_PASS);
+    format_version: the bitstream format to write: 5 (default), or 4 for decoders of m2t
+      0.4-0.5 (the same bytes but the version and weights hash; it decodes with integer-v1).
+      The reconstruction is that format's decoder output."""
 
     def __init__(self, model: M2TCodec, *, batch_images: int = 0, coding_threads: int = 0,
                  max_pixels: int = bs.DEFAULT_MAX_PIXELS, reconstruct: bool = False, adaptive_order: bool = False,
-                 windows_per_pass: int = 0):
+                 windows_per_pass: int = 0, format_version: int = bs.FORMAT_VERSION):
+        if format_version not in bs.WRITABLE_VERSIONS:
+            raise ValueError(f"format_version must be one of {bs.WRITABLE_VERSIONS}, got {format_version!r}")
         if adaptive_order and model.cfg.mode != "mt":
             raise ValueError("adaptive_order needs an MT model (M2T's attention mask fixes its order)")
         if batch_images < 0 or coding_threads < 0 or windows_per_pass < 0:
@@ -147,6 +154,7 @@ class Encoder:
         self.max_pixels = max_pixels
         self.reconstruct = reconstruct
         self.adaptive_order = adaptive_order
+        self.format_version = format_version
         self.windows_per_pass = windows_per_pass or coding.windows_per_pass(model.device)
         self.device_seconds = 0.0  # time spent in the device stage so far (g_a, entropy model, g_s)
 
@@ -235,7 +243,8 @@ class Encoder:
         latents = [(y, rgb.shape[0], rgb.shape[1]) for y, rgb in zip(ys, rgbs)]
         plans = self.plan(latents)
         if self.reconstruct:
-            for plan, x_hat in zip(plans, model.synthesis_batch(latents, self.batch_images)):
+            x_hats = model.synthesis_batch(latents, self.batch_images, self.format_version)
+            for plan, x_hat in zip(plans, x_hats):
                 plan.x_hat = x_hat
         return plans
 
@@ -254,7 +263,7 @@ class Encoder:
         model.check_codable()
         model.sync_exact()
         ww, C, device = model.cfg.window, model.cfg.C, model.device
-        identity = (model.model_id, model.weights_hash())
+        identity = (model.model_id, model.weights_hash(self.format_version))
         plans: list[CodingPlan] = []
         chunks: list[tuple[CodingPlan, int, torch.Tensor, torch.Tensor]] = []
         for y_hat, H, W in latents:
@@ -263,7 +272,7 @@ class Encoder:
             valid = coding.valid_tokens(y_hat.shape[-2:], ww, device)  # (nW, L)
             starts = coding.chunk_starts(truth.shape[0])
             plan = CodingPlan(*identity, H, W, y_int.cpu(), truth.shape[0], [[] for _ in starts],
-                              self.adaptive_order, device.type == "cuda")
+                              self.adaptive_order, device.type == "cuda", version=self.format_version)
             plans.append(plan)
             for c, start in enumerate(starts):
                 end = start + bs.CHUNK_WINDOWS

@@ -92,15 +92,18 @@ def load_ladder(names: Sequence[str] | None = None, device: str = "cpu") -> list
 
 
 def encode_to_target(rgb: np.ndarray, target: Target, ladder: Sequence[M2TCodec],
-                     max_pixels: int | None = None) -> TargetedImage:
+                     max_pixels: int | None = None, format_version: int | None = None) -> TargetedImage:
     """RGB uint8 (H, W, 3) -> the stream of the ladder model chosen for `target` (see the
-    module docstring). `ladder` is ordered from the lowest rate up (load_ladder)."""
+    module docstring). `ladder` is ordered from the lowest rate up (load_ladder);
+    `format_version` as Encoder's."""
     from .encoder import Encoder
     from .metrics import psnr
 
     if not ladder:
         raise ValueError("the ladder needs at least one model")
     limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+    if format_version is not None:  # the PSNR judged is that format's decoder output
+        limits["format_version"] = format_version
     by_psnr = target.psnr is not None
     done: dict[int, tuple[EncodedImage, Trial]] = {}
 

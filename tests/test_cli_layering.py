@@ -164,3 +164,25 @@ def test_output_into_a_closed_pipe_ends_quietly():
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 141, (out.returncode, out.stderr[-2000:])
     assert out.stderr == "", out.stderr[-2000:]
+
+
+def test_encode_writes_format_4_on_request(tmp_path):
+    """`m2t encode --format-version 4` writes what m2t 0.4-0.5 decode; other versions are refused."""
+    from m2t_core import Encoder
+    from m2t_core.bitstream import read_header
+    from m2t_core.cli import main
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from golden_image import golden_image
+
+    src = tmp_path / "in.png"
+    Image.fromarray(golden_image()).save(src)
+    assert main(["encode", str(src), str(tmp_path / "v4.m2t"), "--model", "m2t-small-q1", "--format-version", "4"]) == 0
+    assert read_header((tmp_path / "v4.m2t").read_bytes()).version == 4
+    with pytest.raises(SystemExit):
+        main(["encode", str(src), str(tmp_path / "v3.m2t"), "--format-version", "3"])
+    from m2t_core import load_model
+
+    with pytest.raises(ValueError, match="format_version"):
+        Encoder(load_model("m2t-small-q1"), format_version=3)

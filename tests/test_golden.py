@@ -166,11 +166,18 @@ def test_golden_pixels_at_any_thread_count_batch_and_tiling(version, name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_coding_the_golden_latent_gives_the_golden_bytes(name):
+    """The current format's bytes, and with format_version=4 exactly what m2t 0.4-0.5 wrote
+    (for their decoders), with the reconstruction of that format's arithmetic."""
     model = load_model(name)
     latent = torch.from_numpy(_latent(name).astype(np.float32))
     rgb = golden_image()
     encoded = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
     assert encoded.bitstream == (DATA / f"golden-{CURRENT}-{name}.m2t").read_bytes()
+    old = Encoder(model, format_version=4).encode_latent(latent, rgb.shape[0], rgb.shape[1])
+    assert old.bitstream == (DATA / f"golden-v4-{name}.m2t").read_bytes()
+    image = Encoder(model, format_version=4, reconstruct=True).encode_image(rgb)
+    assert read_header(image.bitstream).version == 4
+    assert np.array_equal(image.x_hat, model.decompress(image.bitstream))
 
 
 @pytest.mark.parametrize("version,key", REPLACED)
