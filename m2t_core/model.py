@@ -69,6 +69,13 @@ class M2TCodec(nn.Module):
         self._frozen: dict[str, tuple] = {}  # CPU inference forms of g_a (transforms.FROZEN_TRANSFORMS)
         self._v2: tuple | None = None  # (its sources' fingerprint, the integer-v2 g_s): int_synthesis
 
+    def __getstate__(self):
+        """Copies and pickles leave the frozen TorchScript forms of the transforms behind
+        (TorchScript modules do not pickle); they are rebuilt on first use."""
+        state = dict(self.__dict__)
+        state["_frozen"] = {}
+        return state
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -152,8 +152,14 @@ def test_a_used_model_still_copies_and_pickles():
     import copy
     import pickle
 
+    from m2t_core import Encoder
+
     model = load_model("m2t-small-q2")
     y = _latents(model.cfg.C, (2, 3), 1, seed=4)
     want = IS.synthesize(model.g_s_int, y)
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    stream = Encoder(model).encode_image(rgb).bitstream  # and has encoded: a frozen g_a is cached
+    assert model._frozen.get("g_a") is not None or model.transforms_implementation() == "eager"
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(IS.synthesize(other.g_s_int, y), want)
+        assert Encoder(other).encode_image(rgb).bitstream == stream
