@@ -17,7 +17,6 @@ bench/results/synthesis_ab_t<threads>.json).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import DEFAULT_DATA, load_avg  # noqa: E402
+from bench._common import DEFAULT_DATA, load_avg, write_report  # noqa: E402
 
 
 def _timed(work) -> float:
@@ -92,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": args.model, "threads": args.threads, "rounds": args.rounds,
               "machine": {"cpu": cpu_model(), "torch": torch.__version__}, "load_average_after": load_avg(),
               "images": results}
-    out = args.out or REPO / "bench" / "results" / f"synthesis_ab_t{args.threads}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out or REPO / "bench" / "results" / f"synthesis_ab_t{args.threads}.json", report)
     return 0
 
 

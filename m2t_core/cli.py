@@ -241,6 +241,7 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
 
 def add_codec_commands(sub: argparse._SubParsersAction) -> None:
     """Add encode, decode, info and models to `sub`; each sets `func` (its CODEC_COMMANDS handler)."""
+    from .bitstream import FORMAT_VERSION, WRITABLE_VERSIONS  # pure Python: `m2t --version` stays quick
 
     def common(p, model_help):
         p.add_argument("--model", default=None, help=model_help)
@@ -254,9 +255,9 @@ def add_codec_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--psnr", action="store_true", help="also print the PSNR of the reconstruction")
     p.add_argument("--adaptive-order", action="store_true",
                    help="MT models: choose each step's positions by the model's confidence (MaskGIT)")
-    p.add_argument("--format-version", type=int, choices=(4, 5), default=5,
-                   help="bitstream format: 5 (default), or 4 for decoders of m2t 0.4-0.5 (decoded with the "
-                        "integer-v1 synthesis: a little slower, 0.46%% fewer bits at equal PSNR)")
+    p.add_argument("--format-version", type=int, choices=WRITABLE_VERSIONS, default=FORMAT_VERSION,
+                   help=f"bitstream format: {FORMAT_VERSION} (default), or 4 for decoders of m2t 0.4-0.5 (decoded "
+                        "with the integer-v1 synthesis: a little slower, 0.46%% fewer bits at equal PSNR)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-bpp", type=float, default=None, metavar="BPP",
                         help="choose the best model of the ladder whose stream is at most BPP bits per pixel")

@@ -278,6 +278,7 @@ class IntSynthesis(nn.Module):
         self.names = activation_names(g_s)
         self._index = {n: i for i, n in enumerate(self.names)}
         self._wiring = {conv: (a_in, a_out) for conv, a_in, a_out in _walk_structure(self.program)}
+        self.pixel_conv = next(conv for conv, (_, a_out) in self._wiring.items() if a_out == "pixels")
         self.register_buffer("act_exp", torch.full((len(self.names),), 8, dtype=torch.int64))
 
     def exp(self, name: str) -> int:
@@ -370,7 +371,7 @@ class IntSynthesis(nn.Module):
         v2.act_exp.copy_(self.act_exp)
         for spec, w, b in self._float_rows(g_s):
             mine, theirs = self.conv(spec.name), v2.conv(spec.name)
-            if self.output_of(spec.name) == "pixels":
+            if spec.name == self.pixel_conv:
                 for buffer in ("weight", "bias", "w_exp"):
                     getattr(theirs, buffer).copy_(getattr(mine, buffer))
                 continue
@@ -581,10 +582,9 @@ class IntOps:
         if fast is None:
             return self._requant(name, self._products(name, x), low, high)
         _, rescale = self._carriers(name, x.device)
-        if fast.planes == 1:  # the float32 route's products: [P_hi + f_lo, P_lo + f_lo]
-            return int8_conv.convolve(fast, x, lambda raw, out: torch.clamp(_combine(raw, rescale), low, high,
-                                                                            out=out))
-        return int8_conv.convolve(fast, x, lambda raw, out: _combine_products(raw, rescale, low, high, out))
+        # One weight plane gives the float32 route's products [P_hi + f_lo, P_lo + f_lo]; two, four products.
+        finish = _combine_into if fast.planes == 1 else _combine_products
+        return int8_conv.convolve(fast, x, lambda raw, out: finish(raw, rescale, low, high, out))
 
     def conv(self, name, x, a_in, a_out, relu):
         if a_out == "gate":
@@ -626,6 +626,11 @@ def _combine(p: torch.Tensor, r: Rescale) -> torch.Tensor:
     return hi.add_(q).add_(r.delta).mul_(r.scale).floor_().add_(r.b_int)
 
 
+def _combine_into(p: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor) -> None:
+    """_combine of the two planes' products p, clamped to [low, high] into `out`."""
+    torch.clamp(_combine(p, r), low, high, out=out)
+
+
 def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor) -> None:
     """_combine, clamped into `out` (B, R, n, W), from the four plane products of int8_conv
     raw = [[hh, hl], [lh, ll]] (2B, 2R, n, W) (x_hi / x_lo on the batch, w_hi / w_lo on the
@@ -635,8 +640,7 @@ def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: t
     B, R = raw.shape[0] // 2, raw.shape[1] // 2
     hh, hl, lh, ll = raw[:B, :R], raw[:B, R:], raw[B:, :R], raw[B:, R:]
     if not r.all_wide:  # rare (see _combine): through the two planes' products
-        torch.clamp(_combine(torch.cat([torch.add(hl, hh, alpha=PLANE), torch.add(ll, lh, alpha=PLANE)]), r),
-                    low, high, out=out)
+        _combine_into(torch.cat([torch.add(hl, hh, alpha=PLANE), torch.add(ll, lh, alpha=PLANE)]), r, low, high, out)
         return
     t = ll.mul(1.0 / PLANE).floor_().add_(lh).add_(hl).add_(hh, alpha=PLANE)  # P_hi + f_lo + floor((P_lo + f_lo) / 256)
     torch.clamp(t.add_(r.delta).mul_(r.scale).floor_().add_(r.b_int), low, high, out=out)

@@ -215,9 +215,8 @@ class M2TCodec(nn.Module):
         if version < 5:
             return self.g_s_int
         v1 = self.g_s_int
-        pixel_conv = next(s.name for s in v1.specs if v1.output_of(s.name) == "pixels")
         sources = (self._synthesis_source, _bit_sum(v1.act_exp),
-                   tuple(_bit_sum(t) for t in v1.conv(pixel_conv).state_dict().values()))
+                   tuple(_bit_sum(t) for t in v1.conv(v1.pixel_conv).state_dict().values()))
         if self._v2 is None or self._v2[0] != sources:
             v2 = v1.eight_bit(self.g_s)
             self._v2 = (sources, v2.to(v1.act_exp.device))

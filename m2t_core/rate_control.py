@@ -101,15 +101,15 @@ def encode_to_target(rgb: np.ndarray, target: Target, ladder: Sequence[M2TCodec]
 
     if not ladder:
         raise ValueError("the ladder needs at least one model")
-    limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+    options = {} if max_pixels is None else {"max_pixels": max_pixels}
     if format_version is not None:  # the PSNR judged is that format's decoder output
-        limits["format_version"] = format_version
+        options["format_version"] = format_version
     by_psnr = target.psnr is not None
     done: dict[int, tuple[EncodedImage, Trial]] = {}
 
     def trial(i: int) -> tuple[EncodedImage, Trial]:
         if i not in done:
-            encoded = Encoder(ladder[i], reconstruct=by_psnr, **limits).encode_image(rgb)
+            encoded = Encoder(ladder[i], reconstruct=by_psnr, **options).encode_image(rgb)
             quality = psnr(rgb, encoded.x_hat) if by_psnr else None
             done[i] = (encoded, Trial(ladder[i].model_id, encoded.bpp, quality))
         return done[i]
