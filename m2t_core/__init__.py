@@ -2,6 +2,7 @@
 
     import m2t_core
     streams = m2t_core.compress(rgb_uint8)            # list[bytes], shipped default model
+    streams = m2t_core.compress(rgb, model="vr.safetensors", quality=5.5)  # a variable-rate model
     rgb = m2t_core.decompress(streams[0])             # model found from the bitstream header
 
 The parts: `M2TCodec` (model.py: transforms, the entropy network's parameters, the exact
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from .model import M2TCodec
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 # Names whose modules import torch, imported on first use (PEP 562): `import m2t_core`, the
 # bitstream, the config and the registry's listing stay fast (`m2t --version`, `m2t info`).
@@ -36,6 +37,7 @@ _LAZY = {
     "ImageError": "image_io", "load_image": "image_io", "save_image": "image_io", "to_rgb_array": "image_io",
     "M2TCodec": "model",
     "Target": "rate_control", "encode_to_target": "rate_control", "load_ladder": "rate_control",
+    "encode_at_quality": "rate_control", "QualityError": "rate",
 }
 
 
@@ -54,9 +56,12 @@ def _resolve(model: M2TCodec | str | None) -> M2TCodec:
     return model if isinstance(model, M2TCodec) else load_model(model)
 
 
-def compress(images, model: M2TCodec | str | None = None, max_pixels: int | None = None) -> list[bytes]:
-    """Compress one RGB image or a batch (arrays or PIL images) -> one bitstream per image."""
-    return _resolve(model).compress(images, **({} if max_pixels is None else {"max_pixels": max_pixels}))
+def compress(images, model: M2TCodec | str | None = None, max_pixels: int | None = None,
+             quality: float | None = None) -> list[bytes]:
+    """Compress one RGB image or a batch (arrays or PIL images) -> one bitstream per image; a
+    variable-rate model's at `quality` (None: its middle level)."""
+    return _resolve(model).compress(images, quality=quality,
+                                    **({} if max_pixels is None else {"max_pixels": max_pixels}))
 
 
 def decompress(data: bytes, model: M2TCodec | str | None = None, max_pixels: int | None = None,
@@ -76,9 +81,11 @@ def decompress(data: bytes, model: M2TCodec | str | None = None, max_pixels: int
 __all__ = [
     "BitstreamError", "CheckpointError", "ChecksumMismatchError", "CodingPlan", "ConfigError", "DEFAULT_MODEL",
     "Decoder", "EncodedImage", "Encoder", "Header", "ImageError", "ImageTooLargeError", "M2TCodec",
-    "ModelConfig", "ModelMismatchError", "ModelNotFoundError", "PartialStreamWarning", "Preview", "Target",
+    "ModelConfig", "ModelMismatchError", "ModelNotFoundError", "PartialStreamWarning", "Preview", "QualityError",
+    "Target",
     "UnknownStreamModelError", "UnsupportedVersionError", "code_plan", "compress", "decompress",
-    "encode_to_target", "list_models", "load_checkpoint", "load_image", "load_ladder", "load_model",
+    "encode_at_quality", "encode_to_target", "list_models", "load_checkpoint", "load_image", "load_ladder",
+    "load_model",
     "load_model_config", "load_model_for_header", "read_header", "save_checkpoint", "save_image",
     "to_rgb_array",
 ]

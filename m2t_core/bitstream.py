@@ -45,6 +45,13 @@ within 8 bits, one plane of int8 products instead of two, about 1.6x faster on C
 from the same model, and its weights hash names that arithmetic. Version 4 streams decode with
 integer-v1, to the pixels they always had.
 
+Version 6 (m2t 0.7) is version 5 with one more field, written by variable-rate models only
+(m2t_core/rate.py); fixed-rate models keep writing version 5:
+
+    quality          u16      right after model_id: the quality Q the stream was coded at, as
+                              round(Q * 256), Q in [1, K] of the model's K rate levels; the
+                              decoder computes its gains from it
+
 Earlier versions are refused with UnsupportedVersionError: version 1 (a float entropy model;
 its streams decoded only on the kind of machine that wrote them) and version 2 (one range
 coder for the whole image, no previews) were written by m2t 0.2.0 and earlier, which still
@@ -61,9 +68,11 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"M2TC"
-FORMAT_VERSION = 5
-WRITABLE_VERSIONS = (4, 5)  # 4 for decoders of m2t 0.4-0.5 (Encoder(format_version=4), m2t encode --format-version 4)
-READABLE_VERSIONS = (3, 4, 5)  # 3: m2t 0.3's, 4: m2t 0.4-0.5's streams (same layout; see the module docstring)
+FORMAT_VERSION = 5  # what fixed-rate models write
+QUALITY_VERSION = 6  # what variable-rate models write: version 5 and the quality
+# 4 for decoders of m2t 0.4-0.5 (Encoder(format_version=4), m2t encode --format-version 4); 6: variable-rate models
+WRITABLE_VERSIONS = (4, 5, 6)
+READABLE_VERSIONS = (3, 4, 5, 6)  # 3: m2t 0.3's, 4: m2t 0.4-0.5's streams (same layout; see the module docstring)
 RETIRED_VERSIONS = (1, 2)  # read by m2t 0.2.0 and earlier (see the module docstring)
 LAST_RELEASE_READING_RETIRED = "0.2.0"
 MAX_MODEL_ID_LEN = 64
@@ -84,6 +93,7 @@ MIN_PAYLOAD_BYTES_PER_WINDOW = 4
 CHUNK_WINDOWS = 64
 
 _FIXED_AFTER_ID = struct.Struct("<8sIIIIIB")  # hash, h, w, len, crcs, num_steps (then the step table)
+_QUALITY = struct.Struct("<H")  # version 6: between the model id and the fixed fields
 _HEADER_CRC = struct.Struct("<I")
 # The fewest bytes any readable stream has (format 3's smallest: magic, version, flags, a 1-byte
 # model id, the fixed fields, a one-chunk step table, the header CRC, one window's payload):
@@ -171,6 +181,7 @@ class Header:
     flags: int = 0
     version: int = FORMAT_VERSION
     piece_crcs: tuple[int, ...] = ()  # version 4 on: piece_checksum per (step, chunk), step-major
+    quality: int | None = None  # version 6: the quality code round(Q * 256) (rate.py); None before
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -218,11 +229,15 @@ class Header:
             raise ValueError("weights_hash must be 8 bytes")
         if self.flags & ~KNOWN_FLAGS:
             raise ValueError(f"unknown flags {self.flags:#04x}")
+        if (self.version >= QUALITY_VERSION) != (self.quality is not None):
+            need = "needs" if self.version >= QUALITY_VERSION else "has no"
+            raise ValueError(f"format {self.version} {need} quality")
+        quality = _QUALITY.pack(self.quality) if self.quality is not None else b""
         fixed = _FIXED_AFTER_ID.pack(
             self.weights_hash, self.height, self.width, self.payload_len, self.latent_crc,
             self.payload_crc, self.num_steps,
         ) + self._step_table() + (self._piece_crc_table() if self.version >= 4 else b"")
-        body = MAGIC + bytes([self.version, self.flags, len(model_id)]) + model_id + fixed
+        body = MAGIC + bytes([self.version, self.flags, len(model_id)]) + model_id + quality + fixed
         return body + _HEADER_CRC.pack(zlib.crc32(body))
 
     def piece_crc(self, step: int, chunk: int) -> int | None:
@@ -289,6 +304,12 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
     if not 1 <= id_len <= MAX_MODEL_ID_LEN:
         raise BitstreamError(f"corrupt header: model id length {id_len}")
     fixed_start = 7 + id_len
+    quality = None
+    if version >= QUALITY_VERSION:
+        if len(data) < fixed_start + _QUALITY.size:
+            raise BitstreamError("truncated bitstream: the header ends in its quality field")
+        (quality,) = _QUALITY.unpack_from(data, fixed_start)
+        fixed_start += _QUALITY.size
     table_start = fixed_start + _FIXED_AFTER_ID.size
     if len(data) < table_start + _HEADER_CRC.size:
         raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header needs {table_start + _HEADER_CRC.size}")
@@ -309,7 +330,7 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
     if zlib.crc32(data[: header_end - _HEADER_CRC.size]) != stored_header_crc:
         raise BitstreamError("corrupt header: header checksum mismatch")
     try:
-        model_id = data[7:fixed_start].decode("ascii")
+        model_id = data[7:7 + id_len].decode("ascii")
     except UnicodeDecodeError:
         raise BitstreamError("corrupt header: model id is not ASCII") from None
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
@@ -332,7 +353,7 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
     header = Header(
         model_id=model_id, weights_hash=weights_hash, height=height, width=width, payload_len=payload_len,
         latent_crc=latent_crc, payload_crc=payload_crc, step_pieces=step_pieces, flags=flags, version=version,
-        piece_crcs=piece_crcs,
+        piece_crcs=piece_crcs, quality=quality,
     )
     return header, payload
 

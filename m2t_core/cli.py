@@ -64,8 +64,11 @@ def cmd_encode(args) -> int:
     model = _model(args.model, _device(args.device))
     rgb = _load_input(args)
     t0 = time.perf_counter()
-    encoder = Encoder(model, max_pixels=args.max_pixels, reconstruct=args.psnr, adaptive_order=args.adaptive_order,
-                      format_version=args.format_version)
+    try:
+        encoder = Encoder(model, max_pixels=args.max_pixels, reconstruct=args.psnr, adaptive_order=args.adaptive_order,
+                          format_version=args.format_version, quality=args.quality)
+    except ValueError as exc:  # a quality out of range, or one for a fixed-rate model
+        raise CliError(str(exc)) from None
     encoded = encoder.encode_image(rgb)
     elapsed = time.perf_counter() - t0
     Path(args.output).write_bytes(encoded.bitstream)
@@ -75,6 +78,8 @@ def cmd_encode(args) -> int:
         from .metrics import psnr
 
         line += f", PSNR {psnr(rgb, encoded.x_hat):.2f} dB"
+    if encoder.quality_code is not None:
+        line += f", quality {encoder.quality_code / 256:g}"
     print(f"{line}, model {model.model_id}, {elapsed:.2f} s (start-up {_startup(t0):.2f} s: torch, model)")
     return 0
 
@@ -90,32 +95,46 @@ def _load_input(args):
 
 
 def _encode_to_target(args) -> int:
-    """encode --target-bpp / --target-psnr: the ladder model that meets the target (rate_control)."""
+    """encode --target-bpp / --target-psnr: the quality of a variable-rate --model, or the model
+    of a ladder, that meets the target (rate_control)."""
     from . import rate_control
 
-    if args.model is not None:
-        raise CliError("--model and a target exclude each other: the target chooses the model (see --ladder)")
+    if args.quality is not None:
+        raise CliError("--quality and a target exclude each other: the target chooses the quality")
     try:
         target = rate_control.Target(bpp=args.target_bpp, psnr=args.target_psnr)
-        ladder = rate_control.load_ladder(args.ladder.split(",") if args.ladder else None, _device(args.device))
+        if args.model is not None:
+            if args.ladder is not None:
+                raise CliError("--model and --ladder exclude each other")
+            model = _model(args.model, _device(args.device))
+            if not model.rate_levels:
+                raise CliError(f"--model {args.model} has one rate: a target chooses the quality of a variable-rate "
+                               "model, or a model of a ladder (--ladder)")
+        else:
+            ladder = rate_control.load_ladder(args.ladder.split(",") if args.ladder else None, _device(args.device))
     except ValueError as exc:
         raise CliError(str(exc)) from None
     rgb = _load_input(args)
     t0 = time.perf_counter()
-    result = rate_control.encode_to_target(rgb, target, ladder, max_pixels=args.max_pixels,
-                                           format_version=args.format_version)
+    if args.model is not None:
+        result = rate_control.encode_at_quality(rgb, target, model, max_pixels=args.max_pixels)
+    else:
+        result = rate_control.encode_to_target(rgb, target, ladder, max_pixels=args.max_pixels,
+                                               format_version=args.format_version)
     elapsed = time.perf_counter() - t0
     Path(args.output).write_bytes(result.encoded.bitstream)
     h, w = rgb.shape[:2]
-    tried = ", ".join(f"{t.model_id} {t.bpp:.4f} bpp" + (f" {t.psnr:.2f} dB" if t.psnr is not None else "")
-                      for t in result.trials)
+    tried = ", ".join((f"quality {t.quality:g}" if t.quality is not None else t.model_id) + f" {t.bpp:.4f} bpp"
+                      + (f" {t.psnr:.2f} dB" if t.psnr is not None else "") for t in result.trials)
     quality = f", PSNR {result.psnr:.2f} dB" if result.psnr is not None else ""
+    chosen = result.model_id + (f" at quality {result.quality:g}" if result.quality is not None else "")
     print(f"{args.input} -> {args.output}: {w}x{h}, {len(result.encoded.bitstream)} bytes, "
-          f"{result.encoded.bpp:.4f} bpp{quality}, model {result.model_id} for target {target.describe()} "
+          f"{result.encoded.bpp:.4f} bpp{quality}, model {chosen} for target {target.describe()} "
           f"(tried: {tried}), {elapsed:.2f} s (start-up {_startup(t0):.2f} s: torch, models)")
     if not result.met:
-        print(f"m2t encode: warning: {args.input}: no model of the ladder meets {target.describe()}; "
-              f"wrote the closest, {result.model_id}", file=sys.stderr)
+        where = "quality of the model" if result.quality is not None else "model of the ladder"
+        print(f"m2t encode: warning: {args.input}: no {where} meets {target.describe()}; "
+              f"wrote the closest, {chosen}", file=sys.stderr)
     return 0
 
 
@@ -159,6 +178,7 @@ _VERSION_NOTES = {
     3: "m2t 0.3: exact integer entropy model",
     4: "exact integer entropy model and synthesis (integer-v1): the same pixels on any machine",
     5: "exact integer entropy model and synthesis (integer-v2, 8-bit weights): the same pixels on any machine",
+    6: "format 5 of a variable-rate model, with the quality it was coded at",
 }
 
 
@@ -173,6 +193,7 @@ def cmd_info(args) -> int:
         ("format version", f"{h.version} ({_VERSION_NOTES.get(h.version, 'unknown')})"),
         ("model", h.model_id if MODEL_NAME_RE.match(h.model_id) else f"{h.model_id!r} (not a valid model name)"),
         ("weights hash", h.weights_hash.hex()),
+        *([("quality", f"{h.quality / 256:g}")] if h.quality is not None else []),
         ("image size", f"{h.width}x{h.height}"),
         ("padding", f"bottom {pad_b}, right {pad_r}"),
         ("progressive", f"{h.num_steps} steps in {h.num_chunks} chunk(s); the first K steps are the "
@@ -204,7 +225,8 @@ def cmd_models(args) -> int:
         figures = (f"kodak {kodak['bpp']:.3f} bpp {kodak['psnr']:.2f} dB" if "bpp" in kodak
                    else "kodak not measured")
         default = "  (default)" if m.name == DEFAULT_MODEL else ""
-        print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  {figures}{default}")
+        rates = f"  variable rate: --quality 1..{len(m.config.rate_lambdas)}" if m.config.rate_lambdas else ""
+        print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  {figures}{rates}{default}")
     if args.previous:
         for m in list_previous_models():
             print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  replaced: decodes the streams it wrote")
@@ -241,7 +263,8 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
 
 def add_codec_commands(sub: argparse._SubParsersAction) -> None:
     """Add encode, decode, info and models to `sub`; each sets `func` (its CODEC_COMMANDS handler)."""
-    from .bitstream import FORMAT_VERSION, WRITABLE_VERSIONS  # pure Python: `m2t --version` stays quick
+    # Pure Python: `m2t --version` stays quick.
+    from .bitstream import FORMAT_VERSION, QUALITY_VERSION, WRITABLE_VERSIONS
 
     def common(p, model_help):
         p.add_argument("--model", default=None, help=model_help)
@@ -255,14 +278,20 @@ def add_codec_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--psnr", action="store_true", help="also print the PSNR of the reconstruction")
     p.add_argument("--adaptive-order", action="store_true",
                    help="MT models: choose each step's positions by the model's confidence (MaskGIT)")
-    p.add_argument("--format-version", type=int, choices=WRITABLE_VERSIONS, default=FORMAT_VERSION,
+    p.add_argument("--format-version", type=int, choices=WRITABLE_VERSIONS, default=None,
                    help=f"bitstream format: {FORMAT_VERSION} (default), or 4 for decoders of m2t 0.4-0.5 (decoded "
-                        "with the integer-v1 synthesis: a little slower, 0.46%% fewer bits at equal PSNR)")
+                        "with the integer-v1 synthesis: a little slower, 0.46%% fewer bits at equal PSNR); "
+                        f"variable-rate models write {QUALITY_VERSION}")
+    p.add_argument("--quality", type=float, default=None, metavar="Q",
+                   help="a variable-rate model's quality, 1 (fewest bits) to its number of rate levels, in steps "
+                        "of 1/256 (default: its middle level; `m2t models` lists the range)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-bpp", type=float, default=None, metavar="BPP",
-                        help="choose the best model of the ladder whose stream is at most BPP bits per pixel")
+                        help="the best quality of a variable-rate --model (or model of the ladder) whose stream "
+                             "is at most BPP bits per pixel")
     target.add_argument("--target-psnr", type=float, default=None, metavar="DB",
-                        help="choose the cheapest model of the ladder whose decoded image reaches DB dB PSNR")
+                        help="the cheapest quality of a variable-rate --model (or model of the ladder) whose "
+                             "decoded image reaches DB dB PSNR")
     p.add_argument("--ladder", default=None, metavar="NAMES",
                    help="with a target: comma-separated models to choose from, ordered by their training "
                         "lambda (default m2t-small-q1,...,q4)")

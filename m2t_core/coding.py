@@ -159,7 +159,7 @@ def confident_positions(params: X.IntParams, masked: torch.Tensor, valid: torch.
 
 def run_steps(exact: X.ExactEntropyModel, tokens: torch.Tensor,
               code: Callable[[int, X.IntParams, torch.Tensor], torch.Tensor],
-              valid: torch.Tensor, adaptive_order: bool = False) -> torch.Tensor:
+              valid: torch.Tensor, adaptive_order: bool = False, rate=None) -> torch.Tensor:
     """The decoder's loop over windows `tokens` (b, L, C) int32: for each step i, the
     parameters of the positions coded at step i (b, n_i) (incrementally, with the key/value
     cache for M2T), then `code(i, params, positions)` returns their values (b, n_i, C),
@@ -167,8 +167,9 @@ def run_steps(exact: X.ExactEntropyModel, tokens: torch.Tensor,
 
     The positions are the schedule's group i, or with `adaptive_order` (MT) the n_i still
     masked positions the model is most confident about (`confident_positions`): both sides
-    compute them from the same exact integers."""
-    ops = X.CodingOps(exact)
+    compute them from the same exact integers. `rate`: a variable-rate model's rate.ExactRate
+    of the windows."""
+    ops = X.CodingOps(exact, rate)
     b, L, C = tokens.shape
     if not adaptive_order:
         state = N.DecodeState()
@@ -195,11 +196,12 @@ def run_steps(exact: X.ExactEntropyModel, tokens: torch.Tensor,
 TEACHER_FORCED_WINDOWS = 16
 
 
-def teacher_forced(exact: X.ExactEntropyModel, windows: torch.Tensor) -> X.IntParams:
+def teacher_forced(exact: X.ExactEntropyModel, windows: torch.Tensor, rate=None) -> X.IntParams:
     """M2T's parameters of every position of `windows` (b, L, C) from teacher-forced passes,
-    TEACHER_FORCED_WINDOWS per call, kept as int32 (b, L, C, K)."""
-    ops = X.CodingOps(exact)
-    parts = [N.m2t_teacher_forced(ops, windows[s:s + TEACHER_FORCED_WINDOWS])
-             for s in range(0, windows.shape[0], TEACHER_FORCED_WINDOWS)]
+    TEACHER_FORCED_WINDOWS per call, kept as int32 (b, L, C, K) (a variable-rate model's with
+    the windows' rate.ExactRate)."""
+    T = TEACHER_FORCED_WINDOWS
+    parts = [N.m2t_teacher_forced(X.CodingOps(exact, None if rate is None else rate.rows(s, s + T)), windows[s:s + T])
+             for s in range(0, windows.shape[0], T)]
     return X.IntParams(*(torch.cat([getattr(p, f).to(torch.int32) for p in parts])
                          for f in ("mean_q", "level", "logit_q")))

@@ -48,6 +48,9 @@ class ModelConfig:
     group_sizes: str = "powerlaw"
     location_order: str = "qlds"
     order_seed: int = 0  # only for location_order == "random"
+    # Variable rate (rate.py): the lambdas of the K trained rate levels, low to high; the model
+    # then codes at any quality Q in [1, K]. Empty: a fixed-rate model.
+    rate_lambdas: tuple = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,13 +71,27 @@ class ModelConfig:
             raise ConfigError(f"num_steps ({self.num_steps}) exceeds the tokens per window ({self.window**2})")
         if not self.alpha > 0:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
+        lambdas = self.rate_lambdas
+        if not isinstance(lambdas, tuple) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                 for v in lambdas):
+            raise ConfigError(f"rate_lambdas must be a list of numbers, got {lambdas!r}")
+        if lambdas and (len(lambdas) < 2 or len(lambdas) > 64 or not 0 < lambdas[0]
+                        or any(b <= a for a, b in zip(lambdas, lambdas[1:]))):
+            raise ConfigError(f"rate_lambdas must be 2..64 increasing positive numbers, got {list(lambdas)}")
 
     @property
     def tokens_per_window(self) -> int:
         return self.window * self.window
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The constructor arguments (a fixed-rate model's dict is what it was before
+        variable rate existed, so its weights digest is unchanged)."""
+        data = dataclasses.asdict(self)
+        if not self.rate_lambdas:
+            del data["rate_lambdas"]
+        else:
+            data["rate_lambdas"] = [float(v) for v in self.rate_lambdas]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":

@@ -134,9 +134,10 @@ class Decoder:
                         raise _ChunkError(n, exc) from None
                 return values
 
+            rate = self.model.exact_rate([c[3][1].quality for c in part for _ in range(c[2])])
             try:
                 out = coding.run_steps(self.model.exact, torch.zeros(int(bounds[-1]), ww * ww, C, dtype=torch.int32,
-                                                                device=device), decode, keep, adaptive)
+                                                                device=device), decode, keep, adaptive, rate)
             except _ChunkError as exc:  # that image fails; its pass-mates are decoded again without it
                 failed.add(exc.image)
                 results[exc.image] = exc.error
@@ -214,7 +215,8 @@ class Decoder:
                 return values
 
             coding.run_steps(model.exact, tokens[start:start + bs.CHUNK_WINDOWS], decode, keep_chunk,
-                        bool(header.flags & bs.FLAG_ADAPTIVE_ORDER))
+                             bool(header.flags & bs.FLAG_ADAPTIVE_ORDER),
+                             model.exact_rate([header.quality] * keep_chunk.shape[0]))
         y_hat = coding.latent_from_windows(tokens, h, w, ww)  # (C, h, w)
         return y_hat, None if filled is None else coding.latent_from_windows(filled, h, w, ww)
 
@@ -241,7 +243,8 @@ class Decoder:
             _, y = self.decode_latent(data)
         else:
             _, y = self._decode_steps(header, payload, k)  # k < S: the filled latent
-        return Preview(image=self.model.synthesis(y, header.height, header.width, header.version), y=y, steps=k,
+        return Preview(image=self.model.synthesis(y, header.height, header.width, header.version, header.quality),
+                       y=y, steps=k,
                        num_steps=S,
                        bytes_read=header.step_ends[k - 1] if k else header.size, total_bytes=header.step_ends[-1])
 
@@ -264,7 +267,7 @@ class Decoder:
                 f"{header.step_ends[-1]} bytes): decoded a preview"), stacklevel=2)
             return self.preview(data).image
         header, y_hat = self.decode_latent(data)
-        return self.model.synthesis(y_hat, header.height, header.width, header.version)
+        return self.model.synthesis(y_hat, header.height, header.width, header.version, header.quality)
 
     @torch.inference_mode()
     def decompress_many(self, streams: Sequence[bytes]) -> list:
@@ -281,14 +284,14 @@ class Decoder:
             if not isinstance(got, Exception):
                 by_version.setdefault(got[0].version, []).append((n, got))
         for version, good in by_version.items():
-            latents = [(y_hat, header.height, header.width) for _, (header, y_hat) in good]
+            latents = [(y_hat, header.height, header.width, header.quality) for _, (header, y_hat) in good]
             try:
                 images = self.model.synthesis_batch(latents, self.batch_images, version)
             except Exception:  # e.g. out of memory in a batch: one at a time, each failing alone
                 images = []
                 for latent in latents:
                     try:
-                        images.append(self.model.synthesis(*latent, version=version))
+                        images.append(self.model.synthesis(*latent[:3], version=version, quality_code=latent[3]))
                     except Exception as exc:
                         images.append(exc)
             for (n, _), image in zip(good, images):

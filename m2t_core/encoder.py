@@ -65,6 +65,7 @@ class CodingPlan:
     on_cuda: bool = False
     x_hat: np.ndarray | None = field(default=None, repr=False)  # the reconstruction, when asked for
     version: int = bs.FORMAT_VERSION  # the format to write (Encoder.format_version)
+    quality: int | None = None  # a variable-rate model's quality code (format 6)
 
 
 def code_plan(plan: CodingPlan) -> EncodedImage:
@@ -95,7 +96,7 @@ def code_plan(plan: CodingPlan) -> EncodedImage:
         payload_crc=zlib.crc32(payload), step_pieces=pieces,
         piece_crcs=tuple(crcs[c][k] for k in range(len(pieces)) for c in range(len(crcs))),  # step-major
         flags=(bs.FLAG_CUDA if plan.on_cuda else 0) | (bs.FLAG_ADAPTIVE_ORDER if plan.adaptive_order else 0),
-        version=plan.version,
+        version=plan.version, quality=plan.quality,
     )
     return EncodedImage(bs.pack(header, payload), plan.y_int, plan.height, plan.width, plan.x_hat)
 
@@ -137,13 +138,15 @@ class Encoder:
     windows_per_pass: entropy-model windows per pass (0: coding.WINDOWS_PER_PASS);
     format_version: the bitstream format to write: 5 (default), or 4 for decoders of m2t
       0.4-0.5 (the same bytes but the version and weights hash; it decodes with integer-v1).
-      The reconstruction is that format's decoder output."""
+      The reconstruction is that format's decoder output. A variable-rate model writes 6.
+    quality: a variable-rate model's quality Q in [1, K] (rate.py; None: its middle level);
+      encode_image can override it per image. A fixed-rate model takes none."""
 
     def __init__(self, model: M2TCodec, *, batch_images: int = 0, coding_threads: int = 0,
                  max_pixels: int = bs.DEFAULT_MAX_PIXELS, reconstruct: bool = False, adaptive_order: bool = False,
-                 windows_per_pass: int = 0, format_version: int = bs.FORMAT_VERSION):
-        if format_version not in bs.WRITABLE_VERSIONS:
-            raise ValueError(f"format_version must be one of {bs.WRITABLE_VERSIONS}, got {format_version!r}")
+                 windows_per_pass: int = 0, format_version: int | None = None, quality: float | None = None):
+        format_version = model.write_version(format_version)
+        self.quality_code = model.quality_code(quality)
         if adaptive_order and model.cfg.mode != "mt":
             raise ValueError("adaptive_order needs an MT model (M2T's attention mask fixes its order)")
         if batch_images < 0 or coding_threads < 0 or windows_per_pass < 0:
@@ -160,17 +163,21 @@ class Encoder:
 
     # ------------------------------------------------------------ one image
 
-    def encode_image(self, image: ImageLike) -> EncodedImage:
-        """One image -> its EncodedImage (raises ImageError, ImageTooLargeError, ...)."""
-        [(_, result)] = list(self.encode_tagged([(None, image)]))
+    def encode_image(self, image: ImageLike, quality: float | None = None) -> EncodedImage:
+        """One image -> its EncodedImage (raises ImageError, ImageTooLargeError, ...); a
+        variable-rate model's at `quality` (None: the encoder's)."""
+        [(_, result)] = list(self.encode_tagged([(None, image)], quality=quality))
         if isinstance(result, Exception):
             raise result
         return result
 
-    def encode_latent(self, y_hat: torch.Tensor, height: int, width: int) -> EncodedImage:
+    def encode_latent(self, y_hat: torch.Tensor, height: int, width: int,
+                      quality_code: int | None = None) -> EncodedImage:
         """y_hat (C, h, w) integer-valued -> its bitstream (the device stage, then the coding
-        stage, for one image)."""
-        return code_plan(self.plan([(y_hat, height, width)])[0])
+        stage, for one image); a variable-rate model's latent at `quality_code` (None: the
+        encoder's), the code its gains scaled it with."""
+        code = self.quality_code if quality_code is None else quality_code
+        return code_plan(self.plan([(y_hat, height, width, code)])[0])
 
     # ------------------------------------------------------------ a stream of images
 
@@ -179,20 +186,21 @@ class Encoder:
         for _, result in self.encode_tagged((None, image) for image in images):
             yield result
 
-    def encode_tagged(self, items: Iterable[tuple[Any, ImageLike | Exception]]
+    def encode_tagged(self, items: Iterable[tuple[Any, ImageLike | Exception]], quality: float | None = None
                       ) -> Iterator[tuple[Any, EncodedImage | Exception]]:
         """(tag, image) pairs -> (tag, EncodedImage or the exception that stopped it), in input
         order. An item may be an exception already (an image its reader could not decode): it
         is passed through in its place. Images are taken `batch_images` at a time; with coding
         threads, a batch is range-coded while the device plans the next one. One bad image
-        fails alone."""
+        fails alone. `quality`: a variable-rate model's, for these images (None: the encoder's)."""
         self.model.check_codable()
+        code = self.quality_code if quality is None else self.model.quality_code(quality)
         pool = ThreadPoolExecutor(self.coding_threads, thread_name_prefix="m2t-code") if self.coding_threads else None
         try:
             waiting: list | None = None  # the previous batch, being coded meanwhile
             for batch in _batches(items, self.batch_images):
                 t0 = time.perf_counter()
-                staged = self._device_stage(batch)
+                staged = self._device_stage(batch, code)
                 self.device_seconds += time.perf_counter() - t0
                 coded = [p if isinstance(p, Exception) else pool.submit(_code_or_error, p) if pool
                          else _code_or_error(p) for p in staged]
@@ -205,7 +213,7 @@ class Encoder:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
-    def _device_stage(self, batch: list[tuple[Any, Any]]) -> list:
+    def _device_stage(self, batch: list[tuple[Any, Any]], code: int | None) -> list:
         """The plans of a batch (with their reconstructions when asked), or each image's error.
         A batch that fails as a whole is redone one image at a time, so the error lands on the
         image that caused it."""
@@ -224,23 +232,23 @@ class Encoder:
             todo.append((n, rgb))
         if len(todo) > 1:
             try:
-                for (n, _), plan in zip(todo, self._plan_images([rgb for _, rgb in todo])):
+                for (n, _), plan in zip(todo, self._plan_images([rgb for _, rgb in todo], code)):
                     staged[n] = plan
                 return staged
             except Exception as exc:  # find the image that failed; the others are coded as usual
                 log.warning("a batch of %d images failed (%s): coding them one at a time", len(todo), exc)
         for n, rgb in todo:
             try:
-                staged[n] = self._plan_images([rgb])[0]
+                staged[n] = self._plan_images([rgb], code)[0]
             except Exception as exc:
                 staged[n] = exc
         return staged
 
     @torch.inference_mode()
-    def _plan_images(self, rgbs: list[np.ndarray]) -> list[CodingPlan]:
+    def _plan_images(self, rgbs: list[np.ndarray], code: int | None) -> list[CodingPlan]:
         model = self.model
-        ys = model.analysis_batch(rgbs, self.batch_images)
-        latents = [(y, rgb.shape[0], rgb.shape[1]) for y, rgb in zip(ys, rgbs)]
+        ys = model.analysis_batch(rgbs, self.batch_images, [code] * len(rgbs))
+        latents = [(y, rgb.shape[0], rgb.shape[1], code) for y, rgb in zip(ys, rgbs)]
         plans = self.plan(latents)
         if self.reconstruct:
             x_hats = model.synthesis_batch(latents, self.batch_images, self.format_version)
@@ -251,9 +259,10 @@ class Encoder:
     # ------------------------------------------------------------ the device stage
 
     @torch.inference_mode()
-    def plan(self, latents: Sequence[tuple[torch.Tensor, int, int]]) -> list[CodingPlan]:
-        """The device stage of encoding: for each (y_hat (C, h, w), H, W), every symbol of every
-        chunk and step with its integer parameters, moved to the CPU for `code_plan`.
+    def plan(self, latents: Sequence[tuple]) -> list[CodingPlan]:
+        """The device stage of encoding: for each (y_hat (C, h, w), H, W) (a variable-rate
+        model's (y_hat, H, W, quality code)), every symbol of every chunk and step with its
+        integer parameters, moved to the CPU for `code_plan`.
 
         The windows of all the images go through the entropy model together, up to
         `windows_per_pass` at a time, each image's chunks whole. M2T's parameters come from
@@ -266,13 +275,15 @@ class Encoder:
         identity = (model.model_id, model.weights_hash(self.format_version))
         plans: list[CodingPlan] = []
         chunks: list[tuple[CodingPlan, int, torch.Tensor, torch.Tensor]] = []
-        for y_hat, H, W in latents:
+        for item in latents:
+            (y_hat, H, W), code = item[:3], (item[3] if len(item) > 3 else self.quality_code)
+            model._check_code(code)
             y_int = y_hat.to(device, torch.int32)
             truth = coding.latent_windows(y_int, ww)  # (nW, L, C) int32
             valid = coding.valid_tokens(y_hat.shape[-2:], ww, device)  # (nW, L)
             starts = coding.chunk_starts(truth.shape[0])
             plan = CodingPlan(*identity, H, W, y_int.cpu(), truth.shape[0], [[] for _ in starts],
-                              self.adaptive_order, device.type == "cuda", version=self.format_version)
+                              self.adaptive_order, device.type == "cuda", version=self.format_version, quality=code)
             plans.append(plan)
             for c, start in enumerate(starts):
                 end = start + bs.CHUNK_WINDOWS
@@ -282,6 +293,7 @@ class Encoder:
             truth = torch.cat([c[2] for c in part])  # (b, L, C)
             keep = torch.cat([c[3] for c in part])  # (b, L)
             bounds = np.cumsum([0] + [c[2].shape[0] for c in part])
+            rate = model.exact_rate([c[0].quality for c in part for _ in range(c[2].shape[0])])
 
             def record(step: int, params: X.IntParams, positions: torch.Tensor) -> torch.Tensor:
                 values = truth.gather(1, positions[..., None].expand(-1, -1, C))  # (b, n_i, C)
@@ -293,11 +305,11 @@ class Encoder:
                 return values
 
             if model.cfg.mode == "m2t":  # every step's parameters from one pass (exact: the same)
-                every = coding.teacher_forced(model.exact, truth)  # (b, L, C, K)
+                every = coding.teacher_forced(model.exact, truth, rate)  # (b, L, C, K)
                 for step, group in enumerate(groups):
                     record(step, every.index((slice(None), group)), group[None].expand(truth.shape[0], -1))
             else:
-                coding.run_steps(model.exact, torch.zeros_like(truth), record, keep, self.adaptive_order)
+                coding.run_steps(model.exact, torch.zeros_like(truth), record, keep, self.adaptive_order, rate)
         return plans
 
 

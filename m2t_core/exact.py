@@ -40,6 +40,7 @@ from torch import nn
 
 from . import intmath
 from . import network as N
+from . import rate as R
 from .config import ModelConfig
 from .entropy_coding import MAX_ABS_SYMBOL, MEAN_STEPS, SCALE_LEVELS, LOGIT_STEPS
 from .network import ACT_MAX, INPUT_EXP, RESIDUAL_MAX, TOKEN_CLAMP, TOKEN_INPUT_SCALE
@@ -115,10 +116,14 @@ class IntParams:
         return IntParams(*(t[valid].reshape(-1, K) for t in (self.mean_q, self.level, self.logit_q)))
 
 
-def head_to_int_params(out: torch.Tensor, C: int, K: int) -> IntParams:
-    """Head output (B, T, 3*C*K) int64 in unit scale -> clamped IntParams (B, T, C, K)."""
+def head_to_int_params(out: torch.Tensor, C: int, K: int, rate=None) -> IntParams:
+    """Head output (B, T, 3*C*K) int64 in unit scale -> clamped IntParams (B, T, C, K); a
+    variable-rate model's means and levels scaled to its windows' gains (rate.ExactRate)."""
     B, T, _ = out.shape
     out = out.view(B, T, C, 3, K)  # (B, T, C, 3, K)
+    if rate is not None:
+        mean, level = rate.scale_params(out[..., 0, :], out[..., 1, :], MEAN_MAX, SCALE_LEVELS)
+        return IntParams(mean, level, out[..., 2, :].clamp(-LOGIT_MAX, LOGIT_MAX))
     return IntParams(
         out[..., 0, :].clamp(-MEAN_MAX, MEAN_MAX),
         out[..., 1, :].clamp(0, SCALE_LEVELS - 1),
@@ -151,6 +156,9 @@ class ExactEntropyModel(nn.Module):
         self.register_buffer("mask_embed", torch.zeros(D, dtype=torch.int64))
         self.register_buffer("pos_target", torch.zeros(L, D, dtype=torch.int64))
         self.register_buffer("pos_input", torch.zeros(L, D, dtype=torch.int64))
+        if cfg.rate_lambdas:  # variable rate (rate.py): log2 gains in 1/256, rate embeddings at the residual exponent
+            self.register_buffer("rate_log2_gain", torch.zeros(len(cfg.rate_lambdas), C, dtype=torch.int64))
+            self.register_buffer("rate_embed", torch.zeros(len(cfg.rate_lambdas), D, dtype=torch.int64))
         names = N.calibrated_activations(cfg)
         self.register_buffer("act_exp", torch.zeros(len(names), dtype=torch.int64))
         self._act_index = {n: i for i, n in enumerate(names)}
@@ -222,6 +230,9 @@ class ExactEntropyModel(nn.Module):
         self.pos_target.copy_(_quantize(params.pos_target.double(), e_r, limit=RESIDUAL_MAX))
         self.pos_input.copy_(_quantize(params.pos_input.double(), e_r, limit=RESIDUAL_MAX))
         self.mask_token.copy_(_quantize(params.mask_token.double(), MASK_EXP, limit=1 << 50))
+        if self.cfg.rate_lambdas:
+            self.rate_log2_gain.copy_(_quantize(params.log2_gain.double(), R.LOG2_FRAC_BITS, limit=R.LOG2_LIMIT))
+            self.rate_embed.copy_(_quantize(params.rate_embed.double(), e_r, limit=RESIDUAL_MAX))
         # embed(mask) from the integer weights (a product computed once, here, and stored:
         # the decoder never recomputes it).
         lin = self.linears["embed"]
@@ -251,15 +262,19 @@ class ExactEntropyModel(nn.Module):
         params.pos_target.copy_(self.pos_target.double() * 2.0 ** -e_r)
         params.pos_input.copy_(self.pos_input.double() * 2.0 ** -e_r)
         params.mask_token.copy_(self.mask_token.double() * 2.0 ** -MASK_EXP)
+        if self.cfg.rate_lambdas:
+            params.log2_gain.copy_(self.rate_log2_gain.double() * 2.0 ** -R.LOG2_FRAC_BITS)
+            params.rate_embed.copy_(self.rate_embed.double() * 2.0 ** -e_r)
 
     @torch.no_grad()
     def calibrate(self, params: N.EntropyParameters, tokens: torch.Tensor,
-                  masked: torch.Tensor | None = None) -> dict[str, float]:
+                  masked: torch.Tensor | None = None, rate=None) -> dict[str, float]:
         """Choose activation exponents from the float network's maxima on `tokens` (B, L, C)
-        (the training distribution, never the evaluation set), then export."""
+        (the training distribution, never the evaluation set; a variable-rate model's with
+        their windows' rate.FloatRate), then export."""
         self.init_exponents(params)  # weights' exponents; activations get replaced below
         observed: dict[str, float] = {}
-        ops = N.FloatOps(params, self.cfg, self.layout, observe=observed)
+        ops = N.FloatOps(params, self.cfg, self.layout, observe=observed, rate=rate)
         if self.cfg.mode == "m2t":
             N.m2t_teacher_forced(ops, tokens)
         else:
@@ -327,8 +342,16 @@ class IntOps:
 
     exact = True
 
-    def __init__(self, model: ExactEntropyModel):
-        self.m, self.cfg, self.layout = model, model.cfg, model.layout
+    def __init__(self, model: ExactEntropyModel, rate=None):
+        """rate: a variable-rate model's rate.ExactRate of the windows (batch rows) it runs."""
+        if bool(model.cfg.rate_lambdas) != (rate is not None):
+            raise ValueError("a variable-rate model needs its windows' qualities (rate.ExactRate), "
+                             "a fixed-rate one none")
+        self.m, self.cfg, self.layout, self.rate = model, model.cfg, model.layout, rate
+
+    def _rate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A variable-rate model's tokens on the input grid (int64): y_hat 2^(4 - v/256)."""
+        return self.rate.tokens_in(tokens, INPUT_EXP, TOKEN_CLAMP << INPUT_EXP)
 
     def linear(self, name: str, x: torch.Tensor, limit: int | None = ACT_MAX) -> torch.Tensor:
         lin = self.m.linears[name]
@@ -337,8 +360,12 @@ class IntOps:
         return out if limit is None else out.clamp(-limit, limit)
 
     def embed(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        u = tokens.to(torch.int64).clamp(-TOKEN_CLAMP, TOKEN_CLAMP) << INPUT_EXP
-        return torch.where(masked[..., None], self.m.mask_embed, self.linear("embed", u, RESIDUAL_MAX))
+        if self.rate is None:
+            u = tokens.to(torch.int64).clamp(-TOKEN_CLAMP, TOKEN_CLAMP) << INPUT_EXP
+        else:
+            u = self._rate_tokens(tokens)
+        x = torch.where(masked[..., None], self.m.mask_embed, self.linear("embed", u, RESIDUAL_MAX))
+        return x if self.rate is None else (x + self.rate.embed.to(x.device)).clamp(-RESIDUAL_MAX, RESIDUAL_MAX)
 
     def pos(self, which: str, idx: torch.Tensor) -> torch.Tensor:
         table = self.m.pos_target if which == "target" else self.m.pos_input
@@ -382,7 +409,7 @@ class IntOps:
         return torch.where(g > intmath.GELU_HALF, g, torch.where(g < -intmath.GELU_HALF, 0, inside))
 
     def head(self, x: torch.Tensor) -> IntParams:
-        return head_to_int_params(self.linear("head", x, limit=None), self.cfg.C, self.cfg.n_mixtures)
+        return head_to_int_params(self.linear("head", x, limit=None), self.cfg.C, self.cfg.n_mixtures, self.rate)
 
     def cache_store(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.int16)
@@ -407,8 +434,8 @@ class Float64Ops(IntOps):
     between int64 and float64 around every product. `tests/test_exact.py` checks it against
     the int64 reference (IntOps) bit for bit."""
 
-    def __init__(self, model: ExactEntropyModel):
-        super().__init__(model)
+    def __init__(self, model: ExactEntropyModel, rate=None):
+        super().__init__(model, rate)
         self._req: dict[str, tuple] = {}
 
     def _requant(self, name: str, device):
@@ -428,9 +455,14 @@ class Float64Ops(IntOps):
         return out if limit is None else out.clamp_(-limit, limit)
 
     def embed(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        u = tokens.to(torch.float64).clamp(-TOKEN_CLAMP, TOKEN_CLAMP) * (1 << INPUT_EXP)
-        return torch.where(masked[..., None], self.m.mask_embed.to(torch.float64),
-                           self.linear("embed", u, RESIDUAL_MAX))
+        if self.rate is None:
+            u = tokens.to(torch.float64).clamp(-TOKEN_CLAMP, TOKEN_CLAMP) * (1 << INPUT_EXP)
+        else:
+            u = self._rate_tokens(tokens).to(torch.float64)
+        x = torch.where(masked[..., None], self.m.mask_embed.to(torch.float64), self.linear("embed", u, RESIDUAL_MAX))
+        if self.rate is None:
+            return x
+        return x.add_(self.rate.embed.to(x.device, torch.float64)).clamp_(-RESIDUAL_MAX, RESIDUAL_MAX)
 
     def pos(self, which: str, idx: torch.Tensor) -> torch.Tensor:
         return super().pos(which, idx).to(torch.float64)
@@ -504,7 +536,8 @@ class Float64Ops(IntOps):
         return self._req[key]
 
     def head(self, x: torch.Tensor) -> IntParams:
-        return head_to_int_params(self.linear("head", x, limit=None).to(torch.int64), self.cfg.C, self.cfg.n_mixtures)
+        return head_to_int_params(self.linear("head", x, limit=None).to(torch.int64), self.cfg.C, self.cfg.n_mixtures,
+                                  self.rate)
 
     def cache_store(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.int16)

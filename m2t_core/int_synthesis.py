@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int8_conv, intmath
+from . import int8_conv, intmath, rate
 from .transforms import ResidualBottleneck, SimplifiedAttention, SubpixelConvTranspose2d, SynthesisTransform
 
 ACT_LIMIT = 32639  # |q| of an activation: its planes (q + 128) // 256 and the rest stay within int8
@@ -525,8 +525,9 @@ class IntOps:
     with `int8`, each convolution runs on the CPU's int8 units where int8_conv finds that
     exact here (the same integers)."""
 
-    def __init__(self, model: IntSynthesis, device: torch.device, int8: bool = True):
-        self.m, self.device = model, device
+    def __init__(self, model: IntSynthesis, device: torch.device, int8: bool = True,
+                 log2_gain: torch.Tensor | None = None):
+        self.m, self.device, self.log2_gain = model, device, log2_gain
         self.int8 = int8 and torch.device(device).type == "cpu" and int8_conv.enabled()
         self.deconvs = sum(1 for s in model.specs if s.upsample > 1)
         self.stage = 0
@@ -536,6 +537,10 @@ class IntOps:
     def enter(self, y: torch.Tensor) -> torch.Tensor:
         self.stage = 0
         e = self.m.exp("stream0")
+        if self.log2_gain is not None:  # a variable-rate latent scaled back, exactly: round(y 2^(e + v/256))
+            v = self.log2_gain.to(self.device)[:, :, None, None]  # (1 or B, C, 1, 1)
+            q = rate.scale_pow2(y.to(self.device, torch.int64).clamp(-(1 << 16), 1 << 16), v, e)
+            return q.clamp_(-ACT_LIMIT, ACT_LIMIT).to(torch.float32).contiguous(memory_format=torch.channels_last)
         y = y.to(self.device, torch.float32).clamp(-ACT_LIMIT, ACT_LIMIT)  # integers (the latent)
         # Channels-last all the way: oneDNN's convolutions are 1.1-2.5x faster on it (same sums).
         return _rescale(y, -e, ACT_LIMIT).contiguous(memory_format=torch.channels_last)
@@ -680,9 +685,11 @@ def to_pixels(q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def synthesize(model: IntSynthesis, y: torch.Tensor, int8: bool = True) -> torch.Tensor:
+def synthesize(model: IntSynthesis, y: torch.Tensor, int8: bool = True,
+               log2_gain: torch.Tensor | None = None) -> torch.Tensor:
     """The integer g_s: y_hat (B, C, h, w) (integers, any dtype) -> uint8 (B, 3, 16h, 16w).
-    int8=False keeps every convolution on the float32 route (benchmarks, tests): the same pixels."""
+    int8=False keeps every convolution on the float32 route (benchmarks, tests): the same pixels.
+    log2_gain (1 or B, C) int64 in 1/256: a variable-rate latent's scale (rate.py), applied exactly."""
     with exact_products():
-        q = forward(IntOps(model, y.device, int8), model.program, y)
+        q = forward(IntOps(model, y.device, int8, log2_gain), model.program, y)
     return to_pixels(q)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from typing import Sequence
 
@@ -29,6 +30,7 @@ from . import coding
 from . import exact as X
 from . import int_synthesis as IS
 from . import network as N
+from . import rate as R
 from .config import ModelConfig
 from .entropy_coding import MAX_ABS_SYMBOL
 from .image_io import ImageLike
@@ -80,10 +82,47 @@ class M2TCodec(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    # ------------------------------------------------------------------ rate
+
+    @property
+    def rate_levels(self) -> int:
+        """K, the trained rate levels of a variable-rate model (rate.py); 0 for a fixed-rate one."""
+        return len(self.cfg.rate_lambdas)
+
+    @property
+    def default_quality(self) -> float | None:
+        """The quality a variable-rate model codes at when none is given: its middle level."""
+        return float((self.rate_levels - 1) // 2 + 1) if self.rate_levels else None
+
+    def quality_code(self, quality: float | None = None) -> int | None:
+        """A quality for this model -> its 16-bit code (rate.quality_code), None for a fixed-rate
+        model; QualityError for a quality out of range or given to a fixed-rate model."""
+        if not self.rate_levels:
+            if quality is not None:
+                raise R.QualityError(f"model {self.model_id!r} has one rate and takes no quality "
+                                     "(a variable-rate model does; or choose the model of another rate)")
+            return None
+        return R.quality_code(self.default_quality if quality is None else quality, self.rate_levels)
+
+    def exact_rate(self, codes) -> "R.ExactRate | None":
+        """The exact entropy model's rate of windows with quality codes (b,) (None: fixed rate)."""
+        if not self.rate_levels:
+            return None
+        return R.ExactRate.of(self.exact, codes)
+
+    def _log2_gains(self, code: int | None) -> torch.Tensor | None:
+        """The exact log2 gains (C,) int64 of a quality code (None: fixed rate)."""
+        if code is None:
+            return None
+        self.sync_exact()
+        return R.interpolate(self.exact.rate_log2_gain, torch.tensor([code]))[0]
+
     # ------------------------------------------------------------------ training
 
-    def forward(self, x: torch.Tensor, mt_mask_range: tuple[float, float] = (0.05, 0.99)) -> dict:
-        """x (B, 3, H, W) in [0, 1], H and W multiples of 16.
+    def forward(self, x: torch.Tensor, mt_mask_range: tuple[float, float] = (0.05, 0.99),
+                quality: torch.Tensor | None = None) -> dict:
+        """x (B, 3, H, W) in [0, 1], H and W multiples of 16; a variable-rate model's `quality`
+        (B,) float in [1, K] per image (rate.py: the latent is scaled by its gains).
 
         Returns x_hat (B, 3, H, W), likelihoods {"y": (B, C, h, w)} and rate_mask
         (B, 1, h, w) bool: the latent positions whose rate counts (all of them for M2T;
@@ -95,6 +134,18 @@ class M2TCodec(nn.Module):
             raise ValueError(f"forward needs H and W multiples of 16, got {tuple(x.shape[-2:])}")
         w = self.cfg.window
         y = self.g_a(x)
+        rate, inverse = None, None
+        if self.rate_levels:
+            if quality is None or quality.shape != (x.shape[0],):
+                raise ValueError("a variable-rate model's forward needs a quality per image, (B,)")
+            v = R.interpolate_float(self.entropy_model.log2_gain, quality.to(x.device))  # (B, C)
+            embed = R.interpolate_float(self.entropy_model.rate_embed, quality.to(x.device))  # (B, D)
+            y = y * torch.exp2(v)[:, :, None, None].to(y.dtype)
+            inverse = torch.exp2(-v)[:, :, None, None]
+            n_w = math.ceil(y.shape[-2] / w) * math.ceil(y.shape[-1] / w)  # windows per image
+            rate = R.FloatRate(v.repeat_interleave(n_w, 0), embed.repeat_interleave(n_w, 0))
+        elif quality is not None:
+            raise ValueError(f"model {self.model_id!r} has one rate and takes no quality")
         y_hat = ste_round(y)
         y32 = y.float()
         y_rate = y32 + torch.empty_like(y32).uniform_(-0.5, 0.5) if self.training else torch.round(y32)
@@ -103,7 +154,7 @@ class M2TCodec(nn.Module):
         ctx = coding.to_windows(coding.pad_latent(y_hat, w), w)  # (B*nW, L, C)
         target = coding.to_windows(coding.pad_latent(y_rate, w), w)  # (B*nW, L, C)
         H2, W2 = valid.shape[-2:]
-        ops = N.FloatOps(self.entropy_model, self.cfg, self.layout, self.exact, quant=self.qat)
+        ops = N.FloatOps(self.entropy_model, self.cfg, self.layout, self.exact, quant=self.qat, rate=rate)
         if self.qat:
             ctx = ctx.float()
         if self.cfg.mode == "m2t":
@@ -119,7 +170,7 @@ class M2TCodec(nn.Module):
             lik = N.mixture_likelihood(target.float(), params32)  # (B*nW, L, C)
         lik = coding.from_windows(lik, B, H2, W2, w)[..., :h, :wd]  # (B, C, h, w)
         return {
-            "x_hat": self.g_s(y_hat),
+            "x_hat": self.g_s(y_hat if inverse is None else y_hat * inverse.to(y_hat.dtype)),
             "likelihoods": {"y": lik},
             "rate_mask": rate_mask[..., :h, :wd] > 0,
         }
@@ -177,11 +228,35 @@ class M2TCodec(nn.Module):
         return self.weights_digest(version)[:8]
 
     def check_header(self, header: bs.Header) -> None:
-        """ModelMismatchError unless this model wrote the stream (name and weights hash)."""
+        """ModelMismatchError unless this model wrote the stream (name and weights hash);
+        BitstreamError unless its quality fits the model (variable-rate models write format 6
+        with a quality in their range, fixed-rate ones earlier formats without)."""
         if header.model_id != self.model_id or header.weights_hash != self.weights_hash(header.version):
             raise bs.ModelMismatchError(
                 f"bitstream was written by model {header.model_id!r} (weights {header.weights_hash.hex()}), "
                 f"not by {self.model_id!r} (weights {self.weights_hash(header.version).hex()})")
+        if (header.quality is None) == bool(self.rate_levels):
+            raise bs.BitstreamError(
+                f"corrupt header: format {header.version} for the {'variable' if self.rate_levels else 'fixed'}"
+                f"-rate model {self.model_id!r}")
+        if header.quality is not None:
+            try:
+                R.check_code(header.quality, self.rate_levels)
+            except R.QualityError as exc:
+                raise bs.BitstreamError(f"corrupt header: {exc}") from None
+
+    def write_version(self, format_version: int | None = None) -> int:
+        """The format this model writes: format 6 for a variable-rate model (it alone holds the
+        quality), else `format_version` (default bitstream.FORMAT_VERSION)."""
+        if self.rate_levels:
+            if format_version not in (None, bs.QUALITY_VERSION):
+                raise ValueError(f"a variable-rate model writes format {bs.QUALITY_VERSION} only, not {format_version}")
+            return bs.QUALITY_VERSION
+        version = bs.FORMAT_VERSION if format_version is None else format_version
+        if version not in bs.WRITABLE_VERSIONS or version >= bs.QUALITY_VERSION:
+            writable = [v for v in bs.WRITABLE_VERSIONS if v < bs.QUALITY_VERSION]
+            raise ValueError(f"format_version must be one of {writable} for a fixed-rate model, got {version!r}")
+        return version
 
     def check_codable(self) -> None:
         if self.training:
@@ -241,82 +316,122 @@ class M2TCodec(nn.Module):
         return observed
 
     @torch.no_grad()
-    def calibrate_exact(self, tokens: torch.Tensor) -> dict[str, float]:
+    def calibrate_exact(self, tokens: torch.Tensor, quality: torch.Tensor | None = None) -> dict[str, float]:
         """Choose the exact model's exponents from latent windows `tokens` (B, L, C) of
-        training images, and export. Returns the observed activation maxima."""
-        observed = self.exact.calibrate(self.entropy_model, tokens)
+        training images (a variable-rate model's at their windows' float qualities (B,)), and
+        export. Returns the observed activation maxima."""
+        rate = None
+        if self.rate_levels:
+            rate = R.FloatRate(R.interpolate_float(self.entropy_model.log2_gain, quality),
+                               R.interpolate_float(self.entropy_model.rate_embed, quality))
+        observed = self.exact.calibrate(self.entropy_model, tokens, rate=rate)
         self._exact_source = self._entropy_fingerprint()
         return observed
 
     # ------------------------------------------------------------------ the transforms, for coding
 
     @torch.inference_mode()
-    def analysis(self, rgb: np.ndarray) -> torch.Tensor:
-        """RGB uint8 (H, W, 3) -> y_hat (C, h, w) rounded and clamped, float32."""
+    def analysis(self, rgb: np.ndarray, quality_code: int | None = None) -> torch.Tensor:
+        """RGB uint8 (H, W, 3) -> y_hat (C, h, w) rounded and clamped, float32 (a variable-rate
+        model's scaled by the gains of `quality_code`, see quality_code())."""
+        return self.quantize(self.latent(rgb), quality_code)
+
+    @torch.inference_mode()
+    def latent(self, rgb: np.ndarray) -> torch.Tensor:
+        """RGB uint8 (H, W, 3) -> g_a's output y (C, h, w), float, before gains and rounding
+        (quantize() makes y_hat of it: an encoder trying several qualities runs g_a once)."""
         from . import tiling  # large images run in overlapping tiles: memory does not grow with them
 
         rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch wants writable memory
         x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
-        y = tiling.analysis(self.g_a, x, run=self._inference_transform("g_a"))
-        return torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
+        return tiling.analysis(self.g_a, x, run=self._inference_transform("g_a"))
 
     @torch.inference_mode()
-    def synthesis(self, y_hat: torch.Tensor, height: int, width: int, version: int = bs.FORMAT_VERSION) -> np.ndarray:
+    def quantize(self, y: torch.Tensor, quality_code: int | None = None) -> torch.Tensor:
+        """g_a's output (C, h, w) -> y_hat: scaled by a variable-rate model's gains, rounded, clamped."""
+        return torch.round(self._gained(y, quality_code)).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
+
+    def _gained(self, y: torch.Tensor, quality_code: int | None) -> torch.Tensor:
+        """g_a's output (..., C, h, w) times a variable-rate model's gains (float: the encoder's
+        choice; the stream carries the rounded result)."""
+        self._check_code(quality_code)
+        if quality_code is None:
+            return y
+        gain = R.gain_float(self._log2_gains(quality_code)).to(y.device, y.dtype)  # (C,)
+        return y * gain[:, None, None]
+
+    def _check_code(self, quality_code: int | None) -> None:
+        if (quality_code is None) != (not self.rate_levels):
+            raise R.QualityError(f"model {self.model_id!r} is variable-rate: it needs a quality" if self.rate_levels
+                                 else f"model {self.model_id!r} has one rate and takes no quality")
+        if quality_code is not None:
+            R.check_code(quality_code, self.rate_levels)
+
+    @torch.inference_mode()
+    def synthesis(self, y_hat: torch.Tensor, height: int, width: int, version: int = bs.FORMAT_VERSION,
+                  quality_code: int | None = None) -> np.ndarray:
         """y_hat (C, h, w) -> RGB uint8 (height, width, 3), in the integer g_s of format
-        `version` (the stream's: int_synthesis)."""
+        `version` (the stream's: int_synthesis); a variable-rate model's latent is first
+        scaled back by the gains of `quality_code`, exactly (rate.scale_pow2)."""
         from . import tiling
 
         x_hat = tiling.synthesis(self.g_s, y_hat[None].to(self.device, torch.float32).contiguous(), height, width,
-                                 run=self._integer_synthesis(version))
+                                 run=self._integer_synthesis(version, quality_code))
         return x_hat.permute(1, 2, 0).cpu().numpy()  # (3, height, width) uint8 -> (height, width, 3)
 
     @torch.inference_mode()
-    def analysis_batch(self, rgbs: Sequence[np.ndarray], batch: int = 0) -> list[torch.Tensor]:
+    def analysis_batch(self, rgbs: Sequence[np.ndarray], batch: int = 0,
+                       quality_codes: Sequence[int | None] | None = None) -> list[torch.Tensor]:
         """analysis() of many RGB images: images of one size go through g_a `batch` at a time
         (0: coding.TRANSFORM_BATCH of the device: 1 on a CPU, where a batch is no faster;
         many on a GPU). Returns y_hat (C, h, w) per image, in order. A batch may change g_a's
         float rounding and so a few latent values (bench/batch_consistency.py); any latent
-        codes and decodes exactly."""
+        codes and decodes exactly. A variable-rate model's `quality_codes`, one per image."""
         from . import tiling
 
         batch = batch or coding.transform_batch(self.device)
+        codes = list(quality_codes) if quality_codes is not None else [None] * len(rgbs)
         out: list[torch.Tensor | None] = [None] * len(rgbs)
         run = self._inference_transform("g_a")
         for idx in _same_size_runs([rgb.shape[:2] for rgb in rgbs], batch):
             x = torch.from_numpy(np.stack([rgbs[i] for i in idx])).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W)
             y = tiling.analysis_batch(self.g_a, x, run=run)
             if y is not None:  # None: a size that runs in tiles, one image at a time
-                y = torch.round(y).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
                 for k, i in enumerate(idx):
-                    out[i] = y[k]
-        return [y if y is not None else self.analysis(rgbs[i]) for i, y in enumerate(out)]
+                    out[i] = torch.round(self._gained(y[k], codes[i])).clamp(-MAX_ABS_SYMBOL, MAX_ABS_SYMBOL)
+        return [y if y is not None else self.analysis(rgbs[i], codes[i]) for i, y in enumerate(out)]
 
     @torch.inference_mode()
-    def synthesis_batch(self, latents: Sequence[tuple[torch.Tensor, int, int]], batch: int = 0,
+    def synthesis_batch(self, latents: Sequence[tuple], batch: int = 0,
                         version: int = bs.FORMAT_VERSION) -> list[np.ndarray]:
-        """synthesis() of many (y_hat (C, h, w), H, W) of one format `version`: latents of one
-        size through g_s `batch` at a time (0: coding.TRANSFORM_BATCH of the device). RGB
-        uint8 (H, W, 3) each."""
+        """synthesis() of many (y_hat (C, h, w), H, W) of one format `version` (a variable-rate
+        model's (y_hat, H, W, quality_code)): latents of one size (and quality) through g_s
+        `batch` at a time (0: coding.TRANSFORM_BATCH of the device). RGB uint8 (H, W, 3) each."""
         from . import tiling
 
         batch = batch or coding.transform_batch(self.device)
-        out: list[np.ndarray | None] = [None] * len(latents)
-        run = self._integer_synthesis(version)
-        for idx in _same_size_runs([(tuple(y.shape), H, W) for y, H, W in latents], batch):
-            _, H, W = latents[idx[0]]
-            y = torch.stack([latents[i][0] for i in idx]).to(self.device, torch.float32)  # (B, C, h, w)
-            x_hat = tiling.synthesis_batch(self.g_s, y, H, W, run=run)
+        items = [(item[0], item[1], item[2], item[3] if len(item) > 3 else None) for item in latents]
+        out: list[np.ndarray | None] = [None] * len(items)
+        for idx in _same_size_runs([(tuple(y.shape), H, W, code) for y, H, W, code in items], batch):
+            _, H, W, code = items[idx[0]]
+            y = torch.stack([items[i][0] for i in idx]).to(self.device, torch.float32)  # (B, C, h, w)
+            x_hat = tiling.synthesis_batch(self.g_s, y, H, W, run=self._integer_synthesis(version, code))
             if x_hat is not None:
                 x_hat = x_hat.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
                 for k, i in enumerate(idx):
                     out[i] = x_hat[k]
-        return [x if x is not None else self.synthesis(*latents[i], version=version) for i, x in enumerate(out)]
+        return [x if x is not None else self.synthesis(*items[i][:3], version=version, quality_code=items[i][3])
+                for i, x in enumerate(out)]
 
-    def _integer_synthesis(self, version: int):
+    def _integer_synthesis(self, version: int, quality_code: int | None = None):
         """The integer g_s of format `version` as a function y_hat (B, C, h, w) -> uint8
-        pixels (B, 3, 16h, 16w)."""
+        pixels (B, 3, 16h, 16w); a variable-rate model's scales its input back by the exact
+        inverse gains of `quality_code`."""
+        self._check_code(quality_code)
         g_s_int = self.int_synthesis(version)
-        return lambda y: IS.synthesize(g_s_int, y)
+        v = self._log2_gains(quality_code)
+        inverse = None if v is None else -v[None]  # (1, C) log2 of the inverse gains, in 1/256
+        return lambda y: IS.synthesize(g_s_int, y, log2_gain=inverse)
 
     def transforms_implementation(self) -> str:
         """How g_a runs here ("frozen" on CPUs unless M2T_EAGER_TRANSFORMS=1, else "eager");
@@ -359,12 +474,13 @@ class M2TCodec(nn.Module):
 
     # ------------------------------------------------------------------ coding, the short way
 
-    def compress(self, images: ImageLike | Sequence[ImageLike], max_pixels: int = bs.DEFAULT_MAX_PIXELS) -> list[bytes]:
+    def compress(self, images: ImageLike | Sequence[ImageLike], max_pixels: int = bs.DEFAULT_MAX_PIXELS,
+                 quality: float | None = None) -> list[bytes]:
         """One image or a batch -> one bitstream per image (encoder.Encoder; the first image
-        that cannot be coded raises)."""
+        that cannot be coded raises); a variable-rate model's at `quality`."""
         from .encoder import Encoder
 
-        encoder = Encoder(self, max_pixels=max_pixels)
+        encoder = Encoder(self, max_pixels=max_pixels, quality=quality)
         return [encoder.encode_image(img).bitstream for img in _as_batch(images)]
 
     def decompress(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS, steps: int | None = None,

@@ -136,6 +136,14 @@ class EntropyParameters(nn.Module):
                 self.linears[layer.name] = nn.Linear(layer.d_in, layer.d_out)
             else:
                 self.norms[layer.name] = nn.LayerNorm(layer.d_in)
+        K = len(cfg.rate_lambdas)
+        if K:  # a variable-rate model (rate.py): per level, log2 gains per channel and a rate embedding
+            lam = torch.tensor(cfg.rate_lambdas, dtype=torch.float64)
+            # Start from the quantiser step a lambda asks for at high rate (step ~ lambda^-1/2),
+            # relative to the middle level; training moves them.
+            start = 0.5 * torch.log2(lam / lam[(K - 1) // 2])
+            self.log2_gain = nn.Parameter(start.float()[:, None].repeat(1, C))  # (K, C)
+            self.rate_embed = nn.Parameter(torch.zeros(K, D))  # (K, D)
 
 
 class SlotLayout:
@@ -260,11 +268,13 @@ class FloatOps:
     exact = False
 
     def __init__(self, params: EntropyParameters, cfg: ModelConfig, layout: SlotLayout, exact_model=None,
-                 quant: bool = False, observe: dict | None = None):
+                 quant: bool = False, observe: dict | None = None, rate=None):
         if quant and exact_model is None:
             raise ValueError("quantisation-aware arithmetic needs the exact model's exponents")
+        if bool(cfg.rate_lambdas) != (rate is not None):
+            raise ValueError("a variable-rate model needs the windows' rates (rate.FloatRate), a fixed-rate one none")
         self.p, self.cfg, self.layout, self.m = params, cfg, layout, exact_model
-        self.quant, self.observe = quant, observe
+        self.quant, self.observe, self.rate = quant, observe, rate
         self.spec = {layer.name: layer for layer in layer_spec(cfg)}
 
     def _watch(self, name: str, x: torch.Tensor) -> None:
@@ -303,9 +313,14 @@ class FloatOps:
         return rounded[0] if len(rounded) == 1 else torch.cat(rounded, dim=-1)
 
     def embed(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        if self.rate is not None:  # the latent at the fixed-rate scale, on the 1/16 input grid
+            tokens = _fq(tokens * torch.exp2(-self.rate.v).to(tokens.dtype), INPUT_EXP, 1 << 30, self.quant)
         held = self.linear("embed", tokens.clamp(-TOKEN_CLAMP, TOKEN_CLAMP), RESIDUAL_MAX)
         mask = self.linear("embed", (self.p.mask_token * TOKEN_INPUT_SCALE).to(tokens.dtype), RESIDUAL_MAX)
         x = torch.where(masked[..., None], mask, held)
+        if self.rate is not None:
+            emb = self.rate.embed
+            x = x + (_fq(emb, self._exp("residual"), RESIDUAL_MAX, True) if self.quant else emb).to(x.dtype)
         self._watch("residual", x)
         return x
 
@@ -363,8 +378,11 @@ class FloatOps:
         level = out[..., 1, :]
         if self.quant:
             level = level + (level.clamp(0, SCALE_LEVELS - 1) - level).detach()
-        return MixtureParams(out[..., 0, :] / MEAN_STEPS, LOG_SCALE_MIN + level * LOG_SCALE_STEP,
-                             out[..., 2, :] / LOGIT_STEPS)
+        means, log_scales = out[..., 0, :] / MEAN_STEPS, LOG_SCALE_MIN + level * LOG_SCALE_STEP
+        if self.rate is not None:  # back to the gained latent's scale (rate.py)
+            v = self.rate.v[..., None].to(out.dtype)  # (b, 1, C, 1)
+            means, log_scales = means * torch.exp2(v), log_scales + v * math.log(2)
+        return MixtureParams(means, log_scales, out[..., 2, :] / LOGIT_STEPS)
 
     def cache_store(self, t):
         return t

@@ -17,6 +17,8 @@ Round-trip tests cannot see a change that encoder and decoder make together; the
   golden-v<N>-<model>@<weights hash>.m2t (golden.json "v<N>_replaced") and must still decode,
   through the stream's own header, to the same latent and pixels: the registry finds the
   replaced weights in weights/previous/. Archives written before a release stay readable.
+* variable-rate models write format 6 (the quality in the header): their golden streams
+  (golden.json "v6", with the quality) are held to the same rules.
 * tests/data/golden-v3-*.m2t (m2t 0.3) still decode to their latent.
 * tests/data/golden-v1-*.m2t and golden-v2-*.m2t are streams of the retired format versions
   1 and 2 (m2t 0.2.0 and earlier): they are refused with an error that names the release
@@ -80,8 +82,9 @@ def test_integer_entropy_coder_output_is_pinned():
 
 
 CURRENT = f"v{FORMAT_VERSION}"
-SHIPPED = sorted(GOLDEN[CURRENT])
-DECODED = [(version, name) for version in ("v4", CURRENT) for name in sorted(GOLDEN[version])]  # exact pixels
+SHIPPED = sorted(GOLDEN[CURRENT])  # the fixed-rate models
+VARIABLE = sorted(GOLDEN.get("v6", {}))  # the variable-rate models (format 6)
+DECODED = [(version, name) for version in ("v4", CURRENT, "v6") for name in sorted(GOLDEN.get(version, {}))]
 RETIRED = [(version, name) for version in ("v1", "v2") for name in sorted(GOLDEN[version])]
 REPLACED = [(version, key) for version in ("v4", CURRENT)  # "<model>@<weights hash>"
             for key in sorted(GOLDEN.get(f"{version}_replaced", {}))]
@@ -93,7 +96,7 @@ def _latent(name: str) -> np.ndarray:
 
 def test_every_shipped_model_has_golden_streams():
     shipped = sorted(p.stem for p in PACKAGE_WEIGHTS.glob("*.safetensors"))
-    assert SHIPPED == shipped and all((DATA / f"golden-{n}.latent.npy").is_file() for n in shipped)
+    assert sorted(SHIPPED + VARIABLE) == shipped and all((DATA / f"golden-{n}.latent.npy").is_file() for n in shipped)
 
 
 def _pixels_sha256(rgb: np.ndarray) -> str:
@@ -135,7 +138,8 @@ def test_a_batch_of_both_formats_decodes_each_with_its_own_arithmetic():
     assert isinstance(got[4], Exception)
 
 
-@pytest.mark.parametrize("version,name", [(v, n) for v in ("v4", CURRENT) for n in ("m2t-small-q2", "mt-small-q2")])
+@pytest.mark.parametrize("version,name", [(v, n) for v in ("v4", CURRENT) for n in ("m2t-small-q2", "mt-small-q2")]
+                         + [("v6", n) for n in VARIABLE])
 def test_golden_pixels_at_any_thread_count_batch_and_tiling(version, name):
     """Pixels are a pure function of the stream: 1, 2 and 4 threads, a batch of streams of
     one size, tiles (a forced small tile plan) and the float32 route instead of the int8
@@ -158,19 +162,29 @@ def test_golden_pixels_at_any_thread_count_batch_and_tiling(version, name):
     with tiling.forced_plan(tiling.TilePlan(tile=2, margin=margin)):  # a 6x9 latent in 2x2 tiles
         assert _pixels_sha256(model.decompress(data)) == want, "in tiles"
     header, y_hat = Decoder(model).decode_latent(data)
-    pixels = IS.synthesize(model.int_synthesis(header.version), y_hat[None].float(), int8=False)  # the float32 route
-    assert _pixels_sha256(model.synthesis(y_hat, header.height, header.width, header.version)) == want
+    quality = header.quality  # a variable-rate model's: its g_s starts from the latent scaled back
+    gains = None if quality is None else -model._log2_gains(quality)[None]
+    pixels = IS.synthesize(model.int_synthesis(header.version), y_hat[None].float(), int8=False,
+                           log2_gain=gains)  # the float32 route
+    assert _pixels_sha256(model.synthesis(y_hat, header.height, header.width, header.version, quality)) == want
     H, W = header.height, header.width
     assert _pixels_sha256(pixels[0, :, :H, :W].permute(1, 2, 0).numpy()) == want, "on the float32 route"
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED + VARIABLE)
 def test_coding_the_golden_latent_gives_the_golden_bytes(name):
     """The current format's bytes, and with format_version=4 exactly what m2t 0.4-0.5 wrote
-    (for their decoders), with the reconstruction of that format's arithmetic."""
+    (for their decoders), with the reconstruction of that format's arithmetic; a
+    variable-rate model's format-6 bytes at its golden quality."""
     model = load_model(name)
     latent = torch.from_numpy(_latent(name).astype(np.float32))
     rgb = golden_image()
+    if name in VARIABLE:
+        quality = GOLDEN["v6"][name]["quality"]
+        encoded = Encoder(model, quality=quality).encode_latent(latent, rgb.shape[0], rgb.shape[1])
+        assert encoded.bitstream == (DATA / f"golden-v6-{name}.m2t").read_bytes()
+        assert read_header(encoded.bitstream).quality == round(quality * 256)
+        return
     encoded = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
     assert encoded.bitstream == (DATA / f"golden-{CURRENT}-{name}.m2t").read_bytes()
     old = Encoder(model, format_version=4).encode_latent(latent, rgb.shape[0], rgb.shape[1])
@@ -224,26 +238,32 @@ def write_golden(names: list[str]) -> None:  # pragma: no cover - run by hand
     version). A model's stream written by other weights is kept as a replaced one."""
     rgb = golden_image()
     manifest = dict(GOLDEN)
-    version = f"v{FORMAT_VERSION}"
     if not names:
-        manifest[version] = {}
-    replaced = manifest.setdefault(f"{version}_replaced", {})
+        manifest[f"v{FORMAT_VERSION}"] = {}
     for name in names or sorted(p.stem for p in PACKAGE_WEIGHTS.glob("*.safetensors")):
         model = load_model(name)
+        version = f"v{model.write_version()}"  # 6 for a variable-rate model
+        manifest.setdefault(version, {})
+        replaced = manifest.setdefault(f"{version}_replaced", {})
         path = DATA / f"golden-{version}-{name}.m2t"
         if names and path.is_file():
             old = read_header(path.read_bytes()).weights_hash.hex()
-            if old == model.weights_hash().hex():
+            if old == model.weights_hash(model.write_version()).hex():
                 raise SystemExit(f"{name}: its golden stream already names the installed weights")
             path.rename(DATA / f"golden-{version}-{name}@{old}.m2t")
             replaced[f"{name}@{old}"] = manifest[version][name]
+        latent_path = DATA / f"golden-{name}.latent.npy"
+        if not latent_path.is_file():  # a new model: its latent of the golden image (at its default quality)
+            np.save(latent_path, model.analysis(rgb, model.quality_code()).to(torch.int32).numpy())
         latent = torch.from_numpy(_latent(name).astype(np.float32))
         enc = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
         path.write_bytes(enc.bitstream)
         manifest[version][name] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4),
                                    "pixels_sha256": _pixels_sha256(model.decompress(enc.bitstream))}
+        if model.rate_levels:
+            manifest[version][name]["quality"] = model.default_quality
+        print(name, json.dumps(manifest[version][name]))
     (DATA / "golden.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(json.dumps({k: manifest[version][k] for k in names} if names else manifest[version], indent=1))
 
 
 if __name__ == "__main__":

@@ -287,7 +287,8 @@ def resolve_models(spec: Any, storage_options) -> list[dict[str, Any]]:
         if name in B.BASELINES:
             raise ConfigError(f"model name {name!r} clashes with a baseline codec's name")
         out.append({"name": name, "source": source, "model_id": model.model_id, "mode": model.cfg.mode,
-                    "weights_sha256": model.weights_digest().hex(), "family": model_family(name)})
+                    "weights_sha256": model.weights_digest().hex(), "family": model_family(name),
+                    "rate_levels": model.rate_levels})
     if len({m["name"] for m in out}) != len(out):
         raise ConfigError("a model is named twice in --models")
     return out
@@ -315,9 +316,12 @@ def plan_units(datasets: list[tuple[str, str]], shards: Mapping[str, list[ShardS
                 for i, m in enumerate(members):
                     digest = _digest({**common, "shard": spec.fingerprint,
                                       "model": {k: m[k] for k in ("name", "model_id", "weights_sha256")}})
-                    point = {"point": m["name"], "index": i, "param": None, "model": m["name"]}
-                    units.append(Unit(name, spec, family, "ours", m["name"], [point], m, digest,
-                                      (10.0 if m["mode"] == "mt" else 4.0) * n))
+                    # A variable-rate model is its own curve: one point per level (param: the quality).
+                    points = ([{"point": f"{m['name']}@{q}", "index": q - 1, "param": float(q), "model": m["name"]}
+                               for q in range(1, m.get("rate_levels", 0) + 1)]
+                              or [{"point": m["name"], "index": i, "param": None, "model": m["name"]}])
+                    units.append(Unit(name, spec, family, "ours", m["name"], points, m, digest,
+                                      (10.0 if m["mode"] == "mt" else 4.0) * n * len(points)))
     return units
 
 
@@ -382,13 +386,15 @@ def _baseline_row(row: dict[str, Any], codec: B.Baseline, rgb: np.ndarray, param
     _fill_metrics(row, rgb, decoded, len(data), job.ms_ssim)
 
 
-def _model_row(row: dict[str, Any], model, rgb: np.ndarray, job) -> None:
+def _model_row(row: dict[str, Any], model, rgb: np.ndarray, job, quality: float | None = None) -> None:
+    """One image through one of our models (a variable-rate model's at `quality`)."""
     from m2t_core import Decoder, Encoder
     from m2t_core import bitstream as bs
 
     try:
         t0 = time.perf_counter()
-        encoded = Encoder(model, max_pixels=job.max_pixels).encode_image(rgb)
+        encoder = Encoder(model, max_pixels=job.max_pixels, quality=quality)
+        encoded = encoder.encode_image(rgb)
         t1 = time.perf_counter()
         decoded = Decoder(model, max_pixels=job.max_pixels).decompress(encoded.bitstream)
         t2 = time.perf_counter()
@@ -401,7 +407,8 @@ def _model_row(row: dict[str, Any], model, rgb: np.ndarray, job) -> None:
     row.update(encode_s=t1 - t0, decode_s=t2 - t1)
     _fill_metrics(row, rgb, decoded, len(encoded.bitstream), job.ms_ssim)
     # The encoder's reconstruction (g_s on the latent it coded), untimed.
-    if not np.array_equal(decoded, model.synthesis(encoded.y_hat.float(), encoded.height, encoded.width)):
+    if not np.array_equal(decoded, model.synthesis(encoded.y_hat.float(), encoded.height, encoded.width,
+                                                   encoder.format_version, encoder.quality_code)):
         row["status"], row["error"] = "mismatch", "the decoded image differs from the encoder's reconstruction"
 
 
@@ -458,7 +465,7 @@ def run_unit(unit: Mapping[str, Any], job: UnitSettings) -> dict[str, Any]:
                 elif codec is not None:
                     _baseline_row(row, codec, rgb, p["param"], job)
                 else:
-                    _model_row(row, model, rgb, job)
+                    _model_row(row, model, rgb, job, p["param"])
             rows.append(row)
     out = A.Archive(job.output, job.storage_options)
     out.write_table(out.path(PARTS_DIR, unit["filename"]), pa.Table.from_pylist(rows, schema=row_schema()))

@@ -90,6 +90,7 @@ class ShardSettings:
     lease_owner: str | None = None  # fencing: a worker writes only while this owner holds the lease
     plan_shard_size: int | None = None  # the shard size the shards were planned with (resume)
     node_id: str | None = None  # the worker's Ray node (recorded in each shard's stats)
+    quality: float | None = None  # a variable-rate model's quality (None: its default; fixed-rate: None)
 
 
 # ====================================================================== one shard (on a worker)
@@ -172,8 +173,11 @@ def _prefetch(items: Iterator[SourceItem], max_pixels: int, depth: int) -> Itera
 
 def settings_of(job: ShardSettings) -> dict[str, Any]:
     """The settings that change an archive's bytes: a resumed run must use the same ones."""
-    return {"model_id": job.model_id, "weights_sha256": job.weights_sha256, "max_pixels": job.max_pixels,
-            "compute_psnr": job.compute_psnr}
+    settings = {"model_id": job.model_id, "weights_sha256": job.weights_sha256, "max_pixels": job.max_pixels,
+                "compute_psnr": job.compute_psnr}
+    if job.quality is not None:  # a variable-rate model's (fixed-rate archives record none, as before)
+        settings["quality"] = job.quality
+    return settings
 
 
 def same_settings(stats: Mapping[str, Any], settings: Mapping[str, Any]) -> bool:
@@ -229,7 +233,7 @@ def compress_shard(model, spec: ShardSpec, job: ShardSettings) -> dict[str, Any]
                   sum_bpp=0.0, sum_psnr=0.0, psnr_images=0, sum_mse=0.0, mse_images=0, model_s=0.0)
     failures: list[dict[str, str]] = []
     encoder = Encoder(model, batch_images=job.batch_images, coding_threads=job.coding_threads,
-                      max_pixels=job.max_pixels, reconstruct=job.compute_psnr)
+                      max_pixels=job.max_pixels, reconstruct=job.compute_psnr, quality=job.quality)
     blob = archive.open_blob(spec.shard)
     try:
         decoded = _prefetch(iter_shard(spec, job.storage_options, job.max_source_bytes), job.max_pixels,
@@ -374,6 +378,11 @@ class CompressJob(Job):
         cfg, archive = self.cfg, self.archive
         # The driver loads the model too: its identity goes into every shard's stats and the manifest.
         self.model = A.open_model(cfg.model, device="cpu", storage_options=cfg.storage_options)
+        try:  # a variable-rate model's quality, resolved (its default made explicit); fixed-rate: none
+            code = self.model.quality_code(cfg.quality)
+        except ValueError as exc:
+            raise ConfigError(f"quality: {exc}") from None
+        quality = None if code is None else code / 256
         shards = plan_shards(cfg.input, cfg.shard_size, cfg.storage_options, cfg.parquet_image_column,
                              cfg.parquet_key_column)
         shards, plan_size = self._spread_small_corpus(shards)
@@ -394,7 +403,8 @@ class CompressJob(Job):
             max_pixels=cfg.max_pixels, compute_psnr=cfg.compute_psnr, batch_images=cfg.batch_images,
             coding_threads=cfg.coding_threads, max_source_bytes=cfg.max_source_bytes, prefetch=cfg.prefetch,
             torch_threads=cfg.torch_threads, cpus_per_actor=cfg.ray.cpus_per_actor,
-            lease_owner=lease.owner, plan_shard_size=plan_size)  # fencing: workers check the owner before commits
+            lease_owner=lease.owner, plan_shard_size=plan_size,  # fencing: workers check the owner before commits
+            quality=quality)
         self.shards, self.planned = shards, {s.shard: s for s in shards}
         completed = archive.completed_shards()
         _check_resume(self.planned, completed, settings_of(self.settings))
@@ -513,7 +523,7 @@ class CompressJob(Job):
             "format": A.ARCHIVE_FORMAT, "archive_version": A.ARCHIVE_VERSION, "created": A.now_iso(),
             "model": {"id": model.model_id, "source": cfg.model, "weights_sha256": self.settings.weights_sha256,
                       "weights_hash": model.weights_hash().hex(), "config": model.cfg.to_dict()},
-            "bitstream_format_version": bitstream.FORMAT_VERSION, "code_version": A.code_version(),
+            "bitstream_format_version": model.write_version(), "code_version": A.code_version(),
             # The streams decode on any machine (exact integer entropy model).
             "portable": True,
             "config": {**cfg.to_dict(), "storage_options": redact(cfg.storage_options)},

@@ -43,6 +43,7 @@ class CompressConfig:
     input: Any = None  # fsspec URL or list: folders / globs of images, .tar shards, .parquet files
     output: Any = None  # archive URL (local folder or s3://bucket/prefix)
     model: str = DEFAULT_MODEL  # registry name, checkpoint path, or fsspec URL of a checkpoint
+    quality: Any = None  # a variable-rate model's quality in [1, K] (null: its middle level); fixed-rate: null
     shard_size: int = 256  # images per shard (image files, Parquet rows); a tar is one shard
     max_pixels: int = 64_000_000  # larger images are refused (status error) before decoding
     max_source_bytes: int = 268_435_456  # larger files are refused before they are read
@@ -75,6 +76,8 @@ class CompressConfig:
                  or (name == "input" and isinstance(value, list) and value and all(isinstance(v, str) for v in value)),
                  f"{name} must be a URL{' or a list of URLs' if name == 'input' else ''}, got {value!r}")
         need(isinstance(self.model, str) and bool(self.model), f"model must be a name, path or URL, got {self.model!r}")
+        need(self.quality is None or (isinstance(self.quality, (int, float)) and not isinstance(self.quality, bool)),
+             f"quality must be a number or null, got {self.quality!r}")
         for name in ("shard_size", "max_pixels", "max_source_bytes", "prefetch"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.max_pixels <= bitstream.DEFAULT_MAX_PIXELS,

@@ -25,9 +25,20 @@ if TYPE_CHECKING:
     from pipeline.training.trainer import TrainConfig
 
 
+RATE_KEYS = frozenset({"entropy_model.log2_gain", "entropy_model.rate_embed",  # a variable-rate model's own
+                       "exact.rate_log2_gain", "exact.rate_embed"})
+
+
 def copy_weights(model: M2TCodec, source: M2TCodec) -> None:
-    """Load `source`'s transforms, float entropy parameters and exact model into `model`."""
-    model.load_state_dict(source.state_dict())
+    """Load `source`'s transforms, float entropy parameters and exact model into `model`. A
+    variable-rate model may start from a fixed-rate one of the same architecture (a warm
+    start): its gains and rate embeddings keep their initial values."""
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or set(missing) - RATE_KEYS or (missing and source.rate_levels):
+        raise ValueError(f"cannot start {model.model_id!r} from {source.model_id!r}: the architectures differ "
+                         f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+    if missing:  # the integers of the new rate tables follow their floats
+        model.exact.export_from(model.entropy_model)
     model.mark_exact_synced()
 
 

@@ -242,6 +242,9 @@ def read_checkpoint(path: Path, what: str) -> Checkpoint:
 def load_candidate(path: Path) -> Checkpoint:
     """The candidate's metadata and model: any error names its path (exit 2)."""
     candidate = read_checkpoint(path, "candidate")
+    if candidate.config.rate_lambdas:
+        raise UsageError(f"{path} is a variable-rate model: this judges a fixed-rate ladder; measure it over its "
+                         "qualities with bench/variable_rate_rd.py (--data ../shared/datasets/val --ladder ...)")
     try:
         candidate.loaded()
     except Exception as exc:

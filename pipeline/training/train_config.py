@@ -197,7 +197,9 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.init_from is not None:
         init_path = _checkpoint_path(cfg.init_from)
         init_cfg = registry.read_metadata(init_path)[1]
-        if init_cfg != model_cfg:
+        # A variable-rate model may start from the fixed-rate model of its architecture (warm start).
+        if init_cfg != model_cfg and not (model_cfg.rate_lambdas and not init_cfg.rate_lambdas
+                                          and init_cfg == model_cfg.replace(rate_lambdas=())):
             raise ConfigError(f"init_from {init_path} has a different architecture than `model`: "
                               f"{init_cfg} vs {model_cfg} (leave `model` out to take the checkpoint's)")
     return dataclasses.replace(

@@ -43,10 +43,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
-from m2t_core import M2TCodec, registry
+from m2t_core import M2TCodec, rate, registry
 from m2t_core.config import ConfigError, ModelConfig, dataclass_from_dict
 from m2t_core.metrics import psnr, psnr_from_mse
 from m2t_core.sysinfo import cpu_flags, cpu_model
@@ -64,17 +63,17 @@ log = logging.getLogger(__name__)
 # ====================================================================== loss, schedules, validation
 
 
-def rate_distortion(out: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bpp, mse) in fp32 from M2TCodec.forward's output; x in [0, 1]."""
+def rate_distortion(out: dict, x: torch.Tensor, per_image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bpp, mse) in fp32 from M2TCodec.forward's output; x in [0, 1]. per_image: each (B,)."""
     lik = out["likelihoods"]["y"].float()  # (B, C, h, w)
     mask = out["rate_mask"]  # (B, 1, h, w) bool: all True for M2T, the masked tokens for MT
     bits = (-torch.log2(lik)).sum(1, keepdim=True)  # (B, 1, h, w) bits per token
-    masked_bits = (bits * mask).sum()
+    masked_bits = (bits * mask).sum((1, 2, 3))  # (B,)
     # MT: scale the masked tokens' bits to all tokens (M2T: factor 1).
-    total_bits = masked_bits * (mask.numel() / mask.sum().clamp_min(1))
-    bpp = total_bits / (x.shape[0] * x.shape[2] * x.shape[3])
-    mse = F.mse_loss(out["x_hat"].float() * 255.0, x * 255.0)
-    return bpp, mse
+    image_bits = masked_bits * (mask.numel() / mask.sum().clamp_min(1))
+    bpp = image_bits / (x.shape[2] * x.shape[3])  # (B,)
+    mse = (out["x_hat"].float() * 255.0 - x * 255.0).square().mean((1, 2, 3))  # (B,)
+    return (bpp, mse) if per_image else (bpp.mean(), mse.mean())
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -100,10 +99,18 @@ def start_qat(model: M2TCodec, x: torch.Tensor) -> None:
 
     was_training = model.training
     model.eval()
-    y = torch.round(model.g_a(x.float()))
+    y = model.g_a(x.float())
+    quality, inverse = None, 1.0
+    if model.rate_levels:  # a variable-rate model's latents at qualities across its range
+        quality = torch.linspace(1, model.rate_levels, x.shape[0], device=x.device)  # (B,)
+        v = rate.interpolate_float(model.entropy_model.log2_gain, quality)[:, :, None, None]  # (B, C, 1, 1)
+        y, inverse = y * torch.exp2(v), torch.exp2(-v)
+    y = torch.round(y)
     tokens = to_windows(pad_latent(y, model.cfg.window), model.cfg.window)  # (B*nW, L, C)
-    model.calibrate_exact(tokens.float())
-    model.calibrate_synthesis([y])  # the integer g_s's exponents, from the same latents
+    if quality is not None:
+        quality = quality.repeat_interleave(tokens.shape[0] // x.shape[0])  # per window
+    model.calibrate_exact(tokens.float(), quality)
+    model.calibrate_synthesis([y * inverse])  # the integer g_s's exponents, from the same latents
     model.train(was_training)
     model.qat = True
 
@@ -392,11 +399,21 @@ def to_input(batch: torch.Tensor, device: torch.device, layout: torch.memory_for
 
 def train_step(net: torch.nn.Module, model: M2TCodec, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                lmbda: float, cfg: TrainConfig, autocast) -> torch.Tensor:
-    """One optimisation step on batch x; returns (loss, bpp, mse), detached, on the device."""
-    with autocast:
-        out = net(x, cfg.mt_mask_range)
-    bpp, mse = rate_distortion(out, x)
-    loss = bpp + lmbda * mse
+    """One optimisation step on batch x; returns (loss, bpp, mse), detached, on the device.
+    A variable-rate model trains every image at its own quality, drawn uniformly from [1, K],
+    with that quality's lambda (rate.lambda_of; `lmbda` is then unused)."""
+    if model.rate_levels:
+        quality = 1 + (model.rate_levels - 1) * torch.rand(x.shape[0], device=x.device)  # (B,)
+        with autocast:
+            out = net(x, cfg.mt_mask_range, quality)
+        bpp_i, mse_i = rate_distortion(out, x, per_image=True)
+        loss = (bpp_i + rate.lambda_of(quality, model.cfg.rate_lambdas) * mse_i).mean()
+        bpp, mse = bpp_i.mean(), mse_i.mean()
+    else:
+        with autocast:
+            out = net(x, cfg.mt_mask_range)
+        bpp, mse = rate_distortion(out, x)
+        loss = bpp + lmbda * mse
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -471,7 +488,9 @@ def export(cfg: TrainConfig, model: M2TCodec, device: torch.device, world: int, 
     val = run_validation(step, exported, exported=True)
     info = {
         "train_data": cfg.train_data, "val_data": cfg.val_data, "crop_size": cfg.crop_size,
-        "steps": step, "batch_size": cfg.batch_size * world, "lambda": cfg.lmbda,
+        "steps": step, "batch_size": cfg.batch_size * world,
+        # A variable-rate model has a lambda per level (its config), none of its own.
+        "lambda": None if model.rate_levels else cfg.lmbda,
         "crops_seen": step * cfg.batch_size * world, "loader": cfg.loader, "channels_last": cfg.channels_last,
         "distortion": "MSE on the 0..255 scale", "lr": cfg.lr, "amp": amp or cfg.amp, "init_from": cfg.init_from,
         "wall_time_s": round(wall_s, 1), "hardware": hardware_name(device, world),
