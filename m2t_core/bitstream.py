@@ -1,6 +1,7 @@
 """The versioned M2T bitstream container (specified in docs/bitstream.md).
 
-Format version 5 (written now; portable, progressive, exact pixels), little-endian:
+Format version 5 (written now by fixed-rate models; portable, progressive, exact pixels;
+version 6 adds the quality of variable-rate models: below), little-endian:
 
     magic            4 bytes  b"M2TC"
     version          u8       5 (or 4, 3)
