@@ -95,6 +95,8 @@ CHUNK_WINDOWS = 64
 
 _FIXED_AFTER_ID = struct.Struct("<8sIIIIIB")  # hash, h, w, len, crcs, num_steps (then the step table)
 _QUALITY = struct.Struct("<H")  # version 6: between the model id and the fixed fields
+QUALITY_FRAC_BITS = 8  # the quality field holds round(Q * 2^8): Q in steps of 1/256 (rate.py)
+QUALITY_ONE = 1 << QUALITY_FRAC_BITS
 _HEADER_CRC = struct.Struct("<I")
 # The fewest bytes any readable stream has (format 3's smallest: magic, version, flags, a 1-byte
 # model id, the fixed fields, a one-chunk step table, the header CRC, one window's payload):
@@ -183,6 +185,11 @@ class Header:
     version: int = FORMAT_VERSION
     piece_crcs: tuple[int, ...] = ()  # version 4 on: piece_checksum per (step, chunk), step-major
     quality: int | None = None  # version 6: the quality code round(Q * 256) (rate.py); None before
+
+    @property
+    def quality_value(self) -> float | None:
+        """The quality Q the stream was coded at (version 6), None before."""
+        return None if self.quality is None else self.quality / QUALITY_ONE
 
     @property
     def padding(self) -> tuple[int, int]:

@@ -55,6 +55,7 @@ def _device(arg: str) -> str:
 
 
 def cmd_encode(args) -> int:
+    from .bitstream import QUALITY_ONE
     from .encoder import Encoder
 
     if args.target_bpp is not None or args.target_psnr is not None:
@@ -79,7 +80,7 @@ def cmd_encode(args) -> int:
 
         line += f", PSNR {psnr(rgb, encoded.x_hat):.2f} dB"
     if encoder.quality_code is not None:
-        line += f", quality {encoder.quality_code / 256:g}"
+        line += f", quality {encoder.quality_code / QUALITY_ONE:g}"
     print(f"{line}, model {model.model_id}, {elapsed:.2f} s (start-up {_startup(t0):.2f} s: torch, model)")
     return 0
 
@@ -193,7 +194,7 @@ def cmd_info(args) -> int:
         ("format version", f"{h.version} ({_VERSION_NOTES.get(h.version, 'unknown')})"),
         ("model", h.model_id if MODEL_NAME_RE.match(h.model_id) else f"{h.model_id!r} (not a valid model name)"),
         ("weights hash", h.weights_hash.hex()),
-        *([("quality", f"{h.quality / 256:g}")] if h.quality is not None else []),
+        *([("quality", f"{h.quality_value:g}")] if h.quality is not None else []),
         ("image size", f"{h.width}x{h.height}"),
         ("padding", f"bottom {pad_b}, right {pad_r}"),
         ("progressive", f"{h.num_steps} steps in {h.num_chunks} chunk(s); the first K steps are the "

@@ -277,7 +277,7 @@ class Encoder:
         chunks: list[tuple[CodingPlan, int, torch.Tensor, torch.Tensor]] = []
         for item in latents:
             (y_hat, H, W), code = item[:3], (item[3] if len(item) > 3 else self.quality_code)
-            model._check_code(code)
+            model.check_quality_code(code)
             y_int = y_hat.to(device, torch.int32)
             truth = coding.latent_windows(y_int, ww)  # (nW, L, C) int32
             valid = coding.valid_tokens(y_hat.shape[-2:], ww, device)  # (nW, L)

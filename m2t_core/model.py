@@ -110,6 +110,11 @@ class M2TCodec(nn.Module):
             return None
         return R.ExactRate.of(self.exact, codes)
 
+    def float_rate(self, quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float (training) log2 gains (n, C) and rate embeddings (n, D) at qualities (n,)."""
+        return (R.interpolate_float(self.entropy_model.log2_gain, quality),
+                R.interpolate_float(self.entropy_model.rate_embed, quality))
+
     def _log2_gains(self, code: int | None) -> torch.Tensor | None:
         """The exact log2 gains (C,) int64 of a quality code (None: fixed rate)."""
         if code is None:
@@ -138,8 +143,7 @@ class M2TCodec(nn.Module):
         if self.rate_levels:
             if quality is None or quality.shape != (x.shape[0],):
                 raise ValueError("a variable-rate model's forward needs a quality per image, (B,)")
-            v = R.interpolate_float(self.entropy_model.log2_gain, quality.to(x.device))  # (B, C)
-            embed = R.interpolate_float(self.entropy_model.rate_embed, quality.to(x.device))  # (B, D)
+            v, embed = self.float_rate(quality.to(x.device))  # (B, C), (B, D)
             y = y * torch.exp2(v)[:, :, None, None].to(y.dtype)
             inverse = torch.exp2(-v)[:, :, None, None]
             n_w = math.ceil(y.shape[-2] / w) * math.ceil(y.shape[-1] / w)  # windows per image
@@ -322,8 +326,7 @@ class M2TCodec(nn.Module):
         export. Returns the observed activation maxima."""
         rate = None
         if self.rate_levels:
-            rate = R.FloatRate(R.interpolate_float(self.entropy_model.log2_gain, quality),
-                               R.interpolate_float(self.entropy_model.rate_embed, quality))
+            rate = R.FloatRate(*self.float_rate(quality))
         observed = self.exact.calibrate(self.entropy_model, tokens, rate=rate)
         self._exact_source = self._entropy_fingerprint()
         return observed
@@ -354,13 +357,15 @@ class M2TCodec(nn.Module):
     def _gained(self, y: torch.Tensor, quality_code: int | None) -> torch.Tensor:
         """g_a's output (..., C, h, w) times a variable-rate model's gains (float: the encoder's
         choice; the stream carries the rounded result)."""
-        self._check_code(quality_code)
+        self.check_quality_code(quality_code)
         if quality_code is None:
             return y
         gain = R.gain_float(self._log2_gains(quality_code)).to(y.device, y.dtype)  # (C,)
         return y * gain[:, None, None]
 
-    def _check_code(self, quality_code: int | None) -> None:
+    def check_quality_code(self, quality_code: int | None) -> None:
+        """QualityError unless `quality_code` fits this model: a code in range for a variable-rate
+        model, None for a fixed-rate one."""
         if (quality_code is None) != (not self.rate_levels):
             raise R.QualityError(f"model {self.model_id!r} is variable-rate: it needs a quality" if self.rate_levels
                                  else f"model {self.model_id!r} has one rate and takes no quality")
@@ -427,7 +432,7 @@ class M2TCodec(nn.Module):
         """The integer g_s of format `version` as a function y_hat (B, C, h, w) -> uint8
         pixels (B, 3, 16h, 16w); a variable-rate model's scales its input back by the exact
         inverse gains of `quality_code`."""
-        self._check_code(quality_code)
+        self.check_quality_code(quality_code)
         g_s_int = self.int_synthesis(version)
         v = self._log2_gains(quality_code)
         inverse = None if v is None else -v[None]  # (1, C) log2 of the inverse gains, in 1/256

@@ -32,9 +32,8 @@ import numpy as np
 import torch
 
 from . import intmath
+from .bitstream import QUALITY_FRAC_BITS, QUALITY_ONE  # the header's scale: Q in steps of 1/256
 
-QUALITY_FRAC_BITS = 8  # Q is coded as round(Q * 256): steps of 1/256
-QUALITY_ONE = 1 << QUALITY_FRAC_BITS
 LOG2_FRAC_BITS = 8  # log2 gains in 1/256 (a factor of 1.0027 a step)
 LOG2_LIMIT = 8 << LOG2_FRAC_BITS  # |log2 gain| <= 8: gains within [1/256, 256]
 POW2_BITS = 30  # 2^(j/256) in 30-bit fixed point
@@ -66,10 +65,6 @@ def check_code(code: int, num_levels: int) -> int:
         raise QualityError(f"quality code {code} is outside the model's range "
                            f"[{QUALITY_ONE}, {num_levels * QUALITY_ONE}]")
     return code
-
-
-def quality_of(code: int) -> float:
-    return code / QUALITY_ONE
 
 
 def _split(codes: torch.Tensor, num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -382,7 +382,7 @@ class CompressJob(Job):
             code = self.model.quality_code(cfg.quality)
         except ValueError as exc:
             raise ConfigError(f"quality: {exc}") from None
-        quality = None if code is None else code / 256
+        quality = None if code is None else code / bitstream.QUALITY_ONE
         shards = plan_shards(cfg.input, cfg.shard_size, cfg.storage_options, cfg.parquet_image_column,
                              cfg.parquet_key_column)
         shards, plan_size = self._spread_small_corpus(shards)

@@ -103,7 +103,7 @@ def start_qat(model: M2TCodec, x: torch.Tensor) -> None:
     quality, inverse = None, 1.0
     if model.rate_levels:  # a variable-rate model's latents at qualities across its range
         quality = torch.linspace(1, model.rate_levels, x.shape[0], device=x.device)  # (B,)
-        v = rate.interpolate_float(model.entropy_model.log2_gain, quality)[:, :, None, None]  # (B, C, 1, 1)
+        v = model.float_rate(quality)[0][:, :, None, None]  # (B, C, 1, 1)
         y, inverse = y * torch.exp2(v), torch.exp2(-v)
     y = torch.round(y)
     tokens = to_windows(pad_latent(y, model.cfg.window), model.cfg.window)  # (B*nW, L, C)
