@@ -419,12 +419,16 @@ class IntOps:
 
 
 def _floor_div_f64(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
-    """floor(a / b) for an integer-valued float64 tensor a and b (a tensor or a Python float,
-    integer-valued, b > 0, |a| < 2^52), exactly: the float quotient can be off by one where it
-    rounds across an integer; two integer-valued comparisons (exact below 2^53) correct it."""
-    q = torch.floor(a / b)
-    q = q - (q * b > a).to(q.dtype)
-    return q + ((q + 1) * b <= a).to(q.dtype)
+    """floor(a / b) for an integer-valued float64 tensor a, |a| < 2^50, and b (a tensor or a
+    Python float) integer-valued, 0 < b < 2^50, exactly, as floor((a + 1/2) / b).
+
+    Why exact: with a = k b + m, 0 <= m < b, the quotient (a + 1/2) / b lies in
+    [k + 1/(2b), k + 1 - 1/(2b)], at least 1/(2b) from either integer. A correctly rounded
+    division, or a product by a rounded reciprocal (torch's route for a scalar divisor),
+    errs by at most 2^-52 (1 + 2^-52) |a + 1/2| / b, below 1/(2b) while |a| < 2^50; a + 1/2 is
+    exact below 2^52. So the floor is k on every CPU and GPU. Every caller's bound is stated
+    where it calls (all below 2^45)."""
+    return torch.add(a, 0.5).div_(b).floor_()
 
 
 class Float64Ops(IntOps):
@@ -506,15 +510,16 @@ class Float64Ops(IntOps):
         # In place on the fresh product (the teacher-forced encoder's (B, h, 256, 256) score
         # tensors are ~13 MB each: every extra pass and allocation shows).
         scores = torch.matmul(q, k.transpose(-1, -2))  # exact, < 2^36
-        scores.mul_(N.attn_multiplier(q.shape[-1])).add_(2.0 ** (shift - 1)).mul_(2.0 ** -shift).floor_()  # < 2^51
-        invalid = None if valid is None else ~valid
-        if invalid is not None:
-            scores.masked_fill_(invalid, -2.0 ** 40)
+        # floor((s m + 2^(shift-1)) / 2^shift) as floor(s (m 2^-shift) + 1/2): m 2^-shift has 15
+        # significant bits, so s (m 2^-shift) = s m 2^-shift exactly (< 2^51 significant), and so is + 1/2.
+        scores.mul_(N.attn_multiplier(q.shape[-1]) * 2.0 ** -shift).add_(0.5).floor_()
+        if valid is not None:
+            scores.masked_fill_(~valid, -2.0 ** 40)
         gap = torch.sub(scores.amax(dim=-1, keepdim=True), scores, out=scores).clamp_(max=intmath.EXP_SIZE - 1)
         table = self._table("exp", q.device)
+        # A masked score's gap is clamped to the table's last entry, which is 0 (checked in _table):
+        # IntOps' zeroing of masked weights is already done, as every row keeps one valid slot (its own).
         e = table.index_select(0, gap.flatten().to(torch.int32)).view(gap.shape)  # (B, h, T, Tk), <= 2^15
-        if invalid is not None:
-            e.masked_fill_(invalid, 0.0)
         num = torch.matmul(e, v)  # exact, < 2^40
         den = e.sum(-1, keepdim=True)
         return _floor_div_f64(2 * num + den, 2 * den)  # round(num / den), halves up
@@ -532,6 +537,8 @@ class Float64Ops(IntOps):
             table = self.m.tables(device)[name].to(torch.float64)
             if name == "gelu" and table[0] != 0:
                 raise ValueError("the GELU table must start at 0 (gelu relies on it)")
+            if name == "exp" and table[-1] != 0:
+                raise ValueError("the exp table must end at 0 (attention's masking relies on it)")
             self._req[key] = table
         return self._req[key]
 

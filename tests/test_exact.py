@@ -278,6 +278,26 @@ def test_float64_elementwise_steps_equal_the_int64_reference_at_their_limits():
         assert torch.equal(fast.layer_norm(name, r.double()).to(torch.int64), ref.layer_norm(name, r)), name
 
 
+def test_float64_floor_division_is_exact_up_to_its_bound():
+    """_floor_div_f64 (floor((a + 1/2) / b) in float64) against Python integers where a
+    division is most likely to round across an integer: exact multiples and their
+    neighbours, odd divisors whose reciprocals round, both signs, up to |a| < 2^50; with a
+    Python float divisor (torch may multiply by its reciprocal) and with a tensor of them."""
+    gen = random.Random(11)
+    divisors = [1, 2, 3, 7, 192, 255, 3 * 2**20 + 1, 2**26 - 5, 2**49 - 1]
+    divisors += [gen.randrange(1, 1 << gen.randrange(2, 50)) for _ in range(40)]
+    for b in divisors:
+        a = []
+        for _ in range(12):
+            k = gen.randrange(-((1 << 50) - 1) // b, ((1 << 50) - 1) // b + 1)
+            a += [v for v in (k * b - 1, k * b, k * b + 1, k * b + b - 1) if abs(v) < 1 << 50]
+        a += [(1 << 50) - 1, -((1 << 50) - 1), 0, -1, 1]
+        want = torch.tensor([v // b for v in a], dtype=torch.float64)
+        x = torch.tensor(a, dtype=torch.float64)
+        assert torch.equal(X._floor_div_f64(x, float(b)), want), b
+        assert torch.equal(X._floor_div_f64(x, torch.full_like(x, float(b))), want), b
+
+
 @pytest.mark.parametrize("name", ["tiny-mt", "mt-small-q2"])
 def test_mt_step_equals_the_full_pass_at_its_positions(name):
     """An MT decoding step runs the head on its own group's positions only; the parameters

@@ -108,6 +108,33 @@ def test_kernels_without_vnni_are_refused_and_pixels_stay_exact():
     assert out == ["False", "False", "0", "2", "off"]
 
 
+PLANE_PACK_CHECK = (
+    "import torch\n"
+    "from m2t_core import int8_conv\n"
+    "x = torch.arange(-32639, 32640, dtype=torch.float32)\n"
+    "x = torch.cat([x, x.flip(0), torch.zeros(27)]).view(1, 7, -1, 5).contiguous(memory_format=torch.channels_last)\n"
+    "out = torch.empty((2,) + tuple(x.shape[1:]), dtype=torch.uint8, memory_format=torch.channels_last)\n"
+    "int8_conv.plane_pack(x, out)\n"
+    "v = x.to(torch.int64) + 128\n"
+    "hi, lo = torch.div(v, 256, rounding_mode='floor'), torch.remainder(v, 256)\n"
+    "print(torch.equal(out[0].long(), hi[0] + 128) and torch.equal(out[1].long(), lo[0]), "
+    "torch.backends.cpu.get_cpu_capability())\n"
+)
+
+
+@pytest.mark.parametrize("capability", [None, "default", "avx2"])
+def test_activation_planes_are_the_bytes_of_every_value(capability):
+    """plane_pack against integer arithmetic over the whole activation range, with ATen's
+    vector kernels of this CPU and forced down to AVX2 and to none (the integer conversions
+    it relies on are chosen per capability)."""
+    env = dict(os.environ)
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    out = subprocess.run([sys.executable, "-c", PLANE_PACK_CHECK], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    assert out[0] == "True", out
+
+
 def test_weights_within_int8_are_one_plane():
     w = torch.zeros(4, 8, 3, 3, dtype=torch.int32)
     w[0, 0, 0, 0], w[1, 0, 0, 0] = 127, -127

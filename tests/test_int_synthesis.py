@@ -181,3 +181,22 @@ def test_checkpoints_leave_out_the_integer_weights_the_float_g_s_gives_back(tmp_
     assert full.weights_hash(4) == model.weights_hash(4) != slim.weights_hash(4)
     # Format 5 decodes with integer-v2, derived from the float g_s (the nudged integer is not in it).
     assert full.weights_hash(5) == model.weights_hash(5) == slim.weights_hash(5)
+
+
+def test_integer_v2_keeps_its_prepared_convolutions_between_decodes():
+    """The integer-v2 g_s is derived inside synthesis (under inference mode); its buffers must
+    still carry version counters, so each convolution's prepared weights and rescaling terms
+    (oneDNN's packed planes, Rescale) are made once, not again for every image; and they are
+    made again when the float g_s changes."""
+    model = copy.deepcopy(load_model("m2t-small-q3"))
+    y = torch.round(torch.randn(model.cfg.C, 2, 3, generator=torch.Generator().manual_seed(4)) * 4)
+    first = model.synthesis(y, 32, 48, 5)
+    v2 = model.int_synthesis(5)
+    name = v2.specs[0].name
+    assert not v2.conv(name).weight.is_inference()
+    prepared = v2.conv(name)._carriers[torch.device("cpu")][1]
+    assert np.array_equal(model.synthesis(y, 32, 48, 5), first)
+    assert model.int_synthesis(5) is v2 and v2.conv(name)._carriers[torch.device("cpu")][1] is prepared
+    with torch.no_grad():
+        model.g_s.layers[0].trunk[0].body[0].weight.mul_(0.5)
+    assert model.int_synthesis(5) is not v2

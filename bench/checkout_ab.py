@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Two checkouts of m2t against each other, on the same images, interleaved (a benchmark).
+
+    git worktree add /tmp/m2t-base main               # the "before" (any commit)
+    python bench/checkout_ab.py --base /tmp/m2t-base  # this checkout is the "after"
+    python bench/checkout_ab.py --base /tmp/m2t-base --threads 2 --rounds 9 --images kodim01.png,kodim13.png
+
+For a change to the hot path that must not change any byte or pixel. Each round runs one
+fresh process per checkout, base first and then this one, alternating; each process loads
+the model by name from its own checkout, codes every image once to warm up and then times
+per image, each the median of --repeats calls:
+
+* encode: `Encoder(model).encode_image(rgb)` (g_a, the exact entropy model, range coding);
+* decode_latent: `Decoder.decode_latent(stream)` (the entropy model's steps, range decoding);
+* g_s: `model.synthesis(y_hat, H, W, version)`, the stream's integer synthesis;
+* decompress: `Decoder.decompress(stream)`, the whole decode.
+
+The figures are the medians over rounds: this VM's speed drifts by up to +-20 % over
+minutes, and alternating processes spreads the drift over both checkouts. The streams and the
+decoded pixels of both checkouts must be identical (SHA-256 compared; the benchmark stops
+otherwise), since the two checkouts must agree on what they compute. Writes OUT.json and
+OUT.md (default bench/results/checkout_ab_t<threads>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("encode", "decode_latent", "g_s", "decompress")
+
+
+def worker(tree: Path, model_name: str, paths: list[str], threads: int, repeats: int) -> dict:
+    """In a process of its own: time the stages of checkout `tree` on each image."""
+    sys.path.insert(0, str(tree))  # before the installed (editable) m2t
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    import m2t_core
+    from m2t_core import Decoder, Encoder, load_model
+    from m2t_core.image_io import load_image
+
+    if Path(m2t_core.__file__).resolve().parents[1] != tree.resolve():
+        raise RuntimeError(f"imported {m2t_core.__file__}, not the checkout {tree}")
+    model = load_model(model_name)
+    out = {}
+    for path in paths:
+        rgb = load_image(path)
+        H, W = rgb.shape[:2]
+        encoder, decoder = Encoder(model), Decoder(model)
+        stream = encoder.encode_image(rgb).bitstream
+        header, y_hat = decoder.decode_latent(stream)
+        pixels = decoder.decompress(stream)
+        work = {"encode": lambda: encoder.encode_image(rgb), "decode_latent": lambda: decoder.decode_latent(stream),
+                "g_s": lambda: model.synthesis(y_hat, H, W, header.version),
+                "decompress": lambda: decoder.decompress(stream)}
+        times = {}
+        for stage, call in work.items():
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                call()
+                runs.append(time.perf_counter() - t0)
+            times[stage] = statistics.median(runs)
+        out[Path(path).name] = {"median_s": times, "stream_sha256": hashlib.sha256(stream).hexdigest(),
+                                "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}
+    return out
+
+
+def _run_worker(tree: Path, args, paths: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(tree), "--model", args.model,
+           "--threads", str(args.threads), "--repeats", str(args.repeats), "--paths", json.dumps(paths)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the worker for {tree} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _git(tree: Path, *cmd: str) -> str:
+    done = subprocess.run(["git", "-C", str(tree), *cmd], capture_output=True, text=True, timeout=30)
+    return done.stdout.strip() if done.returncode == 0 else "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from _common import DEFAULT_DATA, load_avg, markdown_table, write_report
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, help="the checkout to compare against (before)")
+    ap.add_argument("--model", default="m2t-small-q3")
+    ap.add_argument("--kodak", type=Path, default=DEFAULT_DATA / "kodak")
+    ap.add_argument("--images", default="kodim01.png,kodim13.png", help="comma-separated file names in --kodak")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5, help="processes per checkout, alternating")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per stage in each process")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--paths", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, json.loads(args.paths), args.threads, args.repeats)))
+        return 0
+    if args.base is None or not (args.base / "m2t_core").is_dir():
+        ap.error("--base must be a checkout of m2t (a folder with m2t_core/)")
+    paths = [str(args.kodak / name) for name in args.images.split(",")]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        ap.error(f"no such image: {missing}")
+    trees = {"base": args.base.resolve(), "this": REPO}
+    runs: dict[str, list[dict]] = {"base": [], "this": []}
+    for r in range(args.rounds):
+        for side, tree in trees.items():
+            runs[side].append(_run_worker(tree, args, paths))
+            last = runs[side][-1]
+            done = ", ".join(f"{img} decompress {v['median_s']['decompress']:.3f} s" for img, v in last.items())
+            print(f"round {r + 1}/{args.rounds} {side}: {done}", flush=True)
+    results, rows = {}, []
+    for img in (Path(p).name for p in paths):
+        for key in ("stream_sha256", "pixels_sha256"):
+            seen = {run[img][key] for side in runs for run in runs[side]}
+            if len(seen) != 1:
+                raise SystemExit(f"{img}: the checkouts disagree on {key.split('_')[0]}: {sorted(seen)}")
+        med = {side: {s: statistics.median(run[img]["median_s"][s] for run in runs[side]) for s in STAGES}
+               for side in runs}
+        results[img] = {"median_s": med, "speedup": {s: med["base"][s] / med["this"][s] for s in STAGES},
+                        "runs": {side: [run[img]["median_s"] for run in runs[side]] for side in runs},
+                        "stream_sha256": runs["this"][0][img]["stream_sha256"],
+                        "pixels_sha256": runs["this"][0][img]["pixels_sha256"]}
+        rows += [[img, s, f"{med['base'][s]:.3f}", f"{med['this'][s]:.3f}", f"{med['base'][s] / med['this'][s]:.2f}x"]
+                 for s in STAGES]
+    from m2t_core.sysinfo import cpu_model
+
+    commits = {side: _git(tree, "rev-parse", "--short", "HEAD")
+               + ("+changes" if _git(tree, "status", "--porcelain", "--", "m2t_core") else "")
+               for side, tree in trees.items()}
+    header = (f"m2t {commits['base']} (base) against {commits['this']} (this), {args.model}, {args.threads} "
+              f"thread(s), {cpu_model()}; medians of {args.rounds} alternating processes, each the median of "
+              f"{args.repeats} calls; the same streams and pixels in both\n\n")
+    table = markdown_table(["image", "stage", "base, s", "this, s", "speed-up"], rows)
+    report = {"benchmark": "checkout_ab", "command": " ".join(["bench/checkout_ab.py"] + (argv or sys.argv[1:])),
+              "commits": commits, "model": args.model, "threads": args.threads, "rounds": args.rounds,
+              "repeats": args.repeats, "machine": {"cpu": cpu_model()}, "load_average_after": load_avg(),
+              "images": results}
+    write_report(args.out or REPO / "bench" / "results" / f"checkout_ab_t{args.threads}.json", report,
+                 header + "\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
