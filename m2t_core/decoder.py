@@ -23,7 +23,7 @@ from . import bitstream as bs
 from . import coding
 from . import exact as X
 from .entropy_coding import MAX_ABS_SYMBOL, MEAN_STEPS, SymbolDecoder, mixture_mean_q, snap_integer
-from .model import M2TCodec
+from .model import M2TCodec, weights_fixed
 
 
 class PartialStreamWarning(UserWarning):
@@ -74,6 +74,7 @@ class Decoder:
         return header, payload
 
     @torch.inference_mode()
+    @weights_fixed
     def decode_latent(self, data: bytes) -> tuple[bs.Header, torch.Tensor]:
         """Entropy-decode y_hat (C, h, w) of a whole stream and check it against the header's
         latent checksum."""
@@ -82,6 +83,7 @@ class Decoder:
         return header, coding.checked_latent(header, y_hat)
 
     @torch.inference_mode()
+    @weights_fixed
     def decode_latents(self, streams: Sequence[bytes]) -> list:
         """decode_latent() of many whole streams, with the windows of many images in each
         transformer step (up to `windows_per_pass`). Returns, per stream in order, (header,
@@ -223,6 +225,7 @@ class Decoder:
     # ------------------------------------------------------------ pixels
 
     @torch.inference_mode()
+    @weights_fixed
     def preview(self, data: bytes, steps: int | None = None, max_bytes: int | None = None) -> Preview:
         """Decode the first `steps` coding steps (all of them by default), reading at most
         `max_bytes` of the stream: as many complete steps as fit. `data` may be a prefix of
@@ -249,6 +252,7 @@ class Decoder:
                        bytes_read=header.step_ends[k - 1] if k else header.size, total_bytes=header.step_ends[-1])
 
     @torch.inference_mode()
+    @weights_fixed
     def decompress(self, data: bytes, steps: int | None = None, max_bytes: int | None = None) -> np.ndarray:
         """Decode a bitstream to RGB uint8 (H, W, 3).
 
@@ -270,6 +274,7 @@ class Decoder:
         return self.model.synthesis(y_hat, header.height, header.width, header.version, header.quality)
 
     @torch.inference_mode()
+    @weights_fixed
     def decompress_many(self, streams: Sequence[bytes]) -> list:
         """decompress() of many whole streams, batched on the device: the entropy model over
         the windows of many images per step (`decode_latents`), then g_s `batch_images`

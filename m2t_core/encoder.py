@@ -31,7 +31,7 @@ from . import coding
 from . import exact as X
 from .entropy_coding import SymbolEncoder, snap_integer
 from .image_io import ImageLike, to_rgb_array
-from .model import M2TCodec
+from .model import M2TCodec, weights_fixed
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,7 @@ class Encoder:
     # ------------------------------------------------------------ the device stage
 
     @torch.inference_mode()
+    @weights_fixed
     def plan(self, latents: Sequence[tuple]) -> list[CodingPlan]:
         """The device stage of encoding: for each (y_hat (C, h, w), H, W) (a variable-rate
         model's (y_hat, H, W, quality code)), every symbol of every chunk and step with its

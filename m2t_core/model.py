@@ -15,9 +15,12 @@ g_a stays float: the latent is whatever g_a produced, and the stream carries it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
+import threading
 import warnings
 from typing import Sequence
 
@@ -66,6 +69,7 @@ class M2TCodec(nn.Module):
             self.g_s_int.export_from(self.g_s)
         self.qat = False  # training: quantisation-aware forward through the exact model's grid
         self._digest_cache: tuple[tuple, bytes] | None = None
+        self._fixed: dict[int, list] = {}  # thread id -> [depth, memo] inside weights_fixed()
         self._exact_source = self._entropy_fingerprint()
         self._synthesis_source = self._synthesis_fingerprint()
         self._frozen: dict[str, tuple] = {}  # CPU inference forms of g_a (transforms.FROZEN_TRANSFORMS)
@@ -73,9 +77,10 @@ class M2TCodec(nn.Module):
 
     def __getstate__(self):
         """Copies and pickles leave the frozen TorchScript forms of the transforms behind
-        (TorchScript modules do not pickle); they are rebuilt on first use."""
+        (TorchScript modules do not pickle), and any fingerprints of a weights_fixed() block;
+        they are rebuilt on first use."""
         state = dict(self.__dict__)
-        state["_frozen"] = {}
+        state["_frozen"], state["_fixed"] = {}, {}
         return state
 
     @property
@@ -194,8 +199,10 @@ class M2TCodec(nn.Module):
         model's integers and the integer g_s of the stream's format (4: integer-v1, 5:
         integer-v2; the float entropy parameters only feed those). Format 3 streams name the
         model without the integer g_s."""
-        prefixes = ("g_a.", "g_s.", "exact.") + (("g_s_int.",) if version == 4 else ())
-        state = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        names = ("g_a", "g_s", "exact") + (("g_s_int",) if version == 4 else ())
+        state = {}
+        for name in names:  # the submodules' state dicts: the model's, without the parts not hashed
+            state.update(getattr(self, name).state_dict(prefix=f"{name}."))
         if version >= 5:  # the integer-v2 g_s, derived (never stored): named for what it decodes
             state.update({f"g_s_int_v2.{k}": v for k, v in self.int_synthesis(version).state_dict().items()})
         return state
@@ -205,15 +212,15 @@ class M2TCodec(nn.Module):
         bytes for float tensors, little-endian int64 bytes for integer ones): the model's
         identity, written (its first 8 bytes) into every bitstream."""
         self.sync_exact()  # the integers follow the float weights (training, edits)
-        state = self._hashed_state(version)
         # A cheap fingerprint decides whether the SHA-256 must be recomputed. Storage address
         # and version counter miss edits through `.data` and dtype round trips, so an exact
         # integer sum of every tensor's bits is part of it too (~5 ms for 4M parameters).
-        fingerprint = tuple(
-            (k, t.dtype, tuple(t.shape), t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in state.items()
-        )
+        fingerprint = self._fingerprint(("digest", version), lambda: tuple(
+            (k, t.dtype, tuple(t.shape), t.data_ptr(), _changes(t), _bit_sum(t))
+            for k, t in self._hashed_state(version).items()))
         if self._digest_cache is not None and self._digest_cache[0] == (version, fingerprint):
             return self._digest_cache[1]
+        state = self._hashed_state(version)
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
         for name in sorted(state):
             t = state[name].detach().cpu().contiguous()
@@ -268,11 +275,43 @@ class M2TCodec(nn.Module):
 
     # ------------------------------------------------------------------ the exact model
 
+    @contextlib.contextmanager
+    def weights_fixed(self):
+        """A block of this thread in which the weights do not change (one coding call: the
+        decoder's and the encoder's entry points): the fingerprints that sync_exact and
+        weights_digest compare (a sum over every weight's bits, ~25 ms per image in all) are
+        taken once in it instead of at every check. Nested blocks share the outermost's."""
+        me = threading.get_ident()
+        entry = self._fixed.setdefault(me, [0, {}])
+        entry[0] += 1
+        try:
+            yield
+        finally:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del self._fixed[me]
+
+    def _forget_fingerprints(self) -> None:
+        """Weights are being changed on purpose (calibration, loading): no block's memo holds."""
+        entry = self._fixed.get(threading.get_ident())
+        if entry is not None:
+            entry[1].clear()
+
+    def _fingerprint(self, key, compute) -> tuple:
+        entry = self._fixed.get(threading.get_ident())
+        if entry is None:
+            return compute()
+        if key not in entry[1]:
+            entry[1][key] = compute()
+        return entry[1][key]
+
     def _entropy_fingerprint(self) -> tuple:
-        return tuple((k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.entropy_model.state_dict().items())
+        return self._fingerprint("entropy", lambda: tuple(
+            (k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.entropy_model.state_dict().items()))
 
     def _synthesis_fingerprint(self) -> tuple:
-        return tuple((k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.g_s.state_dict().items())
+        return self._fingerprint("synthesis", lambda: tuple(
+            (k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.g_s.state_dict().items()))
 
     def sync_exact(self) -> None:
         """Re-export the exact entropy model and the integer g_s if their float weights changed
@@ -294,8 +333,9 @@ class M2TCodec(nn.Module):
         if version < 5:
             return self.g_s_int
         v1 = self.g_s_int
-        sources = (self._synthesis_source, _bit_sum(v1.act_exp),
-                   tuple(_bit_sum(t) for t in v1.conv(v1.pixel_conv).state_dict().values()))
+        sources = self._fingerprint("integer-v2", lambda: (
+            self._synthesis_source, _bit_sum(v1.act_exp),
+            tuple(_bit_sum(t) for t in v1.conv(v1.pixel_conv).state_dict().values())))
         if self._v2 is None or self._v2[0] != sources:
             # Derived outside inference mode (synthesis runs under it): inference tensors keep
             # no version counter, and IntConv caches nothing for them, so every decode would
@@ -307,6 +347,7 @@ class M2TCodec(nn.Module):
 
     def mark_exact_synced(self) -> None:
         """The float weights and the integer models were just set consistently (a checkpoint)."""
+        self._forget_fingerprints()
         self._exact_source = self._entropy_fingerprint()
         self._synthesis_source = self._synthesis_fingerprint()
 
@@ -320,6 +361,7 @@ class M2TCodec(nn.Module):
             observed = self.g_s_int.calibrate(self.g_s, [y.to(self.device) for y in latents])
         finally:
             self.g_s.train(was_training)
+        self._forget_fingerprints()
         self._synthesis_source = self._synthesis_fingerprint()
         return observed
 
@@ -332,6 +374,7 @@ class M2TCodec(nn.Module):
         if self.rate_levels:
             rate = R.FloatRate(*self.float_rate(quality))
         observed = self.exact.calibrate(self.entropy_model, tokens, rate=rate)
+        self._forget_fingerprints()
         self._exact_source = self._entropy_fingerprint()
         return observed
 
@@ -519,6 +562,15 @@ def numerics_environment(device: torch.device | str = "cpu", transforms: str | N
 
         env["cpu"] = cpu_model()
     return env
+
+
+def weights_fixed(method):
+    """A coder's method (Encoder, Decoder: self.model) run in self.model.weights_fixed()."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.model.weights_fixed():
+            return method(self, *args, **kwargs)
+    return run
 
 
 def _same_size_runs(sizes: Sequence, batch: int) -> list[list[int]]:

@@ -411,6 +411,41 @@ def test_weights_hash_is_never_stale(change):
     assert a.weights_hash() == _fresh_hash(a), f"stale weights hash after {change}"
 
 
+def test_a_coding_call_fingerprints_the_weights_once_and_only_for_itself(monkeypatch):
+    """Inside weights_fixed() (every Encoder / Decoder entry point) the weights' bit sums are
+    taken once per part, however often the call checks them; after the block, or on another
+    thread, a change made even through `.data` is seen again."""
+    import threading
+
+    from m2t_core import model as M
+
+    a = build_model(tiny_config("m2t"), seed=0)
+    stream = Encoder(a).encode_image(random_image(32, 48, seed=1)).bitstream
+    counted = []
+    bit_sum = M._bit_sum
+    monkeypatch.setattr(M, "_bit_sum", lambda t: counted.append(1) or bit_sum(t))
+    Decoder(a).decompress(stream)  # derives integer-v2 and its fingerprints once
+    counted.clear()
+    with a.weights_fixed():
+        a.weights_hash()
+        once = len(counted)
+        for _ in range(3):
+            a.sync_exact()
+            a.weights_hash()
+            Decoder(a).decompress(stream)  # nested blocks share the outer one's fingerprints
+        assert len(counted) == once > 0
+        seen_elsewhere = []
+        worker = threading.Thread(target=lambda: (a.weights_hash(), seen_elsewhere.append(len(counted))))
+        worker.start()
+        worker.join()
+        assert seen_elsewhere[0] > once  # another thread takes its own
+    before = a.weights_hash()
+    a.g_a.layers[0].bias.data[0] += 1.0  # no version bump
+    assert a.weights_hash() != before
+    with pytest.raises(bs.ModelMismatchError):
+        Decoder(a).decompress(stream)
+
+
 # ----------------------------------------------------------------------------- decoder numerics
 
 
