@@ -167,12 +167,12 @@ def load_avg() -> list[float] | None:
         return None
 
 
-def code_state(paths: tuple[str, ...] = ("m2t_core", "pipeline", "bench")) -> dict:
-    """The git commit, and which files under `paths` differ from it: figures taken on a
-    working tree with uncommitted changes say so."""
+def code_state(paths: tuple[str, ...] = ("m2t_core", "pipeline", "bench"), repo: Path = REPO) -> dict:
+    """The git commit of `repo` (this checkout by default), and which files under `paths`
+    differ from it: figures taken on a working tree with uncommitted changes say so."""
     def git(*cmd: str) -> str | None:
         try:
-            r = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, timeout=10)
+            r = subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
         return r.stdout if r.returncode == 0 else None

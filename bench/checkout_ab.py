@@ -86,13 +86,8 @@ def _run_worker(tree: Path, args, paths: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _git(tree: Path, *cmd: str) -> str:
-    done = subprocess.run(["git", "-C", str(tree), *cmd], capture_output=True, text=True, timeout=30)
-    return done.stdout.strip() if done.returncode == 0 else "?"
-
-
 def main(argv: list[str] | None = None) -> int:
-    from _common import DEFAULT_DATA, load_avg, markdown_table, write_report
+    from _common import DEFAULT_DATA, code_state, load_avg, markdown_table, write_report
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, help="the checkout to compare against (before)")
@@ -139,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                  for s in STAGES]
     from m2t_core.sysinfo import cpu_model
 
-    commits = {side: _git(tree, "rev-parse", "--short", "HEAD")
-               + ("+changes" if _git(tree, "status", "--porcelain", "--", "m2t_core") else "")
-               for side, tree in trees.items()}
+    states = {side: code_state(("m2t_core",), tree) for side, tree in trees.items()}
+    commits = {side: (st["git_commit"] or "?")[:7] + ("+changes" if st["uncommitted"] else "")
+               for side, st in states.items()}
     header = (f"m2t {commits['base']} (base) against {commits['this']} (this), {args.model}, {args.threads} "
               f"thread(s), {cpu_model()}; medians of {args.rounds} alternating processes, each the median of "
               f"{args.repeats} calls; the same streams and pixels in both\n\n")

@@ -212,15 +212,18 @@ class M2TCodec(nn.Module):
         bytes for float tensors, little-endian int64 bytes for integer ones): the model's
         identity, written (its first 8 bytes) into every bitstream."""
         self.sync_exact()  # the integers follow the float weights (training, edits)
+        return self._once_per_block(("digest", version), lambda: self._digest(version))
+
+    def _digest(self, version: int) -> bytes:
+        state = self._hashed_state(version)
         # A cheap fingerprint decides whether the SHA-256 must be recomputed. Storage address
         # and version counter miss edits through `.data` and dtype round trips, so an exact
         # integer sum of every tensor's bits is part of it too (~5 ms for 4M parameters).
-        fingerprint = self._fingerprint(("digest", version), lambda: tuple(
-            (k, t.dtype, tuple(t.shape), t.data_ptr(), _changes(t), _bit_sum(t))
-            for k, t in self._hashed_state(version).items()))
+        fingerprint = tuple(
+            (k, t.dtype, tuple(t.shape), t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in state.items()
+        )
         if self._digest_cache is not None and self._digest_cache[0] == (version, fingerprint):
             return self._digest_cache[1]
-        state = self._hashed_state(version)
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
         for name in sorted(state):
             t = state[name].detach().cpu().contiguous()
@@ -278,9 +281,9 @@ class M2TCodec(nn.Module):
     @contextlib.contextmanager
     def weights_fixed(self):
         """A block of this thread in which the weights do not change (one coding call: the
-        decoder's and the encoder's entry points): the fingerprints that sync_exact and
-        weights_digest compare (a sum over every weight's bits, ~25 ms per image in all) are
-        taken once in it instead of at every check. Nested blocks share the outermost's."""
+        decoder's and the encoder's entry points): the fingerprints that sync_exact compares
+        and the digest (each a sum over weights' bits, ~25 ms per image in all) are found once
+        in it instead of at every check. Nested blocks share the outermost's."""
         me = threading.get_ident()
         entry = self._fixed.setdefault(me, [0, {}])
         entry[0] += 1
@@ -292,12 +295,13 @@ class M2TCodec(nn.Module):
                 del self._fixed[me]
 
     def _forget_fingerprints(self) -> None:
-        """Weights are being changed on purpose (calibration, loading): no block's memo holds."""
+        """Weights are being changed on purpose (calibration, loading): no block's results hold."""
         entry = self._fixed.get(threading.get_ident())
         if entry is not None:
             entry[1].clear()
 
-    def _fingerprint(self, key, compute) -> tuple:
+    def _once_per_block(self, key, compute):
+        """compute(); inside a weights_fixed() block of this thread, its first result there."""
         entry = self._fixed.get(threading.get_ident())
         if entry is None:
             return compute()
@@ -306,11 +310,11 @@ class M2TCodec(nn.Module):
         return entry[1][key]
 
     def _entropy_fingerprint(self) -> tuple:
-        return self._fingerprint("entropy", lambda: tuple(
+        return self._once_per_block("entropy", lambda: tuple(
             (k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.entropy_model.state_dict().items()))
 
     def _synthesis_fingerprint(self) -> tuple:
-        return self._fingerprint("synthesis", lambda: tuple(
+        return self._once_per_block("synthesis", lambda: tuple(
             (k, t.data_ptr(), _changes(t), _bit_sum(t)) for k, t in self.g_s.state_dict().items()))
 
     def sync_exact(self) -> None:
@@ -333,7 +337,7 @@ class M2TCodec(nn.Module):
         if version < 5:
             return self.g_s_int
         v1 = self.g_s_int
-        sources = self._fingerprint("integer-v2", lambda: (
+        sources = self._once_per_block("integer-v2", lambda: (
             self._synthesis_source, _bit_sum(v1.act_exp),
             tuple(_bit_sum(t) for t in v1.conv(v1.pixel_conv).state_dict().values())))
         if self._v2 is None or self._v2[0] != sources:
