@@ -16,7 +16,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # 2.13.0+cpu), so the project's own install cannot replace it with another (CUDA) build;
 # the last line fails the install if it did anyway. Unless TORCH_SPEC names its own index, a
 # CUDA build of torch on a machine where CUDA is not usable fails the install at once.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml m2t_core/csrc/exact_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC) $(if $(findstring index-url,$(TORCH_SPEC)),,$$(sh infra/torch_index.sh $(PY) $(TORCH_CPU_INDEX)))

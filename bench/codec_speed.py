@@ -76,6 +76,7 @@ import m2t_core  # noqa: E402
 from m2t_core import decoder as decoder_module  # noqa: E402
 from m2t_core import encoder as encoder_module  # noqa: E402
 from m2t_core import int8_conv  # noqa: E402
+from m2t_core import int8_linear  # noqa: E402
 from m2t_core import model as model_module  # noqa: E402
 from m2t_core import network as network_module  # noqa: E402
 from m2t_core import tiling  # noqa: E402
@@ -408,6 +409,7 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "device": str(device),
         "int8_conv": int8_conv.status() if device.type == "cpu" else "off (GPU: the float32 route)",
+        "int8_linear": int8_linear.status() if device.type == "cpu" else "off (GPU: the float64 route)",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -38,7 +38,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from . import intmath
+from . import int8_linear, intmath
 from . import network as N
 from . import rate as R
 from .config import ModelConfig
@@ -74,6 +74,7 @@ class IntLinear(nn.Module):
         self.register_buffer("w_exp", torch.zeros(d_out, dtype=torch.int64))
         self.register_buffer("shift", torch.zeros(d_out, dtype=torch.int64))
         self._f64: tuple | None = None
+        self._int8: tuple | None = None
 
     def weight_f64(self) -> torch.Tensor:
         # Inference tensors (a model made under inference_mode) keep no version counter:
@@ -82,6 +83,17 @@ class IntLinear(nn.Module):
         if self._f64 is None or key is None or self._f64[0] != key:
             self._f64 = (key, self.weight.to(torch.float64).t().contiguous())  # (in, out)
         return self._f64[1]
+
+    def int8(self) -> "int8_linear.PackedLinear | None":
+        """This linear on the CPU's int8 units (int8_linear.py), or None where that route is
+        off or not exact here; cached like weight_f64."""
+        if not int8_linear.enabled():
+            return None
+        key = None if self.weight.is_inference() else tuple(
+            (t.data_ptr(), t._version) for t in (self.weight, self.bias, self.shift))
+        if self._int8 is None or key is None or self._int8[0] != key:
+            self._int8 = (key, int8_linear.prepare(self.weight, self.bias, self.shift))
+        return self._int8[1]
 
 
 class IntNorm(nn.Module):
@@ -453,6 +465,11 @@ class Float64Ops(IntOps):
         return self._req[key]
 
     def linear(self, name: str, x: torch.Tensor, limit: int | None = ACT_MAX) -> torch.Tensor:
+        if x.device.type == "cpu":  # the same integers on the int8 units, where that is exact here
+            fast = self.m.linears[name].int8()
+            out = None if fast is None else fast(x, limit)
+            if out is not None:
+                return out
         bias_half, scale = self._requant(name, x.device)
         acc = torch.matmul(x, self.m.linears[name].weight_f64())  # exact: integers below 2^53
         out = acc.add_(bias_half).mul_(scale).floor_()  # in place: the product is this call's own

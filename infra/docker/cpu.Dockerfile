@@ -43,6 +43,7 @@ RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-
     && pip install --no-cache-dir -c /tmp/torch-constraint.txt -e ".[pipeline]" \
     && rm /tmp/torch-constraint.txt \
     && m2t --version \
+    && python -c "from m2t_core import int8_linear; print('exact linears on int8 units:', int8_linear.status())" \
     && m2t models
 
 CMD ["m2t", "models"]

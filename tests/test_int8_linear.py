@@ -1,0 +1,163 @@
+"""The exact entropy model's int8 route for its linears (m2t_core/int8_linear.py) gives the
+integers of the int64 reference, wherever it runs; where the CPU's int8 products are not
+exact, it is refused and the float64 route gives them.
+
+The fused C kernels (plane split, recombination) are checked against Python integers with
+products that do not depend on the CPU (int64 matmul); the whole route, on whatever this
+machine runs, against the int64 reference (exact.IntOps's arithmetic)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2t_core import exact as X
+from m2t_core import int8_linear, intmath
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _operands(M: int, K: int, N: int, seed: int):
+    """x (M, K), w (N, K) int64 within int16 (extremes included), bias (N,), shift (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-32768, 32768, (M, K), generator=g)
+    w = torch.randint(-32768, 32768, (N, K), generator=g)
+    if M:
+        x[0] = -32768
+        x[-1, ::2] = 32767
+    w[0] = 32767
+    w[-1] = -32768
+    bias = torch.randint(-(1 << 40), 1 << 40, (N,), generator=g)
+    shift = torch.randint(-3, 31, (N,), generator=g)
+    return x, w, bias, shift
+
+
+def _reference(x, w, bias, shift, limit):
+    """The int64 reference (exact.IntOps.linear's arithmetic)."""
+    out = intmath.round_shift(x @ w.t() + bias, shift)
+    return out if limit is None else out.clamp(-limit, limit)
+
+
+def _linear(w, bias, shift) -> X.IntLinear:
+    lin = X.IntLinear(w.shape[1], w.shape[0])
+    lin.weight.copy_(w.to(torch.int16))
+    lin.bias.copy_(bias)
+    lin.shift.copy_(shift)
+    return lin
+
+
+class _OneLinear:
+    """Just enough of an ExactEntropyModel for Float64Ops.linear."""
+
+    def __init__(self, lin: X.IntLinear):
+        self.linears = {"lin": lin}
+        self.cfg = type("Config", (), {"rate_lambdas": ()})()
+        self.layout = None
+
+
+def test_kernel_library_is_built():
+    assert int8_linear._kernels() is not None, (
+        "m2t_core/_exact_kernels was not built: install a C compiler (gcc) and reinstall (make install)")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (7, 192, 576), (300, 192, 40), (3, 768, 192)])
+def test_fused_kernels_equal_python_integers(M, K, N):
+    """split and combine, with CPU-independent products (int64 matmul of the planes)."""
+    split, combine = int8_linear._kernels()
+    x, w, bias, shift = _operands(M, K, N, seed=M + K + N)
+    planes = torch.empty((2 * M, K), dtype=torch.int8)
+    row_term = torch.empty(M, dtype=torch.int64)
+    xf = x.double().contiguous()
+    assert split(xf.data_ptr(), M, K, planes.data_ptr(), row_term.data_ptr()) == 1
+    a, b = planes[:M].long(), planes[M:].long()
+    assert torch.equal(256 * a + b + 128, x)
+    assert torch.equal(row_term, 32768 * a.sum(1) + 128 * b.sum(1))
+    packed = int8_linear.PackedLinear(w, bias, shift)
+    products = (planes.long() @ packed.planes.long()).to(torch.int32)  # (2M, 2N): the four products
+    out = torch.empty((M, N), dtype=torch.float64)
+    combine(products.data_ptr(), M, N, row_term.data_ptr(), packed.offset.data_ptr(), packed.scale.data_ptr(),
+            32767.0, out.data_ptr(), N)
+    assert torch.equal(out.long(), _reference(x, w, bias, shift, 32767))
+
+
+def test_split_refuses_activations_outside_int16():
+    split, _ = int8_linear._kernels()
+    for bad in (32768.0, -32769.0, 1e300):
+        x = torch.zeros(3, 4, dtype=torch.float64)
+        x[1, 2] = bad
+        planes = torch.empty((6, 4), dtype=torch.int8)
+        assert split(x.data_ptr(), 3, 4, planes.data_ptr(), torch.empty(3, dtype=torch.int64).data_ptr()) == 0
+
+
+@pytest.mark.parametrize("route", ["default", "off"])
+@pytest.mark.parametrize("M,K,N", [(0, 8, 4), (1, 192, 576), (37, 768, 192), (600, 192, 64)])
+@pytest.mark.parametrize("limit", [32767, None])
+def test_float64_ops_linear_equals_the_int64_reference(monkeypatch, route, M, K, N, limit):
+    """Whichever route this machine takes (the int8 one where the probe accepts it; 600 rows
+    span several row blocks), the integers are the reference's."""
+    if route == "off":
+        monkeypatch.setenv(int8_linear.ENV, "0")
+    x, w, bias, shift = _operands(M, K, N, seed=3 * M + N)
+    lin = _linear(w, bias, shift)
+    got = X.Float64Ops(_OneLinear(lin)).linear("lin", x.double().view(1, M, K), limit)  # (1, M, N)
+    assert got.dtype == torch.float64 and got.shape == (1, M, N)
+    assert torch.equal(got[0].long(), _reference(x, w, bias, shift, limit))
+    if route == "off":
+        assert lin.int8() is None and int8_linear.status() == f"off ({int8_linear.ENV}=0)"
+
+
+def test_an_activation_outside_int16_takes_the_float64_route():
+    x, w, bias, shift = _operands(4, 16, 8, seed=5)
+    x[2, 3] = 40000  # no caller produces it; the route must not wrap it into the planes
+    lin = _linear(w, bias, shift)
+    packed = int8_linear.PackedLinear(w, bias, shift)
+    assert packed(x.double(), None) is None
+    got = X.Float64Ops(_OneLinear(lin)).linear("lin", x.double(), None)
+    assert torch.equal(got.long(), _reference(x, w, bias, shift, None))
+
+
+def test_probe_refuses_products_that_saturate(monkeypatch):
+    """A kernel that adds adjacent products in saturating 16-bit pairs (oneDNN's int8 path on
+    CPUs without VNNI) is found by the probe; the route is then off for that shape."""
+    real = torch._int_mm
+
+    def saturating(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        u = a.long() + 128  # oneDNN's s8 -> u8 shift, compensated afterwards
+        pairs = (u[:, :, None] * b.long()[None]).view(a.shape[0], -1, 2, b.shape[1]).sum(2).clamp(-32768, 32767)
+        return (pairs.sum(1) - 128 * b.long().sum(0)).to(torch.int32)
+
+    monkeypatch.setattr(torch, "_int_mm", saturating)
+    assert int8_linear.probe.__wrapped__(16, 8) is False
+    monkeypatch.setattr(torch, "_int_mm", real)
+
+
+def test_status_names_the_route():
+    assert int8_linear.status() in ("on", "off (this CPU's int8 products are not exact: the float64 route runs)")
+
+
+def test_integers_hold_where_onednn_saturates():
+    """With oneDNN held to AVX2 (no VNNI: its int8 products saturate in 16-bit pairs, a real
+    kernel, not a stand-in), the route's probe refuses the kernel and the linears still give
+    the reference's integers. Run in a subprocess: the ISA cap is read once per process."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from test_int8_linear import _OneLinear, _linear, _operands, _reference
+        from m2t_core import exact as X, int8_linear
+        for M, K, N in ((5, 192, 576), (40, 768, 192)):
+            x, w, bias, shift = _operands(M, K, N, seed=M)
+            x[1] = torch.where(torch.arange(K) % 2 == 0, 32639, -32768)  # planes at their extremes
+            got = X.Float64Ops(_OneLinear(_linear(w, bias, shift))).linear("lin", x.double(), 32767)
+            assert torch.equal(got.long(), _reference(x, w, bias, shift, 32767)), (M, K, N)
+        print("route:", int8_linear.status())
+    """)
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    print(run.stdout.strip())
