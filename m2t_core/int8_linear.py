@@ -29,13 +29,12 @@ float64 product too. M2T_INT8_LINEAR=0 turns the route off by hand (benchmarks, 
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib.machinery
 import os
-from pathlib import Path
 
 import torch
+
+from . import cpu_kernels
 
 ENV = "M2T_INT8_LINEAR"
 MAX_INNER = 1 << 17  # K: 128 * 128 * K < 2^31 (int32 accumulators)
@@ -43,34 +42,9 @@ ROW_BLOCK = 256  # rows of x per product: the temporaries (2 ROW_BLOCK x 2N int3
 PROBE_ROWS = (1, 3, 16, 37, 300)  # row counts the probe tries (kernels may differ by shape)
 
 
-LIBRARY = "_exact_kernels"  # built from csrc/exact_kernels.c at install (optional: without a compiler, off)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """The fused C kernels (csrc/exact_kernels.c, built with the package), or None where the
-    library was not built (no compiler at install) or cannot be loaded."""
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / (LIBRARY + suffix)
-        if path.is_file():
-            break
-    else:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-        split, combine = lib.m2t_split_planes, lib.m2t_combine
-    except (OSError, AttributeError):
-        return None
-    i64, ptr, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-    split.argtypes, split.restype = [ptr, i64, i64, ptr, ptr], ctypes.c_int
-    combine.argtypes, combine.restype = [ptr, i64, i64, ptr, ptr, ptr, f64, ptr, i64], None
-    return split, combine
-
-
 def enabled() -> bool:
     """Whether this route may run at all here (the probe still decides per shape)."""
-    return os.environ.get(ENV, "1") != "0" and hasattr(torch, "_int_mm") and _kernels() is not None
+    return os.environ.get(ENV, "1") != "0" and hasattr(torch, "_int_mm") and cpu_kernels.library() is not None
 
 
 def status() -> str:
@@ -79,8 +53,8 @@ def status() -> str:
         return f"off ({ENV}=0)"
     if not hasattr(torch, "_int_mm"):
         return "off (this torch has no torch._int_mm)"
-    if _kernels() is None:
-        return "off (the kernel library m2t_core/_exact_kernels was not built: no C compiler at install)"
+    if cpu_kernels.library() is None:
+        return f"off ({cpu_kernels.missing_reason()})"
     return "on" if probe(192, 576) else "off (this CPU's int8 products are not exact: the float64 route runs)"
 
 
@@ -104,7 +78,8 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, limit: int | None) -> torch.Tensor | None:
         """x (..., K) float64 integers on the CPU -> (..., N) float64, Float64Ops.linear's
         integers; None where some x leaves int16 (the caller's float64 route then runs)."""
-        split, combine = _kernels()
+        lib = cpu_kernels.library()
+        split, combine = lib.split_planes, lib.combine
         K, N = self.inner, self.outputs
         xm = x.reshape(-1, K).contiguous()  # (M, K)
         M = xm.shape[0]

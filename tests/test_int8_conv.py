@@ -122,12 +122,13 @@ PLANE_PACK_CHECK = (
 )
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])  # the fused C kernel (cpu_kernels), the torch passes
 @pytest.mark.parametrize("capability", [None, "default", "avx2"])
-def test_activation_planes_are_the_bytes_of_every_value(capability):
-    """plane_pack against integer arithmetic over the whole activation range, with ATen's
-    vector kernels of this CPU and forced down to AVX2 and to none (the integer conversions
-    it relies on are chosen per capability)."""
-    env = dict(os.environ)
+def test_activation_planes_are_the_bytes_of_every_value(capability, kernels):
+    """plane_pack against integer arithmetic over the whole activation range, in its C kernel
+    and in its torch passes, with ATen's vector kernels of this CPU and forced down to AVX2
+    and to none (the integer conversions the torch passes rely on are chosen per capability)."""
+    env = dict(os.environ, M2T_CPU_KERNELS=kernels)
     if capability:
         env["ATEN_CPU_CAPABILITY"] = capability
     out = subprocess.run([sys.executable, "-c", PLANE_PACK_CHECK], cwd=REPO, env=env, capture_output=True,
@@ -190,3 +191,36 @@ def test_a_used_model_still_copies_and_pickles():
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(IS.synthesize(other.g_s_int, y), want)
         assert Encoder(other).encode_image(rgb).bitstream == stream
+
+
+def _rescale_case(planes: int, seed: int):
+    """A Rescale of random rows (shifts from -2 to 21: narrow, wide and left-shifting rows;
+    all wide for two weight planes, as _combine_products takes them), its plane products
+    (2B, planes R, n, W) channels-last within +-2^24, and an output band of a larger tensor."""
+    g = torch.Generator().manual_seed(seed)
+    B, R, n, W = 2, 24, 3, 7
+    shift = torch.randint(8 if planes == 2 else -2, 22, (R,), generator=g)
+    bias = torch.randint(-(1 << 30), 1 << 30, (R,), generator=g)
+    r = IS.Rescale.of(bias, shift, "cpu")
+    raw = torch.randint(-(1 << 24) + 1, 1 << 24, (2 * B, planes * R, n, W), generator=g).float()
+    raw = raw.contiguous(memory_format=torch.channels_last)
+    whole = torch.full((B, R, n + 4, W), -7.0).contiguous(memory_format=torch.channels_last)
+    return r, raw, whole
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_fused_rescaling_equals_the_torch_passes(monkeypatch, planes):
+    """The C kernel (cpu_kernels) that rescales a band's plane products gives, into a band of
+    the output, exactly what the torch passes give: the same float32 steps in the same order,
+    including rows whose sums leave 2^24 (rounded alike)."""
+    finish = IS._combine_into if planes == 1 else IS._combine_products
+    for seed in range(4):
+        r, raw, whole = _rescale_case(planes, seed)
+        low, high = (0, IS.ACT_LIMIT) if seed % 2 else (-IS.GATE_HALF, IS.GATE_HALF)
+        fused, torch_passes = whole.clone(), whole.clone()
+        assert IS._fused_rescale(raw, r, planes, low, high, fused[:, :, 2:5])  # the kernel runs here
+        monkeypatch.setenv("M2T_CPU_KERNELS", "0")
+        finish(raw.clone(memory_format=torch.channels_last), r, low, high, torch_passes[:, :, 2:5])
+        monkeypatch.delenv("M2T_CPU_KERNELS")
+        assert torch.equal(fused, torch_passes), seed
+        assert torch.equal(fused[:, :, :2], whole[:, :, :2]) and torch.equal(fused[:, :, 5:], whole[:, :, 5:])

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from m2t_core import exact as X
-from m2t_core import int8_linear, intmath
+from m2t_core import cpu_kernels, int8_linear, intmath
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,14 +62,14 @@ class _OneLinear:
 
 
 def test_kernel_library_is_built():
-    assert int8_linear._kernels() is not None, (
+    assert cpu_kernels.library() is not None, (
         "m2t_core/_exact_kernels was not built: install a C compiler (gcc) and reinstall (make install)")
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 5, 3), (7, 192, 576), (300, 192, 40), (3, 768, 192)])
 def test_fused_kernels_equal_python_integers(M, K, N):
     """split and combine, with CPU-independent products (int64 matmul of the planes)."""
-    split, combine = int8_linear._kernels()
+    split, combine = cpu_kernels.library().split_planes, cpu_kernels.library().combine
     x, w, bias, shift = _operands(M, K, N, seed=M + K + N)
     planes = torch.empty((2 * M, K), dtype=torch.int8)
     row_term = torch.empty(M, dtype=torch.int64)
@@ -87,7 +87,7 @@ def test_fused_kernels_equal_python_integers(M, K, N):
 
 
 def test_split_refuses_activations_outside_int16():
-    split, _ = int8_linear._kernels()
+    split = cpu_kernels.library().split_planes
     for bad in (32768.0, -32769.0, 1e300):
         x = torch.zeros(3, 4, dtype=torch.float64)
         x[1, 2] = bad

@@ -63,3 +63,65 @@ M2T_CLONES void m2t_combine(const int32_t *products, int64_t M, int64_t N, const
         combine_row(ac, ac + N, bc, bc + N, (double)row_term[i], offset, scale, limit, out + i * out_stride, N);
     }
 }
+
+/* ------------------------------------------------------------------ the integer g_s */
+
+/* Activation byte planes for oneDNN's uint8 convolution (int8_conv.plane_pack): for each of
+ * B images, n float32 integers |x| <= 32639 at x + b * x_stride -> the high plane
+ * (x + 128) // 256 + 128 at hi + b * out_stride and the low plane (x + 128) mod 256 at
+ * lo + b * out_stride. */
+M2T_CLONES void m2t_plane_pack(const float *x, int64_t x_stride, int64_t B, int64_t n, uint8_t *hi,
+                               int64_t out_stride, uint8_t *lo) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *restrict xb = x + b * x_stride;
+        uint8_t *restrict hb = hi + b * out_stride;
+        uint8_t *restrict lb = lo + b * out_stride;
+        for (int64_t k = 0; k < n; k++) {
+            int32_t v = (int32_t)xb[k] + 128;
+            int32_t low = v & 255;                      /* two's complement: v mod 256 */
+            hb[k] = (uint8_t)(((v - low) >> 8) + 128);  /* an exact multiple of 256 */
+            lb[k] = (uint8_t)low;
+        }
+    }
+}
+
+static inline float clampf(float t, float low, float high) {
+    t = t < low ? low : t;
+    return t > high ? high : t;
+}
+
+/* The rescaling of a convolution's plane products (int_synthesis._combine_into and, for
+ * rows that all shift by 8 or more, _combine_products), clamped into out: the same float32
+ * steps in the same order as those torch passes, each exact (or, where the float32 route
+ * rounds beyond 2^24, rounded alike), so the same integers. raw (2B, planes R, pixels)
+ * channels-last float32 as oneDNN returns it (the x_hi images, then the x_lo ones); one
+ * weight plane: [x_hi w + f_lo | x_lo w + f_lo], two: [[hh, hl], [lh, ll]] on the rows. out:
+ * image b's pixels at out + b * out_stride, R floats each. */
+M2T_CLONES void m2t_rescale_planes(const float *raw, int64_t B, int64_t pixels, int64_t R, int64_t planes,
+                                   const float *lo_scale, const float *hi_scale, const float *delta,
+                                   const float *scale, const float *b_int, float low, float high, float *out,
+                                   int64_t out_stride) {
+    const int64_t width = planes * R;  /* raw floats per pixel */
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t p = 0; p < pixels; p++) {
+            const float *restrict hi = raw + (b * pixels + p) * width;
+            const float *restrict lo = raw + ((B + b) * pixels + p) * width;
+            float *restrict o = out + b * out_stride + p * R;
+            if (planes == 1) {
+                for (int64_t r = 0; r < R; r++) {
+                    float q = __builtin_floorf(lo[r] * lo_scale[r]);
+                    float t = hi[r] * hi_scale[r] + q;
+                    t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
+                    o[r] = clampf(t, low, high);
+                }
+            } else {
+                for (int64_t r = 0; r < R; r++) {
+                    float t = __builtin_floorf(lo[R + r] * (1.0f / 256.0f)) + lo[r];
+                    t = (t + hi[R + r]) + 256.0f * hi[r];
+                    t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
+                    o[r] = clampf(t, low, high);
+                }
+            }
+        }
+    }
+}
