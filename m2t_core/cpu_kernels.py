@@ -59,4 +59,11 @@ SIGNATURES = {
     # int8_conv / int_synthesis: activation byte planes, and the products' rescaling
     "plane_pack": (None, [_P, _I, _I, _I, _P, _I, _P]),
     "rescale_planes": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _F, _P, _I]),
+    # exact.Float64Ops: LayerNorm and GELU; entropy_coding: a mixture's probabilities per symbol
+    "layer_norm": (None, [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P]),
+    "gelu": (None, [_P, _I, _P, _I, _P]),
+    "mixture_pmf": (None, [_P, _P, _P, _I, _I, _I, _I, _I, _P]),
+    # exact.Float64Ops.attention: the weights from the scores, and the weighted mean
+    "softmax_weights": (None, [_P, _I, _I, _I, _D, _P, _P, _I, _P]),
+    "round_div_rows": (None, [_P, _I, _I, _P, _P]),
 }

@@ -26,6 +26,8 @@ import constriction
 import numpy as np
 import torch
 
+from . import cpu_kernels
+
 MEAN_STEPS = 64
 SCALE_MIN = 0.11
 SCALE_MAX = 64.0
@@ -254,8 +256,15 @@ def _probabilities(start: np.ndarray, weight: np.ndarray, radius: int) -> np.nda
     small integers exactly.
     """
     num_edges = 2 * radius + 2
-    runs = _runs(num_edges)
     n, K = weight.shape
+    lib, table = cpu_kernels.library(), tables().cdf_by_phase
+    if lib is not None and table.dtype == np.int32 and table.flags.c_contiguous:  # one pass (csrc/exact_kernels.c)
+        start, weight = np.ascontiguousarray(start, dtype=np.int64), np.ascontiguousarray(weight, dtype=np.int32)
+        out = np.empty((n, num_edges + 1), dtype=np.float64)
+        lib.mixture_pmf(table.ctypes.data, start.ctypes.data, weight.ctypes.data, n, K, num_edges, CDF_BITS,
+                        CODER_PRECISION, out.ctypes.data)
+        return out
+    runs = _runs(num_edges)
     start_t = torch.from_numpy(np.ascontiguousarray(start.T))  # (K, n) int64
     weight_t = torch.from_numpy(np.ascontiguousarray(weight.T))  # (K, n) int32
     # cdf[:, 1:-1] = sum_k weight_k * CDF_k(edges); cdf[:, 0] = 0; cdf[:, -1] = total weight.

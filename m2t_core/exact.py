@@ -38,7 +38,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from . import int8_linear, intmath
+from . import cpu_kernels, int8_linear, intmath
 from . import network as N
 from . import rate as R
 from .config import ModelConfig
@@ -495,6 +495,14 @@ class Float64Ops(IntOps):
         as q = D t + u, so no product reaches 2^53."""
         D = r.shape[-1]
         e_n = N.ln_exponent(self.cfg.d_model)
+        lib = cpu_kernels.library() if r.device.type == "cpu" else None
+        if lib is not None:  # IntOps.layer_norm in int64 in one pass per row (csrc/exact_kernels.c)
+            nrm, x = self.m.norms[name], r.contiguous()
+            gamma, beta = nrm.gamma.contiguous(), nrm.beta.contiguous()  # held while the kernel reads them
+            out = torch.empty_like(x)
+            lib.layer_norm(x.data_ptr(), x.numel() // D, D, _ln_eps_int(self.m.exp("residual")), e_n + LN_EXTRA_BITS,
+                           gamma.data_ptr(), beta.data_ptr(), int(nrm.shift), ACT_MAX, out.data_ptr())
+            return out
         mu = _floor_div_f64(2 * r.sum(-1, keepdim=True) + D, 2.0 * D)
         d = r - mu
         q = (d * d).sum(-1, keepdim=True)
@@ -524,12 +532,16 @@ class Float64Ops(IntOps):
 
     def attention(self, layer: int, q, k, v, valid: torch.Tensor | None) -> torch.Tensor:
         shift = self._score_shift(layer)
+        multiplier = N.attn_multiplier(q.shape[-1]) * 2.0 ** -shift  # m 2^-shift: 15 significant bits
         # In place on the fresh product (the teacher-forced encoder's (B, h, 256, 256) score
         # tensors are ~13 MB each: every extra pass and allocation shows).
         scores = torch.matmul(q, k.transpose(-1, -2))  # exact, < 2^36
+        lib = cpu_kernels.library() if q.device.type == "cpu" else None
+        if lib is not None and (valid is None or valid.dim() == 2):
+            return self._attention_fused(lib, multiplier, scores, v, valid)
         # floor((s m + 2^(shift-1)) / 2^shift) as floor(s (m 2^-shift) + 1/2): m 2^-shift has 15
         # significant bits, so s (m 2^-shift) = s m 2^-shift exactly (< 2^51 significant), and so is + 1/2.
-        scores.mul_(N.attn_multiplier(q.shape[-1]) * 2.0 ** -shift).add_(0.5).floor_()
+        scores.mul_(multiplier).add_(0.5).floor_()
         if valid is not None:
             scores.masked_fill_(~valid, -2.0 ** 40)
         gap = torch.sub(scores.amax(dim=-1, keepdim=True), scores, out=scores).clamp_(max=intmath.EXP_SIZE - 1)
@@ -541,9 +553,32 @@ class Float64Ops(IntOps):
         den = e.sum(-1, keepdim=True)
         return _floor_div_f64(2 * num + den, 2 * den)  # round(num / den), halves up
 
+    def _attention_fused(self, lib, multiplier: float, scores: torch.Tensor, v: torch.Tensor,
+                         valid: torch.Tensor | None) -> torch.Tensor:
+        """attention's steps after the scores in two C passes (csrc/exact_kernels.c): the same
+        rounding, masking and table lookup row by row, then round(num / den) in int64.
+        scores (B, h, T, Tk) float64 from this call; valid None or (T, Tk)."""
+        B, h, T, Tk = scores.shape
+        scores = scores.contiguous()
+        mask = None if valid is None else valid.to(torch.uint8).contiguous()  # (T, Tk), held through the call
+        table = self._table("exp", scores.device)
+        den = torch.empty(B * h * T, dtype=torch.float64)
+        lib.softmax_weights(scores.data_ptr(), B * h * T, T, Tk, multiplier, None if mask is None else mask.data_ptr(),
+                            table.data_ptr(), intmath.EXP_SIZE - 1, den.data_ptr())
+        num = torch.matmul(scores, v).contiguous()  # (B, h, T, dh): exact, < 2^40
+        out = torch.empty_like(num)
+        lib.round_div_rows(num.data_ptr(), B * h * T, num.shape[-1], den.data_ptr(), out.data_ptr())
+        return out
+
     def gelu(self, g: torch.Tensor) -> torch.Tensor:
         # IntOps.gelu in fewer passes: the table's first entry is 0 (GELU below -8 is 0 in
         # 1/256; checked in _table), so below the table the lookup already gives IntOps' 0.
+        lib = cpu_kernels.library() if g.device.type == "cpu" else None
+        if lib is not None:  # the same steps in one pass (csrc/exact_kernels.c)
+            x, table = g.contiguous(), self._table("gelu", g.device)
+            out = torch.empty_like(x)
+            lib.gelu(x.data_ptr(), x.numel(), table.data_ptr(), intmath.GELU_HALF, out.data_ptr())
+            return out
         index = torch.add(g, intmath.GELU_HALF).clamp_(0, 2 * intmath.GELU_HALF)
         inside = self._table("gelu", g.device).index_select(0, index.flatten().to(torch.int32)).view(g.shape)
         return torch.where(g > intmath.GELU_HALF, g, inside)

@@ -160,6 +160,22 @@ def convolve(conv: "PackedConv", x: torch.Tensor, finish) -> torch.Tensor:
     return out
 
 
+def fused_rescale(raw: torch.Tensor, r, planes: int, low: int, high: int, out: torch.Tensor) -> bool:
+    """int_synthesis._combine_into (planes=1) or _combine_products (2; rows all wide) of the
+    plane products `raw` with int_synthesis.Rescale `r`, clamped into `out`, in one pass of
+    the C kernel (cpu_kernels: the same float32 steps in the same order), where it is built
+    and the layouts are oneDNN's channels-last; False where the torch passes must run."""
+    lib = cpu_kernels.library()
+    if (lib is None or raw.dtype != torch.float32 or out.dtype != torch.float32
+            or not raw.is_contiguous(memory_format=torch.channels_last) or not _rows_of_pixels(out)):
+        return False
+    B, R, n, W = out.shape
+    lib.rescale_planes(raw.data_ptr(), B, n * W, R, planes, r.lo_scale.data_ptr(), r.hi_scale.data_ptr(),
+                       r.delta.data_ptr(), r.scale.data_ptr(), r.b_int.data_ptr(), float(low), float(high),
+                       out.data_ptr(), out.stride(0))
+    return True
+
+
 class PackedConv:
     """One convolution's weight planes prepacked for oneDNN, with its bias: one plane where
     the weight is within int8 (`weight_planes`), else two."""

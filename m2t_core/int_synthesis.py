@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels, int8_conv, intmath, rate
+from . import int8_conv, intmath, rate
 from .transforms import ResidualBottleneck, SimplifiedAttention, SubpixelConvTranspose2d, SynthesisTransform
 
 ACT_LIMIT = 32639  # |q| of an activation: its planes (q + 128) // 256 and the rest stay within int8
@@ -633,23 +633,8 @@ def _combine(p: torch.Tensor, r: Rescale) -> torch.Tensor:
 
 def _combine_into(p: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor) -> None:
     """_combine of the two planes' products p, clamped to [low, high] into `out`."""
-    if not _fused_rescale(p, r, 1, low, high, out):
+    if not int8_conv.fused_rescale(p, r, 1, low, high, out):
         torch.clamp(_combine(p, r), low, high, out=out)
-
-
-def _fused_rescale(raw: torch.Tensor, r: Rescale, planes: int, low: int, high: int, out: torch.Tensor) -> bool:
-    """_combine_into (planes=1) or _combine_products (2; rows all wide) in one pass of the C
-    kernel (cpu_kernels: the same float32 steps in the same order), where it is built and the
-    layouts are oneDNN's channels-last; False where the torch passes must run."""
-    lib = cpu_kernels.library()
-    if (lib is None or raw.dtype != torch.float32 or out.dtype != torch.float32
-            or not raw.is_contiguous(memory_format=torch.channels_last) or not int8_conv._rows_of_pixels(out)):
-        return False
-    B, R, n, W = out.shape
-    lib.rescale_planes(raw.data_ptr(), B, n * W, R, planes, r.lo_scale.data_ptr(), r.hi_scale.data_ptr(),
-                       r.delta.data_ptr(), r.scale.data_ptr(), r.b_int.data_ptr(), float(low), float(high),
-                       out.data_ptr(), out.stride(0))
-    return True
 
 
 def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor) -> None:
@@ -663,7 +648,7 @@ def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: t
     if not r.all_wide:  # rare (see _combine): through the two planes' products
         _combine_into(torch.cat([torch.add(hl, hh, alpha=PLANE), torch.add(ll, lh, alpha=PLANE)]), r, low, high, out)
         return
-    if _fused_rescale(raw, r, 2, low, high, out):
+    if int8_conv.fused_rescale(raw, r, 2, low, high, out):
         return
     t = ll.mul(1.0 / PLANE).floor_().add_(lh).add_(hl).add_(hh, alpha=PLANE)  # P_hi + f_lo + floor((P_lo + f_lo) / 256)
     torch.clamp(t.add_(r.delta).mul_(r.scale).floor_().add_(r.b_int), low, high, out=out)

@@ -218,7 +218,7 @@ def test_fused_rescaling_equals_the_torch_passes(monkeypatch, planes):
         r, raw, whole = _rescale_case(planes, seed)
         low, high = (0, IS.ACT_LIMIT) if seed % 2 else (-IS.GATE_HALF, IS.GATE_HALF)
         fused, torch_passes = whole.clone(), whole.clone()
-        assert IS._fused_rescale(raw, r, planes, low, high, fused[:, :, 2:5])  # the kernel runs here
+        assert int8_conv.fused_rescale(raw, r, planes, low, high, fused[:, :, 2:5])  # the kernel runs here
         monkeypatch.setenv("M2T_CPU_KERNELS", "0")
         finish(raw.clone(memory_format=torch.channels_last), r, low, high, torch_passes[:, :, 2:5])
         monkeypatch.delenv("M2T_CPU_KERNELS")

@@ -29,7 +29,7 @@ M2T_CLONES int m2t_split_planes(const double *restrict x, int64_t M, int64_t K, 
         for (int64_t k = 0; k < K; k++) {
             int32_t q = (int32_t)xi[k];
             int32_t lo = (q & 255) - 128;      /* two's complement: q mod 256, less 128 */
-            int32_t hi = (q - lo - 128) >> 8;  /* an exact multiple of 256: floor(q / 256) */
+            int32_t hi = (q - lo - 128) / 256;  /* an exact multiple of 256: floor(q / 256) */
             hi_row[k] = (int8_t)hi;
             lo_row[k] = (int8_t)lo;
             sa += hi;
@@ -79,7 +79,7 @@ M2T_CLONES void m2t_plane_pack(const float *x, int64_t x_stride, int64_t B, int6
         for (int64_t k = 0; k < n; k++) {
             int32_t v = (int32_t)xb[k] + 128;
             int32_t low = v & 255;                      /* two's complement: v mod 256 */
-            hb[k] = (uint8_t)(((v - low) >> 8) + 128);  /* an exact multiple of 256 */
+            hb[k] = (uint8_t)((v - low) / 256 + 128);  /* an exact multiple of 256 */
             lb[k] = (uint8_t)low;
         }
     }
@@ -123,5 +123,129 @@ M2T_CLONES void m2t_rescale_planes(const float *raw, int64_t B, int64_t pixels, 
                 }
             }
         }
+    }
+}
+
+/* ------------------------------------------------------------------ the exact entropy model */
+
+static inline int64_t floor_div(int64_t a, int64_t b) {  /* b > 0 */
+    int64_t q = a / b;
+    return q - ((a % b != 0) & (a < 0));
+}
+
+static inline int64_t clamp64(int64_t v, int64_t limit) {
+    return v < -limit ? -limit : (v > limit ? limit : v);
+}
+
+/* exact.IntOps.layer_norm on rows of D float64 integers (|r| < 2^17): out (rows, D) float64.
+ * mu = round(sum / D); d = r - mu; var = floor(2^16 sum d^2 / D) + eps; sigma = isqrt(var);
+ * n = clamp(round(d 2^(e_n + 8) / sigma)); out = clamp(round((n gamma + beta) / 2^shift)),
+ * rounding halves up, a negative shift multiplying. All in int64 (sum d^2 2^16 < 2^60). */
+void m2t_layer_norm(const double *r, int64_t rows, int64_t D, int64_t eps, int64_t n_shift, const int16_t *gamma,
+                    const int64_t *beta, int64_t shift, int64_t limit, double *out) {
+    const int64_t scale_n = (int64_t)1 << n_shift;  /* multiplied: C leaves left shifts of negatives undefined */
+    for (int64_t i = 0; i < rows; i++) {
+        const double *x = r + i * D;
+        double *o = out + i * D;
+        int64_t sum = 0, q = 0;
+        for (int64_t j = 0; j < D; j++)
+            sum += (int64_t)x[j];
+        int64_t mu = floor_div(2 * sum + D, 2 * D);
+        for (int64_t j = 0; j < D; j++) {
+            int64_t d = (int64_t)x[j] - mu;
+            q += d * d;
+        }
+        int64_t var = floor_div(q << 16, D) + eps;
+        int64_t sigma = (int64_t)__builtin_sqrt((double)var);  /* within one of floor(sqrt(var)) */
+        while (sigma * sigma > var)
+            sigma--;
+        while ((sigma + 1) * (sigma + 1) <= var)
+            sigma++;
+        for (int64_t j = 0; j < D; j++) {
+            int64_t d = (int64_t)x[j] - mu;
+            int64_t n = clamp64(floor_div(2 * d * scale_n + sigma, 2 * sigma), limit);
+            int64_t v = n * gamma[j] + beta[j];
+            if (shift > 0)
+                v = floor_div(v + ((int64_t)1 << (shift - 1)), (int64_t)1 << shift);
+            else
+                v *= (int64_t)1 << -shift;
+            o[j] = (double)clamp64(v, limit);
+        }
+    }
+}
+
+/* exact.Float64Ops.gelu: g (n,) float64 integers -> out: g above `half`, else the table's
+ * entry at clamp(g + half, 0, 2 half) (the table starts at 0: GELU below -half is 0). */
+M2T_CLONES void m2t_gelu(const double *g, int64_t n, const double *table, int64_t half, double *out) {
+    for (int64_t k = 0; k < n; k++) {
+        int64_t v = (int64_t)g[k];
+        int64_t idx = v + half;
+        idx = idx < 0 ? 0 : (idx > 2 * half ? 2 * half : idx);
+        out[k] = v > half ? g[k] : table[idx];
+    }
+}
+
+/* entropy_coding._probabilities: per symbol i, the mixture's cdf at its num_edges bin edges,
+ * c_e = sum_k weight[i, k] table[start[i, k] + e], and out (n, num_edges + 1) float64 =
+ * the differences of [0, c_0 .. c_{E-1}, total] plus the floor (total >> precision) + 1,
+ * total = (sum_k weight[i, k]) << cdf_bits. Integers throughout. */
+void m2t_mixture_pmf(const int32_t *table, const int64_t *start, const int32_t *weight, int64_t n, int64_t K,
+                     int64_t num_edges, int64_t cdf_bits, int64_t precision, double *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t *s = start + i * K;
+        const int32_t *w = weight + i * K;
+        double *o = out + i * (num_edges + 1);
+        int64_t total = 0;
+        for (int64_t k = 0; k < K; k++)
+            total += w[k];
+        total <<= cdf_bits;
+        double floor_add = (double)((total >> precision) + 1);
+        int64_t prev = 0;
+        for (int64_t e = 0; e < num_edges; e++) {
+            int64_t c = 0;
+            for (int64_t k = 0; k < K; k++)
+                c += (int64_t)w[k] * table[s[k] + e];
+            o[e] = (double)(c - prev) + floor_add;
+            prev = c;
+        }
+        o[num_edges] = (double)(total - prev) + floor_add;
+    }
+}
+
+/* exact.Float64Ops.attention's weights, in place: each row of scores (rows, Tk) float64 (the
+ * exact products q k^T) becomes s = floor(score * multiplier + 1/2) (exact: the multiplier
+ * has 15 significant bits), -2^40 where valid (T, Tk) is 0 (NULL: all valid; row i is query
+ * i mod T), then the exp table's entry at min(max_j s_j - s, table_last), and den (rows,) is
+ * the row's sum (integers below 2^53). */
+M2T_CLONES void m2t_softmax_weights(double *scores, int64_t rows, int64_t T, int64_t Tk, double multiplier,
+                                    const uint8_t *valid, const double *table, int64_t table_last, double *den) {
+    for (int64_t i = 0; i < rows; i++) {
+        double *s = scores + i * Tk;
+        const uint8_t *ok = valid ? valid + (i % T) * Tk : 0;
+        double top = -1099511627776.0;  /* -2^40 */
+        for (int64_t j = 0; j < Tk; j++) {
+            double v = __builtin_floor(s[j] * multiplier + 0.5);
+            v = (ok && !ok[j]) ? -1099511627776.0 : v;
+            s[j] = v;
+            top = v > top ? v : top;
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < Tk; j++) {
+            double gap = top - s[j];
+            int64_t g = gap < (double)table_last ? (int64_t)gap : table_last;
+            s[j] = table[g];
+            sum += s[j];
+        }
+        den[i] = sum;
+    }
+}
+
+/* round(num / den) halves up, (rows, n) float64 integers by den (rows,) > 0: attention's
+ * output, in int64 (every value below 2^53). */
+M2T_CLONES void m2t_round_div_rows(const double *num, int64_t rows, int64_t n, const double *den, double *out) {
+    for (int64_t i = 0; i < rows; i++) {
+        int64_t d = 2 * (int64_t)den[i];
+        for (int64_t j = 0; j < n; j++)
+            out[i * n + j] = (double)floor_div(2 * (int64_t)num[i * n + j] + d / 2, d);
     }
 }

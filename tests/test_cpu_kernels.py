@@ -1,0 +1,116 @@
+"""The fused C kernels of the exact arithmetic (m2t_core/cpu_kernels.py, csrc/exact_kernels.c)
+give exactly the integers of the torch passes they replace, at the limits of their inputs:
+the exact entropy model's LayerNorm and GELU against the int64 reference (exact.IntOps), and
+the entropy coder's per-symbol probabilities against its torch passes. (int8_linear's and
+the integer g_s's kernels: tests/test_int8_linear.py, tests/test_int8_conv.py.) Integer
+arithmetic, so these hold on every CPU kind; nothing here depends on the machine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from m2t_core import cpu_kernels
+from m2t_core import entropy_coding as ec
+from m2t_core import exact as X
+from m2t_core import intmath
+from m2t_core.network import RESIDUAL_MAX
+
+from _models import build_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def exact_model():
+    return build_model(tiny_config("m2t"), seed=3).exact
+
+
+def _rows(D: int, seed: int) -> torch.Tensor:
+    """Residual rows (n, D) int64 of every shape LayerNorm meets: random, constant (variance
+    0: sigma from eps alone), one spike, both extremes, tiny spreads."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(-RESIDUAL_MAX, RESIDUAL_MAX + 1, (D,), generator=g),
+            torch.full((D,), RESIDUAL_MAX), torch.full((D,), -RESIDUAL_MAX), torch.zeros(D, dtype=torch.int64),
+            torch.where(torch.arange(D) % 2 == 0, RESIDUAL_MAX, -RESIDUAL_MAX),
+            torch.randint(-3, 4, (D,), generator=g), torch.randint(-300, 301, (D,), generator=g)]
+    spike = torch.zeros(D, dtype=torch.int64)
+    spike[D // 3] = -RESIDUAL_MAX
+    return torch.stack(rows + [spike, spike + 5])
+
+
+def test_layer_norm_kernel_equals_the_int64_reference(exact_model, monkeypatch):
+    assert cpu_kernels.library() is not None
+    name = next(iter(exact_model.norms))
+    nrm = exact_model.norms[name]
+    D = nrm.gamma.shape[0]
+    saved = {k: v.clone() for k, v in nrm.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    try:
+        for gamma, beta, shift in [(None, None, None),  # the model's own
+                                   (torch.full((D,), 32767), torch.full((D,), 1 << 40), 20),
+                                   (torch.full((D,), -32768), torch.full((D,), -(1 << 40)), 3),
+                                   (torch.randint(-32768, 32768, (D,), generator=g), torch.zeros(D), 0),
+                                   (torch.randint(-9, 10, (D,), generator=g), torch.randint(-99, 99, (D,)), -2)]:
+            if gamma is not None:
+                nrm.gamma.copy_(gamma.to(torch.int16))
+                nrm.beta.copy_(beta.to(torch.int64))
+                nrm.shift.fill_(shift)
+            r = _rows(D, seed=int(nrm.shift))
+            want = X.IntOps(exact_model).layer_norm(name, r)
+            got = X.Float64Ops(exact_model).layer_norm(name, r.double().view(3, 3, D))  # any leading shape
+            assert torch.equal(got.reshape(-1, D).long(), want), (gamma is None, shift)
+            monkeypatch.setenv(cpu_kernels.ENV, "0")  # the torch passes agree too
+            assert torch.equal(X.Float64Ops(exact_model).layer_norm(name, r.double()).long(), want)
+            monkeypatch.delenv(cpu_kernels.ENV)
+    finally:
+        nrm.load_state_dict(saved)
+
+
+def test_gelu_kernel_equals_the_int64_reference(exact_model):
+    H = intmath.GELU_HALF
+    edges = torch.tensor([-RESIDUAL_MAX, -2 * H - 1, -H - 1, -H, -H + 1, -1, 0, 1, H - 1, H, H + 1, 2 * H,
+                          RESIDUAL_MAX])
+    g = torch.cat([torch.arange(-3 * H, 3 * H + 1), edges])
+    want = X.IntOps(exact_model).gelu(g)
+    got = X.Float64Ops(exact_model).gelu(g.double().view(1, -1))
+    assert torch.equal(got.view(-1).long(), want)
+
+
+@pytest.mark.parametrize("radius", ec.R_CLASSES)
+def test_mixture_probabilities_kernel_equals_the_torch_passes(radius, monkeypatch):
+    table = ec.tables().cdf_by_phase
+    num_edges = 2 * radius + 2
+    g = np.random.default_rng(radius)
+    n, K = 500, 3
+    start = g.integers(0, table.size - num_edges + 1, (n, K), dtype=np.int64)
+    start[0] = 0
+    start[1] = table.size - num_edges  # both ends of the table
+    weight = g.integers(0, 1 << ec.WEIGHT_BITS, (n, K)).astype(np.int32)
+    weight[:, 0] = 1 << ec.WEIGHT_BITS  # the top component, as snap_integer gives it
+    weight[2] = 1 << ec.WEIGHT_BITS
+    got = ec._probabilities(start, weight, radius)
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    want = ec._probabilities(start, weight, radius)
+    assert got.dtype == want.dtype == np.float64
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_kernels_equal_the_int64_reference(exact_model, masked, monkeypatch):
+    """Scores' rounding, masking, the exp table and round(num / den), with activations at
+    the int16 extremes, unmasked (M2T's cached steps, MT) and with a (T, Tk) mask (M2T's
+    teacher-forced pass; every row keeps its own slot)."""
+    g = torch.Generator().manual_seed(7)
+    B, h, T, dh = 2, 2, 9, 8
+    q, k, v = (torch.randint(-32767, 32768, (B, h, T, dh), generator=g) for _ in range(3))
+    q[0, 0, 0], k[0, 0, 0], v[0, 0] = 32767, -32767, 32767
+    q[1, 1] = 0  # equal scores: ties at the row's maximum
+    valid = None
+    if masked:
+        valid = torch.rand(T, T, generator=g) < 0.5
+        valid.fill_diagonal_(True)
+    want = X.IntOps(exact_model).attention(0, q, k, v, valid)
+    got = X.Float64Ops(exact_model).attention(0, q.double(), k.double(), v.double(), valid)
+    assert torch.equal(got.long(), want)
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert torch.equal(X.Float64Ops(exact_model).attention(0, q.double(), k.double(), v.double(), valid).long(), want)
