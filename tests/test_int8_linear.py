@@ -88,7 +88,7 @@ def test_fused_kernels_equal_python_integers(M, K, N):
 
 def test_split_refuses_activations_outside_int16():
     split = cpu_kernels.library().split_planes
-    for bad in (32768.0, -32769.0, 1e300):
+    for bad in (32768.0, -32769.0, 1e300, float("nan")):
         x = torch.zeros(3, 4, dtype=torch.float64)
         x[1, 2] = bad
         planes = torch.empty((6, 4), dtype=torch.int8)

@@ -1,7 +1,10 @@
-/* Fused integer passes of m2t's exact entropy model on the CPU (int8_linear.py loads this
- * library with ctypes; it has no Python API). Every result is an integer computed exactly,
- * so it does not depend on the compiler, vectorisation or CPU: the target clones below
- * only pick wider instructions where the CPU has them. */
+/* Fused passes of m2t's exact arithmetic on the CPU: the exact entropy model, the entropy
+ * coder's probability tables and the integer g_s (m2t_core/cpu_kernels.py loads this library
+ * with ctypes; it has no Python API). Every result is an integer computed exactly (integer
+ * steps, or float steps on exact integers in the order of the torch passes they replace), so
+ * it does not depend on the compiler, vectorisation or CPU: build with -ffp-contract=off and
+ * no fast-math (pyproject.toml); the target clones below only pick wider instructions where
+ * the CPU has them. */
 
 #include <stdint.h>
 
@@ -18,7 +21,7 @@ M2T_CLONES int m2t_split_planes(const double *restrict x, int64_t M, int64_t K, 
                                 int64_t *restrict row_term) {
     int outside = 0;
     for (int64_t n = 0; n < M * K; n++)
-        outside |= (x[n] < -32768.0) | (x[n] > 32767.0);
+        outside |= !((x[n] >= -32768.0) & (x[n] <= 32767.0));  /* NaN too */
     if (outside)
         return 0;
     for (int64_t i = 0; i < M; i++) {
