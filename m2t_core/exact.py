@@ -495,8 +495,8 @@ class Float64Ops(IntOps):
         as q = D t + u, so no product reaches 2^53."""
         D = r.shape[-1]
         e_n = N.ln_exponent(self.cfg.d_model)
-        lib = cpu_kernels.library() if r.device.type == "cpu" else None
-        if lib is not None:  # IntOps.layer_norm in int64 in one pass per row (csrc/exact_kernels.c)
+        lib = cpu_kernels.library() if r.device.type == "cpu" and e_n + LN_EXTRA_BITS <= 30 else None
+        if lib is not None:  # IntOps.layer_norm, one pass per row (csrc/exact_kernels.c; bound 2^(19 + 30) < 2^50)
             nrm, x = self.m.norms[name], r.contiguous()
             gamma, beta = nrm.gamma.contiguous(), nrm.beta.contiguous()  # held while the kernel reads them
             out = torch.empty_like(x)

@@ -143,35 +143,40 @@ static inline int64_t clamp64(int64_t v, int64_t limit) {
 /* exact.IntOps.layer_norm on rows of D float64 integers (|r| < 2^17): out (rows, D) float64.
  * mu = round(sum / D); d = r - mu; var = floor(2^16 sum d^2 / D) + eps; sigma = isqrt(var);
  * n = clamp(round(d 2^(e_n + 8) / sigma)); out = clamp(round((n gamma + beta) / 2^shift)),
- * rounding halves up, a negative shift multiplying. All in int64 (sum d^2 2^16 < 2^60). */
-void m2t_layer_norm(const double *r, int64_t rows, int64_t D, int64_t eps, int64_t n_shift, const int16_t *gamma,
-                    const int64_t *beta, int64_t shift, int64_t limit, double *out) {
-    const int64_t scale_n = (int64_t)1 << n_shift;  /* multiplied: C leaves left shifts of negatives undefined */
+ * rounding halves up, a negative shift multiplying. In int64 (sum d^2 2^16 < 2^60), but the
+ * per-value division (the caller keeps 2^(19 + n_shift) below 2^50). */
+M2T_CLONES void m2t_layer_norm(const double *r, int64_t rows, int64_t D, int64_t eps, int64_t n_shift,
+                               const int16_t *gamma, const int64_t *beta, int64_t shift, int64_t limit, double *out) {
+    /* The affine step's rounding right shift by `down` and left shift by `up` (one is 0), as
+     * an add, an arithmetic shift and a multiply: GCC and Clang shift negatives arithmetically. */
+    const int64_t down = shift > 0 ? shift : 0, up = shift < 0 ? -shift : 0;
+    const int64_t half = down ? (int64_t)1 << (down - 1) : 0, times = (int64_t)1 << up;
+    const double two_scale = (double)((int64_t)2 << n_shift), lim = (double)limit;
     for (int64_t i = 0; i < rows; i++) {
-        const double *x = r + i * D;
-        double *o = out + i * D;
+        const double *restrict x = r + i * D;
+        double *restrict o = out + i * D;
         int64_t sum = 0, q = 0;
         for (int64_t j = 0; j < D; j++)
             sum += (int64_t)x[j];
-        int64_t mu = floor_div(2 * sum + D, 2 * D);
+        const int64_t mu = floor_div(2 * sum + D, 2 * D);
         for (int64_t j = 0; j < D; j++) {
             int64_t d = (int64_t)x[j] - mu;
             q += d * d;
         }
-        int64_t var = floor_div(q << 16, D) + eps;
+        const int64_t var = floor_div(q << 16, D) + eps;
         int64_t sigma = (int64_t)__builtin_sqrt((double)var);  /* within one of floor(sqrt(var)) */
         while (sigma * sigma > var)
             sigma--;
         while ((sigma + 1) * (sigma + 1) <= var)
             sigma++;
+        /* round(d 2^n_shift / sigma) = floor((a + 1/2) / b), a = 2 d 2^n_shift + sigma, b = 2 sigma,
+         * as a product by the rounded reciprocal of b: exact for |a| < 2^50 (the proof at
+         * exact._floor_div_f64), and every step before it is exact on integers below 2^50. */
+        const double inv = 1.0 / (double)(2 * sigma), m = (double)mu, sg = (double)sigma;
         for (int64_t j = 0; j < D; j++) {
-            int64_t d = (int64_t)x[j] - mu;
-            int64_t n = clamp64(floor_div(2 * d * scale_n + sigma, 2 * sigma), limit);
-            int64_t v = n * gamma[j] + beta[j];
-            if (shift > 0)
-                v = floor_div(v + ((int64_t)1 << (shift - 1)), (int64_t)1 << shift);
-            else
-                v *= (int64_t)1 << -shift;
+            double n = __builtin_floor(((x[j] - m) * two_scale + sg + 0.5) * inv);
+            n = n < -lim ? -lim : (n > lim ? lim : n);
+            int64_t v = (((int64_t)n * gamma[j] + beta[j] + half) >> down) * times;
             o[j] = (double)clamp64(v, limit);
         }
     }
@@ -192,26 +197,35 @@ M2T_CLONES void m2t_gelu(const double *g, int64_t n, const double *table, int64_
  * c_e = sum_k weight[i, k] table[start[i, k] + e], and out (n, num_edges + 1) float64 =
  * the differences of [0, c_0 .. c_{E-1}, total] plus the floor (total >> precision) + 1,
  * total = (sum_k weight[i, k]) << cdf_bits. Integers throughout. */
-void m2t_mixture_pmf(const int32_t *table, const int64_t *start, const int32_t *weight, int64_t n, int64_t K,
-                     int64_t num_edges, int64_t cdf_bits, int64_t precision, double *out) {
+M2T_CLONES void m2t_mixture_pmf(const int32_t *table, const int64_t *start, const int32_t *weight, int64_t n,
+                                int64_t K, int64_t num_edges, int64_t cdf_bits, int64_t precision, double *out) {
+    const int64_t ahead = 8;  /* symbols: the runs are scattered over a table of megabytes */
     for (int64_t i = 0; i < n; i++) {
         const int64_t *s = start + i * K;
         const int32_t *w = weight + i * K;
-        double *o = out + i * (num_edges + 1);
+        double *restrict o = out + i * (num_edges + 1);
+        if (i + ahead < n)
+            for (int64_t k = 0; k < K; k++)
+                __builtin_prefetch(table + start[(i + ahead) * K + k]);
         int64_t total = 0;
         for (int64_t k = 0; k < K; k++)
             total += w[k];
         total <<= cdf_bits;
-        double floor_add = (double)((total >> precision) + 1);
-        int64_t prev = 0;
-        for (int64_t e = 0; e < num_edges; e++) {
-            int64_t c = 0;
-            for (int64_t k = 0; k < K; k++)
-                c += (int64_t)w[k] * table[s[k] + e];
-            o[e] = (double)(c - prev) + floor_add;
-            prev = c;
+        const double floor_add = (double)((total >> precision) + 1);
+        /* The cdf in o[0 .. E-1] first (integers below 2^30: exact in float64), component by
+         * component over contiguous runs of the table; then its differences, from the end. */
+        for (int64_t e = 0; e < num_edges; e++)
+            o[e] = 0.0;
+        for (int64_t k = 0; k < K; k++) {
+            const int32_t *restrict run = table + s[k];
+            const double wk = (double)w[k];
+            for (int64_t e = 0; e < num_edges; e++)
+                o[e] += wk * (double)run[e];
         }
-        o[num_edges] = (double)(total - prev) + floor_add;
+        o[num_edges] = ((double)total - o[num_edges - 1]) + floor_add;
+        for (int64_t e = num_edges - 1; e > 0; e--)
+            o[e] = (o[e] - o[e - 1]) + floor_add;
+        o[0] += floor_add;
     }
 }
 
