@@ -59,6 +59,7 @@ SIGNATURES = {
     # int8_conv / int_synthesis: activation byte planes, and the products' rescaling
     "plane_pack": (None, [_P, _I, _I, _I, _P, _I, _P]),
     "rescale_planes": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _F, _P, _I]),
+    "gate": (None, [_P, _P, _P, _I, _P, _I, _I, _F, _P]),
     # exact.Float64Ops: LayerNorm and GELU; entropy_coding: a mixture's probabilities per symbol
     "layer_norm": (None, [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P]),
     "gelu": (None, [_P, _I, _P, _I, _P]),

@@ -176,6 +176,21 @@ def fused_rescale(raw: torch.Tensor, r, planes: int, low: int, high: int, out: t
     return True
 
 
+def fused_gate(x: torch.Tensor, t: torch.Tensor, m: torch.Tensor, table: torch.Tensor, half: int, bits: int,
+               limit: int) -> torch.Tensor | None:
+    """int_synthesis.IntOps.gate in one pass of the C kernel (the same float32 steps in the same
+    order), where it is built and x, t, m (B, C, H, W) are channels-last alike; else None."""
+    lib = cpu_kernels.library()
+    if (lib is None or x.device.type != "cpu" or not (x.dtype == t.dtype == m.dtype == table.dtype == torch.float32)
+            or not x.shape == t.shape == m.shape or not x.is_contiguous(memory_format=torch.channels_last)
+            or not x.stride() == t.stride() == m.stride() or not table.is_contiguous()):
+        return None
+    out = torch.empty_like(x)  # the same layout
+    lib.gate(x.data_ptr(), t.data_ptr(), m.data_ptr(), x.numel(), table.data_ptr(), half, bits, float(limit),
+             out.data_ptr())
+    return out
+
+
 class PackedConv:
     """One convolution's weight planes prepacked for oneDNN, with its bias: one plane where
     the weight is within int8 (`weight_planes`), else two."""

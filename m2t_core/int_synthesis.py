@@ -607,6 +607,8 @@ class IntOps:
         return d.add_(x).clamp_(-ACT_LIMIT, ACT_LIMIT)  # |x + d| < 2^16: exact (d is this block's own)
 
     def gate(self, x, t, m, stream):
+        if (fused := int8_conv.fused_gate(x, t, m, self.gate_table, GATE_HALF, GATE_BITS, ACT_LIMIT)) is not None:
+            return fused
         sig = self.gate_table[(m + GATE_HALF).long()]  # (B, C, H, W) in 1/2^GATE_BITS
         g = sig.mul_(t).add_(1 << (GATE_BITS - 1)).mul_(1.0 / (1 << GATE_BITS)).floor_()  # |t * sig| < 2^23
         return (x + g).clamp_(-ACT_LIMIT, ACT_LIMIT)

@@ -224,3 +224,20 @@ def test_fused_rescaling_equals_the_torch_passes(monkeypatch, planes):
         monkeypatch.delenv("M2T_CPU_KERNELS")
         assert torch.equal(fused, torch_passes), seed
         assert torch.equal(fused[:, :, :2], whole[:, :, :2]) and torch.equal(fused[:, :, 5:], whole[:, :, 5:])
+
+
+def test_fused_gate_equals_the_torch_passes(monkeypatch):
+    """The attention gate's C kernel against IntOps.gate's torch passes, over the whole range
+    of the mask logits (the sigmoid table's every entry) and the activations' extremes."""
+    g = torch.Generator().manual_seed(11)
+    shape = (2, 8, 17, 31)
+    m = torch.randint(-IS.GATE_HALF, IS.GATE_HALF + 1, shape, generator=g).float()
+    m.view(-1)[: 2 * IS.GATE_HALF + 1] = torch.arange(-IS.GATE_HALF, IS.GATE_HALF + 1).float()
+    x, t = (torch.randint(-IS.ACT_LIMIT, IS.ACT_LIMIT + 1, shape, generator=g).float() for _ in range(2))
+    t.view(-1)[::7], x.view(-1)[::5] = IS.ACT_LIMIT, -IS.ACT_LIMIT
+    x, t, m = (a.contiguous(memory_format=torch.channels_last) for a in (x, t, m))
+    ops = IS.IntOps(IS.IntSynthesis(load_model("m2t-small-q2").g_s), "cpu")
+    fused = int8_conv.fused_gate(x, t, m, ops.gate_table, IS.GATE_HALF, IS.GATE_BITS, IS.ACT_LIMIT)
+    assert fused is not None  # the kernel runs here
+    monkeypatch.setenv("M2T_CPU_KERNELS", "0")
+    assert torch.equal(fused, ops.gate(x, t.clone(), m, "stream1"))

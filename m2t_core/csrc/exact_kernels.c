@@ -266,3 +266,17 @@ M2T_CLONES void m2t_round_div_rows(const double *num, int64_t rows, int64_t n, c
             out[i * n + j] = (double)floor_div(2 * (int64_t)num[i * n + j] + d / 2, d);
     }
 }
+
+/* int_synthesis.IntOps.gate over n values of equal layout: clamp(x + floor((table[m + half] t
+ * + 2^(bits-1)) 2^-bits), +-limit), float32 integers, the same steps in the same order (every
+ * result exact: |table t| < 2^23). */
+M2T_CLONES void m2t_gate(const float *x, const float *t, const float *m, int64_t n, const float *table, int64_t half,
+                         int64_t bits, float limit, float *out) {
+    const float round_half = (float)((int64_t)1 << (bits - 1)), scale = 1.0f / (float)((int64_t)1 << bits);
+    for (int64_t k = 0; k < n; k++) {
+        float g = __builtin_floorf((table[(int64_t)m[k] + half] * t[k] + round_half) * scale);
+        float v = x[k] + g;
+        v = v < -limit ? -limit : v;
+        out[k] = v > limit ? limit : v;
+    }
+}
