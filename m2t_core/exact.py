@@ -76,24 +76,27 @@ class IntLinear(nn.Module):
         self._f64: tuple | None = None
         self._int8: tuple | None = None
 
+    def _cached(self, slot: str, tensors: tuple, make):
+        """make(), kept in attribute `slot` until one of `tensors` changes (storage or version
+        counter). Inference tensors (a model made under inference_mode) keep no version
+        counter: never cached, so an in-place export is always seen."""
+        key = None if self.weight.is_inference() else tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+        hit = getattr(self, slot)
+        if hit is None or key is None or hit[0] != key:
+            hit = (key, make())
+            setattr(self, slot, hit)
+        return hit[1]
+
     def weight_f64(self) -> torch.Tensor:
-        # Inference tensors (a model made under inference_mode) keep no version counter:
-        # never cached, so an in-place export is always seen.
-        key = None if self.weight.is_inference() else (self.weight.data_ptr(), self.weight._version, self.weight.device)
-        if self._f64 is None or key is None or self._f64[0] != key:
-            self._f64 = (key, self.weight.to(torch.float64).t().contiguous())  # (in, out)
-        return self._f64[1]
+        return self._cached("_f64", (self.weight,), lambda: self.weight.to(torch.float64).t().contiguous())  # (in, out)
 
     def int8(self) -> "int8_linear.PackedLinear | None":
         """This linear on the CPU's int8 units (int8_linear.py), or None where that route is
         off or not exact here; cached like weight_f64."""
         if not int8_linear.enabled():
             return None
-        key = None if self.weight.is_inference() else tuple(
-            (t.data_ptr(), t._version) for t in (self.weight, self.bias, self.shift))
-        if self._int8 is None or key is None or self._int8[0] != key:
-            self._int8 = (key, int8_linear.prepare(self.weight, self.bias, self.shift))
-        return self._int8[1]
+        return self._cached("_int8", (self.weight, self.bias, self.shift),
+                            lambda: int8_linear.prepare(self.weight, self.bias, self.shift))
 
 
 class IntNorm(nn.Module):
@@ -453,6 +456,7 @@ class Float64Ops(IntOps):
     def __init__(self, model: ExactEntropyModel, rate=None):
         super().__init__(model, rate)
         self._req: dict[str, tuple] = {}
+        self._lib = cpu_kernels.library()  # the fused C kernels (CPU tensors only), looked up once
 
     def _requant(self, name: str, device):
         key = (name, device)
@@ -465,7 +469,7 @@ class Float64Ops(IntOps):
         return self._req[key]
 
     def linear(self, name: str, x: torch.Tensor, limit: int | None = ACT_MAX) -> torch.Tensor:
-        if x.device.type == "cpu":  # the same integers on the int8 units, where that is exact here
+        if self._lib is not None and x.device.type == "cpu":  # the same integers on the int8 units, where exact
             fast = self.m.linears[name].int8()
             out = None if fast is None else fast(x, limit)
             if out is not None:
@@ -495,7 +499,7 @@ class Float64Ops(IntOps):
         as q = D t + u, so no product reaches 2^53."""
         D = r.shape[-1]
         e_n = N.ln_exponent(self.cfg.d_model)
-        lib = cpu_kernels.library() if r.device.type == "cpu" and e_n + LN_EXTRA_BITS <= 30 else None
+        lib = self._lib if r.device.type == "cpu" and e_n + LN_EXTRA_BITS <= 30 else None
         if lib is not None:  # IntOps.layer_norm, one pass per row (csrc/exact_kernels.c; bound 2^(19 + 30) < 2^50)
             nrm, x = self.m.norms[name], r.contiguous()
             gamma, beta = nrm.gamma.contiguous(), nrm.beta.contiguous()  # held while the kernel reads them
@@ -536,7 +540,7 @@ class Float64Ops(IntOps):
         # In place on the fresh product (the teacher-forced encoder's (B, h, 256, 256) score
         # tensors are ~13 MB each: every extra pass and allocation shows).
         scores = torch.matmul(q, k.transpose(-1, -2))  # exact, < 2^36
-        lib = cpu_kernels.library() if q.device.type == "cpu" else None
+        lib = self._lib if q.device.type == "cpu" else None
         if lib is not None and (valid is None or valid.dim() == 2):
             return self._attention_fused(lib, multiplier, scores, v, valid)
         # floor((s m + 2^(shift-1)) / 2^shift) as floor(s (m 2^-shift) + 1/2): m 2^-shift has 15
@@ -573,7 +577,7 @@ class Float64Ops(IntOps):
     def gelu(self, g: torch.Tensor) -> torch.Tensor:
         # IntOps.gelu in fewer passes: the table's first entry is 0 (GELU below -8 is 0 in
         # 1/256; checked in _table), so below the table the lookup already gives IntOps' 0.
-        lib = cpu_kernels.library() if g.device.type == "cpu" else None
+        lib = self._lib if g.device.type == "cpu" else None
         if lib is not None:  # the same steps in one pass (csrc/exact_kernels.c)
             x, table = g.contiguous(), self._table("gelu", g.device)
             out = torch.empty_like(x)

@@ -78,7 +78,7 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, limit: int | None) -> torch.Tensor | None:
         """x (..., K) float64 integers on the CPU -> (..., N) float64, Float64Ops.linear's
         integers; None where some x leaves int16 (the caller's float64 route then runs)."""
-        lib = cpu_kernels.library()
+        lib = cpu_kernels.library()  # looked up per call: ctypes functions do not copy or pickle
         split, combine = lib.split_planes, lib.combine
         K, N = self.inner, self.outputs
         xm = x.reshape(-1, K).contiguous()  # (M, K)

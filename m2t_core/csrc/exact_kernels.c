@@ -43,14 +43,17 @@ M2T_CLONES int m2t_split_planes(const double *restrict x, int64_t M, int64_t K, 
     return 1;
 }
 
+static inline double clampd(double v, double limit) {
+    v = v < -limit ? -limit : v;
+    return v > limit ? limit : v;
+}
+
 static inline void combine_row(const int32_t *restrict ac, const int32_t *restrict ad, const int32_t *restrict bc,
                                const int32_t *restrict bd, double r, const double *restrict offset,
                                const double *restrict scale, double limit, double *restrict o, int64_t N) {
     for (int64_t j = 0; j < N; j++) {
         double acc = 65536.0 * (double)ac[j] + 256.0 * ((double)ad[j] + (double)bc[j]) + (double)bd[j];
-        double q = __builtin_floor((acc + (r + offset[j])) * scale[j]);
-        q = q < -limit ? -limit : q;
-        o[j] = q > limit ? limit : q;
+        o[j] = clampd(__builtin_floor((acc + (r + offset[j])) * scale[j]), limit);
     }
 }
 
@@ -174,8 +177,7 @@ M2T_CLONES void m2t_layer_norm(const double *r, int64_t rows, int64_t D, int64_t
          * exact._floor_div_f64), and every step before it is exact on integers below 2^50. */
         const double inv = 1.0 / (double)(2 * sigma), m = (double)mu, sg = (double)sigma;
         for (int64_t j = 0; j < D; j++) {
-            double n = __builtin_floor(((x[j] - m) * two_scale + sg + 0.5) * inv);
-            n = n < -lim ? -lim : (n > lim ? lim : n);
+            double n = clampd(__builtin_floor(((x[j] - m) * two_scale + sg + 0.5) * inv), lim);
             int64_t v = (((int64_t)n * gamma[j] + beta[j] + half) >> down) * times;
             o[j] = (double)clamp64(v, limit);
         }
