@@ -8,7 +8,8 @@
 For a change to the hot path that must not change any byte or pixel. Each round runs one
 fresh process per checkout, base first and then this one, alternating; each process loads
 the model by name from its own checkout, codes every image once to warm up and then times
-per image, each the median of --repeats calls:
+per image, each the median of --repeats calls (after `allocator.keep_freed_memory()`, as
+the `m2t` commands and the jobs' workers call it, where the checkout has it):
 
 * encode: `Encoder(model).encode_image(rgb)` (g_a, the exact entropy model, range coding);
 * decode_latent: `Decoder.decode_latent(stream)` (the entropy model's steps, range decoding);
@@ -20,12 +21,17 @@ minutes, and alternating processes spreads the drift over both checkouts. The st
 decoded pixels of both checkouts must be identical (SHA-256 compared; the benchmark stops
 otherwise), since the two checkouts must agree on what they compute. Writes OUT.json and
 OUT.md (default bench/results/checkout_ab_t<threads>.json).
+
+`--base-env NAME=VALUE` sets an environment variable for the base's processes only: with
+`--base .` it compares a setting against its default in one checkout, e.g.
+`--base . --base-env M2T_MALLOC_TUNING=0` (glibc's malloc as it comes, against tuned).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import statistics
@@ -51,6 +57,10 @@ def worker(tree: Path, model_name: str, paths: list[str], threads: int, repeats:
 
     if Path(m2t_core.__file__).resolve().parents[1] != tree.resolve():
         raise RuntimeError(f"imported {m2t_core.__file__}, not the checkout {tree}")
+    if importlib.util.find_spec("m2t_core.allocator") is not None:  # m2t >= 0.7.3
+        from m2t_core.allocator import keep_freed_memory
+
+        keep_freed_memory()
     model = load_model(model_name)
     out = {}
     for path in paths:
@@ -76,10 +86,10 @@ def worker(tree: Path, model_name: str, paths: list[str], threads: int, repeats:
     return out
 
 
-def _run_worker(tree: Path, args, paths: list[str]) -> dict:
+def _run_worker(tree: Path, args, paths: list[str], extra_env: dict[str, str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(tree), "--model", args.model,
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--paths", json.dumps(paths)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), **extra_env)
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"the worker for {tree} failed:\n{done.stderr[-3000:]}")
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="processes per checkout, alternating")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per stage in each process")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--base-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for the base's processes only (repeatable)")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -110,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         ap.error(f"no such image: {missing}")
+    if any("=" not in item or not item.split("=", 1)[0] for item in args.base_env):
+        ap.error("--base-env takes NAME=VALUE")
+    base_env = dict(item.split("=", 1) for item in args.base_env)
     trees = {"base": args.base.resolve(), "this": REPO}
     runs: dict[str, list[dict]] = {"base": [], "this": []}
     for r in range(args.rounds):
         for side, tree in trees.items():
-            runs[side].append(_run_worker(tree, args, paths))
+            runs[side].append(_run_worker(tree, args, paths, base_env if side == "base" else {}))
             last = runs[side][-1]
             done = ", ".join(f"{img} decompress {v['median_s']['decompress']:.3f} s" for img, v in last.items())
             print(f"round {r + 1}/{args.rounds} {side}: {done}", flush=True)
@@ -137,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     states = {side: code_state(("m2t_core",), tree) for side, tree in trees.items()}
     commits = {side: (st["git_commit"] or "?")[:7] + ("+changes" if st["uncommitted"] else "")
                for side, st in states.items()}
-    header = (f"m2t {commits['base']} (base) against {commits['this']} (this), {args.model}, {args.threads} "
+    with_env = f" with {' '.join(args.base_env)}" if args.base_env else ""
+    header = (f"m2t {commits['base']} (base{with_env}) against {commits['this']} (this), {args.model}, {args.threads} "
               f"thread(s), {cpu_model()}; medians of {args.rounds} alternating processes, each the median of "
               f"{args.repeats} calls; the same streams and pixels in both\n\n")
     table = markdown_table(["image", "stage", "base, s", "this, s", "speed-up"], rows)
     report = {"benchmark": "checkout_ab", "command": " ".join(["bench/checkout_ab.py"] + (argv or sys.argv[1:])),
-              "commits": commits, "model": args.model, "threads": args.threads, "rounds": args.rounds,
+              "commits": commits, "base_env": base_env, "model": args.model, "threads": args.threads, "rounds": args.rounds,
               "repeats": args.repeats, "machine": {"cpu": cpu_model()}, "load_average_after": load_avg(),
               "images": results}
     write_report(args.out or REPO / "bench" / "results" / f"checkout_ab_t{args.threads}.json", report,

@@ -36,8 +36,10 @@ class CliError(Exception):
 
 
 def _model(name: str | None, device: str):
+    from .allocator import keep_freed_memory
     from .registry import load_model
 
+    keep_freed_memory()  # a command that codes: freed tensors stay for the next (allocator.py)
     return load_model(name, device=device)
 
 

@@ -62,6 +62,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from m2t_core.config import ConfigError
+from m2t_core.allocator import keep_freed_memory
 
 from pipeline.config import absolute_url, check_shared_settings, inputs_and_output, load_job_config, need, redact
 from pipeline.errors import run_main
@@ -348,6 +349,7 @@ def _setup_worker(threads: int) -> None:
 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    keep_freed_memory()
 
 
 def _model(info: Mapping[str, Any], device: str, storage_options):

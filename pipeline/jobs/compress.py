@@ -51,6 +51,7 @@ import numpy as np
 
 from m2t_core.config import ConfigError
 from m2t_core import bitstream
+from m2t_core.allocator import keep_freed_memory
 
 from pipeline.config import inputs_and_output, redact, without_retired  # noqa: F401 (redact: used by tests)
 from pipeline.jobs.compress_config import DEFAULT_CONFIG, CompressConfig, RayOptions, load_config  # noqa: F401
@@ -320,6 +321,7 @@ class ShardWorker:
         threads = settings.torch_threads or (max(1, int(placement.cpus)) if placement.ray else 0)
         if threads:
             torch.set_num_threads(threads)
+        keep_freed_memory()
         self.settings = dataclasses.replace(settings, node_id=placement.node_id)
         self.model = A.open_model(settings.model_source, device=placement.device,
                                   storage_options=settings.storage_options)

@@ -48,6 +48,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from m2t_core import bitstream as bs
+from m2t_core.allocator import keep_freed_memory
 from m2t_core.model import numerics_environment
 
 from pipeline.errors import UsageError, run_main
@@ -392,6 +393,7 @@ class DecodeWorker:
             import torch
 
             torch.set_num_threads(max(1, int(placement.cpus)))
+        keep_freed_memory()
         self.settings, self.node_id = settings, placement.node_id
         self.model = A.open_model(settings.model_source, device=placement.device,
                                   storage_options=settings.storage_options)
