@@ -75,6 +75,7 @@ sys.path.insert(0, str(REPO))
 import m2t_core  # noqa: E402
 from m2t_core import decoder as decoder_module  # noqa: E402
 from m2t_core import encoder as encoder_module  # noqa: E402
+from m2t_core.allocator import keep_freed_memory  # noqa: E402
 from m2t_core import int8_conv  # noqa: E402
 from m2t_core import int8_linear  # noqa: E402
 from m2t_core import model as model_module  # noqa: E402
@@ -579,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         ap.error("--threads must be >= 1")
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the m2t commands and the jobs' workers do
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device available")
     if args.stages:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from _common import DEFAULT_DATA, code_state, load_avg, markdown_table, write_report  # noqa: E402
 
 from m2t_core import Decoder, Encoder, cpu_kernels, int8_linear, load_model  # noqa: E402
+from m2t_core.allocator import keep_freed_memory  # noqa: E402
 from m2t_core.image_io import load_image  # noqa: E402
 from m2t_core.sysinfo import cpu_model  # noqa: E402
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         ap.error(f"no such image: {', '.join(missing)} (--kodak names the folder)")
+    keep_freed_memory()  # as the m2t commands and the jobs' workers do
     model = load_model(args.model)
     results = {}
     for path in paths:
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     code = code_state(("m2t_core",))
     title = (f"m2t {(code['git_commit'] or 'unknown')[:7]}{'+changes' if code['uncommitted'] else ''}, {args.model}, "
              f"{cpu_model()}; medians of {args.rounds} rounds "
-             f"in one process, thread counts alternating; C kernels {'on' if cpu_kernels.library() else 'off'}, "
+             f"in one process, thread counts alternating; C kernels on {cpu_kernels.threads()}, "
              f"int8 linears {int8_linear.status()}")
     markdown = "\n".join([title, ""] + markdown_table(header, rows)) + "\n"
     command = "bench/thread_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -41,7 +41,49 @@ def _load() -> SimpleNamespace | None:
         return None
     for name, (restype, argtypes) in SIGNATURES.items():
         functions[name].restype, functions[name].argtypes = restype, argtypes
+    runtime = _torch_openmp()
+    if runtime is not None:
+        functions["use_openmp"](*runtime[1:])
+    _THREADS["state"] = f"torch's OpenMP threads ({runtime[0]})" if runtime else "the calling thread only"
     return SimpleNamespace(**functions)
+
+
+_THREADS = {"state": "not loaded"}
+_OPENMP_ENTRY_POINTS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+
+
+def threads() -> str:
+    """Where the g_s kernels run: on torch's OpenMP threads (as many as torch.get_num_threads()
+    says, which the callers pass), or on the calling thread only."""
+    return _THREADS["state"] if library() is not None else f"none ({missing_reason()})"
+
+
+def _torch_openmp() -> tuple | None:
+    """(path, GOMP_parallel, omp_get_thread_num, omp_get_num_threads) of
+    the OpenMP runtime that torch's CPU passes run on, already loaded in this process, or None
+    where torch's parallel backend is not OpenMP or its runtime cannot be told apart. Only
+    that runtime: a second one would start a second pool of threads, competing for the cores
+    with torch's (whose workers spin a while after each pass)."""
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    torch_dir = Path(torch.__file__).resolve().parent
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:  # not Linux
+        return None
+    paths = {line.split()[-1] for line in maps if line.split() and line.split()[-1].startswith("/")}
+    ours = sorted(p for p in paths if Path(p).name.startswith(("libgomp", "libiomp", "libomp"))
+                  and (torch_dir in Path(p).parents or torch_dir.parent / "torch.libs" in Path(p).parents))
+    if len(ours) != 1:
+        return None
+    try:  # RTLD_NOLOAD: the copy that is loaded already, never a new one
+        lib = ctypes.CDLL(ours[0], mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
+        return (ours[0],) + tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                                  for name in _OPENMP_ENTRY_POINTS)
+    except (OSError, AttributeError):
+        return None
 
 
 def missing_reason() -> str:
@@ -57,9 +99,11 @@ SIGNATURES = {
     "split_planes": (ctypes.c_int, [_P, _I, _I, _P, _P]),
     "combine": (None, [_P, _I, _I, _P, _P, _P, _D, _P, _I]),
     # int8_conv / int_synthesis: activation byte planes, and the products' rescaling
-    "plane_pack": (None, [_P, _I, _I, _I, _P, _I, _P]),
-    "rescale_planes": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _F, _P, _I]),
-    "gate": (None, [_P, _P, _P, _I, _P, _I, _I, _F, _P]),
+    # (each with its thread count last: torch.get_num_threads())
+    "plane_pack": (None, [_P, _I, _I, _I, _P, _I, _P, _I]),
+    "rescale_planes": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _F, _P, _I, _P, _I]),
+    "gate": (None, [_P, _P, _P, _I, _P, _I, _I, _F, _P, _I]),
+    "use_openmp": (None, [_P, _P, _P]),  # the g_s kernels' threads: torch's OpenMP entry points
     # exact.Float64Ops: LayerNorm and GELU; entropy_coding: a mixture's probabilities per symbol
     "layer_norm": (None, [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P]),
     "gelu": (None, [_P, _I, _P, _I, _P]),

@@ -116,7 +116,8 @@ the C kernels are built (cpu_kernels), one fused pass of the same integer steps 
     lib = cpu_kernels.library()
     if (lib is not None and x.dtype == torch.float32 and out.dtype == torch.uint8 and _rows_of_pixels(x)
             and _rows_of_pixels(out)):  # one fused pass (csrc/exact_kernels.c)
-        lib.plane_pack(x.data_ptr(), x.stride(0), B, C * h * W, out.data_ptr(), out.stride(0), out[B].data_ptr())
+        lib.plane_pack(x.data_ptr(), x.stride(0), B, C * h * W, out.data_ptr(), out.stride(0), out[B].data_ptr(),
+                       torch.get_num_threads())
         return
     v = torch.empty((B, h, W, C), dtype=torch.int16)
     v.copy_(x.permute(0, 2, 3, 1)).add_(ZERO_POINT).bitwise_xor_(-(1 << 15))  # (B, h, W, C): v - 2^16 where v >= 2^15
@@ -132,12 +133,13 @@ def _rows_of_pixels(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and ((t.stride(1), t.stride(3), t.stride(2)) == (1, C, W * C) or t.numel() == 0)
 
 
-def convolve(conv: "PackedConv", x: torch.Tensor, finish) -> torch.Tensor:
+def convolve(conv: "PackedConv", x: torch.Tensor, finish, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The convolution of float32 integers x (B, C, H, W) as `conv`'s products, in bands of
-    rows: finish(products, out) takes each band's four plane products (2B, 2R, n, W) float32
-    (`PackedConv.raw`) and writes its output rows into `out` (B, R, n, W), a band of the
-    result (B, R, H, W) channels-last. Bands keep every temporary small enough for the caches;
-    a band reads `p` rows of its neighbours, so the result is the whole convolution's."""
+    rows: finish(products, out, res) takes each band's four plane products (2B, 2R, n, W)
+    float32 (`PackedConv.raw`) and writes its output rows into `out` (B, R, n, W), a band of
+    the result (B, R, H, W) channels-last; `res` is the same band of `residual` (B, R, H, W),
+    or None. Bands keep every temporary small enough for the caches; a band reads `p` rows of
+    its neighbours, so the result is the whole convolution's."""
     B, C, H, W = x.shape
     p = conv.kernel // 2
     budget = BAND_BYTES * torch.get_num_threads()  # small bands lose to per-call costs, large ones to the caches
@@ -156,23 +158,28 @@ def convolve(conv: "PackedConv", x: torch.Tensor, finish) -> torch.Tensor:
         if top or bottom < rows:  # above or below the image: zeros (the zero point)
             planes.fill_(ZERO_POINT)
         plane_pack(x[:, :, a0:a1], planes[:, :, top:bottom])
-        finish(conv.raw(planes), out[:, :, y0:y1])
+        finish(conv.raw(planes), out[:, :, y0:y1], None if residual is None else residual[:, :, y0:y1])
     return out
 
 
-def fused_rescale(raw: torch.Tensor, r, planes: int, low: int, high: int, out: torch.Tensor) -> bool:
+def fused_rescale(raw: torch.Tensor, r, planes: int, low: int, high: int, out: torch.Tensor,
+                  residual: torch.Tensor | None = None) -> bool:
     """int_synthesis._combine_into (planes=1) or _combine_products (2; rows all wide) of the
-    plane products `raw` with int_synthesis.Rescale `r`, clamped into `out`, in one pass of
-    the C kernel (cpu_kernels: the same float32 steps in the same order), where it is built
-    and the layouts are oneDNN's channels-last; False where the torch passes must run."""
+    plane products `raw` with int_synthesis.Rescale `r`, clamped into `out` (then plus
+    `residual`, clamped again, where given), in one pass of the C kernel (cpu_kernels: the
+    same float32 steps in the same order), where it is built and the layouts are oneDNN's
+    channels-last; False where the torch passes must run."""
     lib = cpu_kernels.library()
     if (lib is None or raw.dtype != torch.float32 or out.dtype != torch.float32
-            or not raw.is_contiguous(memory_format=torch.channels_last) or not _rows_of_pixels(out)):
+            or not raw.is_contiguous(memory_format=torch.channels_last) or not _rows_of_pixels(out)
+            or residual is not None and (residual.dtype != torch.float32 or residual.shape != out.shape
+                                         or residual.stride() != out.stride())):
         return False
     B, R, n, W = out.shape
     lib.rescale_planes(raw.data_ptr(), B, n * W, R, planes, r.lo_scale.data_ptr(), r.hi_scale.data_ptr(),
                        r.delta.data_ptr(), r.scale.data_ptr(), r.b_int.data_ptr(), float(low), float(high),
-                       out.data_ptr(), out.stride(0))
+                       out.data_ptr(), out.stride(0), None if residual is None else residual.data_ptr(),
+                       torch.get_num_threads())
     return True
 
 
@@ -187,7 +194,7 @@ def fused_gate(x: torch.Tensor, t: torch.Tensor, m: torch.Tensor, table: torch.T
         return None
     out = torch.empty_like(x)  # the same layout
     lib.gate(x.data_ptr(), t.data_ptr(), m.data_ptr(), x.numel(), table.data_ptr(), half, bits, float(limit),
-             out.data_ptr())
+             out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -481,7 +481,7 @@ def forward(ops, program: list[tuple], y: torch.Tensor) -> torch.Tensor:
 def _residual(ops, rb: str, x: torch.Tensor, stream: str) -> torch.Tensor:
     h = ops.conv(f"{rb}.body.0", x, stream, f"{rb}.body.0.out", relu=True)
     h = ops.conv(f"{rb}.body.2", h, f"{rb}.body.0.out", f"{rb}.body.2.out", relu=True)
-    return ops.add(x, ops.conv(f"{rb}.body.4", h, f"{rb}.body.2.out", stream, relu=False), stream)
+    return ops.conv_add(f"{rb}.body.4", h, x, f"{rb}.body.2.out", stream)  # x + body.4(h)
 
 
 class FloatOps:
@@ -513,8 +513,8 @@ class FloatOps:
             return out, "pixels"
         return self._see(f"stream{self.stage}", out), f"stream{self.stage}"
 
-    def add(self, x, d, stream):
-        return self._see(stream, x + d)
+    def conv_add(self, name, h, x, a_in, stream):
+        return self._see(stream, x + self.conv(name, h, a_in, stream, relu=False))
 
     def gate(self, x, t, m, stream):
         return self._see(stream, x + t * torch.sigmoid(m))
@@ -579,17 +579,19 @@ class IntOps:
         _, rescale = self._carriers(name, p.device)
         return _combine(p, rescale).clamp_(low, high)
 
-    def _convolve(self, name: str, x: torch.Tensor, low: int, high: int) -> torch.Tensor:
-        """The convolution's requantised output, clamped to [low, high]: on the int8 units in
-        bands of rows where that is exact here (int8_conv.py), else the float32 route. The same
-        integers either way."""
+    def _convolve(self, name: str, x: torch.Tensor, low: int, high: int,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution's requantised output, clamped to [low, high] (then plus `residual`,
+        clamped again, where given): on the int8 units in bands of rows where that is exact
+        here (int8_conv.py), else the float32 route. The same integers either way."""
         fast = self._int8(name) if self.int8 else None
         if fast is None:
-            return self._requant(name, self._products(name, x), low, high)
+            out = self._requant(name, self._products(name, x), low, high)
+            return out if residual is None else out.add_(residual).clamp_(low, high)
         _, rescale = self._carriers(name, x.device)
         # One weight plane gives the float32 route's products [P_hi + f_lo, P_lo + f_lo]; two, four products.
         finish = _combine_into if fast.planes == 1 else _combine_products
-        return int8_conv.convolve(fast, x, lambda raw, out: finish(raw, rescale, low, high, out))
+        return int8_conv.convolve(fast, x, lambda raw, out, res: finish(raw, rescale, low, high, out, res), residual)
 
     def conv(self, name, x, a_in, a_out, relu):
         if a_out == "gate":
@@ -603,8 +605,11 @@ class IntOps:
         out = self._convolve(name, x, -ACT_LIMIT, ACT_LIMIT)
         return F.pixel_shuffle(out, s).contiguous(memory_format=torch.channels_last), out_name  # a permutation
 
-    def add(self, x, d, stream):
-        return d.add_(x).clamp_(-ACT_LIMIT, ACT_LIMIT)  # |x + d| < 2^16: exact (d is this block's own)
+    def conv_add(self, name, h, x, a_in, stream):
+        """A residual block's last convolution of h, clamped, plus the block's input x,
+        clamped: |x + d| < 2^16, exact. On the int8 route the rescaling kernel adds x as it
+        writes each band (one pass fewer over the stream)."""
+        return self._convolve(name, h, -ACT_LIMIT, ACT_LIMIT, residual=x)
 
     def gate(self, x, t, m, stream):
         if (fused := int8_conv.fused_gate(x, t, m, self.gate_table, GATE_HALF, GATE_BITS, ACT_LIMIT)) is not None:
@@ -633,13 +638,22 @@ def _combine(p: torch.Tensor, r: Rescale) -> torch.Tensor:
     return hi.add_(q).add_(r.delta).mul_(r.scale).floor_().add_(r.b_int)
 
 
-def _combine_into(p: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor) -> None:
-    """_combine of the two planes' products p, clamped to [low, high] into `out`."""
-    if not int8_conv.fused_rescale(p, r, 1, low, high, out):
+def _combine_into(p: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor,
+                  residual: torch.Tensor | None = None) -> None:
+    """_combine of the two planes' products p, clamped to [low, high] into `out` (plus
+    `residual`, clamped again, where given)."""
+    if not int8_conv.fused_rescale(p, r, 1, low, high, out, residual):
         torch.clamp(_combine(p, r), low, high, out=out)
+        _add_residual(out, residual, low, high)
 
 
-def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor) -> None:
+def _add_residual(out: torch.Tensor, residual: torch.Tensor | None, low: int, high: int) -> None:
+    if residual is not None:
+        out.add_(residual).clamp_(low, high)
+
+
+def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor,
+                      residual: torch.Tensor | None = None) -> None:
     """_combine, clamped into `out` (B, R, n, W), from the four plane products of int8_conv
     raw = [[hh, hl], [lh, ll]] (2B, 2R, n, W) (x_hi / x_lo on the batch, w_hi / w_lo on the
     rows, f_lo in hl and ll): P_hi + f_lo = 256 hh + hl and floor((P_lo + f_lo) / 256) =
@@ -648,12 +662,14 @@ def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: t
     B, R = raw.shape[0] // 2, raw.shape[1] // 2
     hh, hl, lh, ll = raw[:B, :R], raw[:B, R:], raw[B:, :R], raw[B:, R:]
     if not r.all_wide:  # rare (see _combine): through the two planes' products
-        _combine_into(torch.cat([torch.add(hl, hh, alpha=PLANE), torch.add(ll, lh, alpha=PLANE)]), r, low, high, out)
+        _combine_into(torch.cat([torch.add(hl, hh, alpha=PLANE), torch.add(ll, lh, alpha=PLANE)]), r, low, high, out,
+                      residual)
         return
-    if int8_conv.fused_rescale(raw, r, 2, low, high, out):
+    if int8_conv.fused_rescale(raw, r, 2, low, high, out, residual):
         return
     t = ll.mul(1.0 / PLANE).floor_().add_(lh).add_(hl).add_(hh, alpha=PLANE)  # P_hi + f_lo + floor((P_lo + f_lo) / 256)
     torch.clamp(t.add_(r.delta).mul_(r.scale).floor_().add_(r.b_int), low, high, out=out)
+    _add_residual(out, residual, low, high)
 
 
 def _rescale(x: torch.Tensor, shift: int, limit: int) -> torch.Tensor:

@@ -208,19 +208,30 @@ def _rescale_case(planes: int, seed: int):
 
 
 @pytest.mark.parametrize("planes", [1, 2])
-def test_fused_rescaling_equals_the_torch_passes(monkeypatch, planes):
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_rescaling_equals_the_torch_passes(monkeypatch, planes, with_residual):
     """The C kernel (cpu_kernels) that rescales a band's plane products gives, into a band of
     the output, exactly what the torch passes give: the same float32 steps in the same order,
-    including rows whose sums leave 2^24 (rounded alike)."""
+    including rows whose sums leave 2^24 (rounded alike); with a residual block's input added
+    and clamped again (IntOps.conv_add), at the activations' extremes too."""
     finish = IS._combine_into if planes == 1 else IS._combine_products
     for seed in range(4):
         r, raw, whole = _rescale_case(planes, seed)
         low, high = (0, IS.ACT_LIMIT) if seed % 2 else (-IS.GATE_HALF, IS.GATE_HALF)
+        residual = None
+        if with_residual:
+            low, high = -IS.ACT_LIMIT, IS.ACT_LIMIT
+            g = torch.Generator().manual_seed(100 + seed)
+            x = torch.randint(-IS.ACT_LIMIT, IS.ACT_LIMIT + 1, whole.shape, generator=g).float()
+            x.view(-1)[::3], x.view(-1)[1::5] = IS.ACT_LIMIT, -IS.ACT_LIMIT
+            residual = x.contiguous(memory_format=torch.channels_last)[:, :, 2:5]
         fused, torch_passes = whole.clone(), whole.clone()
-        assert int8_conv.fused_rescale(raw, r, planes, low, high, fused[:, :, 2:5])  # the kernel runs here
+        assert int8_conv.fused_rescale(raw, r, planes, low, high, fused[:, :, 2:5], residual)  # the kernel runs here
         monkeypatch.setenv("M2T_CPU_KERNELS", "0")
-        finish(raw.clone(memory_format=torch.channels_last), r, low, high, torch_passes[:, :, 2:5])
+        finish(raw.clone(memory_format=torch.channels_last), r, low, high, torch_passes[:, :, 2:5], residual)
         monkeypatch.delenv("M2T_CPU_KERNELS")
+        if with_residual:  # the sum left the clamp's range somewhere, at both ends
+            assert (fused == high).any() and (fused == low).any()
         assert torch.equal(fused, torch_passes), seed
         assert torch.equal(fused[:, :, :2], whole[:, :, :2]) and torch.equal(fused[:, :, 5:], whole[:, :, 5:])
 
@@ -240,3 +251,50 @@ def test_fused_gate_equals_the_torch_passes(monkeypatch):
     assert fused is not None  # the kernel runs here
     monkeypatch.setenv("M2T_CPU_KERNELS", "0")
     assert torch.equal(fused, ops.gate(x, t.clone(), m, "stream1"))
+
+
+def test_g_s_kernels_on_torchs_threads_give_the_same_integers_at_any_count():
+    """The g_s kernels split their pixels over torch's own OpenMP threads (cpu_kernels.threads)
+    as torch.get_num_threads() allows: at 1, 2, 3 and 4 threads (shares of uneven sizes, large
+    enough to be split) the plane packing, the rescaling (one and two weight planes, with and
+    without a residual) and the gate write the same bytes."""
+    from m2t_core import cpu_kernels
+
+    assert cpu_kernels.threads().startswith("torch's OpenMP threads"), cpu_kernels.threads()
+    g = torch.Generator().manual_seed(21)
+    B, R, n, W = 2, 48, 61, 67  # 4087 pixels of 48 rows an image: shares for 4 threads
+    x = torch.randint(-IS.ACT_LIMIT, IS.ACT_LIMIT + 1, (B, R, n, W), generator=g).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    t, m = (torch.randint(-IS.ACT_LIMIT, IS.ACT_LIMIT + 1, x.shape, generator=g).float()
+            .clamp_(-IS.GATE_HALF, IS.GATE_HALF).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    ops = IS.IntOps(IS.IntSynthesis(load_model("m2t-small-q2").g_s), "cpu")
+    cases = {}
+    for planes in (1, 2):
+        shift = torch.randint(8 if planes == 2 else -2, 22, (R,), generator=g)
+        r = IS.Rescale.of(torch.randint(-(1 << 30), 1 << 30, (R,), generator=g), shift, "cpu")
+        raw = torch.randint(-(1 << 24) + 1, 1 << 24, (2 * B, planes * R, n, W), generator=g).float()
+        cases[planes] = (r, raw.contiguous(memory_format=torch.channels_last))
+
+    def run() -> list[torch.Tensor]:
+        packed = torch.empty((2 * B, R, n, W), dtype=torch.uint8, memory_format=torch.channels_last)
+        int8_conv.plane_pack(x, packed)
+        outs = [packed]
+        for planes, (r, raw) in cases.items():
+            for residual in (None, x):
+                out = torch.empty_like(x)
+                assert int8_conv.fused_rescale(raw, r, planes, -IS.ACT_LIMIT, IS.ACT_LIMIT, out, residual)
+                outs.append(out)
+        outs.append(int8_conv.fused_gate(x, t, m, ops.gate_table, IS.GATE_HALF, IS.GATE_BITS, IS.ACT_LIMIT))
+        return outs
+
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in (1, 2, 3, 4):
+            torch.set_num_threads(count)
+            results[count] = run()
+    finally:
+        torch.set_num_threads(threads)
+    for count in (2, 3, 4):
+        for k, (a, b) in enumerate(zip(results[1], results[count])):
+            assert torch.equal(a, b), (count, k)

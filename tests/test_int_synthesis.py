@@ -55,8 +55,8 @@ class ReferenceOps:
         out = "pixels" if self.stage == self.deconvs else f"stream{self.stage}"
         return F.pixel_shuffle(self._conv(name, x, -IS.ACT_LIMIT, IS.ACT_LIMIT), self.m.conv(name).spec.upsample), out
 
-    def add(self, x, d, stream):
-        return (x + d).clamp(-IS.ACT_LIMIT, IS.ACT_LIMIT)
+    def conv_add(self, name, h, x, a_in, stream):
+        return (x + self.conv(name, h, a_in, stream, relu=False)).clamp(-IS.ACT_LIMIT, IS.ACT_LIMIT)
 
     def gate(self, x, t, m, stream):
         sig = self.table[(m + IS.GATE_HALF).long()]

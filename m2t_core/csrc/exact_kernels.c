@@ -14,6 +14,63 @@
 #define M2T_CLONES
 #endif
 
+static inline float clampf(float t, float low, float high) {
+    t = t < low ? low : t;
+    return t > high ? high : t;
+}
+
+/* ------------------------------------------------------------------ threads
+ * The g_s passes below split their pixels over the threads of torch's own OpenMP runtime,
+ * whose entry points cpu_kernels.py finds in the process and hands over (m2t_use_openmp):
+ * the same worker threads as torch's passes, still spinning after the convolution before,
+ * so no second pool competes with them for the cores. Without them (another runtime, or
+ * none found) every pass runs on the calling thread. Each thread computes whole pixels with
+ * the same steps, so the results do not depend on the thread count. The entropy model's
+ * passes stay on the calling thread: they are short and come between torch passes too small
+ * to start threads, so torch's workers sleep, and waking them cost more than the pass (a
+ * decode step on 2 threads got slower, measured). */
+
+typedef void (*m2t_gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*m2t_omp_int_t)(void);
+static m2t_gomp_parallel_t gomp_parallel;
+static m2t_omp_int_t omp_thread_num, omp_num_threads;
+
+void m2t_use_openmp(void *parallel, void *thread_num, void *num_threads) {
+    gomp_parallel = (m2t_gomp_parallel_t)parallel;
+    omp_thread_num = (m2t_omp_int_t)thread_num;
+    omp_num_threads = (m2t_omp_int_t)num_threads;
+}
+
+typedef void (*m2t_range_t)(const void *args, int64_t begin, int64_t end);
+struct m2t_job { m2t_range_t body; const void *args; int64_t n; };
+
+static void run_share(void *p) {
+    const struct m2t_job *job = p;
+    const int64_t t = omp_thread_num(), T = omp_num_threads();
+    const int64_t begin = job->n * t / T, end = job->n * (t + 1) / T;
+    if (begin < end)
+        job->body(job->args, begin, end);
+}
+
+#define M2T_SHARE_VALUES 32768  /* values per thread at least: below, a thread's start costs more */
+
+/* body(args, begin, end) over [0, n) in one contiguous share per thread: at most `threads`
+ * threads (the caller passes torch.get_num_threads()), each with at least `least` items. */
+static void parallel_for(int64_t n, int64_t least, m2t_range_t body, const void *args, int64_t threads) {
+    if (!gomp_parallel)
+        threads = 1;
+    if (least < 1)
+        least = 1;
+    if (threads > n / least)
+        threads = n / least;
+    if (threads <= 1) {
+        body(args, 0, n);
+        return;
+    }
+    struct m2t_job job = {body, args, n};
+    gomp_parallel(run_share, &job, (unsigned)threads, 0);
+}
+
 /* x (M, K) float64 integers -> planes (2M, K) int8: rows a = floor(x / 256), then rows
  * b = (x mod 256) - 128, so that x = 256 a + b + 128; row_term (M,) = 32768 sum a + 128 sum b.
  * Returns 0 where some x lies outside [-32768, 32767] (the planes are then unusable). */
@@ -76,24 +133,27 @@ M2T_CLONES void m2t_combine(const int32_t *products, int64_t M, int64_t N, const
  * B images, n float32 integers |x| <= 32639 at x + b * x_stride -> the high plane
  * (x + 128) // 256 + 128 at hi + b * out_stride and the low plane (x + 128) mod 256 at
  * lo + b * out_stride. */
-M2T_CLONES void m2t_plane_pack(const float *x, int64_t x_stride, int64_t B, int64_t n, uint8_t *hi,
-                               int64_t out_stride, uint8_t *lo) {
-    for (int64_t b = 0; b < B; b++) {
-        const float *restrict xb = x + b * x_stride;
-        uint8_t *restrict hb = hi + b * out_stride;
-        uint8_t *restrict lb = lo + b * out_stride;
-        for (int64_t k = 0; k < n; k++) {
-            int32_t v = (int32_t)xb[k] + 128;
-            int32_t low = v & 255;                      /* two's complement: v mod 256 */
-            hb[k] = (uint8_t)((v - low) / 256 + 128);  /* an exact multiple of 256 */
-            lb[k] = (uint8_t)low;
-        }
+struct pack_args { const float *x; int64_t n; uint8_t *hi, *lo; };
+
+static M2T_CLONES void pack_range(const void *p, int64_t begin, int64_t end) {
+    const struct pack_args *a = p;
+    const float *restrict xb = a->x;
+    uint8_t *restrict hb = a->hi;
+    uint8_t *restrict lb = a->lo;
+    for (int64_t k = begin; k < end; k++) {
+        int32_t v = (int32_t)xb[k] + 128;
+        int32_t low = v & 255;                      /* two's complement: v mod 256 */
+        hb[k] = (uint8_t)((v - low) / 256 + 128);  /* an exact multiple of 256 */
+        lb[k] = (uint8_t)low;
     }
 }
 
-static inline float clampf(float t, float low, float high) {
-    t = t < low ? low : t;
-    return t > high ? high : t;
+void m2t_plane_pack(const float *x, int64_t x_stride, int64_t B, int64_t n, uint8_t *hi, int64_t out_stride,
+                    uint8_t *lo, int64_t threads) {
+    for (int64_t b = 0; b < B; b++) {
+        struct pack_args a = {x + b * x_stride, n, hi + b * out_stride, lo + b * out_stride};
+        parallel_for(n, M2T_SHARE_VALUES, pack_range, &a, threads);
+    }
 }
 
 /* The rescaling of a convolution's plane products (int_synthesis._combine_into and, for
@@ -102,33 +162,60 @@ static inline float clampf(float t, float low, float high) {
  * rounds beyond 2^24, rounded alike), so the same integers. raw (2B, planes R, pixels)
  * channels-last float32 as oneDNN returns it (the x_hi images, then the x_lo ones); one
  * weight plane: [x_hi w + f_lo | x_lo w + f_lo], two: [[hh, hl], [lh, ll]] on the rows. out:
- * image b's pixels at out + b * out_stride, R floats each. */
-M2T_CLONES void m2t_rescale_planes(const float *raw, int64_t B, int64_t pixels, int64_t R, int64_t planes,
-                                   const float *lo_scale, const float *hi_scale, const float *delta,
-                                   const float *scale, const float *b_int, float low, float high, float *out,
-                                   int64_t out_stride) {
-    const int64_t width = planes * R;  /* raw floats per pixel */
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t p = 0; p < pixels; p++) {
-            const float *restrict hi = raw + (b * pixels + p) * width;
-            const float *restrict lo = raw + ((B + b) * pixels + p) * width;
-            float *restrict o = out + b * out_stride + p * R;
-            if (planes == 1) {
-                for (int64_t r = 0; r < R; r++) {
-                    float q = __builtin_floorf(lo[r] * lo_scale[r]);
-                    float t = hi[r] * hi_scale[r] + q;
-                    t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
-                    o[r] = clampf(t, low, high);
-                }
-            } else {
-                for (int64_t r = 0; r < R; r++) {
-                    float t = __builtin_floorf(lo[R + r] * (1.0f / 256.0f)) + lo[r];
-                    t = (t + hi[R + r]) + 256.0f * hi[r];
-                    t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
-                    o[r] = clampf(t, low, high);
-                }
+ * image b's pixels at out + b * out_stride, R floats each. A residual block's last convolution
+ * passes its input as `residual` (the same layout, or NULL): then clamp(out + residual) into
+ * out, IntOps.conv_add fused (integers below 2^16: the sum is exact). */
+struct rescale_args {
+    const float *raw_hi, *raw_lo;  /* image b's x_hi and x_lo products */
+    int64_t R, planes;
+    const float *lo_scale, *hi_scale, *delta, *scale, *b_int;
+    float low, high;
+    float *out;
+    const float *residual;
+};
+
+static M2T_CLONES void rescale_range(const void *args, int64_t begin, int64_t end) {
+    const struct rescale_args *a = args;
+    const int64_t R = a->R, width = a->planes * R;  /* raw floats per pixel */
+    const float *restrict lo_scale = a->lo_scale, *restrict hi_scale = a->hi_scale;
+    const float *restrict delta = a->delta, *restrict scale = a->scale, *restrict b_int = a->b_int;
+    const float low = a->low, high = a->high;
+    for (int64_t p = begin; p < end; p++) {
+        const float *restrict hi = a->raw_hi + p * width;
+        const float *restrict lo = a->raw_lo + p * width;
+        float *restrict o = a->out + p * R;
+        if (a->planes == 1) {
+            for (int64_t r = 0; r < R; r++) {
+                float q = __builtin_floorf(lo[r] * lo_scale[r]);
+                float t = hi[r] * hi_scale[r] + q;
+                t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
+                o[r] = clampf(t, low, high);
+            }
+        } else {
+            for (int64_t r = 0; r < R; r++) {
+                float t = __builtin_floorf(lo[R + r] * (1.0f / 256.0f)) + lo[r];
+                t = (t + hi[R + r]) + 256.0f * hi[r];
+                t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
+                o[r] = clampf(t, low, high);
             }
         }
+        if (a->residual) {
+            const float *restrict x = a->residual + p * R;
+            for (int64_t r = 0; r < R; r++)
+                o[r] = clampf(o[r] + x[r], low, high);
+        }
+    }
+}
+
+void m2t_rescale_planes(const float *raw, int64_t B, int64_t pixels, int64_t R, int64_t planes,
+                        const float *lo_scale, const float *hi_scale, const float *delta, const float *scale,
+                        const float *b_int, float low, float high, float *out, int64_t out_stride,
+                        const float *residual, int64_t threads) {
+    for (int64_t b = 0; b < B; b++) {
+        struct rescale_args a = {raw + b * pixels * planes * R, raw + (B + b) * pixels * planes * R, R, planes,
+                                 lo_scale, hi_scale, delta, scale, b_int, low, high, out + b * out_stride,
+                                 residual ? residual + b * out_stride : 0};
+        parallel_for(pixels, M2T_SHARE_VALUES / R + 1, rescale_range, &a, threads);
     }
 }
 
@@ -272,13 +359,24 @@ M2T_CLONES void m2t_round_div_rows(const double *num, int64_t rows, int64_t n, c
 /* int_synthesis.IntOps.gate over n values of equal layout: clamp(x + floor((table[m + half] t
  * + 2^(bits-1)) 2^-bits), +-limit), float32 integers, the same steps in the same order (every
  * result exact: |table t| < 2^23). */
-M2T_CLONES void m2t_gate(const float *x, const float *t, const float *m, int64_t n, const float *table, int64_t half,
-                         int64_t bits, float limit, float *out) {
-    const float round_half = (float)((int64_t)1 << (bits - 1)), scale = 1.0f / (float)((int64_t)1 << bits);
-    for (int64_t k = 0; k < n; k++) {
-        float g = __builtin_floorf((table[(int64_t)m[k] + half] * t[k] + round_half) * scale);
+struct gate_args { const float *x, *t, *m, *table; int64_t half; float round_half, scale, limit; float *out; };
+
+static M2T_CLONES void gate_range(const void *p, int64_t begin, int64_t end) {
+    const struct gate_args *a = p;
+    const float *restrict x = a->x, *restrict t = a->t, *restrict m = a->m, *restrict table = a->table;
+    float *restrict out = a->out;
+    const float round_half = a->round_half, scale = a->scale, limit = a->limit;
+    for (int64_t k = begin; k < end; k++) {
+        float g = __builtin_floorf((table[(int64_t)m[k] + a->half] * t[k] + round_half) * scale);
         float v = x[k] + g;
         v = v < -limit ? -limit : v;
         out[k] = v > limit ? limit : v;
     }
+}
+
+void m2t_gate(const float *x, const float *t, const float *m, int64_t n, const float *table, int64_t half,
+              int64_t bits, float limit, float *out, int64_t threads) {
+    struct gate_args a = {x, t, m, table, half, (float)((int64_t)1 << (bits - 1)),
+                          1.0f / (float)((int64_t)1 << bits), limit, out};
+    parallel_for(n, M2T_SHARE_VALUES, gate_range, &a, threads);
 }
