@@ -19,8 +19,9 @@ the `m2t` commands and the jobs' workers call it, where the checkout has it):
 The figures are the medians over rounds: this VM's speed drifts by up to +-20 % over
 minutes, and alternating processes spreads the drift over both checkouts. The streams and the
 decoded pixels of both checkouts must be identical (SHA-256 compared; the benchmark stops
-otherwise), since the two checkouts must agree on what they compute. Writes OUT.json and
-OUT.md (default bench/results/checkout_ab_t<threads>.json).
+otherwise), since the two checkouts must agree on what they compute. Each stage's minor page
+faults per call (the median) are recorded too. Writes OUT.json and OUT.md (default
+bench/results/checkout_ab_t<threads>.json).
 
 `--base-env NAME=VALUE` sets an environment variable for the base's processes only: with
 `--base .` it compares a setting against its default in one checkout, e.g.
@@ -34,6 +35,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,15 +75,17 @@ def worker(tree: Path, model_name: str, paths: list[str], threads: int, repeats:
         work = {"encode": lambda: encoder.encode_image(rgb), "decode_latent": lambda: decoder.decode_latent(stream),
                 "g_s": lambda: model.synthesis(y_hat, H, W, header.version),
                 "decompress": lambda: decoder.decompress(stream)}
-        times = {}
+        times, faults = {}, {}
         for stage, call in work.items():
-            runs = []
+            runs, faulted = [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
                 call()
                 runs.append(time.perf_counter() - t0)
-            times[stage] = statistics.median(runs)
-        out[Path(path).name] = {"median_s": times, "stream_sha256": hashlib.sha256(stream).hexdigest(),
+                faulted.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            times[stage], faults[stage] = statistics.median(runs), statistics.median(faulted)
+        out[Path(path).name] = {"median_s": times, "page_faults": faults,
+                                "stream_sha256": hashlib.sha256(stream).hexdigest(),
                                 "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}
     return out
 
@@ -141,12 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{img}: the checkouts disagree on {key.split('_')[0]}: {sorted(seen)}")
         med = {side: {s: statistics.median(run[img]["median_s"][s] for run in runs[side]) for s in STAGES}
                for side in runs}
+        faults = {side: {s: statistics.median(run[img]["page_faults"][s] for run in runs[side]) for s in STAGES}
+                  for side in runs}
         results[img] = {"median_s": med, "speedup": {s: med["base"][s] / med["this"][s] for s in STAGES},
+                        "page_faults": faults,
                         "runs": {side: [run[img]["median_s"] for run in runs[side]] for side in runs},
                         "stream_sha256": runs["this"][0][img]["stream_sha256"],
                         "pixels_sha256": runs["this"][0][img]["pixels_sha256"]}
-        rows += [[img, s, f"{med['base'][s]:.3f}", f"{med['this'][s]:.3f}", f"{med['base'][s] / med['this'][s]:.2f}x"]
-                 for s in STAGES]
+        rows += [[img, s, f"{med['base'][s]:.3f}", f"{med['this'][s]:.3f}", f"{med['base'][s] / med['this'][s]:.2f}x",
+                  f"{faults['base'][s]:.0f} / {faults['this'][s]:.0f}"] for s in STAGES]
     from m2t_core.sysinfo import cpu_model
 
     states = {side: code_state(("m2t_core",), tree) for side, tree in trees.items()}
@@ -156,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"m2t {commits['base']} (base{with_env}) against {commits['this']} (this), {args.model}, {args.threads} "
               f"thread(s), {cpu_model()}; medians of {args.rounds} alternating processes, each the median of "
               f"{args.repeats} calls; the same streams and pixels in both\n\n")
-    table = markdown_table(["image", "stage", "base, s", "this, s", "speed-up"], rows)
+    table = markdown_table(["image", "stage", "base, s", "this, s", "speed-up", "page faults per call, base / this"],
+                           rows)
     report = {"benchmark": "checkout_ab", "command": " ".join(["bench/checkout_ab.py"] + (argv or sys.argv[1:])),
-              "commits": commits, "base_env": base_env, "model": args.model, "threads": args.threads, "rounds": args.rounds,
-              "repeats": args.repeats, "machine": {"cpu": cpu_model()}, "load_average_after": load_avg(),
+              "commits": commits, "base_env": base_env, "model": args.model, "threads": args.threads,
+              "rounds": args.rounds, "repeats": args.repeats, "machine": {"cpu": cpu_model()},
+              "load_average_after": load_avg(),
               "images": results}
     write_report(args.out or REPO / "bench" / "results" / f"checkout_ab_t{args.threads}.json", report,
                  header + "\n".join(table) + "\n")

@@ -26,17 +26,14 @@ every number between the latent and the pixels is an integer:
   arithmetic (intmath), the gate an exact product below 2^24;
 * pixels: round(clamp(x, 0, 1) * 255) as an integer multiply and shift;
 * on CPUs whose int8 kernels are exact (VNNI, AMX: probed, not assumed), the same products
-  run on the int8 units in bands of rows (int8_conv.py), about 1.55x faster than the float32
-  route on one thread; elsewhere, and on GPUs, the float32 route. Both give the same integers.
+  run on the int8 units in bands of rows (int8_conv.py); elsewhere, and on GPUs, the float32
+  route. Both give the same integers. Speed: docs/benchmarks.md.
 
 Two arithmetics, which the stream's format version selects (`arithmetic`): integer-v1
 (formats 3, 4; weights within the float32 budget, so two int8 planes) and integer-v2
 (format 5, `IntSynthesis.eight_bit`: weight rows within int8 in every convolution but the
-one that writes pixels, one plane of products, derived from the same model). Cost against
-the float g_s on Kodak, real bitstreams (bench/integer_synthesis.py, docs/models.md):
-+0.08 % and +0.55 % BD-rate, no retraining. Speed (docs/benchmarks.md): the float32
-route runs every convolution twice (the two planes), about 2.4x the float g_s's time on one
-CPU thread; the int8 route about 1.5x with integer-v1, and integer-v2 1.3-1.5x faster again.
+one that writes pixels, one plane of products, derived from the same model): +0.08 % and
++0.55 % BD-rate against the float g_s on Kodak (bench/integer_synthesis.py, docs/models.md).
 
 Layout: tensors are (B, C, H, W) float32 holding integers, in channels-last memory (oneDNN's
 faster layout). The structure (which convolutions, in which order) is read from the float
@@ -46,10 +43,8 @@ SynthesisTransform, so the two can never disagree.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -84,22 +79,9 @@ def arithmetic(version: int) -> str:
     return ARITHMETIC_V2 if version >= 5 else ARITHMETIC_V1
 
 
-@functools.lru_cache(maxsize=None)
 def sigmoid_table() -> np.ndarray:
-    """round(2^GATE_BITS * sigmoid(i / 2^GATE_IN_EXP)), i = -GATE_HALF..GATE_HALF, computed
-    with integer-only arithmetic (intmath's fixed point): the same table on every machine."""
-    one = intmath.ONE
-    step = intmath._exp(Fraction(-1, 1 << GATE_IN_EXP))  # exp(-1/256)
-    neg = [one]  # exp(-i / 256), i = 0..GATE_HALF
-    for _ in range(GATE_HALF):
-        neg.append(intmath._mul(neg[-1], step))
-    out = []
-    for i in range(-GATE_HALF, GATE_HALF + 1):
-        # sigmoid(x) = 1 / (1 + exp(-x)); for x < 0 use exp(x) / (1 + exp(x)).
-        e = neg[abs(i)]
-        value = intmath._div(one, one + e) if i >= 0 else intmath._div(e, one + e)
-        out.append(intmath._round_to(value, GATE_BITS))
-    return np.asarray(out, dtype=np.int64)
+    """The attention gate's sigmoid: round(2^GATE_BITS sigmoid(i / 2^GATE_IN_EXP)), i = -GATE_HALF..GATE_HALF."""
+    return intmath.sigmoid_table(GATE_IN_EXP, GATE_HALF, GATE_BITS)
 
 
 # ---------------------------------------------------------------------- structure
@@ -586,8 +568,7 @@ class IntOps:
         here (int8_conv.py), else the float32 route. The same integers either way."""
         fast = self._int8(name) if self.int8 else None
         if fast is None:
-            out = self._requant(name, self._products(name, x), low, high)
-            return out if residual is None else out.add_(residual).clamp_(low, high)
+            return _add_residual(self._requant(name, self._products(name, x), low, high), residual, low, high)
         _, rescale = self._carriers(name, x.device)
         # One weight plane gives the float32 route's products [P_hi + f_lo, P_lo + f_lo]; two, four products.
         finish = _combine_into if fast.planes == 1 else _combine_products
@@ -643,13 +624,11 @@ def _combine_into(p: torch.Tensor, r: Rescale, low: int, high: int, out: torch.T
     """_combine of the two planes' products p, clamped to [low, high] into `out` (plus
     `residual`, clamped again, where given)."""
     if not int8_conv.fused_rescale(p, r, 1, low, high, out, residual):
-        torch.clamp(_combine(p, r), low, high, out=out)
-        _add_residual(out, residual, low, high)
+        _add_residual(torch.clamp(_combine(p, r), low, high, out=out), residual, low, high)
 
 
-def _add_residual(out: torch.Tensor, residual: torch.Tensor | None, low: int, high: int) -> None:
-    if residual is not None:
-        out.add_(residual).clamp_(low, high)
+def _add_residual(out: torch.Tensor, residual: torch.Tensor | None, low: int, high: int) -> torch.Tensor:
+    return out if residual is None else out.add_(residual).clamp_(low, high)
 
 
 def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: torch.Tensor,
@@ -668,8 +647,8 @@ def _combine_products(raw: torch.Tensor, r: Rescale, low: int, high: int, out: t
     if int8_conv.fused_rescale(raw, r, 2, low, high, out, residual):
         return
     t = ll.mul(1.0 / PLANE).floor_().add_(lh).add_(hl).add_(hh, alpha=PLANE)  # P_hi + f_lo + floor((P_lo + f_lo) / 256)
-    torch.clamp(t.add_(r.delta).mul_(r.scale).floor_().add_(r.b_int), low, high, out=out)
-    _add_residual(out, residual, low, high)
+    _add_residual(torch.clamp(t.add_(r.delta).mul_(r.scale).floor_().add_(r.b_int), low, high, out=out), residual,
+                  low, high)
 
 
 def _rescale(x: torch.Tensor, shift: int, limit: int) -> torch.Tensor:

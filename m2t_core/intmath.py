@@ -190,6 +190,23 @@ def gelu_table() -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+@functools.lru_cache(maxsize=None)
+def sigmoid_table(in_exp: int, half: int, out_bits: int) -> np.ndarray:
+    """round(2^out_bits * sigmoid(i / 2^in_exp)), i = -half..half, in integer-only arithmetic
+    (this module's fixed point): the same table on every machine (the integer g_s's gate)."""
+    step = _exp(Fraction(-1, 1 << in_exp))  # exp(-1 / 2^in_exp)
+    neg = [ONE]  # exp(-i / 2^in_exp), i = 0..half
+    for _ in range(half):
+        neg.append(_mul(neg[-1], step))
+    out = []
+    for i in range(-half, half + 1):
+        # sigmoid(x) = 1 / (1 + exp(-x)); for x < 0 use exp(x) / (1 + exp(x)).
+        e = neg[abs(i)]
+        value = _div(ONE, ONE + e) if i >= 0 else _div(e, ONE + e)
+        out.append(_round_to(value, out_bits))
+    return np.asarray(out, dtype=np.int64)
+
+
 def scale_table(scale_min: Fraction, scale_max: Fraction, levels: int) -> np.ndarray:
     """round(2^24 * scale_min * (scale_max / scale_min)^(l / (levels - 1)))."""
     log_ratio = _ln(scale_max / scale_min)
