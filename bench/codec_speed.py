@@ -75,6 +75,7 @@ sys.path.insert(0, str(REPO))
 import m2t_core  # noqa: E402
 from m2t_core import decoder as decoder_module  # noqa: E402
 from m2t_core import encoder as encoder_module  # noqa: E402
+from m2t_core import allocator, cpu_kernels  # noqa: E402
 from m2t_core.allocator import keep_freed_memory  # noqa: E402
 from m2t_core import int8_conv  # noqa: E402
 from m2t_core import int8_linear  # noqa: E402
@@ -411,6 +412,8 @@ def machine_info(device: torch.device) -> dict:
         "device": str(device),
         "int8_conv": int8_conv.status() if device.type == "cpu" else "off (GPU: the float32 route)",
         "int8_linear": int8_linear.status() if device.type == "cpu" else "off (GPU: the float64 route)",
+        "cpu_kernels": cpu_kernels.threads(),
+        "malloc": allocator.state(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
