@@ -114,3 +114,16 @@ def test_attention_kernels_equal_the_int64_reference(exact_model, masked, monkey
     assert torch.equal(got.long(), want)
     monkeypatch.setenv(cpu_kernels.ENV, "0")
     assert torch.equal(X.Float64Ops(exact_model).attention(0, q.double(), k.double(), v.double(), valid).long(), want)
+
+
+def test_the_g_s_kernels_take_only_torchs_own_openmp_runtime(monkeypatch):
+    """cpu_kernels hands the C library torch's OpenMP entry points, found loaded in this
+    process under torch's folder, and nothing where torch's backend is not OpenMP (the
+    kernels then run on the calling thread); with the kernels off, it says so."""
+    found = cpu_kernels._torch_openmp()
+    assert found is not None and len(found) == 4 and all(found[1:]), found
+    assert "torch" in found[0] and cpu_kernels.threads() == f"torch's OpenMP threads ({found[0]})"
+    monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "ATen parallel backend: native thread pool")
+    assert cpu_kernels._torch_openmp() is None
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert cpu_kernels.threads() == f"none ({cpu_kernels.ENV}=0)"

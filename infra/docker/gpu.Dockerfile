@@ -44,6 +44,7 @@ RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-
     && rm /tmp/torch-constraint.txt \
     && m2t --version \
     && python -c "from m2t_core import int8_linear; print('exact linears on int8 units:', int8_linear.status())" \
+    && python -c "from m2t_core import cpu_kernels; print('g_s kernels run on:', cpu_kernels.threads())" \
     && m2t models
 
 CMD ["m2t", "models"]
