@@ -44,18 +44,19 @@ def _load() -> SimpleNamespace | None:
     runtime = _torch_openmp()
     if runtime is not None:
         functions["use_openmp"](*runtime[1:])
-    _THREADS["state"] = f"torch's OpenMP threads ({runtime[0]})" if runtime else "the calling thread only"
-    return SimpleNamespace(**functions)
+    return SimpleNamespace(**functions, openmp=runtime[0] if runtime else None)  # openmp: the runtime's path
 
 
-_THREADS = {"state": "not loaded"}
 _OPENMP_ENTRY_POINTS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
 
 
 def threads() -> str:
     """Where the g_s kernels run: on torch's OpenMP threads (as many as torch.get_num_threads()
     says, which the callers pass), or on the calling thread only."""
-    return _THREADS["state"] if library() is not None else f"none ({missing_reason()})"
+    lib = library()
+    if lib is None:
+        return f"none ({missing_reason()})"
+    return f"torch's OpenMP threads ({lib.openmp})" if lib.openmp else "the calling thread only"
 
 
 def _torch_openmp() -> tuple | None:
@@ -73,7 +74,7 @@ def _torch_openmp() -> tuple | None:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:  # not Linux
         return None
-    paths = {line.split()[-1] for line in maps if line.split() and line.split()[-1].startswith("/")}
+    paths = {fields[-1] for fields in map(str.split, maps) if fields and fields[-1].startswith("/")}
     ours = sorted(p for p in paths if Path(p).name.startswith(("libgomp", "libiomp", "libomp"))
                   and (torch_dir in Path(p).parents or torch_dir.parent / "torch.libs" in Path(p).parents))
     if len(ours) != 1:

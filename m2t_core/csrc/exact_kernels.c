@@ -59,9 +59,7 @@ static void run_share(void *p) {
 static void parallel_for(int64_t n, int64_t least, m2t_range_t body, const void *args, int64_t threads) {
     if (!gomp_parallel)
         threads = 1;
-    if (least < 1)
-        least = 1;
-    if (threads > n / least)
+    if (threads > n / least)  /* least >= 1 from every caller */
         threads = n / least;
     if (threads <= 1) {
         body(args, 0, n);
