@@ -99,6 +99,7 @@ SIGNATURES = {
     # int8_linear: activation planes, then the four products recombined and requantised
     "split_planes": (ctypes.c_int, [_P, _I, _I, _P, _P]),
     "combine": (None, [_P, _I, _I, _P, _P, _P, _D, _P, _I]),
+    "combine_f32": (None, [_P, _I, _I, _P, _P, _P, _D, _P, _I]),  # the same from oneDNN's float32 products
     # int8_conv / int_synthesis: activation byte planes, and the products' rescaling
     # (each with its thread count last: torch.get_num_threads())
     "plane_pack": (None, [_P, _I, _I, _I, _P, _I, _P, _I]),
@@ -112,4 +113,6 @@ SIGNATURES = {
     # exact.Float64Ops.attention: the weights from the scores, and the weighted mean
     "softmax_weights": (None, [_P, _I, _I, _I, _D, _P, _P, _I, _P]),
     "round_div_rows": (None, [_P, _I, _I, _P, _P]),
+    # model._bit_sum: the weights' fingerprints, checked in every coding call
+    "word_sum": (ctypes.c_uint64, [_P, _I]),
 }

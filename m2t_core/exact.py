@@ -76,6 +76,13 @@ class IntLinear(nn.Module):
         self._f64: tuple | None = None
         self._int8: tuple | None = None
 
+    def __getstate__(self):
+        """Copies and pickles leave the int8 route behind (oneDNN's packed weights cannot be
+        copied); it is rebuilt on first use."""
+        state = dict(self.__dict__)
+        state["_int8"] = None
+        return state
+
     def _cached(self, slot: str, tensors: tuple, make):
         """make(), kept in attribute `slot` until one of `tensors` changes (storage or version
         counter). Inference tensors (a model made under inference_mode) keep no version

@@ -96,12 +96,13 @@ def test_mixture_probabilities_kernel_equals_the_torch_passes(radius, monkeypatc
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_kernels_equal_the_int64_reference(exact_model, masked, monkeypatch):
+@pytest.mark.parametrize("T", [9, 37])
+def test_attention_kernels_equal_the_int64_reference(exact_model, masked, T, monkeypatch):
     """Scores' rounding, masking, the exp table and round(num / den), with activations at
     the int16 extremes, unmasked (M2T's cached steps, MT) and with a (T, Tk) mask (M2T's
-    teacher-forced pass; every row keeps its own slot)."""
+    teacher-forced pass; every row keeps its own slot); rows of 8-value lanes and a tail."""
     g = torch.Generator().manual_seed(7)
-    B, h, T, dh = 2, 2, 9, 8
+    B, h, dh = 2, 2, 8
     q, k, v = (torch.randint(-32767, 32768, (B, h, T, dh), generator=g) for _ in range(3))
     q[0, 0, 0], k[0, 0, 0], v[0, 0] = 32767, -32767, 32767
     q[1, 1] = 0  # equal scores: ties at the row's maximum
@@ -116,6 +117,28 @@ def test_attention_kernels_equal_the_int64_reference(exact_model, masked, monkey
     assert torch.equal(X.Float64Ops(exact_model).attention(0, q.double(), k.double(), v.double(), valid).long(), want)
 
 
+def test_attention_rounding_division_equals_python_integers():
+    """round(num / den), halves up, in float64 steps: at exact halves and their neighbours,
+    negative and positive, at the bounds attention meets (|num| < 2^40, 0 < den < 2^24),
+    against Python's integer floor division."""
+    lib = cpu_kernels.library()
+    rng = np.random.default_rng(11)
+    dens = [1, 2, 3, 7, 255, 32768, (1 << 23) + 1, (1 << 24) - 1] + list(rng.integers(1, 1 << 24, 8))
+    rows = []
+    for d in dens:
+        q = rng.integers(-(1 << 40) // d, (1 << 40) // d, 6)
+        near = [int(x) * d + r for x in q for r in (d // 2 - 1, d // 2, (d + 1) // 2, d // 2 + 1, 0, -1, 1)]
+        near += [(1 << 40) - 1, -(1 << 40) + 1, 0]
+        rows.append([v for v in near if abs(v) < 1 << 40][:40])
+    n = min(map(len, rows))
+    num = np.array([r[:n] for r in rows], dtype=np.float64)
+    den = np.array(dens, dtype=np.float64)
+    out = np.empty_like(num)
+    lib.round_div_rows(num.ctypes.data, len(dens), n, den.ctypes.data, out.ctypes.data)
+    want = [[(2 * int(a) + int(d)) // (2 * int(d)) for a in row] for row, d in zip(num, den)]
+    assert out.astype(np.int64).tolist() == want
+
+
 def test_the_g_s_kernels_take_only_torchs_own_openmp_runtime(monkeypatch):
     """cpu_kernels hands the C library torch's OpenMP entry points, found loaded in this
     process under torch's folder, and nothing where torch's backend is not OpenMP (the
@@ -127,3 +150,25 @@ def test_the_g_s_kernels_take_only_torchs_own_openmp_runtime(monkeypatch):
     assert cpu_kernels._torch_openmp() is None
     monkeypatch.setenv(cpu_kernels.ENV, "0")
     assert cpu_kernels.threads() == f"none ({cpu_kernels.ENV}=0)"
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (64, 3, 3, 3)), (torch.float16, (5, 7)),
+                                         (torch.int16, (3,)), (torch.int64, (0,)), (torch.bfloat16, (9, 2)),
+                                         (torch.uint8, (1, 13))])
+def test_weights_bit_sum_kernel_equals_its_numpy_form(dtype, shape, monkeypatch):
+    """The fingerprints of the weights (model._bit_sum) in one C pass: the numpy form's integer
+    (uint32 words where the byte count allows, else bytes), views at an offset included."""
+    from m2t_core import model as M
+
+    n_bytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(n_bytes)
+    t = torch.randint(0, 256, (n_bytes,), generator=g, dtype=torch.uint8).view(dtype).reshape(shape)
+    views = [t, torch.cat([t.reshape(-1), t.reshape(-1)])[t.numel():]]  # the second at an offset
+    for v in views:
+        fast = M._bit_sum(v)
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+        slow = M._bit_sum(v)
+        monkeypatch.undo()
+        assert fast == slow and isinstance(fast, int)
+    big = torch.full((1 << 20,), -1, dtype=torch.int32)  # every word 2^32 - 1
+    assert M._bit_sum(big) == (1 << 20) * (2**32 - 1)

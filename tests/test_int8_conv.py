@@ -174,12 +174,13 @@ def test_m2t_int8_conv_0_turns_the_route_off(monkeypatch):
 
 
 def test_a_used_model_still_copies_and_pickles():
-    """oneDNN's packed weights cannot be copied: copies and pickles of a model that has decoded
-    leave the caches behind and rebuild them, with the same pixels."""
+    """oneDNN's packed weights (convolutions; linears on AMX) cannot be copied: copies and
+    pickles of a model that has coded leave the caches behind and rebuild them, with the same
+    streams and pixels."""
     import copy
     import pickle
 
-    from m2t_core import Encoder
+    from m2t_core import Decoder, Encoder
 
     model = load_model("m2t-small-q2")
     y = _latents(model.cfg.C, (2, 3), 1, seed=4)
@@ -187,9 +188,11 @@ def test_a_used_model_still_copies_and_pickles():
     rgb = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     stream = Encoder(model).encode_image(rgb).bitstream  # and has encoded: a frozen g_a is cached
     assert model._frozen.get("g_a") is not None or model.transforms_implementation() == "eager"
+    pixels = Decoder(model).decompress(stream)  # the entropy model's linears packed too
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(IS.synthesize(other.g_s_int, y), want)
         assert Encoder(other).encode_image(rgb).bitstream == stream
+        np.testing.assert_array_equal(Decoder(other).decompress(stream), pixels)
 
 
 def _rescale_case(planes: int, seed: int):

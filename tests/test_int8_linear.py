@@ -80,10 +80,12 @@ def test_fused_kernels_equal_python_integers(M, K, N):
     assert torch.equal(row_term, 32768 * a.sum(1) + 128 * b.sum(1))
     packed = int8_linear.PackedLinear(w, bias, shift)
     products = (planes.long() @ packed.planes.long()).to(torch.int32)  # (2M, 2N): the four products
-    out = torch.empty((M, N), dtype=torch.float64)
-    combine(products.data_ptr(), M, N, row_term.data_ptr(), packed.offset.data_ptr(), packed.scale.data_ptr(),
-            32767.0, out.data_ptr(), N)
-    assert torch.equal(out.long(), _reference(x, w, bias, shift, 32767))
+    for kernel, dtype in ((combine, torch.int32), (cpu_kernels.library().combine_f32, torch.float32)):
+        out = torch.empty((M, N), dtype=torch.float64)
+        given = products.to(dtype)  # float32: the same integers (|P| <= 128 * 128 * K < 2^24), as oneDNN's
+        kernel(given.data_ptr(), M, N, row_term.data_ptr(), packed.offset.data_ptr(), packed.scale.data_ptr(),
+               32767.0, out.data_ptr(), N)
+        assert torch.equal(out.long(), _reference(x, w, bias, shift, 32767)), dtype
 
 
 def test_split_refuses_activations_outside_int16():
@@ -138,7 +140,46 @@ def test_probe_refuses_products_that_saturate(monkeypatch):
 
 
 def test_status_names_the_route():
-    assert int8_linear.status() in ("on", "off (this CPU's int8 products are not exact: the float64 route runs)")
+    assert int8_linear.status() in ("on", "on, larger products on AMX (oneDNN matmul)",
+                                    "off (this CPU's int8 products are not exact: the float64 route runs)")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 192, 576), (37, 768, 192), (300, 192, 64)])
+def test_onednn_route_gives_the_reference_wherever_its_probe_accepts_it(monkeypatch, M, K, N):
+    """The AMX route (oneDNN's matmul, float32 products) taken on any CPU, as if it had AMX:
+    its probe runs the real kernel here; where it accepts it, every block takes that kernel and
+    the integers are the reference's; where it refuses, prepare leaves it out."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert int8_linear.onednn_enabled() == hasattr(torch.ops.onednn, "qlinear_pointwise")
+    x, w, bias, shift = _operands(M, K, N, seed=7 * M + K)
+    assert int8_linear.probe.__wrapped__(int8_linear.FP32_INNER, N, True) is False  # float32 sums no longer exact
+    if not int8_linear.probe.__wrapped__(K, N, True):
+        int8_linear.probe.cache_clear()  # prepare's probes below see the AMX stand-in
+        packed = int8_linear.prepare(w, bias, shift)
+        int8_linear.probe.cache_clear()
+        assert packed is None or packed.onednn is None
+        return
+    route = int8_linear.PackedLinear(w, bias, shift, onednn=True)
+    route.min_macs = 0  # every block on oneDNN's matmul
+    got = route(x.double(), 32767)
+    assert route.onednn is not None and got is not None
+    assert torch.equal(got.long(), _reference(x, w, bias, shift, 32767))
+
+
+def test_onednn_probe_refuses_products_that_are_not_exact(monkeypatch):
+    """oneDNN products off by one anywhere (a kernel that rounds, or saturates) turn the AMX
+    route off; the _int_mm route is probed apart and stays."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    real = int8_linear.PackedLinear._onednn_products
+
+    def off_by_one(self, planes):
+        out = real(self, planes)
+        out.view(-1)[-1] += 1
+        return out
+
+    monkeypatch.setattr(int8_linear.PackedLinear, "_onednn_products", off_by_one)
+    assert int8_linear.probe.__wrapped__(16, 8, True) is False
+    assert int8_linear.probe.__wrapped__(16, 8) == int8_linear.probe(192, 576)
 
 
 def test_integers_hold_where_onednn_saturates():

@@ -103,27 +103,28 @@ static inline double clampd(double v, double limit) {
     return v > limit ? limit : v;
 }
 
-static inline void combine_row(const int32_t *restrict ac, const int32_t *restrict ad, const int32_t *restrict bc,
-                               const int32_t *restrict bd, double r, const double *restrict offset,
-                               const double *restrict scale, double limit, double *restrict o, int64_t N) {
-    for (int64_t j = 0; j < N; j++) {
-        double acc = 65536.0 * (double)ac[j] + 256.0 * ((double)ad[j] + (double)bc[j]) + (double)bd[j];
-        o[j] = clampd(__builtin_floor((acc + (r + offset[j])) * scale[j]), limit);
-    }
-}
-
-/* products (2M, 2N) int32 = [[P_ac, P_ad], [P_bc, P_bd]] of the planes -> out (M, N) float64,
+/* products (2M, 2N) = [[P_ac, P_ad], [P_bc, P_bd]] of the planes, int32 (torch._int_mm) or
+ * float32 holding the same integers (oneDNN's matmul, each |P| < 2^24) -> out (M, N) float64,
  * row i at out + i * out_stride: clamp(floor((acc + offset_j) * scale_j), +-limit) where
  * acc = 65536 P_ac + 256 (P_ad + P_bc) + P_bd + row_term_i is the exact sum of products.
  * Every term is an integer below 2^53 and scale_j a power of two, so each float64 step is
  * exact. */
-M2T_CLONES void m2t_combine(const int32_t *products, int64_t M, int64_t N, const int64_t *row_term,
-                            const double *offset, const double *scale, double limit, double *out, int64_t out_stride) {
-    for (int64_t i = 0; i < M; i++) {
-        const int32_t *ac = products + i * 2 * N, *bc = products + (M + i) * 2 * N;
-        combine_row(ac, ac + N, bc, bc + N, (double)row_term[i], offset, scale, limit, out + i * out_stride, N);
+#define M2T_COMBINE(name, type)                                                                                    \
+    M2T_CLONES void name(const type *products, int64_t M, int64_t N, const int64_t *row_term, const double *offset,  \
+                         const double *scale, double limit, double *out, int64_t out_stride) {                      \
+        for (int64_t i = 0; i < M; i++) {                                                                          \
+            const type *restrict ac = products + i * 2 * N, *restrict bc = products + (M + i) * 2 * N;             \
+            const type *restrict ad = ac + N, *restrict bd = bc + N;                                               \
+            const double r = (double)row_term[i];                                                                  \
+            double *restrict o = out + i * out_stride;                                                             \
+            for (int64_t j = 0; j < N; j++) {                                                                      \
+                double acc = 65536.0 * (double)ac[j] + 256.0 * ((double)ad[j] + (double)bc[j]) + (double)bd[j];    \
+                o[j] = clampd(__builtin_floor((acc + (r + offset[j])) * scale[j]), limit);                        \
+            }                                                                                                      \
+        }                                                                                                          \
     }
-}
+M2T_COMBINE(m2t_combine, int32_t)
+M2T_COMBINE(m2t_combine_f32, float)
 
 /* ------------------------------------------------------------------ the integer g_s */
 
@@ -321,36 +322,65 @@ M2T_CLONES void m2t_mixture_pmf(const int32_t *table, const int64_t *start, cons
  * has 15 significant bits), -2^40 where valid (T, Tk) is 0 (NULL: all valid; row i is query
  * i mod T), then the exp table's entry at min(max_j s_j - s, table_last), and den (rows,) is
  * the row's sum (integers below 2^53). */
+static inline double attention_score(const double *s, const uint8_t *ok, int64_t j, double multiplier) {
+    double v = __builtin_floor(s[j] * multiplier + 0.5);
+    return (ok && !ok[j]) ? -1099511627776.0 : v;  /* masked: -2^40 */
+}
+
+static inline double attention_weight(double top, double score, const double *table, int64_t table_last) {
+    double gap = top - score;
+    return table[gap < (double)table_last ? (int64_t)gap : table_last];
+}
+
 M2T_CLONES void m2t_softmax_weights(double *scores, int64_t rows, int64_t T, int64_t Tk, double multiplier,
                                     const uint8_t *valid, const double *table, int64_t table_last, double *den) {
+    /* The row's maximum and sum run in 8 lanes (one vector): a single chain of float64 steps
+     * waits on each, and the compiler may not reorder them. A maximum does not depend on the
+     * order, nor does a sum whose terms and partial sums are all integers below 2^53. */
+    const int64_t body = Tk - Tk % 8;
     for (int64_t i = 0; i < rows; i++) {
         double *s = scores + i * Tk;
         const uint8_t *ok = valid ? valid + (i % T) * Tk : 0;
-        double top = -1099511627776.0;  /* -2^40 */
-        for (int64_t j = 0; j < Tk; j++) {
-            double v = __builtin_floor(s[j] * multiplier + 0.5);
-            v = (ok && !ok[j]) ? -1099511627776.0 : v;
-            s[j] = v;
-            top = v > top ? v : top;
+        double lane[8];
+        for (int l = 0; l < 8; l++)
+            lane[l] = -1099511627776.0;
+        for (int64_t j0 = 0; j0 < body; j0 += 8)
+            for (int l = 0; l < 8; l++) {
+                s[j0 + l] = attention_score(s, ok, j0 + l, multiplier);
+                lane[l] = s[j0 + l] > lane[l] ? s[j0 + l] : lane[l];
+            }
+        for (int64_t j = body; j < Tk; j++) {
+            s[j] = attention_score(s, ok, j, multiplier);
+            lane[0] = s[j] > lane[0] ? s[j] : lane[0];
         }
-        double sum = 0.0;
-        for (int64_t j = 0; j < Tk; j++) {
-            double gap = top - s[j];
-            int64_t g = gap < (double)table_last ? (int64_t)gap : table_last;
-            s[j] = table[g];
-            sum += s[j];
+        double top = lane[0];
+        for (int l = 1; l < 8; l++)
+            top = lane[l] > top ? lane[l] : top;
+        for (int l = 0; l < 8; l++)
+            lane[l] = 0.0;
+        for (int64_t j0 = 0; j0 < body; j0 += 8)
+            for (int l = 0; l < 8; l++) {
+                s[j0 + l] = attention_weight(top, s[j0 + l], table, table_last);
+                lane[l] += s[j0 + l];
+            }
+        for (int64_t j = body; j < Tk; j++) {
+            s[j] = attention_weight(top, s[j], table, table_last);
+            lane[0] += s[j];
         }
-        den[i] = sum;
+        den[i] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     }
 }
 
 /* round(num / den) halves up, (rows, n) float64 integers by den (rows,) > 0: attention's
- * output, in int64 (every value below 2^53). */
+ * output. As exact._floor_div_f64 does it, floor((a + 1/2) / b) with a = 2 num + den and
+ * b = 2 den: a correctly rounded division of values below 2^50 (here |num| < 2^40, den <
+ * 2^24), whose floor is exact (the proof is in that function's docstring); vectorised, where
+ * an int64 division per value is not. */
 M2T_CLONES void m2t_round_div_rows(const double *num, int64_t rows, int64_t n, const double *den, double *out) {
     for (int64_t i = 0; i < rows; i++) {
-        int64_t d = 2 * (int64_t)den[i];
+        const double d = den[i], b = 2.0 * d;
         for (int64_t j = 0; j < n; j++)
-            out[i * n + j] = (double)floor_div(2 * (int64_t)num[i * n + j] + d / 2, d);
+            out[i * n + j] = __builtin_floor((2.0 * num[i * n + j] + d + 0.5) / b);
     }
 }
 
@@ -377,4 +407,24 @@ void m2t_gate(const float *x, const float *t, const float *m, int64_t n, const f
     struct gate_args a = {x, t, m, table, half, (float)((int64_t)1 << (bits - 1)),
                           1.0f / (float)((int64_t)1 << bits), limit, out};
     parallel_for(n, M2T_SHARE_VALUES, gate_range, &a, threads);
+}
+
+/* ------------------------------------------------------------------ weights' fingerprints */
+
+/* model._bit_sum: the sum, mod 2^64, of n bytes read as uint32 words in the host's order (the
+ * caller checks that it is little-endian) where n is a multiple of 4, else as bytes: the
+ * same integer as its numpy form. */
+M2T_CLONES uint64_t m2t_word_sum(const uint8_t *restrict p, int64_t n) {
+    uint64_t sum = 0;
+    if (n % 4 == 0) {
+        for (int64_t i = 0; i < n; i += 4) {
+            uint32_t word;
+            __builtin_memcpy(&word, p + i, 4);  /* any alignment */
+            sum += word;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            sum += p[i];
+    }
+    return sum;
 }
