@@ -83,6 +83,7 @@ from m2t_core import model as model_module  # noqa: E402
 from m2t_core import network as network_module  # noqa: E402
 from m2t_core import tiling  # noqa: E402
 from m2t_core.config import ModelConfig  # noqa: E402
+from m2t_core.transforms import bf16_analysis  # noqa: E402
 from m2t_core.decoder import Decoder  # noqa: E402
 from m2t_core.encoder import Encoder, code_plan  # noqa: E402
 from m2t_core.entropy_coding import SymbolDecoder, SymbolEncoder  # noqa: E402
@@ -414,6 +415,7 @@ def machine_info(device: torch.device) -> dict:
         "int8_linear": int8_linear.status() if device.type == "cpu" else "off (GPU: the float64 route)",
         "cpu_kernels": cpu_kernels.threads(),
         "malloc": allocator.state(),
+        "analysis": ("bf16" if bf16_analysis() else "float32") if device.type == "cpu" else "float32",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

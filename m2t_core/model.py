@@ -38,7 +38,8 @@ from . import rate as R
 from .config import ModelConfig
 from .entropy_coding import MAX_ABS_SYMBOL
 from .image_io import ImageLike
-from .transforms import CPU_TRANSFORMS, FROZEN_TRANSFORMS, AnalysisTransform, SynthesisTransform, frozen_for_inference
+from .transforms import (CPU_TRANSFORMS, FROZEN_TRANSFORMS, AnalysisTransform, SynthesisTransform, bf16_analysis,
+                         frozen_for_inference)
 
 UNTRAINED_MODEL_ID = "untrained"
 
@@ -516,12 +517,13 @@ class M2TCodec(nn.Module):
         if self.device.type != "cpu" or CPU_TRANSFORMS != "frozen" or name not in FROZEN_TRANSFORMS \
                 or torch.is_grad_enabled() or module.training or self._frozen.get("failed"):
             return None
-        fingerprint = tuple((t.data_ptr(), _changes(t, bits=True)) for t in module.state_dict().values())
+        bf16 = name == "g_a" and bf16_analysis()
+        fingerprint = (bf16,) + tuple((t.data_ptr(), _changes(t, bits=True)) for t in module.state_dict().values())
         built = self._frozen.get(name)
         if built is None or built[0] != fingerprint:
             in_channels = 3 if name == "g_a" else self.cfg.C
             try:
-                frozen = frozen_for_inference(module, in_channels)
+                frozen = frozen_for_inference(module, in_channels, bf16)
             except Exception as exc:  # e.g. a torch without TorchScript: the eager modules, said once
                 warnings.warn(f"running g_a/g_s eagerly: freezing them for CPU inference failed ({exc})")
                 self._frozen["failed"] = (fingerprint, None)

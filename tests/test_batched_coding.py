@@ -20,6 +20,7 @@ import torch
 
 from m2t_core import Decoder, Encoder, bitstream as bs, code_plan
 from m2t_core import model as model_module
+from m2t_core.transforms import BF16_ANALYSIS_ENV
 
 from _models import random_image, tiny_model
 
@@ -123,6 +124,7 @@ def test_batched_g_a_streams_decode_exactly():
 
 def test_frozen_transforms_are_the_modules_and_follow_their_weights(monkeypatch):
     monkeypatch.setattr(model_module, "CPU_TRANSFORMS", "frozen")  # the default, even under M2T_EAGER_TRANSFORMS=1
+    monkeypatch.setenv(BF16_ANALYSIS_ENV, "0")  # float32 here, on every CPU; bf16: the next test
     with torch.inference_mode():  # a model made under inference mode holds inference tensors: works too
         frozen_copy = copy.deepcopy(tiny_model("m2t"))
         data = Encoder(frozen_copy).encode_image(random_image(64, 96)).bitstream
@@ -150,3 +152,29 @@ def _check_frozen_transforms(model):
     after = model._inference_transform("g_a")(x)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, model.g_a(x), rtol=1e-4, atol=1e-4 * after.abs().max().item())
+
+
+def test_bf16_analysis_is_g_a_within_bf16_rounding_and_follows_the_setting(monkeypatch):
+    """The frozen g_a in bf16 (the default where the CPU computes bf16 natively; forced here,
+    emulated where not): g_a's output within bf16's rounding at several sizes, float32 out; a
+    change of the setting or of the weights builds it again; the latents it gives code and
+    decode exactly like any other."""
+    monkeypatch.setattr(model_module, "CPU_TRANSFORMS", "frozen")
+    monkeypatch.setenv(BF16_ANALYSIS_ENV, "1")
+    model = copy.deepcopy(tiny_model("m2t"))
+    with torch.inference_mode():
+        run = model._inference_transform("g_a")
+        for h, w in SIZES[:2] + [(48, 400)]:
+            x = torch.from_numpy(random_image(h + (-h) % 16, w + (-w) % 16, seed=h)).permute(2, 0, 1)[None].float() / 255
+            y_ref, y = model.g_a(x), run(x)
+            assert y.dtype == torch.float32 and y.shape == y_ref.shape
+            assert (y - y_ref).abs().max() <= 0.05 * y_ref.abs().max(), (h, w)
+        assert model._inference_transform("g_a") is run  # kept while nothing changes
+        monkeypatch.setenv(BF16_ANALYSIS_ENV, "0")
+        fp32 = model._inference_transform("g_a")
+        assert fp32 is not run and torch.allclose(fp32(x), y_ref, rtol=1e-4, atol=1e-3 * y_ref.abs().max().item())
+        monkeypatch.setenv(BF16_ANALYSIS_ENV, "1")
+        image = random_image(64, 96, seed=5)
+        stream = Encoder(model).encode_image(image).bitstream
+        assert np.array_equal(model.decompress(stream), tiny_model("m2t").decompress(stream))
+

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from m2t_core.config import ConfigError
+from m2t_core.sysinfo import BF16_CPU_FLAGS, cpu_flags
 from pipeline.training import pool as P
 from pipeline.training import trainer as T
 
@@ -49,7 +50,7 @@ def test_config_sources_loader_and_amp(tmp_path):
     assert T.load_config(None, ["model=x.yaml", "train_data=/a", "loader=stream"]).loader == "stream"
     cpu = torch.device("cpu")
     assert T.resolve_amp("none", cpu) == "none" and T.resolve_amp("bf16", cpu) == "bf16"
-    native = any(f in T.cpu_flags() for f in T.BF16_CPU_FLAGS)
+    native = any(f in cpu_flags() for f in BF16_CPU_FLAGS)
     assert T.resolve_amp("auto", cpu) == ("bf16" if native else "none")
 
 
