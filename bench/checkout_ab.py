@@ -26,6 +26,10 @@ bench/results/checkout_ab_t<threads>.json).
 `--base-env NAME=VALUE` sets an environment variable for the base's processes only: with
 `--base .` it compares a setting against its default in one checkout, e.g.
 `--base . --base-env M2T_MALLOC_TUNING=0` (glibc's malloc as it comes, against tuned).
+
+Since m2t 0.7.4, g_a runs in bf16 where the CPU computes bf16 natively (AMX, AVX512-BF16),
+which changes the streams against an older base on such CPUs; export M2T_BF16_ANALYSIS=0
+(both sides inherit it) to compare everything else.
 """
 
 from __future__ import annotations
@@ -100,6 +104,16 @@ def _run_worker(tree: Path, args, paths: list[str], extra_env: dict[str, str]) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _check_agreement(runs: dict[str, list[dict]], paths: list[str]) -> None:
+    """Stop unless every process of both checkouts wrote the same streams and pixels."""
+    for img in (Path(p).name for p in paths):
+        for key in ("stream_sha256", "pixels_sha256"):
+            seen = {run[img][key] for side in runs for run in runs[side]}
+            if len(seen) != 1:
+                raise SystemExit(f"{img}: the checkouts disagree on {key.split('_')[0]}: {sorted(seen)} (g_a in bf16 "
+                                 "on one side only? export M2T_BF16_ANALYSIS=0 for both)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from _common import DEFAULT_DATA, code_state, load_avg, markdown_table, write_report
 
@@ -137,12 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             last = runs[side][-1]
             done = ", ".join(f"{img} decompress {v['median_s']['decompress']:.3f} s" for img, v in last.items())
             print(f"round {r + 1}/{args.rounds} {side}: {done}", flush=True)
+        _check_agreement(runs, paths)  # after every round: a disagreement stops the run early
     results, rows = {}, []
     for img in (Path(p).name for p in paths):
-        for key in ("stream_sha256", "pixels_sha256"):
-            seen = {run[img][key] for side in runs for run in runs[side]}
-            if len(seen) != 1:
-                raise SystemExit(f"{img}: the checkouts disagree on {key.split('_')[0]}: {sorted(seen)}")
         med = {side: {s: statistics.median(run[img]["median_s"][s] for run in runs[side]) for s in STAGES}
                for side in runs}
         faults = {side: {s: statistics.median(run[img]["page_faults"][s] for run in runs[side]) for s in STAGES}

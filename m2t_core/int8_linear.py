@@ -132,7 +132,6 @@ class PackedLinear:
                     cap, out[r0].data_ptr(), N)
         return out.view(*x.shape[:-1], N)
 
-
     def _onednn_products(self, planes: torch.Tensor) -> torch.Tensor:
         """planes (2m, K) int8 -> (2m, 2N) float32 products, contiguous (oneDNN's matmul)."""
         w_scale, w_zero = self.unit_scales  # the planes' own integers: scale 1, zero point 0
