@@ -200,3 +200,29 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     """A Markdown table's lines: the header, its rule, one line per row (cells as str)."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
         ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+SHIPPED_M2T = "m2t-small-q1,m2t-small-q2,m2t-small-q3,m2t-small-q4"
+
+
+def add_kodak_study_options(ap: argparse.ArgumentParser, models: str, out: str) -> None:
+    """The options of a study over shipped models and Kodak images: --models, --kodak,
+    --images, --threads, --out (default bench/results/<out>)."""
+    ap.add_argument("--models", default=models, help=f"comma-separated registry names (default {models})")
+    ap.add_argument("--kodak", type=Path, default=DEFAULT_DATA / "kodak")
+    ap.add_argument("--images", type=int, default=24, help="the first N Kodak images (default all 24)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / out)
+
+
+def kodak_study_images(ap: argparse.ArgumentParser, args) -> list[Path]:
+    """The study's Kodak images (--kodak, the first --images), after torch's threads are set
+    to --threads; an argparse error where there are none."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    paths = sorted(args.kodak.glob("kodim*.png"))[: args.images]
+    if not paths:
+        ap.error(f"no kodim*.png in {args.kodak}")
+    return paths
+

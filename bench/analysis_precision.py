@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import DEFAULT_DATA, REPO, code_state, markdown_table, write_report  # noqa: E402
+from bench._common import (SHIPPED_M2T, add_kodak_study_options, code_state, kodak_study_images,  # noqa: E402
+                           markdown_table, write_report)
 
 
 def _latent(model, rgb, run):
@@ -84,21 +85,12 @@ def measure(name: str, paths: list[Path], repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="m2t-small-q1,m2t-small-q2,m2t-small-q3,m2t-small-q4,mt-small-q2")
-    ap.add_argument("--kodak", type=Path, default=DEFAULT_DATA / "kodak")
-    ap.add_argument("--images", type=int, default=24, help="the first N Kodak images (default all 24)")
-    ap.add_argument("--threads", type=int, default=1)
+    add_kodak_study_options(ap, SHIPPED_M2T + ",mt-small-q2", "analysis_precision.json")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "analysis_precision.json")
     args = ap.parse_args(argv)
-    import torch
-
     from m2t_core.sysinfo import cpu_model, native_bf16
 
-    torch.set_num_threads(args.threads)
-    paths = sorted(args.kodak.glob("kodim*.png"))[: args.images]
-    if not paths:
-        ap.error(f"no kodim*.png in {args.kodak}")
+    paths = kodak_study_images(ap, args)
     results = {}
     for name in args.models.split(","):
         results[name] = measure(name, paths, args.repeats)

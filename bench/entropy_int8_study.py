@@ -35,7 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import DEFAULT_DATA, load_avg, markdown_table, write_report  # noqa: E402
+from bench._common import (SHIPPED_M2T, add_kodak_study_options, kodak_study_images, load_avg,  # noqa: E402
+                           markdown_table, write_report)
 
 
 def eight_bit_copy(model):
@@ -137,16 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     from m2t_core.sysinfo import cpu_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="m2t-small-q1,m2t-small-q2,m2t-small-q3,m2t-small-q4")
-    ap.add_argument("--kodak", type=Path, default=DEFAULT_DATA / "kodak")
-    ap.add_argument("--images", type=int, default=24, help="the first N Kodak images (default all 24)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "entropy_int8_study.json")
+    add_kodak_study_options(ap, SHIPPED_M2T, "entropy_int8_study.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    images = sorted(args.kodak.glob("kodim*.png"))[:args.images]
-    if not images:
-        ap.error(f"no Kodak images in {args.kodak}")
+    images = kodak_study_images(ap, args)
     exact = kernel_exact()
     model = load_model(args.models.split(",")[0])
     largest_group = max(model.layout.sched.sizes)
