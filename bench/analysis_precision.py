@@ -2,11 +2,10 @@
 """What running the analysis transform g_a in bf16 costs and buys (a benchmark, not a test).
 
 The encoder decides the latent and the stream carries it, so g_a may round as it likes: a
-decoder reproduces whatever latent was written. Where the CPU computes bf16 natively (AMX,
-AVX512-BF16) the frozen g_a runs in bf16 by default (m2t_core/transforms.py,
-M2T_BF16_ANALYSIS). For every shipped model (M2T and MT), on Kodak with real bitstreams
-(each image's latent from the float32 g_a, then from the bf16 one, both coded and decoded
-with the exact codec), this reports:
+decoder reproduces whatever latent was written. On CPUs with AMX-BF16 the frozen g_a runs
+in bf16 by default (m2t_core/transforms.py, M2T_BF16_ANALYSIS). For every shipped model
+(M2T and MT), on Kodak with real bitstreams (each image's latent from the float32 g_a, then
+from the bf16 one, both coded and decoded with the exact codec), this reports:
 
 * mean bpp and PSNR (RGB, 8 bits, per image then the mean) of each, and their differences;
 * the fraction of the rounded latent's values that bf16 changes;
@@ -93,21 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     paths = kodak_study_images(ap, args)
     results = {}
     for name in args.models.split(","):
-        results[name] = measure(name, paths, args.repeats)
-        r = results[name]
+        results[name] = r = measure(name, paths, args.repeats)
+        seconds = r["g_a_seconds_first_image"]
         print(f"{name}: bpp {r['bpp_change_percent']:+.3f} %, PSNR {r['psnr_change_db']:+.4f} dB, "
               f"{100 * r['latent_values_changed']:.2f} % of latent values changed; g_a "
-              f"{r['g_a_seconds_first_image']['float32']:.3f} -> {r['g_a_seconds_first_image']['bf16']:.3f} s", flush=True)
+              f"{seconds['float32']:.3f} -> {seconds['bf16']:.3f} s", flush=True)
     cpu = f"{cpu_model()} ({'native' if native_bf16() else 'emulated'} bf16)"
-    rows = [[name, f"{r['mean']['float32']['bpp']:.5f} / {r['mean']['bf16']['bpp']:.5f}", f"{r['bpp_change_percent']:+.3f} %",
-             f"{r['mean']['float32']['psnr']:.4f} / {r['mean']['bf16']['psnr']:.4f}", f"{r['psnr_change_db']:+.4f}",
-             f"{100 * r['latent_values_changed']:.2f} %",
-             f"{r['g_a_seconds_first_image']['float32']:.3f} / {r['g_a_seconds_first_image']['bf16']:.3f}"]
-            for name, r in results.items()]
+    rows = []
+    for name, r in results.items():
+        mean, seconds = r["mean"], r["g_a_seconds_first_image"]
+        rows.append([name, f"{mean['float32']['bpp']:.5f} / {mean['bf16']['bpp']:.5f}",
+                     f"{r['bpp_change_percent']:+.3f} %",
+                     f"{mean['float32']['psnr']:.4f} / {mean['bf16']['psnr']:.4f}", f"{r['psnr_change_db']:+.4f}",
+                     f"{100 * r['latent_values_changed']:.2f} %", f"{seconds['float32']:.3f} / {seconds['bf16']:.3f}"])
+    header = ["model", "bpp float32 / bf16", "bpp change", "PSNR float32 / bf16 (dB)", "PSNR change (dB)",
+              "latent values changed", "g_a float32 / bf16, s"]
     md = "\n".join([f"g_a in float32 against bf16 (frozen forms), {len(paths)} Kodak images, real bitstreams; "
                     f"{cpu}, {args.threads} thread(s); g_a time: the first image, median of {args.repeats}", ""]
-                   + markdown_table(["model", "bpp float32 / bf16", "bpp change", "PSNR float32 / bf16 (dB)",
-                                     "PSNR change (dB)", "latent values changed", "g_a float32 / bf16, s"], rows)) + "\n"
+                   + markdown_table(header, rows)) + "\n"
     report = {"benchmark": "analysis_precision", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "code": code_state(), "cpu": cpu, "threads": args.threads, "images": [p.name for p in paths],
               "results": results}

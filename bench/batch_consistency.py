@@ -16,8 +16,8 @@ gives, against the reference (this CPU, g_a one image at a time, frozen transfor
 
 Variants: CPU batch 16 (`Encoder(model, batch_images=16)`), CPU eager g_a (what
 M2T_EAGER_TRANSFORMS=1 runs), and with --device cuda: the GPU at batch 1 and at batch 16.
-Images: Kodak at 768x512 (portrait ones turned), evaluation only. On a CPU that computes
-bf16 natively the reference's frozen g_a runs in bf16 (m2t 0.7.4; M2T_BF16_ANALYSIS=0 keeps
+Images: Kodak at 768x512 (portrait ones turned), evaluation only. On a CPU with AMX-BF16
+the reference's frozen g_a runs in bf16 (m2t 0.7.4; M2T_BF16_ANALYSIS=0 keeps
 float32, to compare the float32 forms).
 """
 

@@ -27,8 +27,8 @@ bench/results/checkout_ab_t<threads>.json).
 `--base .` it compares a setting against its default in one checkout, e.g.
 `--base . --base-env M2T_MALLOC_TUNING=0` (glibc's malloc as it comes, against tuned).
 
-Since m2t 0.7.4, g_a runs in bf16 where the CPU computes bf16 natively (AMX, AVX512-BF16),
-which changes the streams against an older base on such CPUs; export M2T_BF16_ANALYSIS=0
+Since m2t 0.7.4, g_a runs in bf16 on CPUs with AMX-BF16, which changes the streams against
+an older base on such CPUs; export M2T_BF16_ANALYSIS=0
 (both sides inherit it) to compare everything else.
 """
 

@@ -171,21 +171,22 @@ class SynthesisTransform(nn.Module):
 FROZEN_TRANSFORMS = ("g_a",)
 CPU_TRANSFORMS = "eager" if os.environ.get("M2T_EAGER_TRANSFORMS", "") not in ("", "0") else "frozen"
 
-# The frozen g_a in bf16 where the CPU computes bf16 natively (AMX, AVX512-BF16): about 3x
-# faster than float32 at 768x512 on one thread of a Xeon with AMX, changing 0.1-1 % of the
-# rounded latent's values, and Kodak's mean bpp and PSNR by less than 0.1 % and 0.01 dB
-# (every shipped model: bench/analysis_precision.py). The encoder decides the latent and the
-# stream carries it, so decoding is exact either way. M2T_BF16_ANALYSIS=0 keeps float32, =1 takes
-# bf16 on any CPU (emulated where not native: slower).
+# The frozen g_a in bf16 where the CPU has AMX-BF16: about 3x faster than float32 at 768x512
+# on one thread of a Xeon with AMX, changing 0.1-1 % of the rounded latent's values, and
+# Kodak's mean bpp and PSNR by less than 0.1 % and 0.01 dB (every shipped model:
+# bench/analysis_precision.py). CPUs with AVX512-BF16 alone keep float32 (not measured for
+# g_a there). The encoder decides the latent and the stream carries it, so decoding is exact
+# either way. M2T_BF16_ANALYSIS=0 keeps float32, =1 takes bf16 on any CPU (emulated where
+# bf16 is not native: slower).
 BF16_ANALYSIS_ENV = "M2T_BF16_ANALYSIS"
 
 
 def bf16_analysis() -> bool:
-    """Whether the frozen g_a runs in bf16 here (BF16_ANALYSIS_ENV, else native bf16)."""
-    from .sysinfo import native_bf16
+    """Whether the frozen g_a runs in bf16 here (BF16_ANALYSIS_ENV, else where the CPU has AMX-BF16)."""
+    from .sysinfo import cpu_flags
 
     setting = os.environ.get(BF16_ANALYSIS_ENV, "")
-    return native_bf16() if setting == "" else setting != "0"
+    return "amx_bf16" in cpu_flags() if setting == "" else setting != "0"
 
 
 def frozen_for_inference(module: nn.Module, in_channels: int, bf16: bool = False):

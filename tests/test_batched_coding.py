@@ -155,7 +155,7 @@ def _check_frozen_transforms(model):
 
 
 def test_bf16_analysis_is_g_a_within_bf16_rounding_and_follows_the_setting(monkeypatch):
-    """The frozen g_a in bf16 (the default where the CPU computes bf16 natively; forced here,
+    """The frozen g_a in bf16 (the default where the CPU has AMX-BF16; forced here,
     emulated where not): g_a's output within bf16's rounding at several sizes, float32 out; a
     change of the setting or of the weights builds it again; the latents it gives code and
     decode exactly like any other."""
