@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -17,8 +18,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (/proc/cpuinfo on Linux; empty elsewhere)."""
+    """The CPU's feature flags (/proc/cpuinfo on Linux; empty elsewhere), read once: every
+    encode asks (transforms.bf16_analysis), and the file is long on machines with many cores."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -34,4 +37,3 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products; withou
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX)."""
     return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
-
