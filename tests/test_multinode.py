@@ -296,24 +296,32 @@ def test_killed_driver_resumes_to_a_byte_identical_archive(cluster, photos, mode
 
 
 def test_verify_survives_the_loss_of_a_node(cluster, model, reference, tmp_path):
-    report_path = tmp_path / "verify.json"
-    job = Job([sys.executable, str(REPO / "jobs" / "decompress.py"), "verify", str(reference["out"]),
-               "--model", str(model), "--no-progress", "--report", str(report_path), "--placement-timeout", "20"], cluster.env())
-    # The first actor up takes shards at once: remove its node (the other actor is on the other node).
-    wait_for(lambda: "ready on node" in job.log, 180, "an actor to start", job)
-    victim = re.search(r"ready on node ([0-9a-f]+)", job.log).group(1)
-    assert victim in cluster.worker_ids()
-    cluster.remove(victim)
-    code = job.wait(timeout=300)
-    report = json.loads(report_path.read_text())
-    assert code == 0 and "CLEAN" in job.out, job.out[-2000:] + job.log[-2000:]
-    assert report["images"] == report["verified"] == IMAGES and not report["issues"]
-    assert report["shards"]["checked"] == IMAGES and not report["shards"]["failed"]
+    # As in the compression test above: on a fast machine verify may check its last shards
+    # before the loss reaches the node (no node was then lost mid-job, which is not what this
+    # test is about), and the scenario is run again, at most 3 times. Every run must be CLEAN.
+    for attempt in range(3):
+        cluster.ensure_workers()
+        report_path = tmp_path / f"verify{attempt}.json"
+        job = Job([sys.executable, str(REPO / "jobs" / "decompress.py"), "verify", str(reference["out"]),
+                   "--model", str(model), "--no-progress", "--report", str(report_path), "--placement-timeout", "20"],
+                  cluster.env())
+        # The first actor up takes shards at once: remove its node (the other actor is on the other node).
+        wait_for(lambda: "ready on node" in job.log, 180, "an actor to start", job)
+        victim = re.search(r"ready on node ([0-9a-f]+)", job.log).group(1)
+        assert victim in cluster.worker_ids()
+        cluster.remove(victim)
+        code = job.wait(timeout=300)
+        report = json.loads(report_path.read_text())
+        assert code == 0 and "CLEAN" in job.out, job.out[-2000:] + job.log[-2000:]
+        assert report["images"] == report["verified"] == IMAGES and not report["issues"]
+        assert report["shards"]["checked"] == IMAGES and not report["shards"]["failed"]
+        if report["faults"]["actors_lost"]:
+            break
     faults = report["faults"]
     assert len(faults["actors_lost"]) == 1 and faults["actors_lost"][0]["node_id"] == victim
     assert len(faults["retries"]) >= 1 and faults["duplicate_results"] == []
     print(f"\nverify with a node lost: {IMAGES} images verified, {len(faults['retries'])} retries, "
-          f"{job.seconds:.1f} s")
+          f"{job.seconds:.1f} s (run {attempt + 1})")
 
 
 def test_small_corpus_is_cut_into_one_shard_per_actor(cluster, photos, model, reference, tmp_path):
