@@ -96,7 +96,8 @@ class PackedLinear:
         # blocks of at least min_macs multiply-adds; the probe sets min_macs to 0 to try it alone.
         self.onednn = torch.ops.onednn.qlinear_prepack(rows, None) if onednn and self.inner < FP32_INNER else None
         self.min_macs = ONEDNN_MIN_MACS
-        self.unit_scales = (torch.ones(2 * self.outputs), torch.zeros(2 * self.outputs, dtype=torch.int64))
+        if self.onednn is not None:  # the planes' own integers: scale 1, zero point 0
+            self.unit_scales = (torch.ones(2 * self.outputs), torch.zeros(2 * self.outputs, dtype=torch.int64))
         s = shift.detach().to("cpu", torch.int64)
         half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp(min=0), 0)  # rounds halves up
         offset = 32768 * c.sum(1) + 128 * d.sum(1) + 16384 * self.inner + bias.detach().to("cpu", torch.int64) + half
@@ -134,7 +135,7 @@ class PackedLinear:
 
     def _onednn_products(self, planes: torch.Tensor) -> torch.Tensor:
         """planes (2m, K) int8 -> (2m, 2N) float32 products, contiguous (oneDNN's matmul)."""
-        w_scale, w_zero = self.unit_scales  # the planes' own integers: scale 1, zero point 0
+        w_scale, w_zero = self.unit_scales
         return torch.ops.onednn.qlinear_pointwise(planes, 1.0, 0, self.onednn, w_scale, w_zero, None, 1.0, 0,
                                                   torch.float32, "none", [None], "")
 
@@ -166,7 +167,7 @@ def probe(inner: int, outputs: int, onednn: bool = False) -> bool:
     w[: min(N, len(special))] = special[: min(N, len(special))]
     try:
         route = PackedLinear(w, torch.zeros(N, dtype=torch.int64), torch.zeros(N, dtype=torch.int64), onednn)
-        route.min_macs = 0 if onednn else 1 << 62  # one kind of product only
+        route.min_macs = 0  # with onednn, every block on oneDNN's matmul; else route.onednn is None
         for M in PROBE_ROWS:
             x = torch.randint(-32768, 32768, (M, K), generator=g)
             x[: min(M, len(special))] = special[: min(M, len(special))].flip(0)
