@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 NAME = "_exact_kernels"  # m2t_core/_exact_kernels<EXT_SUFFIX>
 ENV = "M2T_CPU_KERNELS"  # "0": none of these kernels (benchmarks, debugging): the torch passes
+ABI = 2  # csrc/exact_kernels.c's m2t_abi(): the signatures below; a library built from other sources is not used
 
 
 def library() -> SimpleNamespace | None:
@@ -36,8 +37,11 @@ def _load() -> SimpleNamespace | None:
         return None
     try:
         lib = ctypes.CDLL(str(path))
+        lib.m2t_abi.restype, lib.m2t_abi.argtypes = ctypes.c_int64, []
+        if lib.m2t_abi() != ABI:  # built from other sources (an install older than this checkout)
+            return None
         functions = {name: getattr(lib, "m2t_" + name) for name in SIGNATURES}
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # AttributeError: a library older than m2t_abi
         return None
     for name, (restype, argtypes) in SIGNATURES.items():
         functions[name].restype, functions[name].argtypes = restype, argtypes
@@ -91,7 +95,8 @@ def missing_reason() -> str:
     """Why library() is None."""
     if os.environ.get(ENV, "1") == "0":
         return f"{ENV}=0"
-    return "the kernel library m2t_core/_exact_kernels was not built (no C compiler at install)"
+    return ("the kernel library m2t_core/_exact_kernels was not built (no C compiler at install), or was built "
+            "from other sources (reinstall: pip install -e .)")
 
 
 _P, _I, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
@@ -102,8 +107,9 @@ SIGNATURES = {
     "combine_f32": (None, [_P, _I, _I, _P, _P, _P, _D, _P, _I]),  # the same from oneDNN's float32 products
     # int8_conv / int_synthesis: activation byte planes, and the products' rescaling
     # (each with its thread count last: torch.get_num_threads())
-    "plane_pack": (None, [_P, _I, _I, _I, _P, _I, _P, _I]),
-    "rescale_planes": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _F, _P, _I, _P, _I]),
+    # (blocks of channels-last pixels: image and row strides, int8_conv._pixel_block)
+    "plane_pack": (None, [_P, _I, _I, _I, _I, _I, _I, _P, _P, _I, _I, _I]),
+    "rescale_planes": (None, [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _F, _P, _I, _I, _P, _I]),
     "gate": (None, [_P, _P, _P, _I, _P, _I, _I, _F, _P, _I]),
     "use_openmp": (None, [_P, _P, _P]),  # the g_s kernels' threads: torch's OpenMP entry points
     # exact.Float64Ops: LayerNorm and GELU; entropy_coding: a mixture's probabilities per symbol

@@ -36,7 +36,10 @@ from . import cpu_kernels
 PLANE = 256
 ZERO_POINT = 128  # uint8 plane = int8 plane + 128
 FP32_EXACT = 1 << 24
-BAND_BYTES = 4 << 20  # per thread: a band's widest temporary (the four plane products, float32)
+BAND_BYTES = 8 << 20  # per thread: a tile's widest temporary (its plane products, float32); 4 MiB was 6 % slower
+TILE_WIDTH = 128  # columns a convolution call computes at most (`convolve`: shapes that do not follow the image)
+TILE_STEP = 16  # tile widths are multiples of this
+ROW_STEP = 8  # band heights too
 HI_RANGE = (-128 * PLANE - ZERO_POINT, 127 * PLANE + 127 - ZERO_POINT)  # w whose w_hi, w_lo fit int8
 WEIGHT8_MAX = 127  # a weight within +-127 is its own plane
 
@@ -111,13 +114,15 @@ def plane_pack(x: torch.Tensor, out: torch.Tensor) -> None:
     integer conversion keeps it mod 256: C++'s rule, and ATen's on every CPU capability,
     tests/test_int8_conv.py); the high byte is v's arithmetic shift right by 8, converted the
     same way. Contiguous integer passes only: 1.9x quicker than reading strided bytes. Where
-the C kernels are built (cpu_kernels), one fused pass of the same integer steps instead."""
+    the C kernels are built (cpu_kernels) and x and out are blocks of channels-last pixels
+    (`_pixel_block`), one fused pass of the same integer steps instead."""
     B, C, h, W = x.shape
     lib = cpu_kernels.library()
-    if (lib is not None and x.dtype == torch.float32 and out.dtype == torch.uint8 and _rows_of_pixels(x)
-            and _rows_of_pixels(out)):  # one fused pass (csrc/exact_kernels.c)
-        lib.plane_pack(x.data_ptr(), x.stride(0), B, C * h * W, out.data_ptr(), out.stride(0), out[B].data_ptr(),
-                       torch.get_num_threads())
+    x_block, out_block = _pixel_block(x), _pixel_block(out)
+    if lib is not None and x.dtype == torch.float32 and out.dtype == torch.uint8 and x_block and out_block:
+        if x.numel():  # one fused pass (csrc/exact_kernels.c)
+            lib.plane_pack(x.data_ptr(), *x_block, B, h, W, C, out.data_ptr(), out[B].data_ptr(), *out_block,
+                           torch.get_num_threads())
         return
     v = torch.empty((B, h, W, C), dtype=torch.int16)
     v.copy_(x.permute(0, 2, 3, 1)).add_(ZERO_POINT).bitwise_xor_(-(1 << 15))  # (B, h, W, C): v - 2^16 where v >= 2^15
@@ -126,39 +131,70 @@ the C kernels are built (cpu_kernels), one fused pass of the same integer steps 
     planes[:B].copy_(v.bitwise_right_shift_(8))
 
 
-def _rows_of_pixels(t: torch.Tensor) -> bool:
-    """Whether each image of t (B, C, h, W) is h W C contiguous values, channels last (rows of
-    a channels-last tensor), on the CPU: the layout the fused kernels read and write."""
+def _pixel_block(t: torch.Tensor) -> tuple[int, int] | None:
+    """(image stride, row stride) of t (B, C, h, W) on the CPU where each pixel's C values are
+    adjacent and each row's pixels follow one another (a block of rows and columns of a
+    channels-last tensor): the layout the fused kernels read and write; else None."""
     _, C, h, W = t.shape
-    return t.device.type == "cpu" and ((t.stride(1), t.stride(3), t.stride(2)) == (1, C, W * C) or t.numel() == 0)
+    if t.device.type != "cpu" or (C > 1 and t.stride(1) != 1) or (W > 1 and t.stride(3) != C):
+        return None
+    return t.stride(0), t.stride(2)
+
+
+def tile_width(W: int) -> int:
+    """Columns a convolution computes per call for a W-pixel-wide activation: W split into
+    equal tiles of at most TILE_WIDTH, rounded up to a multiple of TILE_STEP (the tiles on
+    the right are padded). So every image size uses one of TILE_WIDTH // TILE_STEP widths."""
+    tiles = _ceil_div(W, TILE_WIDTH)
+    return _ceil_div(_ceil_div(W, tiles), TILE_STEP) * TILE_STEP
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def convolve(conv: "PackedConv", x: torch.Tensor, finish, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The convolution of float32 integers x (B, C, H, W) as `conv`'s products, in bands of
-    rows: finish(products, out, res) takes each band's four plane products (2B, 2R, n, W)
-    float32 (`PackedConv.raw`) and writes its output rows into `out` (B, R, n, W), a band of
-    the result (B, R, H, W) channels-last; `res` is the same band of `residual` (B, R, H, W),
-    or None. Bands keep every temporary small enough for the caches; a band reads `p` rows of
-    its neighbours, so the result is the whole convolution's."""
+    """The convolution of float32 integers x (B, C, H, W) as `conv`'s products, in tiles:
+    finish(products, out, res) takes each tile's plane products (2B, planes R, n, m) float32
+    (`PackedConv.raw`) and writes its output pixels into `out` (B, R, n, m), a block of the
+    result (B, R, H, W) channels-last; `res` is the same block of `residual` (B, R, H, W), or
+    None. A tile reads `p` rows and columns around it, the zero point beyond the image, so
+    the result is the whole convolution's.
+
+    oneDNN compiles a kernel for every input shape it meets (milliseconds each, against a
+    fraction of one to run it) and keeps a bounded number. So the calls' shapes do not follow
+    the image: tiles of `tile_width` columns, bands of a row count fixed per layer and tile
+    width, a last band rounded up to ROW_STEP rows; the padding rows and columns are computed
+    and dropped. Each tile comes with its border already padded (the convolution pads
+    nothing), which also runs oneDNN's faster kernels for 3x3 convolutions."""
     B, C, H, W = x.shape
     p = conv.kernel // 2
+    tw = tile_width(W)
     budget = BAND_BYTES * torch.get_num_threads()  # small bands lose to per-call costs, large ones to the caches
-    band = max(1, min(H, budget // (2 * B * conv.planes * conv.rows * 4 * W)))  # rows per band
+    band = max(ROW_STEP, budget // (2 * B * conv.planes * conv.rows * 4 * tw) // ROW_STEP * ROW_STEP)
     out = torch.empty((B, conv.rows, H, W), dtype=torch.float32, memory_format=torch.channels_last)
     buffers: dict[int, torch.Tensor] = {}
     for y0 in range(0, H, band):
-        y1 = min(H, y0 + band)
-        rows = y1 - y0 + 2 * p
+        n = min(band, H - y0)
+        rows = _ceil_div(n, ROW_STEP) * ROW_STEP + 2 * p  # input rows of this band's call
         planes = buffers.get(rows)
         if planes is None:
-            planes = buffers[rows] = torch.empty((2 * B, C, rows, W), dtype=torch.uint8,
+            planes = buffers[rows] = torch.empty((2 * B, C, rows, tw + 2 * p), dtype=torch.uint8,
                                                  memory_format=torch.channels_last)
-        a0, a1 = max(0, y0 - p), min(H, y1 + p)  # the input rows this band reads
-        top, bottom = a0 - (y0 - p), a1 - (y0 - p)
-        if top or bottom < rows:  # above or below the image: zeros (the zero point)
-            planes.fill_(ZERO_POINT)
-        plane_pack(x[:, :, a0:a1], planes[:, :, top:bottom])
-        finish(conv.raw(planes), out[:, :, y0:y1], None if residual is None else residual[:, :, y0:y1])
+        a0, a1 = max(0, y0 - p), min(H, y0 + n + p)  # the input rows this band reads
+        top = a0 - (y0 - p)
+        for x0 in range(0, W, tw):
+            m = min(tw, W - x0)
+            c0, c1 = max(0, x0 - p), min(W, x0 + m + p)  # and columns
+            left = c0 - (x0 - p)
+            bottom, right = top + a1 - a0, left + c1 - c0
+            for beyond in (planes[:, :, :top], planes[:, :, bottom:], planes[:, :, :, :left], planes[:, :, :, right:]):
+                if beyond.numel():
+                    beyond.fill_(ZERO_POINT)  # beyond the image: the zero point (a zero activation)
+            plane_pack(x[:, :, a0:a1, c0:c1], planes[:, :, top:bottom, left:right])
+            raw = conv.raw(planes)  # (2B, planes R, rows - 2p, tw)
+            finish(raw[:, :, :n, :m], out[:, :, y0:y0 + n, x0:x0 + m],
+                   None if residual is None else residual[:, :, y0:y0 + n, x0:x0 + m])
     return out
 
 
@@ -167,19 +203,21 @@ def fused_rescale(raw: torch.Tensor, r, planes: int, low: int, high: int, out: t
     """int_synthesis._combine_into (planes=1) or _combine_products (2; rows all wide) of the
     plane products `raw` with int_synthesis.Rescale `r`, clamped into `out` (then plus
     `residual`, clamped again, where given), in one pass of the C kernel (cpu_kernels: the
-    same float32 steps in the same order), where it is built and the layouts are oneDNN's
-    channels-last; False where the torch passes must run."""
+    same float32 steps in the same order), where it is built and raw, out and residual are
+    blocks of channels-last pixels (`_pixel_block`); False where the torch passes must run."""
     lib = cpu_kernels.library()
-    if (lib is None or raw.dtype != torch.float32 or out.dtype != torch.float32
-            or not raw.is_contiguous(memory_format=torch.channels_last) or not _rows_of_pixels(out)
+    B, R, n, W = out.shape
+    raw_block, out_block = _pixel_block(raw), _pixel_block(out)
+    if (lib is None or raw.dtype != torch.float32 or out.dtype != torch.float32 or not raw_block or not out_block
+            or tuple(raw.shape) != (2 * B, planes * R, n, W)
             or residual is not None and (residual.dtype != torch.float32 or residual.shape != out.shape
                                          or residual.stride() != out.stride())):
         return False
-    B, R, n, W = out.shape
-    lib.rescale_planes(raw.data_ptr(), B, n * W, R, planes, r.lo_scale.data_ptr(), r.hi_scale.data_ptr(),
-                       r.delta.data_ptr(), r.scale.data_ptr(), r.b_int.data_ptr(), float(low), float(high),
-                       out.data_ptr(), out.stride(0), None if residual is None else residual.data_ptr(),
-                       torch.get_num_threads())
+    if out.numel():
+        lib.rescale_planes(raw.data_ptr(), *raw_block, B, n, W, R, planes, r.lo_scale.data_ptr(),
+                           r.hi_scale.data_ptr(), r.delta.data_ptr(), r.scale.data_ptr(), r.b_int.data_ptr(),
+                           float(low), float(high), out.data_ptr(), *out_block,
+                           None if residual is None else residual.data_ptr(), torch.get_num_threads())
     return True
 
 
@@ -209,20 +247,20 @@ class PackedConv:
         self.w_zero = torch.zeros(self.planes * R, dtype=torch.int64)
         w8 = weight.to(torch.int8) if self.planes == 1 else split_weight(weight)
         w8 = w8.contiguous(memory_format=torch.channels_last)
-        pad = [0, k // 2]  # rows come padded (`convolve` reads its neighbours' rows), columns not
-        self.packed = torch.ops.onednn.qconv_prepack(w8, self.w_scale, 1.0, ZERO_POINT, [1, 1], pad, [1, 1], 1, None)
+        # The input comes padded (`convolve`): oneDNN pads nothing.
+        self.packed = torch.ops.onednn.qconv_prepack(w8, self.w_scale, 1.0, ZERO_POINT, [1, 1], [0, 0], [1, 1], 1,
+                                                     None)
         # Two planes: the bias on the w_lo rows only, so that it is added once per activation plane.
         f_lo = f_lo.float().cpu()
         self.bias = f_lo if self.planes == 1 else torch.cat([torch.zeros(R), f_lo])
 
     def raw(self, planes: torch.Tensor) -> torch.Tensor:
-        """uint8 planes (2B, C, n + 2p, W), p = kernel // 2 rows above and below included ->
-        the plane products (2B, planes * R, n, W), float32 (columns padded with zeros): one
-        weight plane gives [x_hi * w + f_lo, x_lo * w + f_lo], two the four products
-        [[x_hi * w_hi, x_hi * w_lo + f_lo], [x_lo * w_hi, x_lo * w_lo + f_lo]]."""
-        p = self.kernel // 2
+        """uint8 planes (2B, C, n + 2p, m + 2p), padded by p = kernel // 2 rows and columns on
+        each side -> the plane products (2B, planes * R, n, m), float32: one weight plane gives
+        [x_hi * w + f_lo, x_lo * w + f_lo], two the four products [[x_hi * w_hi, x_hi * w_lo +
+        f_lo], [x_lo * w_hi, x_lo * w_lo + f_lo]]."""
         return torch.ops.onednn.qconv2d_pointwise(
-            planes, 1.0, ZERO_POINT, self.packed, self.w_scale, self.w_zero, self.bias, [1, 1], [0, p], [1, 1], 1,
+            planes, 1.0, ZERO_POINT, self.packed, self.w_scale, self.w_zero, self.bias, [1, 1], [0, 0], [1, 1], 1,
             1.0, 0, torch.float32, "none", [], "")
 
 
@@ -245,8 +283,8 @@ def probe(c_in: int, c_out: int, kernel: int, planes: int = 2) -> bool:
     extreme = torch.where(torch.arange(c_out) % 2 == 0, -128, 127)[:, None, None, None]
     weights = [extreme.expand(c_out, c_in, kernel, kernel).clone(),  # the extremes of the s8 side
                torch.randint(-128, 128, (c_out, c_in, kernel, kernel), generator=g) | 1]  # odd: halving shows
-    # The rows above and below come with the input, as `convolve` gives them.
-    padded = F.pad(x8, (0, 0, p, p), value=ZERO_POINT).contiguous(memory_format=torch.channels_last)
+    # The border comes with the input, as `convolve` gives it.
+    padded = F.pad(x8, (p, p, p, p), value=ZERO_POINT).contiguous(memory_format=torch.channels_last)
     try:
         for w_small in weights:
             w_small[:, live:] = 0

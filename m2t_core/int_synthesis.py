@@ -26,7 +26,7 @@ every number between the latent and the pixels is an integer:
   arithmetic (intmath), the gate an exact product below 2^24;
 * pixels: round(clamp(x, 0, 1) * 255) as an integer multiply and shift;
 * on CPUs whose int8 kernels are exact (VNNI, AMX: probed, not assumed), the same products
-  run on the int8 units in bands of rows (int8_conv.py); elsewhere, and on GPUs, the float32
+  run on the int8 units in tiles (int8_conv.py); elsewhere, and on GPUs, the float32
   route. Both give the same integers. Speed: docs/benchmarks.md.
 
 Two arithmetics, which the stream's format version selects (`arithmetic`): integer-v1
@@ -564,7 +564,7 @@ class IntOps:
     def _convolve(self, name: str, x: torch.Tensor, low: int, high: int,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution's requantised output, clamped to [low, high] (then plus `residual`,
-        clamped again, where given): on the int8 units in bands of rows where that is exact
+        clamped again, where given): on the int8 units in tiles where that is exact
         here (int8_conv.py), else the float32 route. The same integers either way."""
         fast = self._int8(name) if self.int8 else None
         if fast is None:

@@ -172,3 +172,19 @@ def test_weights_bit_sum_kernel_equals_its_numpy_form(dtype, shape, monkeypatch)
         assert fast == slow and isinstance(fast, int)
     big = torch.full((1 << 20,), -1, dtype=torch.int32)  # every word 2^32 - 1
     assert M._bit_sum(big) == (1 << 20) * (2**32 - 1)
+
+
+def test_a_library_built_from_other_sources_is_not_used(monkeypatch):
+    """The library's functions are called through signatures declared in Python: a library
+    whose m2t_abi() differs (built from older or newer sources than this checkout) must be
+    left unused, the torch passes running instead, and the reason must say to reinstall."""
+    assert cpu_kernels.library() is not None  # built by the install, from these sources
+    monkeypatch.setattr(cpu_kernels, "ABI", cpu_kernels.ABI + 1)
+    cpu_kernels._load.cache_clear()
+    try:
+        assert cpu_kernels.library() is None
+        assert "other sources" in cpu_kernels.missing_reason()
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._load.cache_clear()
+    assert cpu_kernels.library() is not None

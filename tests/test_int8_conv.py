@@ -48,13 +48,18 @@ def test_int8_route_gives_the_float32_routes_pixels(model_name, shape, batch, ve
 
 
 @pytest.mark.parametrize("version", [4, 5])
-def test_bands_threads_and_image_edges_do_not_change_pixels(monkeypatch, version):
-    """Bands of one row, of a few rows with a short last band, and the whole image at once;
-    one thread and two: the pixels stay the float32 route's."""
+@pytest.mark.parametrize("tile_width,kernels", [(16, "1"), (16, "0"), (int8_conv.TILE_WIDTH, "1")])
+def test_bands_tiles_threads_and_image_edges_do_not_change_pixels(monkeypatch, version, tile_width, kernels):
+    """Bands of the fewest rows (ROW_STEP, a short last band padded), of a few rows and the
+    whole image at once; tiles of 16 columns (the last padded) and the default; the C kernels
+    and the torch passes packing and rescaling the tiles; one thread and two: the pixels stay
+    the float32 route's."""
     model = load_model("m2t-small-q3")
     g_int = model.int_synthesis(version)
-    y = _latents(model.cfg.C, (3, 2), 1, seed=7)  # 48x32 pixels: bands meet the image edges
+    y = _latents(model.cfg.C, (3, 5), 1, seed=7)  # 80x48 pixels: bands and tiles meet the image edges
     want = IS.synthesize(g_int, y, int8=False)
+    monkeypatch.setattr(int8_conv, "TILE_WIDTH", tile_width)
+    monkeypatch.setenv("M2T_CPU_KERNELS", kernels)
     threads = torch.get_num_threads()
     try:
         for band_bytes in (1, 40_000, 10 ** 12):
@@ -64,6 +69,29 @@ def test_bands_threads_and_image_edges_do_not_change_pixels(monkeypatch, version
                 assert torch.equal(IS.synthesize(g_int, y), want), (band_bytes, n)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_convolution_shapes_do_not_follow_the_image_size(monkeypatch):
+    """oneDNN compiles a kernel per input shape: images of other sizes whose tiles round to
+    the same widths and rows must call it with the shapes it has already compiled, and the
+    tile widths stay within TILE_WIDTH in steps of TILE_STEP."""
+    if not int8_conv.enabled() or not int8_conv.probe(64, 64, 3, 1):
+        pytest.skip("the int8 route does not run on this machine")  # CPUs without VNNI: the float32 route
+    g_int = load_model("m2t-small-q2").int_synthesis(5)
+    shapes: list[tuple] = []
+    raw = int8_conv.PackedConv.raw
+    monkeypatch.setattr(int8_conv.PackedConv, "raw", lambda self, planes: shapes.append(
+        (self.kernel,) + tuple(planes.shape)) or raw(self, planes))
+    seen = []
+    for size in ((2, 10), (2, 9)):  # widths 10, 20, 40, 80 and 9, 18, 36, 72 round to the same tiles
+        shapes.clear()
+        IS.synthesize(g_int, _latents(g_int.conv(g_int.specs[0].name).spec.c_in, size, 1, seed=5))
+        seen.append(set(shapes))
+    assert seen[1] == seen[0]
+    widths = {w - 2 * (k // 2) for k, *_, w in seen[0]}
+    assert widths == {16, 32, 48, 80}, widths
+    assert [int8_conv.tile_width(W) for W in (1, 16, 17, 128, 129, 200, 376, 384, 385)] == \
+        [16, 16, 32, 128, 80, 112, 128, 128, 112]
 
 
 def test_a_cpu_with_int8_dot_products_takes_the_int8_route():
@@ -204,9 +232,9 @@ def _rescale_case(planes: int, seed: int):
     shift = torch.randint(8 if planes == 2 else -2, 22, (R,), generator=g)
     bias = torch.randint(-(1 << 30), 1 << 30, (R,), generator=g)
     r = IS.Rescale.of(bias, shift, "cpu")
-    raw = torch.randint(-(1 << 24) + 1, 1 << 24, (2 * B, planes * R, n, W), generator=g).float()
-    raw = raw.contiguous(memory_format=torch.channels_last)
-    whole = torch.full((B, R, n + 4, W), -7.0).contiguous(memory_format=torch.channels_last)
+    raw = torch.randint(-(1 << 24) + 1, 1 << 24, (2 * B, planes * R, n + 2, W + 3), generator=g).float()
+    raw = raw.contiguous(memory_format=torch.channels_last)[:, :, :n, :W]  # a tile's block, as convolve passes it
+    whole = torch.full((B, R, n + 4, W + 5), -7.0).contiguous(memory_format=torch.channels_last)
     return r, raw, whole
 
 
@@ -227,16 +255,19 @@ def test_fused_rescaling_equals_the_torch_passes(monkeypatch, planes, with_resid
             g = torch.Generator().manual_seed(100 + seed)
             x = torch.randint(-IS.ACT_LIMIT, IS.ACT_LIMIT + 1, whole.shape, generator=g).float()
             x.view(-1)[::3], x.view(-1)[1::5] = IS.ACT_LIMIT, -IS.ACT_LIMIT
-            residual = x.contiguous(memory_format=torch.channels_last)[:, :, 2:5]
+            residual = x.contiguous(memory_format=torch.channels_last)[:, :, 2:5, 1:8]
         fused, torch_passes = whole.clone(), whole.clone()
-        assert int8_conv.fused_rescale(raw, r, planes, low, high, fused[:, :, 2:5], residual)  # the kernel runs here
+        block = (slice(None), slice(None), slice(2, 5), slice(1, 8))  # rows 2-4, columns 1-7 of the output
+        assert int8_conv.fused_rescale(raw, r, planes, low, high, fused[block], residual)  # the kernel runs here
         monkeypatch.setenv("M2T_CPU_KERNELS", "0")
-        finish(raw.clone(memory_format=torch.channels_last), r, low, high, torch_passes[:, :, 2:5], residual)
+        finish(raw.clone(), r, low, high, torch_passes[block], residual)
         monkeypatch.delenv("M2T_CPU_KERNELS")
         if with_residual:  # the sum left the clamp's range somewhere, at both ends
             assert (fused == high).any() and (fused == low).any()
         assert torch.equal(fused, torch_passes), seed
-        assert torch.equal(fused[:, :, :2], whole[:, :, :2]) and torch.equal(fused[:, :, 5:], whole[:, :, 5:])
+        outside = torch.ones(whole.shape, dtype=torch.bool)
+        outside[block] = False
+        assert torch.equal(fused[outside], whole[outside])
 
 
 def test_fused_gate_equals_the_torch_passes(monkeypatch):

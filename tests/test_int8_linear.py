@@ -139,6 +139,22 @@ def test_probe_refuses_products_that_saturate(monkeypatch):
     monkeypatch.setattr(torch, "_int_mm", real)
 
 
+def test_product_shapes_do_not_follow_the_row_count(monkeypatch):
+    """oneDNN compiles a kernel for every shape: the products run on blocks whose rows are
+    rounded up to ROW_BUCKET (the padding rows' products never read), so 2 B + 1 to 3 B rows
+    share one shape (B = ROW_BUCKET), and the integers stay the reference's."""
+    shapes = set()
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: shapes.add(tuple(a.shape)) or real(a, b))
+    K, N, B = 64, 48, int8_linear.ROW_BUCKET
+    x, w, bias, shift = _operands(3 * B, K, N, seed=3)
+    route = int8_linear.PackedLinear(w, bias, shift)  # the _int_mm route
+    for M in (3 * B, 2 * B + 1, 2 * B + 5, 1):
+        x[M - 1, 1::2] = -32768  # each block's last row at the extremes
+        assert torch.equal(route(x[:M].double(), 32767).long(), _reference(x[:M], w, bias, shift, 32767)), M
+    assert shapes == {(2 * 3 * B, K), (2 * B, K)}
+
+
 def test_status_names_the_route():
     assert int8_linear.status() in ("on", "on, larger products on AMX (oneDNN matmul)",
                                     "off (this CPU's int8 products are not exact: the float64 route runs)")
@@ -174,7 +190,7 @@ def test_onednn_probe_refuses_products_that_are_not_exact(monkeypatch):
 
     def off_by_one(self, planes):
         out = real(self, planes)
-        out.view(-1)[-1] += 1
+        out[0, -1] += 1  # a product the combination reads (rows past a block's 2m are padding)
         return out
 
     monkeypatch.setattr(int8_linear.PackedLinear, "_onednn_products", off_by_one)

@@ -213,6 +213,25 @@ def test_decision_on_synthetic_curves():
     assert not unmeasured["ship"] and unmeasured["bd_rate"]["value"] is None
 
 
+def test_a_candidate_that_dominates_its_member_ships_whatever_pchip_says():
+    """The q4 round of 2026-12-06 on val: fewer bits and +0.54 dB against the q4 it would
+    replace, yet the ladder's PCHIP BD-rate +1.03 % (the slope at q3 changes, which bends the
+    q2-q3 segment). A dominating point is better at every PSNR of the piecewise-linear ladder:
+    it ships; a point better in one and worse in the other still goes by the BD-rate."""
+    ladder = {"q1": {"bpp": 0.1157, "psnr": 29.17}, "q2": {"bpp": 0.2504, "psnr": 30.94},
+              "q3": {"bpp": 0.4849, "psnr": 32.75}, "q4": {"bpp": 0.8104, "psnr": 32.98}}
+    top = S.compare(ladder, "q4", {"bpp": 0.8082, "psnr": 33.52})
+    assert top["bd_rate"]["value"] > 0 and top["ship"] and "dominates" in top["reason"]
+    trade = S.compare(ladder, "q4", {"bpp": 0.8200, "psnr": 33.52})  # more bits, more PSNR
+    assert "dominates" not in trade["reason"]
+    tiny = S.compare(ladder, "q4", {"bpp": 0.8104, "psnr": 32.985})  # within the margins: not worth a release
+    assert not tiny["ship"]
+    assert not S.compare(ladder, "q4", {"bpp": 0.8082, "psnr": 33.52}, bit_exact=False)["ship"]
+    assert S.dominates({"bpp_percent": -0.06, "psnr_db": 0.0}) and S.dominates({"bpp_percent": 0.0, "psnr_db": 0.01})
+    assert not S.dominates({"bpp_percent": -5.0, "psnr_db": -0.001})
+    assert not S.dominates({"bpp_percent": 0.001, "psnr_db": 1.0})
+
+
 def test_decide_threshold_is_strict():
     assert S.decide(S.SHIP_BELOW_PERCENT, True) == (False, "BD-rate -0.050 % is not below -0.05 %")
     assert S.decide(S.SHIP_BELOW_PERCENT - 1e-6, True)[0]

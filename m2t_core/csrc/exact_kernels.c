@@ -14,6 +14,10 @@
 #define M2T_CLONES
 #endif
 
+/* The version of these functions' signatures: cpu_kernels.py loads a library only where it
+ * matches its own (a library built from older sources is left unused, never misread). */
+int64_t m2t_abi(void) { return 2; }
+
 static inline float clampf(float t, float low, float high) {
     t = t < low ? low : t;
     return t > high ? high : t;
@@ -128,48 +132,56 @@ M2T_COMBINE(m2t_combine_f32, float)
 
 /* ------------------------------------------------------------------ the integer g_s */
 
-/* Activation byte planes for oneDNN's uint8 convolution (int8_conv.plane_pack): for each of
- * B images, n float32 integers |x| <= 32639 at x + b * x_stride -> the high plane
- * (x + 128) // 256 + 128 at hi + b * out_stride and the low plane (x + 128) mod 256 at
- * lo + b * out_stride. */
-struct pack_args { const float *x; int64_t n; uint8_t *hi, *lo; };
+/* The g_s kernels read and write blocks of pixels: B images of rows x cols pixels, each
+ * pixel's values adjacent and each row's pixels one after another (a block of a channels-last
+ * tensor: int8_conv._pixel_block gives the strides). Pixel (i, j) of image b of a block with
+ * `ch` values a pixel is at base + b * image + i * row + j * ch. Threads take whole rows. */
+
+/* Activation byte planes for oneDNN's uint8 convolution (int8_conv.plane_pack): float32
+ * integers |x| <= 32639 (C a pixel) -> the high plane (x + 128) // 256 + 128 at hi and the
+ * low plane (x + 128) mod 256 at lo, the two blocks with the same strides. */
+struct pack_args { const float *x; int64_t x_row, n; uint8_t *hi, *lo; int64_t out_row; };
 
 static M2T_CLONES void pack_range(const void *p, int64_t begin, int64_t end) {
     const struct pack_args *a = p;
-    const float *restrict xb = a->x;
-    uint8_t *restrict hb = a->hi;
-    uint8_t *restrict lb = a->lo;
-    for (int64_t k = begin; k < end; k++) {
-        int32_t v = (int32_t)xb[k] + 128;
-        int32_t low = v & 255;                      /* two's complement: v mod 256 */
-        hb[k] = (uint8_t)((v - low) / 256 + 128);  /* an exact multiple of 256 */
-        lb[k] = (uint8_t)low;
+    const int64_t n = a->n, x_row = a->x_row, out_row = a->out_row;  /* locals: the byte stores may alias *a */
+    for (int64_t i = begin; i < end; i++) {
+        const float *restrict xb = a->x + i * x_row;
+        uint8_t *restrict hb = a->hi + i * out_row;
+        uint8_t *restrict lb = a->lo + i * out_row;
+        for (int64_t k = 0; k < n; k++) {
+            int32_t v = (int32_t)xb[k] + 128;
+            int32_t low = v & 255;                      /* two's complement: v mod 256 */
+            hb[k] = (uint8_t)((v - low) / 256 + 128);  /* an exact multiple of 256 */
+            lb[k] = (uint8_t)low;
+        }
     }
 }
 
-void m2t_plane_pack(const float *x, int64_t x_stride, int64_t B, int64_t n, uint8_t *hi, int64_t out_stride,
-                    uint8_t *lo, int64_t threads) {
+void m2t_plane_pack(const float *x, int64_t x_image, int64_t x_row, int64_t B, int64_t rows, int64_t cols,
+                    int64_t C, uint8_t *hi, uint8_t *lo, int64_t out_image, int64_t out_row, int64_t threads) {
     for (int64_t b = 0; b < B; b++) {
-        struct pack_args a = {x + b * x_stride, n, hi + b * out_stride, lo + b * out_stride};
-        parallel_for(n, M2T_SHARE_VALUES, pack_range, &a, threads);
+        struct pack_args a = {x + b * x_image, x_row, cols * C, hi + b * out_image, lo + b * out_image, out_row};
+        parallel_for(rows, M2T_SHARE_VALUES / (cols * C + 1) + 1, pack_range, &a, threads);
     }
 }
 
 /* The rescaling of a convolution's plane products (int_synthesis._combine_into and, for
  * rows that all shift by 8 or more, _combine_products), clamped into out: the same float32
  * steps in the same order as those torch passes, each exact (or, where the float32 route
- * rounds beyond 2^24, rounded alike), so the same integers. raw (2B, planes R, pixels)
- * channels-last float32 as oneDNN returns it (the x_hi images, then the x_lo ones); one
- * weight plane: [x_hi w + f_lo | x_lo w + f_lo], two: [[hh, hl], [lh, ll]] on the rows. out:
- * image b's pixels at out + b * out_stride, R floats each. A residual block's last convolution
- * passes its input as `residual` (the same layout, or NULL): then clamp(out + residual) into
- * out, IntOps.conv_add fused (integers below 2^16: the sum is exact). */
+ * rounds beyond 2^24, rounded alike), so the same integers. raw: 2B images (the x_hi ones,
+ * then the x_lo ones, `raw_image` apart) of planes R values a pixel as oneDNN returns them;
+ * one weight plane: [x_hi w + f_lo | x_lo w + f_lo], two: [[hh, hl], [lh, ll]] on the rows.
+ * out: B images of R values a pixel. A residual block's last convolution passes its input as
+ * `residual` (out's strides, or NULL): then clamp(out + residual) into out, IntOps.conv_add
+ * fused (integers below 2^16: the sum is exact). */
 struct rescale_args {
     const float *raw_hi, *raw_lo;  /* image b's x_hi and x_lo products */
-    int64_t R, planes;
+    int64_t raw_row, cols, R, planes;
     const float *lo_scale, *hi_scale, *delta, *scale, *b_int;
     float low, high;
     float *out;
+    int64_t out_row;
     const float *residual;
 };
 
@@ -179,42 +191,47 @@ static M2T_CLONES void rescale_range(const void *args, int64_t begin, int64_t en
     const float *restrict lo_scale = a->lo_scale, *restrict hi_scale = a->hi_scale;
     const float *restrict delta = a->delta, *restrict scale = a->scale, *restrict b_int = a->b_int;
     const float low = a->low, high = a->high;
-    for (int64_t p = begin; p < end; p++) {
-        const float *restrict hi = a->raw_hi + p * width;
-        const float *restrict lo = a->raw_lo + p * width;
-        float *restrict o = a->out + p * R;
-        if (a->planes == 1) {
-            for (int64_t r = 0; r < R; r++) {
-                float q = __builtin_floorf(lo[r] * lo_scale[r]);
-                float t = hi[r] * hi_scale[r] + q;
-                t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
-                o[r] = clampf(t, low, high);
+    const int64_t cols = a->cols, raw_row = a->raw_row, out_row = a->out_row, planes = a->planes;
+    const float *raw_hi = a->raw_hi, *raw_lo = a->raw_lo, *residual = a->residual;
+    float *out = a->out;
+    for (int64_t i = begin; i < end; i++) {
+        for (int64_t j = 0; j < cols; j++) {
+            const float *restrict hi = raw_hi + i * raw_row + j * width;
+            const float *restrict lo = raw_lo + i * raw_row + j * width;
+            float *restrict o = out + i * out_row + j * R;
+            if (planes == 1) {
+                for (int64_t r = 0; r < R; r++) {
+                    float q = __builtin_floorf(lo[r] * lo_scale[r]);
+                    float t = hi[r] * hi_scale[r] + q;
+                    t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
+                    o[r] = clampf(t, low, high);
+                }
+            } else {
+                for (int64_t r = 0; r < R; r++) {
+                    float t = __builtin_floorf(lo[R + r] * (1.0f / 256.0f)) + lo[r];
+                    t = (t + hi[R + r]) + 256.0f * hi[r];
+                    t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
+                    o[r] = clampf(t, low, high);
+                }
             }
-        } else {
-            for (int64_t r = 0; r < R; r++) {
-                float t = __builtin_floorf(lo[R + r] * (1.0f / 256.0f)) + lo[r];
-                t = (t + hi[R + r]) + 256.0f * hi[r];
-                t = __builtin_floorf((t + delta[r]) * scale[r]) + b_int[r];
-                o[r] = clampf(t, low, high);
+            if (residual) {
+                const float *restrict x = residual + i * out_row + j * R;
+                for (int64_t r = 0; r < R; r++)
+                    o[r] = clampf(o[r] + x[r], low, high);
             }
-        }
-        if (a->residual) {
-            const float *restrict x = a->residual + p * R;
-            for (int64_t r = 0; r < R; r++)
-                o[r] = clampf(o[r] + x[r], low, high);
         }
     }
 }
 
-void m2t_rescale_planes(const float *raw, int64_t B, int64_t pixels, int64_t R, int64_t planes,
-                        const float *lo_scale, const float *hi_scale, const float *delta, const float *scale,
-                        const float *b_int, float low, float high, float *out, int64_t out_stride,
-                        const float *residual, int64_t threads) {
+void m2t_rescale_planes(const float *raw, int64_t raw_image, int64_t raw_row, int64_t B, int64_t rows,
+                        int64_t cols, int64_t R, int64_t planes, const float *lo_scale, const float *hi_scale,
+                        const float *delta, const float *scale, const float *b_int, float low, float high,
+                        float *out, int64_t out_image, int64_t out_row, const float *residual, int64_t threads) {
     for (int64_t b = 0; b < B; b++) {
-        struct rescale_args a = {raw + b * pixels * planes * R, raw + (B + b) * pixels * planes * R, R, planes,
-                                 lo_scale, hi_scale, delta, scale, b_int, low, high, out + b * out_stride,
-                                 residual ? residual + b * out_stride : 0};
-        parallel_for(pixels, M2T_SHARE_VALUES / R + 1, rescale_range, &a, threads);
+        struct rescale_args a = {raw + b * raw_image, raw + (B + b) * raw_image, raw_row, cols, R, planes,
+                                 lo_scale, hi_scale, delta, scale, b_int, low, high, out + b * out_image, out_row,
+                                 residual ? residual + b * out_image : 0};
+        parallel_for(rows, M2T_SHARE_VALUES / (cols * R + 1) + 1, rescale_range, &a, threads);
     }
 }
 

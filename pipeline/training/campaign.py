@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             select = record["select"]
             log.info("round %d: steps %d..%d in %.0f s; val BD-rate %s; %s (%s)", done, record["from_step"],
                      record["to_step"], record["train_s"], (select.get("val") or {}).get("bd_rate", {}).get("value"),
-                     "shipped" if select.get("shipped") else "not shipped", select.get("reason", "select failed"))
+                     "shipped" if select.get("shipped") else "would ship (no --ship)" if select.get("ship")
+                     else "not shipped", select.get("reason", "select failed"))
             if (args.rounds and done >= args.rounds) or (args.hours and time.time() - t0 >= args.hours * 3600):
                 break
     except (ConfigError, FileNotFoundError) as exc:
