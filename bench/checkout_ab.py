@@ -119,10 +119,9 @@ def worker(tree: Path, model_name: str, paths: list[str], threads: int, repeats:
         for stage, call in work.items():
             runs, faulted = [], []
             for _ in range(repeats):
-                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-                call()
-                runs.append(time.perf_counter() - t0)
-                faulted.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+                seconds, faults_now, _ = _timed(call)
+                runs.append(seconds)
+                faulted.append(faults_now)
             times[stage], faults[stage] = statistics.median(runs), statistics.median(faulted)
         out[Path(path).name] = {"median_s": times, "page_faults": faults,
                                 "stream_sha256": hashlib.sha256(stream).hexdigest(),

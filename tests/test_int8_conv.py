@@ -71,25 +71,36 @@ def test_bands_tiles_threads_and_image_edges_do_not_change_pixels(monkeypatch, v
         torch.set_num_threads(threads)
 
 
-def test_convolution_shapes_do_not_follow_the_image_size(monkeypatch):
+class _ShapeRecorder:
+    """Stands in for a PackedConv in `convolve`: records the input shape of every call and
+    returns zero products of the shape oneDNN would. Tiling alone, on any CPU."""
+
+    def __init__(self, rows: int, kernel: int):
+        self.rows, self.kernel, self.planes, self.shapes = rows, kernel, 1, set()
+
+    def raw(self, planes: torch.Tensor) -> torch.Tensor:
+        self.shapes.add(tuple(planes.shape))
+        p = self.kernel // 2
+        B2, _, h, w = planes.shape
+        return torch.zeros((B2, self.rows, h - 2 * p, w - 2 * p)).contiguous(memory_format=torch.channels_last)
+
+
+def test_convolution_shapes_do_not_follow_the_image_size():
     """oneDNN compiles a kernel per input shape: images of other sizes whose tiles round to
     the same widths and rows must call it with the shapes it has already compiled, and the
     tile widths stay within TILE_WIDTH in steps of TILE_STEP."""
-    if not int8_conv.enabled() or not int8_conv.probe(64, 64, 3, 1):
-        pytest.skip("the int8 route does not run on this machine")  # CPUs without VNNI: the float32 route
-    g_int = load_model("m2t-small-q2").int_synthesis(5)
-    shapes: list[tuple] = []
-    raw = int8_conv.PackedConv.raw
-    monkeypatch.setattr(int8_conv.PackedConv, "raw", lambda self, planes: shapes.append(
-        (self.kernel,) + tuple(planes.shape)) or raw(self, planes))
     seen = []
-    for size in ((2, 10), (2, 9)):  # widths 10, 20, 40, 80 and 9, 18, 36, 72 round to the same tiles
-        shapes.clear()
-        IS.synthesize(g_int, _latents(g_int.conv(g_int.specs[0].name).spec.c_in, size, 1, seed=5))
-        seen.append(set(shapes))
+    for widths in ((10, 20, 40, 80, 160, 300), (9, 18, 36, 72, 150, 290)):  # round to the same tiles
+        convs = [_ShapeRecorder(rows=8, kernel=k) for k in (1, 3)]
+        for W in widths:
+            x = torch.zeros((1, 4, 16, W)).contiguous(memory_format=torch.channels_last)
+            for conv in convs:
+                out = int8_conv.convolve(conv, x, lambda raw, out, res: out.copy_(raw[:1]))
+                assert out.shape == (1, 8, 16, W)
+        seen.append([conv.shapes for conv in convs])
     assert seen[1] == seen[0]
-    widths = {w - 2 * (k // 2) for k, *_, w in seen[0]}
-    assert widths == {16, 32, 48, 80}, widths
+    widths = {w - 2 * (k // 2) for k, shapes in zip((1, 3), seen[0]) for *_, w in shapes}
+    assert widths == {16, 32, 48, 80, 112}, widths
     assert [int8_conv.tile_width(W) for W in (1, 16, 17, 128, 129, 200, 376, 384, 385)] == \
         [16, 16, 32, 128, 80, 112, 128, 128, 112]
 
