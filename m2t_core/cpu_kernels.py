@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 NAME = "_exact_kernels"  # m2t_core/_exact_kernels<EXT_SUFFIX>
 ENV = "M2T_CPU_KERNELS"  # "0": none of these kernels (benchmarks, debugging): the torch passes
-ABI = 2  # csrc/exact_kernels.c's m2t_abi(): the signatures below; a library built from other sources is not used
+ABI = 3  # csrc/exact_kernels.c's m2t_abi(): the signatures below; a library built from other sources is not used
 
 
 def library() -> SimpleNamespace | None:
@@ -112,10 +112,12 @@ SIGNATURES = {
     "rescale_planes": (None, [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _F, _P, _I, _I, _P, _I]),
     "gate": (None, [_P, _P, _P, _I, _P, _I, _I, _F, _P, _I]),
     "use_openmp": (None, [_P, _P, _P]),  # the g_s kernels' threads: torch's OpenMP entry points
-    # exact.Float64Ops: LayerNorm and GELU; entropy_coding: a mixture's probabilities per symbol
+    # exact.Float64Ops: LayerNorm and GELU; entropy_coding: a mixture's probabilities per symbol,
+    # and the symbols' supports grouped by radius class
     "layer_norm": (None, [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P]),
     "gelu": (None, [_P, _I, _P, _I, _P]),
     "mixture_pmf": (None, [_P, _P, _P, _I, _I, _I, _I, _I, _P]),
+    "coding_plan": (ctypes.c_int, [_P, _P, _P, _I, _I, _P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P]),
     # exact.Float64Ops.attention: the weights from the scores, and the weighted mean
     "softmax_weights": (None, [_P, _I, _I, _I, _D, _P, _P, _I, _P]),
     "round_div_rows": (None, [_P, _I, _I, _P, _P]),

@@ -229,6 +229,10 @@ def _coding_batches(p: SnappedParams) -> Iterator[tuple[int, np.ndarray, np.ndar
     center (n_c,) and probs (n_c, 2R+3) float64 unnormalised probabilities of
     [escape below, c-R .. c+R, escape above]."""
     t = tables()
+    lib = cpu_kernels.library()
+    if lib is not None:
+        yield from _kernel_batches(p, lib, t)
+        return
     J = t.half_width
     row_len = t.cdf_by_phase.shape[2]
     plan = _plan(p)
@@ -246,6 +250,31 @@ def _coding_batches(p: SnappedParams) -> Iterator[tuple[int, np.ndarray, np.ndar
         idx = np.nonzero(plan.radius_class == cls)[0]
         if idx.size:
             yield r, idx, plan.center[idx], _probabilities(start[idx], weight[idx], r)
+
+
+_CLASSES = np.asarray(R_CLASSES, dtype=np.int64)
+
+
+def _kernel_batches(p: SnappedParams, lib, t: Tables) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """_coding_batches in one C pass (csrc/exact_kernels.c, m2t_coding_plan: the same integer
+    steps as _plan and the starts above), the symbols already grouped by class, so each
+    class's rows are contiguous slices: no fancy indexing per class."""
+    mean_q, level, weight = (np.ascontiguousarray(a, dtype=np.int64) for a in (p.mean_q, p.level, p.weight))
+    n, K = mean_q.shape
+    counts = np.empty(len(R_CLASSES), dtype=np.int64)
+    order, center, scratch = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(2 * n, dtype=np.int64)
+    start, grouped_weight = np.empty((n, K), dtype=np.int64), np.empty((n, K), dtype=np.int32)
+    if lib.coding_plan(mean_q.ctypes.data, level.ctypes.data, weight.ctypes.data, n, K, t.support_radius.ctypes.data,
+                       len(t.support_radius), _CLASSES.ctypes.data, len(R_CLASSES), MEAN_STEPS, t.half_width,
+                       t.margin, t.cdf_by_phase.shape[2], scratch.ctypes.data, counts.ctypes.data, order.ctypes.data,
+                       center.ctypes.data, start.ctypes.data, grouped_weight.ctypes.data):
+        raise ValueError(f"scale levels outside [0, {len(t.support_radius)}): not the exact entropy model's parameters")
+    a = 0
+    for r, count in zip(R_CLASSES, counts.tolist()):
+        if count:
+            b = a + count
+            yield r, order[a:b], center[a:b], _probabilities(start[a:b], grouped_weight[a:b], r)
+            a = b
 
 
 def _probabilities(start: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The fused C kernels of the exact arithmetic (m2t_core/cpu_kernels.py, csrc/exact_kernels.c)
 give exactly the integers of the torch passes they replace, at the limits of their inputs:
 the exact entropy model's LayerNorm and GELU against the int64 reference (exact.IntOps), and
-the entropy coder's per-symbol probabilities against its torch passes. (int8_linear's and
+the entropy coder's per-symbol supports and probabilities against its numpy and torch passes. (int8_linear's and
 the integer g_s's kernels: tests/test_int8_linear.py, tests/test_int8_conv.py.) Integer
 arithmetic, so these hold on every CPU kind; nothing here depends on the machine."""
 
@@ -93,6 +93,48 @@ def test_mixture_probabilities_kernel_equals_the_torch_passes(radius, monkeypatc
     want = ec._probabilities(start, weight, radius)
     assert got.dtype == want.dtype == np.float64
     assert np.array_equal(got, want)
+
+
+def _snapped(n: int, K: int, seed: int) -> ec.SnappedParams:
+    """Mixture parameters of every kind the plan meets: means anywhere up to the clamp (and
+    beyond the table, so the starts clip), components without weight, both scale levels'
+    ends, one component far from the others (the widest class), equal weights, negative
+    rounding (centers at -x.5)."""
+    g = np.random.default_rng(seed)
+    span = ec.MAX_ABS_SYMBOL * ec.MEAN_STEPS
+    mean_q = np.concatenate([g.integers(-400, 400, (n // 2, K)), g.integers(-span, span, (n - n // 2, K))])
+    level = g.integers(0, ec.SCALE_LEVELS, (n, K))
+    gap = g.integers(0, ec.MAX_LOGIT_GAP + 1, (n, K))
+    gap[:, 0] = 0  # the top component
+    weight = ec.tables().weight[gap]
+    mean_q[0], level[0] = [-span] * K, [0] * K
+    mean_q[1], level[1] = [span] * K, [ec.SCALE_LEVELS - 1] * K
+    mean_q[2], weight[2] = [0] + [10_000] * (K - 1), [256] + [0] * (K - 1)  # weightless far components
+    mean_q[3], weight[3] = [-96] + [-32] * (K - 1), [256] * K  # a mean of -1: halves round up
+    mean_q[4], weight[4] = [0] + [5000] * (K - 1), [256] * K  # the widest class
+    return ec.SnappedParams(mean_q=mean_q.astype(np.int64), level=level.astype(np.int64),
+                            weight=weight.astype(np.int64))
+
+
+@pytest.mark.parametrize("K", [3, 2])
+def test_coding_plan_kernel_equals_the_numpy_passes(K, monkeypatch):
+    """m2t_coding_plan (each symbol's support and its runs, grouped by radius class) and the
+    probabilities after it give _coding_batches' numpy/torch passes exactly: the same classes
+    in the same order, the same symbols ascending, centers and probabilities."""
+    p = _snapped(3000, K, seed=K)
+    got = [(r, idx.copy(), center.copy(), probs.copy()) for r, idx, center, probs in ec._coding_batches(p)]
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    want = list(ec._coding_batches(p))
+    assert [g[0] for g in got] == [w[0] for w in want] and len(want) >= 4  # most classes occur
+    for (r, idx, center, probs), (_, idx_w, center_w, probs_w) in zip(got, want):
+        assert np.array_equal(idx, idx_w) and np.array_equal(center, center_w), r
+        assert probs.dtype == np.float64 and np.array_equal(probs, probs_w), r
+    monkeypatch.delenv(cpu_kernels.ENV)
+    empty = ec.SnappedParams(*(np.zeros((0, K), dtype=np.int64) for _ in range(3)))
+    assert list(ec._coding_batches(empty)) == []
+    bad = ec.SnappedParams(p.mean_q[:2], p.level[:2] + ec.SCALE_LEVELS, p.weight[:2])
+    with pytest.raises(ValueError, match="scale levels"):
+        list(ec._coding_batches(bad))
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -16,7 +16,7 @@
 
 /* The version of these functions' signatures: cpu_kernels.py loads a library only where it
  * matches its own (a library built from older sources is left unused, never misread). */
-int64_t m2t_abi(void) { return 2; }
+int64_t m2t_abi(void) { return 3; }
 
 static inline float clampf(float t, float low, float high) {
     t = t < low ? low : t;
@@ -317,21 +317,99 @@ M2T_CLONES void m2t_mixture_pmf(const int32_t *table, const int64_t *start, cons
             total += w[k];
         total <<= cdf_bits;
         const double floor_add = (double)((total >> precision) + 1);
-        /* The cdf in o[0 .. E-1] first (integers below 2^30: exact in float64), component by
-         * component over contiguous runs of the table; then its differences, from the end. */
-        for (int64_t e = 0; e < num_edges; e++)
-            o[e] = 0.0;
-        for (int64_t k = 0; k < K; k++) {
-            const int32_t *restrict run = table + s[k];
-            const double wk = (double)w[k];
-            for (int64_t e = 0; e < num_edges; e++)
-                o[e] += wk * (double)run[e];
+        /* One pass over the edges: the cdf at edge e in int64 (below 2^30), and its difference
+         * from the edge before (exact integers, whatever the order). */
+        int64_t prev = 0;
+        if (K == 3) { /* the shipped models' mixtures */
+            const int32_t *restrict r0 = table + s[0], *restrict r1 = table + s[1], *restrict r2 = table + s[2];
+            const int64_t w0 = w[0], w1 = w[1], w2 = w[2];
+            for (int64_t e = 0; e < num_edges; e++) {
+                const int64_t cur = w0 * r0[e] + w1 * r1[e] + w2 * r2[e];
+                o[e] = (double)(cur - prev) + floor_add;
+                prev = cur;
+            }
+        } else {
+            for (int64_t e = 0; e < num_edges; e++) {
+                int64_t cur = 0;
+                for (int64_t k = 0; k < K; k++)
+                    cur += (int64_t)w[k] * table[s[k] + e];
+                o[e] = (double)(cur - prev) + floor_add;
+                prev = cur;
+            }
         }
-        o[num_edges] = ((double)total - o[num_edges - 1]) + floor_add;
-        for (int64_t e = num_edges - 1; e > 0; e--)
-            o[e] = (o[e] - o[e - 1]) + floor_add;
-        o[0] += floor_add;
+        o[num_edges] = (double)(total - prev) + floor_add;
     }
+}
+
+static inline int64_t floor_div_signed(int64_t a, int64_t b) { /* b != 0, either sign (numpy's //) */
+    int64_t q = a / b;
+    return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+/* entropy_coding._coding_batches' plan, from the snapped parameters mean_q, level, weight
+ * (n, K) int64: each symbol's center (the mixture mean in integers, rounded half up) and
+ * radius class (the first of classes[] that covers the reach of every component with weight,
+ * else the last); then the symbols grouped by class, ascending within a class (a counting
+ * sort): counts (n_classes) per class, order (n) the symbols, and per grouped symbol its
+ * center, and per component the start of its run in the flattened phase-split table and its
+ * weight as int32 (what m2t_mixture_pmf reads). scratch: 2n int64. Integers throughout, the
+ * steps of entropy_coding's numpy passes. Returns 0, or -1 where a level is outside the
+ * table or there are over 64 classes (nothing is read or written out of bounds). */
+M2T_CLONES int m2t_coding_plan(const int64_t *mean_q, const int64_t *level, const int64_t *weight, int64_t n,
+                               int64_t K, const int64_t *support_radius, int64_t levels, const int64_t *classes,
+                               int64_t n_classes, int64_t mean_steps, int64_t half_width, int64_t margin,
+                               int64_t row_len, int64_t *scratch, int64_t *counts, int64_t *order, int64_t *center,
+                               int64_t *start, int32_t *weight_out) {
+    int64_t *cls = scratch, *mid = scratch + n; /* per symbol: class and center */
+    int64_t next[64];
+    if (n_classes < 1 || n_classes > 64)
+        return -1;
+    for (int64_t c = 0; c < n_classes; c++)
+        counts[c] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t *m = mean_q + i * K, *l = level + i * K, *w = weight + i * K;
+        int64_t total = 0, num = 0;
+        for (int64_t k = 0; k < K; k++) {
+            if (l[k] < 0 || l[k] >= levels)
+                return -1;
+            total += w[k];
+            num += w[k] * m[k];
+        }
+        const int64_t den = total * mean_steps;
+        const int64_t c = den ? floor_div_signed(2 * num + den, 2 * den) : 0; /* numpy's x // 0 is 0 */
+        int64_t reach = 0;
+        for (int64_t k = 0; k < K; k++) {
+            if (w[k] > 0) {
+                const int64_t d = floor_div(m[k] - c * mean_steps, mean_steps);
+                const int64_t r = support_radius[l[k]] + (d < 0 ? -d : d);
+                reach = r > reach ? r : reach;
+            }
+        }
+        int64_t cl = 0;
+        while (cl < n_classes - 1 && classes[cl] < reach)
+            cl++;
+        cls[i] = cl;
+        mid[i] = c;
+        counts[cl]++;
+    }
+    for (int64_t c = 0, at = 0; c < n_classes; c++) {
+        next[c] = at;
+        at += counts[c];
+    }
+    const int64_t lo = -half_width - margin;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t j = next[cls[i]]++, c = mid[i], radius = classes[cls[i]];
+        order[j] = i;
+        center[j] = c;
+        const int64_t first_edge = (c - radius) * mean_steps - mean_steps / 2;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t rel = first_edge - mean_q[i * K + k];
+            rel = (rel < lo ? lo : (rel > half_width ? half_width : rel)) + half_width + margin; /* >= 0 */
+            start[j * K + k] = (level[i * K + k] * mean_steps + rel % mean_steps) * row_len + rel / mean_steps;
+            weight_out[j * K + k] = (int32_t)weight[i * K + k];
+        }
+    }
+    return 0;
 }
 
 /* exact.Float64Ops.attention's weights, in place: each row of scores (rows, Tk) float64 (the
