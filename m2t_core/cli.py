@@ -217,7 +217,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .registry import DEFAULT_MODEL, list_models, list_previous_models
+    from .registry import DECODE_ONLY_VERSION, DEFAULT_MODEL, list_models, list_previous_models, read_checkpoint_version
 
     models = list_models()
     if not models:
@@ -232,7 +232,8 @@ def cmd_models(args) -> int:
         print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  {figures}{rates}{default}")
     if args.previous:
         for m in list_previous_models():
-            print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  replaced: decodes the streams it wrote")
+            part = ", decode-only" if read_checkpoint_version(m.path) == DECODE_ONLY_VERSION else ""
+            print(f"{m.name}  {m.config.mode}  {m.size_bytes / 1e6:.1f} MB  replaced: decodes the streams it wrote{part}")
     return 0
 
 

@@ -76,6 +76,9 @@ class M2TCodec(nn.Module):
         self._synthesis_source = self._synthesis_fingerprint()
         self._frozen: dict[str, tuple] = {}  # CPU inference forms of g_a (transforms.FROZEN_TRANSFORMS)
         self._v2: tuple | None = None  # (its sources' fingerprint, the integer-v2 g_s): int_synthesis
+        # A decode-only checkpoint's stored digests per format and the fingerprint of what
+        # decoding uses when it was loaded (set_decode_only); None for a whole model.
+        self._decode_only: tuple[dict[int, bytes], tuple] | None = None
 
     def __getstate__(self):
         """Copies and pickles leave the frozen TorchScript forms of the transforms behind
@@ -144,6 +147,7 @@ class M2TCodec(nn.Module):
         """
         if x.shape[-1] % bs.DOWNSAMPLING or x.shape[-2] % bs.DOWNSAMPLING:
             raise ValueError(f"forward needs H and W multiples of 16, got {tuple(x.shape[-2:])}")
+        self.require_analysis()
         w = self.cfg.window
         y = self.g_a(x)
         rate, inverse = None, None
@@ -226,6 +230,10 @@ class M2TCodec(nn.Module):
         )
         if self._digest_cache is not None and self._digest_cache[0] == (version, fingerprint):
             return self._digest_cache[1]
+        if self._decode_only is not None:
+            digest = self._stored_digest(version)
+            self._digest_cache = ((version, fingerprint), digest)
+            return digest
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
         for name in sorted(state):
             t = state[name].detach().cpu().contiguous()
@@ -238,6 +246,44 @@ class M2TCodec(nn.Module):
         digest = h.digest()
         self._digest_cache = ((version, fingerprint), digest)
         return digest
+
+    # ------------------------------------------------------------------ decode-only checkpoints
+
+    @property
+    def decode_only(self) -> bool:
+        """Whether this model came from a decode-only checkpoint (registry.write_decode_only:
+        replaced weights kept for their streams, without g_a): it decodes, never encodes."""
+        return self._decode_only is not None
+
+    def set_decode_only(self, digests: dict[int, bytes]) -> None:
+        """Mark this model decode-only (registry.load_checkpoint): g_a was not stored, so its
+        digests per format version are the ones computed from the whole model when the file
+        was written, valid while what decoding uses stays as loaded."""
+        self._decode_only = (dict(digests), self._decoding_fingerprint())
+        self._digest_cache = None
+
+    def _decoding_fingerprint(self) -> tuple:
+        """The contents (not the storage: the model may move between devices) of everything a
+        digest covers but g_a."""
+        return tuple((k, t.dtype, tuple(t.shape), _bit_sum(t)) for name in ("g_s", "exact", "g_s_int")
+                     for k, t in getattr(self, name).state_dict(prefix=f"{name}.").items())
+
+    def _stored_digest(self, version: int) -> bytes:
+        digests, loaded = self._decode_only
+        if self._decoding_fingerprint() != loaded:
+            raise ValueError(f"model {self.model_id!r} is a decode-only checkpoint whose weights were changed after "
+                             "loading: its weights hash is unknown (reload it)")
+        if version not in digests:
+            raise ValueError(f"model {self.model_id!r} is a decode-only checkpoint without a weights hash for "
+                             f"format {version}")
+        return digests[version]
+
+    def require_analysis(self) -> None:
+        """ValueError where g_a is not this model's own (a decode-only checkpoint)."""
+        if self._decode_only is not None:
+            raise ValueError(f"model {self.model_id!r} is decode-only (replaced weights kept so that the streams "
+                             "they wrote still decode; the file holds no analysis transform): it cannot encode; "
+                             "encode with the installed model of that name")
 
     def weights_hash(self, version: int = bs.FORMAT_VERSION) -> bytes:
         """The first 8 bytes of weights_digest: what a stream of format `version` names."""
@@ -398,6 +444,7 @@ class M2TCodec(nn.Module):
         (quantize() makes y_hat of it: an encoder trying several qualities runs g_a once)."""
         from . import tiling  # large images run in overlapping tiles: memory does not grow with them
 
+        self.require_analysis()
         rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch wants writable memory
         x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
         return tiling.analysis(self.g_a, x, run=self._inference_transform("g_a"))
@@ -447,6 +494,7 @@ class M2TCodec(nn.Module):
         codes and decodes exactly. A variable-rate model's `quality_codes`, one per image."""
         from . import tiling
 
+        self.require_analysis()
         batch = batch or coding.transform_batch(self.device)
         codes = list(quality_codes) if quality_codes is not None else [None] * len(rgbs)
         out: list[torch.Tensor | None] = [None] * len(rgbs)

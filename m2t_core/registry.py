@@ -18,7 +18,10 @@ A stream names its model and weights hash: to decode it, the registry also tries
 weights a model name had before, kept as `previous/<name>@<digest>.safetensors` in the same
 folders (pipeline.training.select_model --ship keeps the file it replaces there), so
 archives written before a retrained model was installed still decode. `m2t models` and
-find_model see only the current files.
+find_model see only the current files. Kept weights are decode-only (write_decode_only,
+checkpoint version 6): every tensor but g_a's, which decoding never uses, with the weights
+digests that need g_a stored beside a SHA-256 of the tensors kept (checked at every load);
+such a model decodes and refuses to encode.
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ CHECKPOINT_FORMAT = "m2t-checkpoint"
 # 4: the integer synthesis transform (g_s_int.*); 5: its convolution weights left out where
 # g_s_int.weights_from reproduces them from the float g_s (22 % smaller files). 2-4 are still read.
 CHECKPOINT_VERSION = "5"
-READABLE_CHECKPOINT_VERSIONS = ("1", "2", "3", "4", "5")
+# 6: a decode-only checkpoint (write_decode_only): a version-5 file's tensors but g_a's, and the
+# weights digests g_a is needed for. Written for replaced weights (previous/) only.
+DECODE_ONLY_VERSION = "6"
+READABLE_CHECKPOINT_VERSIONS = ("1", "2", "3", "4", "5", DECODE_ONLY_VERSION)
+ANALYSIS_PREFIX = "g_a."  # what a decode-only checkpoint leaves out
 IGNORED_V2_PREFIXES = ("entropy_model.", "legacy_entropy_model.")  # rebuilt from exact.* / format 1 only
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -91,6 +98,7 @@ def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = No
 
     dtype = torch.float32 if dtype is None else dtype
     model_id = model_id or model.model_id
+    model.require_analysis()  # a decode-only model's g_a is not its own: never written as if it were
     if not MODEL_NAME_RE.match(model_id):
         raise ValueError(f"invalid model name {model_id!r}: letters, digits, '.', '_', '-' (max 64)")
     model.sync_exact()
@@ -114,6 +122,83 @@ def save_checkpoint(model: M2TCodec, path: str | Path, model_id: str | None = No
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+def write_decode_only(source: str | Path, target: str | Path) -> Path:
+    """Write the checkpoint `source` (version 5) as a decode-only one at `target`: its tensors
+    byte for byte but g_a's (which decoding never uses: ~23 % of a shipped file), plus the
+    weights digests of every readable format, computed here from the whole model, and a
+    SHA-256 of the tensors kept, checked at every load. For replaced weights (previous/): their
+    streams decode as before; they cannot encode. The file is checked before it is installed:
+    it loads to the same decoding state and digests as `source`."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from . import bitstream
+
+    source, target = Path(source), Path(target)
+    meta = _safetensors_metadata(source)
+    if meta.get("format_version") == DECODE_ONLY_VERSION:
+        raise CheckpointError(f"{source}: already decode-only")
+    if meta.get("format_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{source}: checkpoint version {meta.get('format_version')!r}; save it again with this "
+                              f"m2t (version {CHECKPOINT_VERSION}) before making it decode-only")
+    whole = load_checkpoint(source)
+    digests = {str(v): whole.weights_digest(v).hex() for v in bitstream.READABLE_VERSIONS}
+    with safe_open(str(source), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(ANALYSIS_PREFIX)}
+    meta["format_version"] = DECODE_ONLY_VERSION
+    meta["decode_only"] = json.dumps({"weights_digests": digests, "tensors_sha256": _tensors_sha256(tensors)},
+                                     sort_keys=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    try:
+        part = load_checkpoint(tmp)
+        kept = {k: t for k, t in whole.state_dict().items() if not k.startswith(ANALYSIS_PREFIX)}
+        same = part.state_dict().keys() == whole.state_dict().keys() and all(
+            torch.equal(part.state_dict()[k], t) for k, t in kept.items())
+        if not same or any(part.weights_digest(v) != whole.weights_digest(v) for v in bitstream.READABLE_VERSIONS):
+            raise CheckpointError(f"{source}: the decode-only file does not load to the same model (not written)")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    return target
+
+
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors as stored: names, dtypes, shapes and bytes, in name order."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _decode_only_digests(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[int, bytes]:
+    """A decode-only checkpoint's stored weights digests, once its tensors are the ones they
+    were computed with (CheckpointError otherwise)."""
+    try:
+        record = json.loads(meta["decode_only"])
+        digests = {int(v): bytes.fromhex(h) for v, h in record["weights_digests"].items()}
+        want = record["tensors_sha256"]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: a decode-only checkpoint without a readable record of its digests ({exc})") \
+            from None
+    if _tensors_sha256(tensors) != want:
+        raise CheckpointError(f"{path}: its tensors are not the ones its weights digests were computed with "
+                              "(a damaged or edited decode-only checkpoint)")
+    if any(len(d) != 32 for d in digests.values()):
+        raise CheckpointError(f"{path}: malformed weights digests")
+    return digests
 
 
 def _synthesis_weight_keys(model: M2TCodec) -> set[str]:
@@ -150,6 +235,14 @@ def read_metadata(path: str | Path) -> tuple[str, ModelConfig, dict[str, Any]]:
     except (KeyError, json.JSONDecodeError, ConfigError) as exc:
         raise CheckpointError(f"{path}: bad config in metadata: {exc}") from None
     return meta.get("model_id", path.stem), config, info
+
+
+def read_checkpoint_version(path: str | Path) -> str | None:
+    """A checkpoint's format_version (metadata only, no torch); None where it has none."""
+    try:
+        return _safetensors_metadata(Path(path)).get("format_version")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -191,7 +284,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
     model_id, config, _ = read_metadata(path)
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
-        version = (f.metadata() or {}).get("format_version")
+        meta = f.metadata() or {}
+        version = meta.get("format_version")
+    decode_only = version == DECODE_ONLY_VERSION  # no g_a: its weights digests are stored
     if not any(k.startswith("exact.") for k in keys):
         raise CheckpointError(
             f"{path}: a checkpoint of m2t before 0.2 (float entropy model only): it cannot code portable streams; "
@@ -206,8 +301,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
     derived = synthesis_weights if derive_synthesis else set()
     expected = {k: v for k, v in model.state_dict().items()
                 if (has_float or not k.startswith("entropy_model.")) and (has_int_synthesis or not k.startswith("g_s_int."))
-                and k not in derived}
-    tensors = {}
+                and k not in derived and not (decode_only and k.startswith(ANALYSIS_PREFIX))}
+    tensors, stored = {}, {}
     with safe_open(str(path), framework="pt") as f:
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
         if missing or unexpected:
@@ -218,8 +313,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
             if tuple(t.shape) != tuple(expected[k].shape):
                 raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, "
                                       f"config expects {tuple(expected[k].shape)}")
-            tensors[k] = t.to(expected[k].dtype)
-    model.load_state_dict(tensors, strict=has_float and has_int_synthesis and not derive_synthesis)
+            stored[k], tensors[k] = t, t.to(expected[k].dtype)
+    digests = _decode_only_digests(path, meta, stored) if decode_only else None
+    model.load_state_dict(tensors, strict=has_float and has_int_synthesis and not derive_synthesis and not decode_only)
     if not has_float:
         model.exact.load_into(model.entropy_model)
     if derive_synthesis:
@@ -227,6 +323,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
     if not has_int_synthesis:
         _calibrate_synthesis_without_data(model)
     model.mark_exact_synced()
+    if digests is not None:
+        model.set_decode_only(digests)
     return model.to(device).eval()
 
 

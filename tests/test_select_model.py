@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from _models import build_model, random_image
@@ -102,8 +103,11 @@ def test_cli_evaluates_logs_caches_and_ships(campaign, capsys):
     code, out, err = run(capsys, *common, "--ship", "--log", log, "--json", work / "second.json")
     assert code == 0, err
     # The replaced weights are kept where the registry finds them for the streams they wrote.
-    [kept] = (weights / "previous").glob("tiny-q2@*.safetensors")
-    assert kept.read_bytes() == old_bytes and "kept the replaced weights" in out
+    [kept] = (weights / "previous").glob("tiny-q2@*.safetensors")  # decode-only: all but g_a, byte for byte
+    assert registry.read_checkpoint_version(kept) == registry.DECODE_ONLY_VERSION and "kept the replaced weights" in out
+    old_tensors = {k: t for k, t in load_bytes(old_bytes).items() if not k.startswith("g_a.")}
+    assert load_file(str(kept)).keys() == old_tensors.keys() and len(old_tensors) < len(load_bytes(old_bytes))
+    assert all(torch.equal(t, old_tensors[k]) for k, t in load_file(str(kept)).items())
     assert [m.name for m in registry.list_models() if m.name.startswith("tiny")] == ["tiny-q1", "tiny-q2", "tiny-q3"]
     assert np.array_equal(m2t_core.decompress(old.bitstream), old.x_hat)  # found by name and weights hash
     second = json.loads((work / "second.json").read_text())
