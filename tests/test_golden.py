@@ -242,27 +242,31 @@ def write_golden(names: list[str]) -> None:  # pragma: no cover - run by hand
         manifest[f"v{FORMAT_VERSION}"] = {}
     for name in names or sorted(p.stem for p in PACKAGE_WEIGHTS.glob("*.safetensors")):
         model = load_model(name)
-        version = f"v{model.write_version()}"  # 6 for a variable-rate model
-        manifest.setdefault(version, {})
-        replaced = manifest.setdefault(f"{version}_replaced", {})
-        path = DATA / f"golden-{version}-{name}.m2t"
-        if names and path.is_file():
-            old = read_header(path.read_bytes()).weights_hash.hex()
-            if old == model.weights_hash(model.write_version()).hex():
-                raise SystemExit(f"{name}: its golden stream already names the installed weights")
-            path.rename(DATA / f"golden-{version}-{name}@{old}.m2t")
-            replaced[f"{name}@{old}"] = manifest[version][name]
         latent_path = DATA / f"golden-{name}.latent.npy"
         if not latent_path.is_file():  # a new model: its latent of the golden image (at its default quality)
             np.save(latent_path, model.analysis(rgb, model.quality_code()).to(torch.int32).numpy())
         latent = torch.from_numpy(_latent(name).astype(np.float32))
-        enc = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
-        path.write_bytes(enc.bitstream)
-        manifest[version][name] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4),
-                                   "pixels_sha256": _pixels_sha256(model.decompress(enc.bitstream))}
-        if model.rate_levels:
-            manifest[version][name]["quality"] = model.default_quality
-        print(name, json.dumps(manifest[version][name]))
+        # The version it writes (6 for a variable-rate model), and format 4 where the model has
+        # a stream of it (what m2t 0.4-0.5 wrote: test_coding_the_golden_latent... codes it too).
+        versions = [model.write_version()] + ([4] if names and name in manifest.get("v4", {}) else [])
+        for number in versions:
+            version = f"v{number}"
+            manifest.setdefault(version, {})
+            replaced = manifest.setdefault(f"{version}_replaced", {})
+            path = DATA / f"golden-{version}-{name}.m2t"
+            if names and path.is_file():
+                old = read_header(path.read_bytes()).weights_hash.hex()
+                if old == model.weights_hash(number).hex():
+                    raise SystemExit(f"{name}: its golden stream already names the installed weights")
+                path.rename(DATA / f"golden-{version}-{name}@{old}.m2t")
+                replaced[f"{name}@{old}"] = manifest[version][name]
+            enc = Encoder(model, format_version=number).encode_latent(latent, rgb.shape[0], rgb.shape[1])
+            path.write_bytes(enc.bitstream)
+            manifest[version][name] = {"bytes": len(enc.bitstream), "bpp": round(enc.bpp, 4),
+                                       "pixels_sha256": _pixels_sha256(model.decompress(enc.bitstream))}
+            if model.rate_levels:
+                manifest[version][name]["quality"] = model.default_quality
+            print(name, version, json.dumps(manifest[version][name]))
     (DATA / "golden.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
