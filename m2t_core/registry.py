@@ -138,7 +138,7 @@ def write_decode_only(source: str | Path, target: str | Path) -> Path:
     from . import bitstream
 
     source, target = Path(source), Path(target)
-    meta = _safetensors_metadata(source)
+    meta = _checked_metadata(source)
     if meta.get("format_version") == DECODE_ONLY_VERSION:
         raise CheckpointError(f"{source}: already decode-only")
     if meta.get("format_version") != CHECKPOINT_VERSION:
@@ -155,11 +155,11 @@ def write_decode_only(source: str | Path, target: str | Path) -> Path:
     tmp = target.with_suffix(target.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     try:
-        part = load_checkpoint(tmp)
-        kept = {k: t for k, t in whole.state_dict().items() if not k.startswith(ANALYSIS_PREFIX)}
-        same = part.state_dict().keys() == whole.state_dict().keys() and all(
-            torch.equal(part.state_dict()[k], t) for k, t in kept.items())
-        if not same or any(part.weights_digest(v) != whole.weights_digest(v) for v in bitstream.READABLE_VERSIONS):
+        check = load_checkpoint(tmp)
+        part, want = check.state_dict(), whole.state_dict()
+        same = part.keys() == want.keys() and all(
+            torch.equal(part[k], t) for k, t in want.items() if not k.startswith(ANALYSIS_PREFIX))
+        if not same or any(check.weights_digest(v) != whole.weights_digest(v) for v in bitstream.READABLE_VERSIONS):
             raise CheckpointError(f"{source}: the decode-only file does not load to the same model (not written)")
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -221,10 +221,7 @@ def _derivable_synthesis_weights(model: M2TCodec, dtype: torch.dtype) -> set[str
 
 def read_metadata(path: str | Path) -> tuple[str, ModelConfig, dict[str, Any]]:
     path = Path(path)
-    try:
-        meta = _safetensors_metadata(path)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    meta = _checked_metadata(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an m2t checkpoint (metadata format={meta.get('format')!r})")
     if meta.get("format_version") not in READABLE_CHECKPOINT_VERSIONS:
@@ -239,8 +236,13 @@ def read_metadata(path: str | Path) -> tuple[str, ModelConfig, dict[str, Any]]:
 
 def read_checkpoint_version(path: str | Path) -> str | None:
     """A checkpoint's format_version (metadata only, no torch); None where it has none."""
+    return _checked_metadata(Path(path)).get("format_version")
+
+
+def _checked_metadata(path: Path) -> dict[str, str]:
+    """_safetensors_metadata, any failure a CheckpointError naming the file."""
     try:
-        return _safetensors_metadata(Path(path)).get("format_version")
+        return _safetensors_metadata(path)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 

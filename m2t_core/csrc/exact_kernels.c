@@ -320,7 +320,7 @@ M2T_CLONES void m2t_mixture_pmf(const int32_t *table, const int64_t *start, cons
         /* One pass over the edges: the cdf at edge e in int64 (below 2^30), and its difference
          * from the edge before (exact integers, whatever the order). */
         int64_t prev = 0;
-        if (K == 3) { /* the shipped models' mixtures */
+        if (K == 3) { /* the shipped models' mixtures: 2x the generic loop (6.8 vs 14.9 ms a Kodak decode) */
             const int32_t *restrict r0 = table + s[0], *restrict r1 = table + s[1], *restrict r2 = table + s[2];
             const int64_t w0 = w[0], w1 = w[1], w2 = w[2];
             for (int64_t e = 0; e < num_edges; e++) {
