@@ -19,7 +19,9 @@ the `m2t` commands and the jobs' workers call it, where the checkout has it):
 The figures are the medians over rounds: this VM's speed drifts by up to +-20 % over
 minutes, and alternating processes spreads the drift over both checkouts. The streams and the
 decoded pixels of both checkouts must be identical (SHA-256 compared; the benchmark stops
-otherwise), since the two checkouts must agree on what they compute. Each stage's minor page
+otherwise), since the two checkouts must agree on what they compute; where their encoders
+write other format versions (a new format against the old one), the decoded pixels and the
+latent must agree and the streams only among processes of one version. Each stage's minor page
 faults per call (the median) are recorded too. Writes OUT.json and OUT.md (default
 bench/results/checkout_ab_t<threads>.json).
 
@@ -123,8 +125,9 @@ def worker(tree: Path, model_name: str, paths: list[str], threads: int, repeats:
                 runs.append(seconds)
                 faulted.append(faults_now)
             times[stage], faults[stage] = statistics.median(runs), statistics.median(faulted)
-        out[Path(path).name] = {"median_s": times, "page_faults": faults,
+        out[Path(path).name] = {"median_s": times, "page_faults": faults, "format_version": header.version,
                                 "stream_sha256": hashlib.sha256(stream).hexdigest(),
+                                "latent_sha256": hashlib.sha256(y_hat.to(torch.int32).numpy().tobytes()).hexdigest(),
                                 "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}
     return out
 
@@ -170,13 +173,19 @@ def _run_worker(tree: Path, args, paths: list[str], extra_env: dict[str, str]) -
 
 
 def _check_agreement(runs: dict[str, list[dict]]) -> None:
-    """Stop unless every process of both checkouts wrote the same streams and pixels."""
+    """Stop unless every process of both checkouts wrote the same streams (of one format
+    version) and pixels (and latents, where recorded)."""
     for img in runs["this"][0]:
-        for key in ("stream_sha256", "pixels_sha256"):
-            seen = {run[img][key] for side in runs for run in runs[side]}
-            if len(seen) != 1:
-                raise SystemExit(f"{img}: the checkouts disagree on {key.split('_')[0]}: {sorted(seen)} (g_a in bf16 "
-                                 "on one side only? export M2T_BF16_ANALYSIS=0 for both)")
+        for key in ("stream_sha256", "latent_sha256", "pixels_sha256"):
+            by_version: dict = {}
+            for run in (run for side in runs for run in runs[side]):
+                if key in run[img]:
+                    version = run[img].get("format_version") if key == "stream_sha256" else None
+                    by_version.setdefault(version, set()).add(run[img][key])
+            for seen in by_version.values():
+                if len(seen) != 1:
+                    raise SystemExit(f"{img}: the checkouts disagree on {key.split('_')[0]}: {sorted(seen)} (g_a in "
+                                     "bf16 on one side only? export M2T_BF16_ANALYSIS=0 for both)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,10 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     commits = {side: (st["git_commit"] or "?")[:7] + ("+changes" if st["uncommitted"] else "")
                for side, st in states.items()}
     with_env = f" with {' '.join(args.base_env)}" if args.base_env else ""
+    versions = {side: sorted({run[img].get("format_version") for run in runs[side] for img in run} - {None})
+                for side in runs}
+    same = ("the same streams and pixels in both" if versions["base"] == versions["this"] else
+            f"the same latents and pixels in both, streams of format {versions['base']} (base) and "
+            f"{versions['this']} (this)")
     header = (f"m2t {commits['base']} (base{with_env}) against {commits['this']} (this), {args.model}, {args.threads} "
               f"thread(s), {cpu_model()}; medians of {args.rounds} alternating processes, each the median of "
               + (f"{args.repeats} calls" if not args.distinct_sizes else f"{args.distinct_sizes} crop sizes")
-              + "; the same streams and pixels in both\n\n")
+              + f"; {same}\n\n")
     table = markdown_table(["image", "stage", "base, s", "this, s", "speed-up", "page faults per call, base / this"],
                            rows)
     report = {"benchmark": "checkout_ab", "command": " ".join(["bench/checkout_ab.py"] + (argv or sys.argv[1:])),

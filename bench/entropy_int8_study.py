@@ -1,30 +1,30 @@
 #!/usr/bin/env python3
-"""A study (a benchmark, not a feature): what the exact entropy model would cost in rate and
-gain in speed with 8-bit weights, on the CPU's int8 units. No format uses it yet.
+"""The exact entropy model with 8-bit weights (format 7) against 16-bit ones (format 5): what
+it costs in rate and gains in speed on the CPU's int8 units (a benchmark, not a test).
 
     python bench/entropy_int8_study.py                    # every shipped fixed-rate M2T model, Kodak
-    python bench/entropy_int8_study.py --models m2t-small-q3 --images 4 --threads 2
+    python bench/entropy_int8_study.py --models m2t-small-q3,mt-small-q2 --images 4 --threads 2
 
-Rate: each linear of a shipped exact model has int16 weight rows at a per-row exponent. A
-copy re-rounds every row to +-127 at the finest exponent where it fits (the bias kept at the
-new accumulator exponent, no retraining), and both code the same latents (g_a of each Kodak
-image) into real bitstreams: bpp of each, and the change.
+Rate: each model codes the same latents (g_a of each Kodak image) into real bitstreams of
+format 5 (the exact model's int16 weight rows) and format 7 (each row re-rounded within
++-127 at a coarser exponent: exact.eight_bit_weights, no retraining); each stream is decoded
+and must give its latent back. bpp of each, and the change; with the mean decode_latent time
+of each (one decode per image and format, so indicative: bench/checkout_ab.py times it).
 
-Speed: each linear's product as it runs today (float64 GEMM of the integers) against int8
-products with int32 accumulation (`torch._int_mm`): the weights one int8 plane, the int16
-activations two (x = 256 x_hi + x_lo, x_hi = x >> 8 in [-128, 127], x_lo in [0, 255] taken
-as x_lo - 128 in int8, the 128 sum_k w_k that removes again being a constant per output),
-recombined in float64 as 256 P_hi + P_lo + 128 sum_k w_k. Every result is compared with
-the float64 product (the benchmark stops on a difference); M = the rows of one decoding step
-of a 768x512 image (6 windows of its largest slot group) and of a 64-window chunk. The
-kernel's exactness is probed first with extreme operands (oneDNN without VNNI saturates).
-Writes OUT.json and OUT.md (default bench/results/entropy_int8_study.json).
+Speed: each linear's product as float64 GEMM of the integers against int8 products with int32
+accumulation (`torch._int_mm`): the weights one int8 plane, the int16 activations two (x =
+256 x_hi + x_lo, x_hi = x >> 8 in [-128, 127], x_lo in [0, 255] taken as x_lo - 128 in int8,
+the 128 sum_k w_k that removes again being a constant per output), recombined in float64 as
+256 P_hi + P_lo + 128 sum_k w_k. Every result is compared with the float64 product (the
+benchmark stops on a difference); M = the rows of one decoding step of a 768x512 image (6
+windows of its largest slot group) and of a 64-window chunk. The kernel's exactness is probed
+first with extreme operands (oneDNN without VNNI saturates). Writes OUT.json and OUT.md
+(default bench/results/entropy_int8_study.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -39,44 +39,28 @@ from bench._common import (SHIPPED_M2T, add_kodak_study_options, kodak_study_ima
                            markdown_table, write_report)
 
 
-def eight_bit_copy(model):
-    """A copy of `model` whose exact linears have weight rows within +-127: each row
-    round(w / 2^k) (halves up) at the smallest k where its largest |w| rounds to <= 127."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for lin in model.exact.linears.values():
-            w = lin.weight.to(torch.int64)
-            row_max = w.abs().amax(dim=1)
-            k = torch.zeros_like(row_max)
-            for _ in range(16):
-                k = torch.where(torch.div(row_max + ((1 << k) >> 1), 1 << k, rounding_mode="floor") > 127, k + 1, k)
-            half = (1 << k) >> 1
-            w8 = torch.div(w + half[:, None], (1 << k)[:, None], rounding_mode="floor")
-            if int(w8.abs().max()) > 127:
-                raise AssertionError("a re-rounded row exceeds +-127")
-            lin.weight.copy_(w8.to(torch.int16))
-            lin.bias.copy_(torch.div(lin.bias + half, 1 << k, rounding_mode="floor"))
-            lin.w_exp.sub_(k)
-            lin.shift.sub_(k)
-    return model
-
-
 def rate_cost(name: str, images: list[Path]) -> dict:
-    from m2t_core import Encoder, load_model
+    from m2t_core import Decoder, Encoder, load_model
     from m2t_core.image_io import load_image
 
     model = load_model(name)
-    narrow = eight_bit_copy(model)
-    bits = {"int16": 0, "int8": 0}
-    pixels = 0
+    bits, seconds, pixels = {5: 0, 7: 0}, {5: 0.0, 7: 0.0}, 0
+    decoder = Decoder(model)
     for path in images:
         rgb = load_image(path)
         y_hat = model.analysis(rgb)
-        for key, m in (("int16", model), ("int8", narrow)):
-            bits[key] += 8 * len(Encoder(m).encode_latent(y_hat, *rgb.shape[:2]).bitstream)
+        for version in bits:
+            stream = Encoder(model, format_version=version).encode_latent(y_hat, *rgb.shape[:2]).bitstream
+            t0 = time.perf_counter()
+            header, decoded = decoder.decode_latent(stream)
+            seconds[version] += time.perf_counter() - t0
+            if header.version != version or not torch.equal(decoded.to(torch.int32), y_hat.to(torch.int32)):
+                raise SystemExit(f"{name}, {path.name}: the format {version} stream did not decode to its latent")
+            bits[version] += 8 * len(stream)
         pixels += rgb.shape[0] * rgb.shape[1]
-    return {"bpp_int16": bits["int16"] / pixels, "bpp_int8": bits["int8"] / pixels,
-            "change_pct": 100 * (bits["int8"] / bits["int16"] - 1), "images": len(images)}
+    return {"bpp_int16": bits[5] / pixels, "bpp_int8": bits[7] / pixels,
+            "change_pct": 100 * (bits[7] / bits[5] - 1), "images": len(images),
+            "decode_latent_s_int16": seconds[5] / len(images), "decode_latent_s_int8": seconds[7] / len(images)}
 
 
 def int8_product(x: torch.Tensor, w8t: torch.Tensor, colsum128: torch.Tensor) -> torch.Tensor:
@@ -153,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({rates[name]['change_pct']:+.3f} %)", flush=True)
     lines = [f"{cpu_model()}, torch {torch.__version__}, {args.threads} thread(s); _int_mm exact here: {exact}", "",
              "Rate, the same latents (Kodak, first {} images, real bitstreams):".format(len(images)), ""]
-    lines += markdown_table(["model", "bpp, int16 weights", "bpp, 8-bit weights", "change"],
-                            [[n, f"{r['bpp_int16']:.5f}", f"{r['bpp_int8']:.5f}", f"{r['change_pct']:+.3f} %"]
+    lines += markdown_table(["model", "bpp, format 5 (int16 weights)", "bpp, format 7 (8-bit weights)", "change",
+                             "decode_latent s, 5 / 7"],
+                            [[n, f"{r['bpp_int16']:.5f}", f"{r['bpp_int8']:.5f}", f"{r['change_pct']:+.3f} %",
+                              f"{r['decode_latent_s_int16']:.3f} / {r['decode_latent_s_int8']:.3f}"]
                              for n, r in rates.items()])
     if speed:
         lines += ["", "One product, median ms (the same integers):", ""]

@@ -1,10 +1,10 @@
 """The versioned M2T bitstream container (specified in docs/bitstream.md).
 
-Format version 5 (written now by fixed-rate models; portable, progressive, exact pixels;
+Format version 7 (written now by fixed-rate models; portable, progressive, exact pixels;
 version 6 adds the quality of variable-rate models: below), little-endian:
 
     magic            4 bytes  b"M2TC"
-    version          u8       5 (or 4, 3)
+    version          u8       7 (or 5, 4, 3)
     flags            u8       bit 0: encoded on a CUDA device (informational);
                               bit 2: MT's confidence-adaptive order (else the fixed schedule)
     model_id_len     u8       1..MAX_MODEL_ID_LEN
@@ -47,11 +47,19 @@ from the same model, and its weights hash names that arithmetic. Version 4 strea
 integer-v1, to the pixels they always had.
 
 Version 6 (m2t 0.7) is version 5 with one more field, written by variable-rate models only
-(m2t_core/rate.py); fixed-rate models keep writing version 5:
+(m2t_core/rate.py):
 
     quality          u16      right after model_id: the quality Q the stream was coded at, as
                               round(Q * 256), Q in [1, K] of the model's K rate levels; the
                               decoder computes its gains from it
+
+Version 7 (m2t 0.8) has version 5's layout (no quality); what changed is the entropy model
+that codes it: its linears' weights within 8 bits (exact.eight_bit_weights, derived from the
+same model: each weight row re-rounded at a coarser exponent), so each product is one plane of
+int8 products instead of two, about half the work. Its probabilities differ slightly from
+version 5's (about 0.03 % of the bits), so the payload differs too; its weights hash names
+that arithmetic. Version 5 streams decode with the 16-bit weights, to the latents they always
+had.
 
 Earlier versions are refused with UnsupportedVersionError: version 1 (a float entropy model;
 its streams decoded only on the kind of machine that wrote them) and version 2 (one range
@@ -69,11 +77,24 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"M2TC"
-FORMAT_VERSION = 5  # what fixed-rate models write
+FORMAT_VERSION = 7  # what fixed-rate models write
 QUALITY_VERSION = 6  # what variable-rate models write: version 5 and the quality
-# 4 for decoders of m2t 0.4-0.5 (Encoder(format_version=4), m2t encode --format-version 4); 6: variable-rate models
-WRITABLE_VERSIONS = (4, 5, 6)
-READABLE_VERSIONS = (3, 4, 5, 6)  # 3: m2t 0.3's, 4: m2t 0.4-0.5's streams (same layout; see the module docstring)
+# 4 for decoders of m2t 0.4-0.5, 5 for m2t 0.6-0.7 (Encoder(format_version=N), m2t encode
+# --format-version N); 6: variable-rate models
+WRITABLE_VERSIONS = (4, 5, 6, 7)
+READABLE_VERSIONS = (3, 4, 5, 6, 7)  # 3: m2t 0.3's, 4: m2t 0.4-0.5's streams (same layout; see the module docstring)
+QUALITY_VERSIONS = (6,)  # the versions whose header holds a quality (variable-rate models)
+EIGHT_BIT_ENTROPY_VERSIONS = (7,)  # coded by the entropy model with 8-bit weights (exact.eight_bit_weights)
+
+
+def has_quality(version: int) -> bool:
+    """Whether a header of format `version` holds the quality field."""
+    return version in QUALITY_VERSIONS
+
+
+def eight_bit_entropy(version: int) -> bool:
+    """Whether streams of format `version` are coded by the entropy model with 8-bit weights."""
+    return version in EIGHT_BIT_ENTROPY_VERSIONS
 RETIRED_VERSIONS = (1, 2)  # read by m2t 0.2.0 and earlier (see the module docstring)
 LAST_RELEASE_READING_RETIRED = "0.2.0"
 MAX_MODEL_ID_LEN = 64
@@ -237,8 +258,8 @@ class Header:
             raise ValueError("weights_hash must be 8 bytes")
         if self.flags & ~KNOWN_FLAGS:
             raise ValueError(f"unknown flags {self.flags:#04x}")
-        if (self.version >= QUALITY_VERSION) != (self.quality is not None):
-            need = "needs" if self.version >= QUALITY_VERSION else "has no"
+        if has_quality(self.version) != (self.quality is not None):
+            need = "needs" if has_quality(self.version) else "has no"
             raise ValueError(f"format {self.version} {need} quality")
         quality = _QUALITY.pack(self.quality) if self.quality is not None else b""
         fixed = _FIXED_AFTER_ID.pack(
@@ -313,7 +334,7 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, prefix: bool = Fal
         raise BitstreamError(f"corrupt header: model id length {id_len}")
     fixed_start = 7 + id_len
     quality = None
-    if version >= QUALITY_VERSION:
+    if has_quality(version):
         if len(data) < fixed_start + _QUALITY.size:
             raise BitstreamError("truncated bitstream: the header ends in its quality field")
         (quality,) = _QUALITY.unpack_from(data, fixed_start)

@@ -283,9 +283,10 @@ def add_codec_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaptive-order", action="store_true",
                    help="MT models: choose each step's positions by the model's confidence (MaskGIT)")
     p.add_argument("--format-version", type=int, choices=WRITABLE_VERSIONS, default=None,
-                   help=f"bitstream format: {FORMAT_VERSION} (default), or 4 for decoders of m2t 0.4-0.5 (decoded "
-                        "with the integer-v1 synthesis: a little slower, 0.46%% fewer bits at equal PSNR); "
-                        f"variable-rate models write {QUALITY_VERSION}")
+                   help=f"bitstream format: {FORMAT_VERSION} (default), 5 for decoders of m2t 0.6-0.7 (the same "
+                        "latent and pixels, coded by the 16-bit entropy model: about 12%% slower to decode), or 4 "
+                        "for m2t 0.4-0.5 (decoded with the integer-v1 synthesis: a little slower, 0.46%% fewer "
+                        f"bits at equal PSNR); variable-rate models write {QUALITY_VERSION}")
     p.add_argument("--quality", type=float, default=None, metavar="Q",
                    help="a variable-rate model's quality, 1 (fewest bits) to its number of rate levels, in steps "
                         "of 1/256 (default: its middle level; `m2t models` lists the range)")

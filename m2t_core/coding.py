@@ -120,6 +120,18 @@ def passes(chunks: list, size: Callable, limit: int) -> Iterator[list]:
 # ---------------------------------------------------------------------- checksums
 
 
+def same_size_runs(sizes: list, batch: int) -> list[list[int]]:
+    """Indices of items of one size, `batch` at a time; runs of one item are left out (they
+    take the one-at-a-time path)."""
+    if batch < 2:
+        return []
+    by_size: dict = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(i)
+    return [idx[s:s + batch] for idx in by_size.values() for s in range(0, len(idx), batch)
+            if len(idx[s:s + batch]) > 1]
+
+
 def latent_checksum(y_int: torch.Tensor, height: int, width: int) -> int:
     """CRC-32 of the image size, the latent shape and y_hat (int32, C x h x w, C order): a
     header whose size was edited no longer matches its latent."""

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 NAME = "_exact_kernels"  # m2t_core/_exact_kernels<EXT_SUFFIX>
 ENV = "M2T_CPU_KERNELS"  # "0": none of these kernels (benchmarks, debugging): the torch passes
-ABI = 3  # csrc/exact_kernels.c's m2t_abi(): the signatures below; a library built from other sources is not used
+ABI = 4  # csrc/exact_kernels.c's m2t_abi(): the signatures below; a library built from other sources is not used
 
 
 def library() -> SimpleNamespace | None:
@@ -105,6 +105,8 @@ SIGNATURES = {
     "split_planes": (ctypes.c_int, [_P, _I, _I, _P, _P]),
     "combine": (None, [_P, _I, _I, _P, _P, _P, _D, _P, _I]),
     "combine_f32": (None, [_P, _I, _I, _P, _P, _P, _D, _P, _I]),  # the same from oneDNN's float32 products
+    "combine_one": (None, [_P, _I, _I, _P, _P, _D, _P, _I]),  # weights within int8: one weight plane
+    "combine_one_f32": (None, [_P, _I, _I, _P, _P, _D, _P, _I]),
     # int8_conv / int_synthesis: activation byte planes, and the products' rescaling
     # (each with its thread count last: torch.get_num_threads())
     # (blocks of channels-last pixels: image and row strides, int8_conv._pixel_block)

@@ -91,7 +91,8 @@ class Decoder:
         the others. The exact model's integers do not depend on the batch, so each latent is
         the one decode_latent gives."""
         results: list = [None] * len(streams)
-        by_order: dict[bool, list] = {False: [], True: []}  # by adaptive order: one loop each
+        # By adaptive order and by the entropy model's arithmetic (the format): one loop each.
+        groups: dict[tuple[bool, bool], list] = {}
         for n, data in enumerate(streams):
             try:
                 header, payload = self._open(data)
@@ -99,16 +100,17 @@ class Decoder:
             except Exception as exc:
                 results[n] = exc
                 continue
-            by_order[bool(header.flags & bs.FLAG_ADAPTIVE_ORDER)].append((n, header, decoders))
-        for adaptive, images in by_order.items():
-            if images:
-                self._decode_together(images, adaptive, streams, results)
+            key = (bool(header.flags & bs.FLAG_ADAPTIVE_ORDER), bs.eight_bit_entropy(header.version))
+            groups.setdefault(key, []).append((n, header, decoders))
+        for (adaptive, _), images in groups.items():
+            self._decode_together(images, adaptive, streams, results)
         return results
 
     def _decode_together(self, images: list, adaptive: bool, streams: Sequence[bytes], results: list) -> None:
-        """Decode `images` ((index, header, chunk decoders)), their chunks in passes of up to
-        windows_per_pass windows, into `results`. A chunk that fails fails its image; the
-        image's pass-mates are decoded again on their own."""
+        """Decode `images` ((index, header, chunk decoders); formats of one entropy model),
+        their chunks in passes of up to windows_per_pass windows, into `results`. A chunk that
+        fails fails its image; the image's pass-mates are decoded again on their own."""
+        exact = self.model.exact_model(images[0][1].version)
         ww, C, device = self.model.cfg.window, self.model.cfg.C, self.model.device
         chunks, tokens, valid = [], {}, {}  # chunks: (image, first window, windows, decoder)
         for n, header, decoders in images:
@@ -138,8 +140,8 @@ class Decoder:
 
             rate = self.model.exact_rate([c[3][1].quality for c in part for _ in range(c[2])])
             try:
-                out = coding.run_steps(self.model.exact, torch.zeros(int(bounds[-1]), ww * ww, C, dtype=torch.int32,
-                                                                device=device), decode, keep, adaptive, rate)
+                out = coding.run_steps(exact, torch.zeros(int(bounds[-1]), ww * ww, C, dtype=torch.int32, device=device),
+                                       decode, keep, adaptive, rate)
             except _ChunkError as exc:  # that image fails; its pass-mates are decoded again without it
                 failed.add(exc.image)
                 results[exc.image] = exc.error
@@ -196,6 +198,7 @@ class Decoder:
         ww, C, S, device = model.cfg.window, model.cfg.C, model.cfg.num_steps, model.device
         h, w = coding.latent_size(header.height, header.width)
         decoders = self._chunk_decoders(header, payload, steps)
+        exact = model.exact_model(header.version)  # the integers this format codes with
         valid = coding.valid_tokens((h, w), ww, device)  # (nW, L)
         tokens = torch.zeros(valid.shape[0], ww * ww, C, dtype=torch.int32, device=device)
         filled = torch.zeros(tokens.shape, dtype=torch.float32, device=device) if steps < S else None
@@ -216,7 +219,7 @@ class Decoder:
                     filled[start:start + len(positions)].scatter_(1, at, values.float())
                 return values
 
-            coding.run_steps(model.exact, tokens[start:start + bs.CHUNK_WINDOWS], decode, keep_chunk,
+            coding.run_steps(exact, tokens[start:start + bs.CHUNK_WINDOWS], decode, keep_chunk,
                              bool(header.flags & bs.FLAG_ADAPTIVE_ORDER),
                              model.exact_rate([header.quality] * keep_chunk.shape[0]))
         y_hat = coding.latent_from_windows(tokens, h, w, ww)  # (C, h, w)

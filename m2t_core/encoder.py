@@ -290,6 +290,7 @@ class Encoder:
                 end = start + bs.CHUNK_WINDOWS
                 chunks.append((plan, c, truth[start:end], valid[start:end]))
         groups = model.layout.groups(device)
+        exact = model.exact_model(self.format_version)  # the integers this format codes with
         for part in coding.passes(chunks, lambda c: c[2].shape[0], self.windows_per_pass):
             truth = torch.cat([c[2] for c in part])  # (b, L, C)
             keep = torch.cat([c[3] for c in part])  # (b, L)
@@ -306,11 +307,11 @@ class Encoder:
                 return values
 
             if model.cfg.mode == "m2t":  # every step's parameters from one pass (exact: the same)
-                every = coding.teacher_forced(model.exact, truth, rate)  # (b, L, C, K)
+                every = coding.teacher_forced(exact, truth, rate)  # (b, L, C, K)
                 for step, group in enumerate(groups):
                     record(step, every.index((slice(None), group)), group[None].expand(truth.shape[0], -1))
             else:
-                coding.run_steps(model.exact, torch.zeros_like(truth), record, keep, self.adaptive_order, rate)
+                coding.run_steps(exact, torch.zeros_like(truth), record, keep, self.adaptive_order, rate)
         return plans
 
 

@@ -83,27 +83,40 @@ def status() -> str:
     return "on, larger products on AMX (oneDNN matmul)" if onednn_enabled() and probe(192, 576, True) else "on"
 
 
+def weight_planes(weight: torch.Tensor) -> int:
+    """1 where every weight is within int8 (format 7's entropy model: exact.eight_bit_weights),
+    else 2 (w = 256 c + d + 128)."""
+    return 1 if weight.numel() == 0 or (int(weight.min()) >= -128 and int(weight.max()) <= 127) else 2
+
+
 class PackedLinear:
     """One exact linear's weight planes and per-output terms: y = clamp(floor((x @ W^T + b +
     half) 2^-shift)), W (N, K) int16, b int64, shift int64 (N,) (exact.IntLinear's integers,
-    rounded as exact.Float64Ops rounds them)."""
+    rounded as exact.Float64Ops rounds them). Weights within int8 are their own single plane:
+    then one product [a; b] W^T (half the work) and sum_k x_k w_k = 256 P_a + P_b + 128 sum_k w_k."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor, onednn: bool = False):
         w = weight.detach().to("cpu", torch.int64)  # (N, K)
         self.outputs, self.inner = w.shape
-        c = torch.bitwise_right_shift(w, 8)
-        d = torch.bitwise_and(w, 255) - 128
-        rows = torch.cat([c, d]).to(torch.int8)  # (2N, K): [c; d]
-        self.planes = rows.t().contiguous()  # (K, 2N): [c | d]
+        self.weight_planes = weight_planes(w)
+        s = shift.detach().to("cpu", torch.int64)
+        half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp(min=0), 0)  # rounds halves up
+        b = bias.detach().to("cpu", torch.int64) + half
+        if self.weight_planes == 1:
+            rows = w.to(torch.int8)  # (N, K)
+            offset = 128 * w.sum(1) + b
+        else:
+            c = torch.bitwise_right_shift(w, 8)
+            d = torch.bitwise_and(w, 255) - 128
+            rows = torch.cat([c, d]).to(torch.int8)  # (2N, K): [c; d]
+            offset = 32768 * c.sum(1) + 128 * d.sum(1) + 16384 * self.inner + b
+        self.planes = rows.t().contiguous()  # (K, planes N): [c | d] or W^T
         # oneDNN's matmul of the same planes (float32 products, exact for K < FP32_INNER), for
         # blocks of at least min_macs multiply-adds; the probe sets min_macs to 0 to try it alone.
         self.onednn = torch.ops.onednn.qlinear_prepack(rows, None) if onednn and self.inner < FP32_INNER else None
         self.min_macs = ONEDNN_MIN_MACS
         if self.onednn is not None:  # the planes' own integers: scale 1, zero point 0
-            self.unit_scales = (torch.ones(2 * self.outputs), torch.zeros(2 * self.outputs, dtype=torch.int64))
-        s = shift.detach().to("cpu", torch.int64)
-        half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp(min=0), 0)  # rounds halves up
-        offset = 32768 * c.sum(1) + 128 * d.sum(1) + 16384 * self.inner + bias.detach().to("cpu", torch.int64) + half
+            self.unit_scales = (torch.ones(len(rows)), torch.zeros(len(rows), dtype=torch.int64))
         self.offset = offset.to(torch.float64)  # exact: below 2^53, as Float64Ops's bias
         self.scale = torch.pow(2.0, -s.double())  # exact powers of two
 
@@ -129,17 +142,22 @@ class PackedLinear:
                 block[2 * m:].zero_()  # padding: its products are never read (a call on an empty slice costs ~6 us)
             if not split(xm[r0].data_ptr(), m, K, block.data_ptr(), row_term.data_ptr()):
                 return None
-            if self.onednn is not None and 2 * len(block) * N * K >= self.min_macs:  # (2 m_pad x K) x (K x 2N)
-                products, combine = self._onednn_products(block), lib.combine_f32  # (2 m_pad, 2N) float32
+            onednn = self.onednn is not None and len(block) * self.planes.shape[1] * K >= self.min_macs
+            # (2 m_pad x K) x (K x planes N): float32 from oneDNN, else int32; the combination reads
+            # the first 2m rows, the products of [a; b]
+            products = self._onednn_products(block) if onednn else torch._int_mm(block, self.planes)
+            if self.weight_planes == 1:
+                combine = lib.combine_one_f32 if onednn else lib.combine_one
+                combine(products.data_ptr(), m, N, self.offset.data_ptr(), self.scale.data_ptr(), cap,
+                        out[r0].data_ptr(), N)
             else:
-                products, combine = torch._int_mm(block, self.planes), lib.combine  # (2 m_pad, 2N) int32
-            # the combination reads the first 2m rows: the products of [a; b]
-            combine(products.data_ptr(), m, N, row_term.data_ptr(), self.offset.data_ptr(), self.scale.data_ptr(),
-                    cap, out[r0].data_ptr(), N)
+                combine = lib.combine_f32 if onednn else lib.combine
+                combine(products.data_ptr(), m, N, row_term.data_ptr(), self.offset.data_ptr(), self.scale.data_ptr(),
+                        cap, out[r0].data_ptr(), N)
         return out.view(*x.shape[:-1], N)
 
     def _onednn_products(self, planes: torch.Tensor) -> torch.Tensor:
-        """planes (2m, K) int8 -> (2m, 2N) float32 products, contiguous (oneDNN's matmul)."""
+        """planes (2m, K) int8 -> (2m, weight planes N) float32 products, contiguous (oneDNN's matmul)."""
         w_scale, w_zero = self.unit_scales
         return torch.ops.onednn.qlinear_pointwise(planes, 1.0, 0, self.onednn, w_scale, w_zero, None, 1.0, 0,
                                                   torch.float32, "none", [None], "")
@@ -153,19 +171,21 @@ def _bucket(m: int) -> int:
 def prepare(weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor) -> PackedLinear | None:
     """The int8 route of one exact linear, or None where it is off or not exact here."""
     N, K = weight.shape
-    if not enabled() or K >= MAX_INNER or not probe(K, N):
+    planes = weight_planes(weight)
+    if not enabled() or K >= MAX_INNER or not probe(K, N, planes=planes):
         return None
-    onednn = onednn_enabled() and K < FP32_INNER and probe(K, N, True)
+    onednn = onednn_enabled() and K < FP32_INNER and probe(K, N, True, planes)
     return PackedLinear(weight, bias, shift, onednn)
 
 
 @functools.lru_cache(maxsize=None)
-def probe(inner: int, outputs: int, onednn: bool = False) -> bool:
+def probe(inner: int, outputs: int, onednn: bool = False, planes: int = 2) -> bool:
     """Whether the route computes exact sums of products for (M, inner) x (inner, outputs) on
-    this machine: weight rows at both int16 extremes, alternating and random, against
-    activation rows likewise, at each of PROBE_ROWS row counts, compared with float64 products
-    (exact: every sum below 2^53; shift 0, so the whole sum is compared). onednn: the AMX
-    route's products (oneDNN's matmul) for every block, else torch._int_mm's."""
+    this machine: weight rows at both extremes (int16's, or int8's for one weight plane),
+    alternating and random, against int16 activation rows likewise, at each of PROBE_ROWS row
+    counts, compared with float64 products (exact: every sum below 2^53; shift 0, so the whole
+    sum is compared). onednn: the AMX route's products (oneDNN's matmul) for every block,
+    else torch._int_mm's."""
     if not enabled() or onednn and (not onednn_enabled() or inner >= FP32_INNER):
         return False
     g = torch.Generator().manual_seed(inner * 7919 + outputs)
@@ -175,8 +195,12 @@ def probe(inner: int, outputs: int, onednn: bool = False) -> bool:
                            torch.full((K,), 255), torch.full((K,), -256)])
     w = torch.randint(-32768, 32768, (N, K), generator=g)
     w[: min(N, len(special))] = special[: min(N, len(special))]
+    if planes == 1:  # within int8: the extremes -128 and 127, alternating, and random
+        w = torch.bitwise_right_shift(w, 8)
     try:
         route = PackedLinear(w, torch.zeros(N, dtype=torch.int64), torch.zeros(N, dtype=torch.int64), onednn)
+        if route.weight_planes != planes:
+            return False
         route.min_macs = 0  # with onednn, every block on oneDNN's matmul; else route.onednn is None
         for M in PROBE_ROWS:
             x = torch.randint(-32768, 32768, (M, K), generator=g)

@@ -76,6 +76,7 @@ class M2TCodec(nn.Module):
         self._synthesis_source = self._synthesis_fingerprint()
         self._frozen: dict[str, tuple] = {}  # CPU inference forms of g_a (transforms.FROZEN_TRANSFORMS)
         self._v2: tuple | None = None  # (its sources' fingerprint, the integer-v2 g_s): int_synthesis
+        self._exact8: tuple | None = None  # (its sources' fingerprint, the 8-bit entropy model): exact_model
         # A decode-only checkpoint's stored digests per format and the fingerprint of what
         # decoding uses when it was loaded (set_decode_only); None for a whole model.
         self._decode_only: tuple[dict[int, bytes], tuple] | None = None
@@ -211,12 +212,16 @@ class M2TCodec(nn.Module):
             state.update(getattr(self, name).state_dict(prefix=f"{name}."))
         if version >= 5:  # the integer-v2 g_s, derived (never stored): named for what it decodes
             state.update({f"g_s_int_v2.{k}": v for k, v in self.int_synthesis(version).state_dict().items()})
+        if bs.eight_bit_entropy(version):  # and the 8-bit entropy model, derived likewise
+            state.update({f"exact_8bit.{k}": v for k, v in self.exact_model(version).state_dict().items()})
         return state
 
-    def weights_digest(self, version: int = bs.FORMAT_VERSION) -> bytes:
+    def weights_digest(self, version: int | None = None) -> bytes:
         """SHA-256 over the config and the tensors of `_hashed_state` (names, shapes, float32
         bytes for float tensors, little-endian int64 bytes for integer ones): the model's
-        identity, written (its first 8 bytes) into every bitstream."""
+        identity, written (its first 8 bytes) into every bitstream of format `version`
+        (default: the one this model writes, write_version())."""
+        version = self.write_version() if version is None else version
         self.sync_exact()  # the integers follow the float weights (training, edits)
         return self._once_per_block(("digest", version), lambda: self._digest(version))
 
@@ -273,9 +278,10 @@ class M2TCodec(nn.Module):
         if self._decoding_fingerprint() != loaded:
             raise ValueError(f"model {self.model_id!r} is a decode-only checkpoint whose weights were changed after "
                              "loading: its weights hash is unknown (reload it)")
-        if version not in digests:
-            raise ValueError(f"model {self.model_id!r} is a decode-only checkpoint without a weights hash for "
-                             f"format {version}")
+        if version not in digests:  # a format newer than the file: these weights never wrote it
+            raise bs.ModelMismatchError(f"model {self.model_id!r} is a decode-only checkpoint that recorded no "
+                                        f"weights hash for format {version} (its weights were replaced before "
+                                        "that format was written)")
         return digests[version]
 
     def require_analysis(self) -> None:
@@ -285,18 +291,39 @@ class M2TCodec(nn.Module):
                              "they wrote still decode; the file holds no analysis transform): it cannot encode; "
                              "encode with the installed model of that name")
 
-    def weights_hash(self, version: int = bs.FORMAT_VERSION) -> bytes:
-        """The first 8 bytes of weights_digest: what a stream of format `version` names."""
+    def weights_hash(self, version: int | None = None) -> bytes:
+        """The first 8 bytes of weights_digest: what a stream of format `version` names
+        (default: the format this model writes)."""
         return self.weights_digest(version)[:8]
+
+    def weights_hashes(self) -> dict[int, bytes]:
+        """weights_hash of every readable format, where this model knows it (a decode-only
+        checkpoint knows those its file recorded): what an archive or stream may name."""
+        known = {version: self.known_weights_hash(version) for version in bs.READABLE_VERSIONS}
+        return {version: h for version, h in known.items() if h is not None}
+
+    def known_weights_hash(self, version: int) -> bytes | None:
+        """weights_hash(version), or None where this model does not know it (a decode-only
+        checkpoint whose file is older than the format)."""
+        try:
+            return self.weights_hash(version)
+        except bs.ModelMismatchError:
+            return None
+
+    def wrote(self, header: bs.Header) -> bool:
+        """Whether these weights wrote the stream of `header`: its model name, and the weights
+        hash of the stream's format."""
+        return header.model_id == self.model_id and self.known_weights_hash(header.version) == header.weights_hash
 
     def check_header(self, header: bs.Header) -> None:
         """ModelMismatchError unless this model wrote the stream (name and weights hash);
         BitstreamError unless its quality fits the model (variable-rate models write format 6
-        with a quality in their range, fixed-rate ones earlier formats without)."""
-        if header.model_id != self.model_id or header.weights_hash != self.weights_hash(header.version):
+        with a quality in their range, fixed-rate ones other formats, without)."""
+        if not self.wrote(header):
+            known = self.known_weights_hash(header.version)
             raise bs.ModelMismatchError(
                 f"bitstream was written by model {header.model_id!r} (weights {header.weights_hash.hex()}), "
-                f"not by {self.model_id!r} (weights {self.weights_hash(header.version).hex()})")
+                f"not by {self.model_id!r} (weights {known.hex() if known else 'of another format'})")
         if (header.quality is None) == bool(self.rate_levels):
             raise bs.BitstreamError(
                 f"corrupt header: format {header.version} for the {'variable' if self.rate_levels else 'fixed'}"
@@ -315,8 +342,8 @@ class M2TCodec(nn.Module):
                 raise ValueError(f"a variable-rate model writes format {bs.QUALITY_VERSION} only, not {format_version}")
             return bs.QUALITY_VERSION
         version = bs.FORMAT_VERSION if format_version is None else format_version
-        if version not in bs.WRITABLE_VERSIONS or version >= bs.QUALITY_VERSION:
-            writable = [v for v in bs.WRITABLE_VERSIONS if v < bs.QUALITY_VERSION]
+        if version not in bs.WRITABLE_VERSIONS or bs.has_quality(version):
+            writable = [v for v in bs.WRITABLE_VERSIONS if not bs.has_quality(v)]
             raise ValueError(f"format_version must be one of {writable} for a fixed-rate model, got {version!r}")
         return version
 
@@ -396,6 +423,22 @@ class M2TCodec(nn.Module):
                 v2 = v1.eight_bit(self.g_s)
             self._v2 = (sources, v2.to(v1.act_exp.device))
         return self._v2[1]
+
+    def exact_model(self, version: int = bs.FORMAT_VERSION) -> X.ExactEntropyModel:
+        """The exact entropy model that codes streams of format `version`: `exact` (16-bit
+        weights), or for format 7 its 8-bit form (X.eight_bit_weights), derived from `exact`
+        on first use and again whenever its integers change."""
+        self.sync_exact()
+        if not bs.eight_bit_entropy(version):
+            return self.exact
+        sources = self._once_per_block("exact-8bit", lambda: tuple(
+            (k, t.device, _bit_sum(t)) for k, t in self.exact.state_dict().items()))
+        if self._exact8 is None or self._exact8[0] != sources:
+            # Derived outside inference mode, as the integer-v2 g_s: tensors with version
+            # counters, so each linear's int8 route is prepacked once, not at every call.
+            with torch.inference_mode(False):
+                self._exact8 = (sources, X.eight_bit_weights(self.exact))
+        return self._exact8[1]
 
     def mark_exact_synced(self) -> None:
         """The float weights and the integer models were just set consistently (a checkpoint)."""
@@ -499,7 +542,7 @@ class M2TCodec(nn.Module):
         codes = list(quality_codes) if quality_codes is not None else [None] * len(rgbs)
         out: list[torch.Tensor | None] = [None] * len(rgbs)
         run = self._inference_transform("g_a")
-        for idx in _same_size_runs([rgb.shape[:2] for rgb in rgbs], batch):
+        for idx in coding.same_size_runs([rgb.shape[:2] for rgb in rgbs], batch):
             x = torch.from_numpy(np.stack([rgbs[i] for i in idx])).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W)
             y = tiling.analysis_batch(self.g_a, x, run=run)
             if y is not None:  # None: a size that runs in tiles, one image at a time
@@ -518,7 +561,7 @@ class M2TCodec(nn.Module):
         batch = batch or coding.transform_batch(self.device)
         items = [(item[0], item[1], item[2], item[3] if len(item) > 3 else None) for item in latents]
         out: list[np.ndarray | None] = [None] * len(items)
-        for idx in _same_size_runs([(tuple(y.shape), H, W, code) for y, H, W, code in items], batch):
+        for idx in coding.same_size_runs([(tuple(y.shape), H, W, code) for y, H, W, code in items], batch):
             _, H, W, code = items[idx[0]]
             y = torch.stack([items[i][0] for i in idx]).to(self.device, torch.float32)  # (B, C, h, w)
             x_hat = tiling.synthesis_batch(self.g_s, y, H, W, run=self._integer_synthesis(version, code))
@@ -626,18 +669,6 @@ def weights_fixed(method):
         with self.model.weights_fixed():
             return method(self, *args, **kwargs)
     return run
-
-
-def _same_size_runs(sizes: Sequence, batch: int) -> list[list[int]]:
-    """Indices of items of one size, `batch` at a time; runs of one item are left out (they
-    take the one-at-a-time path)."""
-    if batch < 2:
-        return []
-    by_size: dict = {}
-    for i, size in enumerate(sizes):
-        by_size.setdefault(size, []).append(i)
-    return [idx[s:s + batch] for idx in by_size.values() for s in range(0, len(idx), batch)
-            if len(idx[s:s + batch]) > 1]
 
 
 def _changes(t: torch.Tensor, bits: bool = False) -> int:

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import bitstream as bs
 from .config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:  # torch and the model are imported where a model is built: listing and
@@ -439,14 +438,6 @@ class UnknownStreamModelError(ModelNotFoundError, ModelMismatchError):
     Both a ModelNotFoundError and a BitstreamError (ModelMismatchError)."""
 
 
-def _header_matches(model: M2TCodec, header) -> bool:
-    try:
-        model.check_header(header)
-        return True
-    except ModelMismatchError:
-        return False
-
-
 def installed_checkpoints(name: str) -> list[Path]:
     """Every installed checkpoint file called `<name>.safetensors` ($M2T_MODEL_PATH, then the
     package's weights/), then the name's previous weights (`previous/<name>@*.safetensors`
@@ -480,9 +471,10 @@ def load_model_for_header(header, device: str | torch.device = "cpu") -> M2TCode
         except (CheckpointError, ConfigError, OSError, ValueError) as exc:
             tried.append(f"{path} (unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
             continue
-        if _header_matches(model, header):
+        if model.wrote(header):
             return model
-        tried.append(f"{path} (weights {model.weights_hash().hex()})")
+        known = model.known_weights_hash(header.version)
+        tried.append(f"{path} (weights {known.hex() if known else 'of an older format only'})")
     raise UnknownStreamModelError(
         f"the bitstream needs model {name!r} with weights hash {header.weights_hash.hex()}, which is not "
         f"installed ({'; '.join(tried) if tried else 'no checkpoint of that name'}): put it in $M2T_MODEL_PATH "
@@ -497,7 +489,7 @@ def find_installed_model(name: str, weights_hash_hex: str, device: str | torch.d
             model = load_model(path, device=device)
         except (CheckpointError, ConfigError, OSError, ValueError):
             continue
-        names = {model.weights_hash(v).hex() for v in bs.READABLE_VERSIONS}  # an archive of m2t 0.3 names v3's
+        names = {h.hex() for h in model.weights_hashes().values()}  # an archive of m2t 0.3 names v3's
         if model.model_id == name and weights_hash_hex in names:
             return path
     return None

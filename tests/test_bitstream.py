@@ -116,10 +116,10 @@ def _header_len(data: bytes) -> int:
 def test_header_layout_matches_spec(stream, model):
     lay = _layout(stream)
     assert stream[:4] == bs.MAGIC == b"M2TC"
-    assert stream[4] == bs.FORMAT_VERSION == 5
+    assert stream[4] == bs.FORMAT_VERSION == 7
     assert stream[7:7 + stream[6]] == model.model_id.encode()
     h = bs.read_header(stream)
-    assert h.version == 5 and h.flags == 0
+    assert h.version == 7 and h.flags == 0
     assert len(h.piece_crcs) == h.num_steps * h.num_chunks and h.piece_crc(0, 0) == h.piece_crcs[0]
     # The step table: S steps x 1 chunk (2 windows), the last piece implied by payload_len.
     assert stream[lay["num_steps"]] == h.num_steps == model.cfg.num_steps and h.num_chunks == 1
@@ -247,7 +247,7 @@ def test_a_stream_relabelled_to_another_readable_version_is_refused(model, strea
     _expect_error(model.decompress, _patch(stream, "version", "<B", 3), bs.BitstreamError)
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 7, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 8, 255])
 def test_unknown_version(model, stream, version):
     """Unknown versions are refused; the retired ones (1, 2) with the release that reads them."""
     bad = _patch(stream, "version", "<B", version)  # header CRC fixed: the version check fires

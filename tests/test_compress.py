@@ -247,7 +247,7 @@ def test_three_formats_on_ray(local_archive, corpus, tiny_checkpoint, tmp_path):
     manifest = json.loads((out / A.MANIFEST).read_text())
     model = build_model(TINY, model_id="tiny-pipeline")
     assert manifest["model"]["weights_sha256"] == model.weights_digest().hex()
-    assert manifest["bitstream_format_version"] == bs.FORMAT_VERSION == 5
+    assert manifest["bitstream_format_version"] == bs.FORMAT_VERSION == 7
     assert manifest["portable"] and manifest["code_version"]["m2t"]
     assert len(manifest["shards"]) == 8 and manifest["keys"] == 14
     stats = A.Archive(str(out)).completed_shards()  # each shard names its worker's peak RSS

@@ -6,6 +6,7 @@ refuse to load (or to name a hash) once their tensors changed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -106,3 +107,25 @@ def test_a_changed_decode_only_checkpoint_is_refused(whole_and_part, tmp_path):
     with pytest.raises(ValueError, match="changed after loading"):
         part.weights_hash()
     assert registry.load_checkpoint(part_path).weights_hash() == stored
+
+
+def test_a_decode_only_file_older_than_a_format_names_no_hash_for_it():
+    """The kept weights in weights/previous/ were written before format 7: they never wrote
+    it and know no hash for it. A format-7 stream naming them is another model's stream (a
+    mismatch, never a crash), and the registry passes over them to say what is missing."""
+    kept = sorted((registry.PACKAGE_WEIGHTS / registry.PREVIOUS_DIR).glob("m2t-small-q3@*.safetensors"))[0]
+    old = registry.load_checkpoint(kept)
+    assert old.decode_only and 7 not in old.weights_hashes() and old.known_weights_hash(7) is None
+    assert set(old.weights_hashes()) == {3, 4, 5, 6}
+    with pytest.raises(bitstream.ModelMismatchError, match="recorded no weights hash for format 7"):
+        old.weights_hash(7)
+    current = registry.load_model("m2t-small-q3")
+    stream = Encoder(current).encode_image(random_image(64, 64, seed=5)).bitstream
+    header = bitstream.read_header(stream)
+    assert header.version == 7 and current.wrote(header)
+    posing = dataclasses.replace(header, weights_hash=old.weights_hash(5))  # v7 naming the old weights' v5 hash
+    assert not old.wrote(posing)
+    with pytest.raises(bitstream.ModelMismatchError, match="of another format"):
+        old.check_header(posing)
+    with pytest.raises(registry.UnknownStreamModelError, match="older format only"):
+        registry.load_model_for_header(posing)

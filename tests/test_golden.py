@@ -4,15 +4,17 @@ Round-trip tests cannot see a change that encoder and decoder make together; the
 
 * the entropy coder's output for fixed integer parameters is pinned (integer arithmetic and
   constriction: the same on every machine);
-* tests/data/golden-v5-<model>.m2t (the format written now) and golden-v4-<model>.m2t (m2t
-  0.4-0.5) were written by every shipped model, coding the latent of a synthetic image
-  (golden-<model>.latent.npy). On ANY machine each stream must decode to exactly that latent
-  and its decoded pixels must hash to the committed SHA-256 (golden.json), at 1, 2 and 4
-  threads, alone, in a batch and in tiles, on the int8 units and off them: the integer
-  synthesis transform of the stream's version (integer-v1 for 4, integer-v2 for 5) makes
-  pixels a pure function of the stream. Coding the latent must give exactly the bytes of the
-  current version. (Re-encoding the image is not the test: g_a is float, and another machine
-  may round a latent value differently and write other, equally valid bytes.)
+* tests/data/golden-v7-<model>.m2t (the format written now), golden-v5-<model>.m2t (m2t
+  0.6-0.7) and golden-v4-<model>.m2t (m2t 0.4-0.5) were written by every shipped model,
+  coding the latent of a synthetic image (golden-<model>.latent.npy). On ANY machine each
+  stream must decode to exactly that latent and its decoded pixels must hash to the committed
+  SHA-256 (golden.json), at 1, 2 and 4 threads, alone, in a batch and in tiles, on the int8
+  units and off them: the integer synthesis transform of the stream's version (integer-v1 for
+  4, integer-v2 from 5) makes pixels a pure function of the stream, and the entropy model of
+  its version (8-bit weights for 7) its latent. Coding the latent must give exactly the bytes
+  of the current version, and of versions 4 and 5 where asked for. (Re-encoding the image is
+  not the test: g_a is float, and another machine may round a latent value differently and
+  write other, equally valid bytes.)
 * when a model's weights are replaced (a retrained release), its golden stream moves to
   golden-v<N>-<model>@<weights hash>.m2t (golden.json "v<N>_replaced") and must still decode,
   through the stream's own header, to the same latent and pixels: the registry finds the
@@ -82,11 +84,11 @@ def test_integer_entropy_coder_output_is_pinned():
 
 
 CURRENT = f"v{FORMAT_VERSION}"
-SHIPPED = sorted(GOLDEN[CURRENT])  # the fixed-rate models
+SHIPPED = sorted(GOLDEN.get(CURRENT, {}))  # the fixed-rate models
 VARIABLE = sorted(GOLDEN.get("v6", {}))  # the variable-rate models (format 6)
-DECODED = [(version, name) for version in ("v4", CURRENT, "v6") for name in sorted(GOLDEN.get(version, {}))]
+DECODED = [(version, name) for version in ("v4", "v5", CURRENT, "v6") for name in sorted(GOLDEN.get(version, {}))]
 RETIRED = [(version, name) for version in ("v1", "v2") for name in sorted(GOLDEN[version])]
-REPLACED = [(version, key) for version in ("v4", CURRENT)  # "<model>@<weights hash>"
+REPLACED = [(version, key) for version in ("v4", "v5", CURRENT)  # "<model>@<weights hash>"
             for key in sorted(GOLDEN.get(f"{version}_replaced", {}))]
 
 
@@ -116,26 +118,35 @@ def test_golden_stream_decodes_to_its_latent_and_pixels_anywhere(version, name):
     assert _pixels_sha256(decoded) == GOLDEN[version][name]["pixels_sha256"]
 
 
-def test_the_current_format_is_version_5():
+def test_the_current_format_is_version_7():
     """Format 5 is format 4's layout decoded by integer-v2 (8-bit weights): other pixels,
-    within a few hundredths of a dB, from the same bytes but the version and weights hash."""
-    assert FORMAT_VERSION == 5
+    within a few hundredths of a dB, from the same bytes but the version and weights hash.
+    Format 7 is format 5's layout coded by the entropy model with 8-bit weights: the same
+    latent and pixels from other bytes (within 1 % of their size)."""
+    assert FORMAT_VERSION == 7
     for name in SHIPPED:
-        v4, v5 = ((DATA / f"golden-{v}-{name}.m2t").read_bytes() for v in ("v4", "v5"))
-        h4, h5 = read_header(v4), read_header(v5)
-        assert (h4.version, h5.version) == (4, 5) and h4.weights_hash != h5.weights_hash
+        v4, v5, v7 = ((DATA / f"golden-{v}-{name}.m2t").read_bytes() for v in ("v4", "v5", "v7"))
+        h4, h5, h7 = read_header(v4), read_header(v5), read_header(v7)
+        assert (h4.version, h5.version, h7.version) == (4, 5, 7)
+        assert len({h4.weights_hash, h5.weights_hash, h7.weights_hash}) == 3
         assert v4[h4.size:] == v5[h5.size:]  # the same payload: the entropy coding did not change
         assert GOLDEN["v4"][name]["pixels_sha256"] != GOLDEN["v5"][name]["pixels_sha256"]
+        assert v5[h5.size:] != v7[h7.size:] and abs(len(v7) - len(v5)) <= 0.01 * len(v5)
+        assert GOLDEN["v5"][name]["pixels_sha256"] == GOLDEN["v7"][name]["pixels_sha256"]
 
 
-def test_a_batch_of_both_formats_decodes_each_with_its_own_arithmetic():
-    """decompress_many groups streams by format version: each gets its own integer g_s."""
+def test_a_batch_of_formats_decodes_each_with_its_own_arithmetic():
+    """decode_latents and decompress_many group streams by format version: each gets its own
+    entropy model (16- or 8-bit weights) and integer g_s."""
     model = load_model("m2t-small-q3")
-    streams = [(DATA / f"golden-{v}-m2t-small-q3.m2t").read_bytes() for v in ("v4", CURRENT, "v4", CURRENT)]
-    want = [GOLDEN[v]["m2t-small-q3"]["pixels_sha256"] for v in ("v4", CURRENT, "v4", CURRENT)]
-    got = Decoder(model, batch_images=4).decompress_many(streams + [b"not a stream"])
-    assert [_pixels_sha256(rgb) for rgb in got[:4]] == want
-    assert isinstance(got[4], Exception)
+    versions = ("v4", CURRENT, "v5", "v4", CURRENT, "v5")
+    streams = [(DATA / f"golden-{v}-m2t-small-q3.m2t").read_bytes() for v in versions]
+    latents = Decoder(model, batch_images=6).decode_latents(streams)
+    assert all(np.array_equal(y.to(torch.int32).numpy(), _latent("m2t-small-q3")) for _, y in latents)
+    want = [GOLDEN[v]["m2t-small-q3"]["pixels_sha256"] for v in versions]
+    got = Decoder(model, batch_images=6).decompress_many(streams + [b"not a stream"])
+    assert [_pixels_sha256(rgb) for rgb in got[:6]] == want
+    assert isinstance(got[6], Exception)
 
 
 @pytest.mark.parametrize("version,name", [(v, n) for v in ("v4", CURRENT) for n in ("m2t-small-q2", "mt-small-q2")]
@@ -173,9 +184,9 @@ def test_golden_pixels_at_any_thread_count_batch_and_tiling(version, name):
 
 @pytest.mark.parametrize("name", SHIPPED + VARIABLE)
 def test_coding_the_golden_latent_gives_the_golden_bytes(name):
-    """The current format's bytes, and with format_version=4 exactly what m2t 0.4-0.5 wrote
-    (for their decoders), with the reconstruction of that format's arithmetic; a
-    variable-rate model's format-6 bytes at its golden quality."""
+    """The current format's bytes, and with format_version=5 and 4 exactly what m2t 0.6-0.7
+    and 0.4-0.5 wrote (for their decoders), with the reconstruction of that format's
+    arithmetic; a variable-rate model's format-6 bytes at its golden quality."""
     model = load_model(name)
     latent = torch.from_numpy(_latent(name).astype(np.float32))
     rgb = golden_image()
@@ -187,8 +198,9 @@ def test_coding_the_golden_latent_gives_the_golden_bytes(name):
         return
     encoded = Encoder(model).encode_latent(latent, rgb.shape[0], rgb.shape[1])
     assert encoded.bitstream == (DATA / f"golden-{CURRENT}-{name}.m2t").read_bytes()
-    old = Encoder(model, format_version=4).encode_latent(latent, rgb.shape[0], rgb.shape[1])
-    assert old.bitstream == (DATA / f"golden-v4-{name}.m2t").read_bytes()
+    for number in (5, 4):
+        old = Encoder(model, format_version=number).encode_latent(latent, rgb.shape[0], rgb.shape[1])
+        assert old.bitstream == (DATA / f"golden-v{number}-{name}.m2t").read_bytes()
     image = Encoder(model, format_version=4, reconstruct=True).encode_image(rgb)
     assert read_header(image.bitstream).version == 4
     assert np.array_equal(image.x_hat, model.decompress(image.bitstream))

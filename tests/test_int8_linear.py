@@ -23,16 +23,18 @@ from m2t_core import cpu_kernels, int8_linear, intmath
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _operands(M: int, K: int, N: int, seed: int):
-    """x (M, K), w (N, K) int64 within int16 (extremes included), bias (N,), shift (N,)."""
+def _operands(M: int, K: int, N: int, seed: int, weight_bits: int = 16):
+    """x (M, K) int64 within int16, w (N, K) within int16 or int8 (`weight_bits`; extremes
+    included), bias (N,), shift (N,)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-32768, 32768, (M, K), generator=g)
-    w = torch.randint(-32768, 32768, (N, K), generator=g)
+    top = 1 << (weight_bits - 1)
+    w = torch.randint(-top, top, (N, K), generator=g)
     if M:
         x[0] = -32768
         x[-1, ::2] = 32767
-    w[0] = 32767
-    w[-1] = -32768
+    w[0] = top - 1
+    w[-1] = -top
     bias = torch.randint(-(1 << 40), 1 << 40, (N,), generator=g)
     shift = torch.randint(-3, 31, (N,), generator=g)
     return x, w, bias, shift
@@ -88,6 +90,26 @@ def test_fused_kernels_equal_python_integers(M, K, N):
         assert torch.equal(out.long(), _reference(x, w, bias, shift, 32767)), dtype
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (7, 192, 576), (3, 768, 192)])
+def test_one_weight_plane_kernels_equal_python_integers(M, K, N):
+    """Weights within int8 (format 7's entropy model) are one plane: the products [a; b] W^T,
+    recombined as 256 P_a + P_b + 128 sum_k w_k, give the reference's integers."""
+    lib = cpu_kernels.library()
+    x, w, bias, shift = _operands(M, K, N, seed=M + K + N, weight_bits=8)
+    planes = torch.empty((2 * M, K), dtype=torch.int8)
+    xf = x.double().contiguous()
+    assert lib.split_planes(xf.data_ptr(), M, K, planes.data_ptr(), torch.empty(M, dtype=torch.int64).data_ptr()) == 1
+    packed = int8_linear.PackedLinear(w, bias, shift)
+    assert packed.weight_planes == 1 and packed.planes.shape == (K, N)
+    assert int8_linear.PackedLinear(w * 2, bias, shift).weight_planes == 2  # 254 and -256 leave int8
+    products = (planes.long() @ packed.planes.long()).to(torch.int32)  # (2M, N)
+    for kernel, dtype in ((lib.combine_one, torch.int32), (lib.combine_one_f32, torch.float32)):
+        out = torch.empty((M, N), dtype=torch.float64)
+        given = products.to(dtype)
+        kernel(given.data_ptr(), M, N, packed.offset.data_ptr(), packed.scale.data_ptr(), 32767.0, out.data_ptr(), N)
+        assert torch.equal(out.long(), _reference(x, w, bias, shift, 32767)), dtype
+
+
 def test_split_refuses_activations_outside_int16():
     split = cpu_kernels.library().split_planes
     for bad in (32768.0, -32769.0, 1e300, float("nan")):
@@ -100,13 +122,17 @@ def test_split_refuses_activations_outside_int16():
 @pytest.mark.parametrize("route", ["default", "off"])
 @pytest.mark.parametrize("M,K,N", [(0, 8, 4), (1, 192, 576), (37, 768, 192), (600, 192, 64)])
 @pytest.mark.parametrize("limit", [32767, None])
-def test_float64_ops_linear_equals_the_int64_reference(monkeypatch, route, M, K, N, limit):
-    """Whichever route this machine takes (the int8 one where the probe accepts it; 600 rows
-    span several row blocks), the integers are the reference's."""
+@pytest.mark.parametrize("weight_bits", [16, 8])
+def test_float64_ops_linear_equals_the_int64_reference(monkeypatch, route, M, K, N, limit, weight_bits):
+    """Whichever route this machine takes (the int8 one where the probe accepts it, with one
+    weight plane for weights within int8; 600 rows span several row blocks), the integers are
+    the reference's."""
     if route == "off":
         monkeypatch.setenv(int8_linear.ENV, "0")
-    x, w, bias, shift = _operands(M, K, N, seed=3 * M + N)
+    x, w, bias, shift = _operands(M, K, N, seed=3 * M + N, weight_bits=weight_bits)
     lin = _linear(w, bias, shift)
+    if lin.int8() is not None:
+        assert lin.int8().weight_planes == (1 if weight_bits == 8 else 2)
     got = X.Float64Ops(_OneLinear(lin)).linear("lin", x.double().view(1, M, K), limit)  # (1, M, N)
     assert got.dtype == torch.float64 and got.shape == (1, M, N)
     assert torch.equal(got[0].long(), _reference(x, w, bias, shift, limit))
@@ -161,15 +187,17 @@ def test_status_names_the_route():
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 192, 576), (37, 768, 192), (300, 192, 64)])
-def test_onednn_route_gives_the_reference_wherever_its_probe_accepts_it(monkeypatch, M, K, N):
+@pytest.mark.parametrize("weight_bits", [16, 8])
+def test_onednn_route_gives_the_reference_wherever_its_probe_accepts_it(monkeypatch, M, K, N, weight_bits):
     """The AMX route (oneDNN's matmul, float32 products) taken on any CPU, as if it had AMX:
     its probe runs the real kernel here; where it accepts it, every block takes that kernel and
     the integers are the reference's; where it refuses, prepare leaves it out."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert int8_linear.onednn_enabled() == hasattr(torch.ops.onednn, "qlinear_pointwise")
-    x, w, bias, shift = _operands(M, K, N, seed=7 * M + K)
-    assert int8_linear.probe.__wrapped__(int8_linear.FP32_INNER, N, True) is False  # float32 sums no longer exact
-    if not int8_linear.probe.__wrapped__(K, N, True):
+    x, w, bias, shift = _operands(M, K, N, seed=7 * M + K, weight_bits=weight_bits)
+    planes = 2 if weight_bits == 16 else 1
+    assert int8_linear.probe.__wrapped__(int8_linear.FP32_INNER, N, True, planes) is False  # float32 sums inexact
+    if not int8_linear.probe.__wrapped__(K, N, True, planes):
         int8_linear.probe.cache_clear()  # prepare's probes below see the AMX stand-in
         packed = int8_linear.prepare(w, bias, shift)
         int8_linear.probe.cache_clear()
@@ -195,6 +223,7 @@ def test_onednn_probe_refuses_products_that_are_not_exact(monkeypatch):
 
     monkeypatch.setattr(int8_linear.PackedLinear, "_onednn_products", off_by_one)
     assert int8_linear.probe.__wrapped__(16, 8, True) is False
+    assert int8_linear.probe.__wrapped__(16, 8, True, 1) is False  # one weight plane alike
     assert int8_linear.probe.__wrapped__(16, 8) == int8_linear.probe(192, 576)
 
 
@@ -207,11 +236,11 @@ def test_integers_hold_where_onednn_saturates():
         sys.path.insert(0, "tests")
         from test_int8_linear import _OneLinear, _linear, _operands, _reference
         from m2t_core import exact as X, int8_linear
-        for M, K, N in ((5, 192, 576), (40, 768, 192)):
-            x, w, bias, shift = _operands(M, K, N, seed=M)
+        for M, K, N, bits in ((5, 192, 576, 16), (40, 768, 192, 16), (5, 192, 576, 8), (40, 768, 192, 8)):
+            x, w, bias, shift = _operands(M, K, N, seed=M, weight_bits=bits)
             x[1] = torch.where(torch.arange(K) % 2 == 0, 32639, -32768)  # planes at their extremes
             got = X.Float64Ops(_OneLinear(_linear(w, bias, shift))).linear("lin", x.double(), 32767)
-            assert torch.equal(got.long(), _reference(x, w, bias, shift, 32767)), (M, K, N)
+            assert torch.equal(got.long(), _reference(x, w, bias, shift, 32767)), (M, K, N, bits)
         print("route:", int8_linear.status())
     """)
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")

@@ -16,7 +16,7 @@
 
 /* The version of these functions' signatures: cpu_kernels.py loads a library only where it
  * matches its own (a library built from older sources is left unused, never misread). */
-int64_t m2t_abi(void) { return 3; }
+int64_t m2t_abi(void) { return 4; }
 
 static inline float clampf(float t, float low, float high) {
     t = t < low ? low : t;
@@ -129,6 +129,25 @@ static inline double clampd(double v, double limit) {
     }
 M2T_COMBINE(m2t_combine, int32_t)
 M2T_COMBINE(m2t_combine_f32, float)
+
+/* The same for weights within int8 (one weight plane w, the format-7 entropy model):
+ * products (2M, N) = [P_aw; P_bw] -> out: clamp(floor((256 P_aw + P_bw + offset_j) * scale_j)),
+ * offset_j holding 128 sum_k w_jk (x = 256 a + b + 128) with the bias and the rounding half.
+ * No row term: only the activation carries an offset. Exact as above (|256 P| < 2^32). */
+#define M2T_COMBINE_ONE(name, type)                                                                                \
+    M2T_CLONES void name(const type *products, int64_t M, int64_t N, const double *offset, const double *scale,     \
+                         double limit, double *out, int64_t out_stride) {                                           \
+        for (int64_t i = 0; i < M; i++) {                                                                          \
+            const type *restrict aw = products + i * N, *restrict bw = products + (M + i) * N;                     \
+            double *restrict o = out + i * out_stride;                                                             \
+            for (int64_t j = 0; j < N; j++) {                                                                      \
+                double acc = 256.0 * (double)aw[j] + (double)bw[j];                                                \
+                o[j] = clampd(__builtin_floor((acc + offset[j]) * scale[j]), limit);                               \
+            }                                                                                                      \
+        }                                                                                                          \
+    }
+M2T_COMBINE_ONE(m2t_combine_one, int32_t)
+M2T_COMBINE_ONE(m2t_combine_one_f32, float)
 
 /* ------------------------------------------------------------------ the integer g_s */
 

@@ -120,7 +120,7 @@ def _check_stream(model, row, data: bytes, blob_crc_ok: bool, max_pixels: int, w
     if row.get("digest") is not None and stream_digest(key, data) != row["digest"]:
         return None, issue(shard, key, "digest_mismatch", f"shard {shard}, key {key!r}: the row's digest does not "
                            "bind this key to these bytes (the row points at another key's stream)")
-    if header.model_id != model.model_id or header.weights_hash != model.weights_hash():
+    if not model.wrote(header):  # the stream's name and its format's weights hash
         return None, issue(shard, key, "model_mismatch",
                            f"shard {shard}, key {key!r}: written by model {header.model_id!r} "
                            f"(weights {header.weights_hash.hex()}), the archive's is {model.model_id!r}")

@@ -42,9 +42,10 @@ def resolve_model(manifest: Mapping[str, Any], override: str | None, storage_opt
         except Exception as exc:  # not found, unreadable, not a checkpoint
             tried.append(f"{override} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
         else:
-            if model.model_id == want_id and model.weights_hash().hex() == want_hash:
+            known = {h.hex() for h in model.weights_hashes().values()}  # an archive names its format's
+            if model.model_id == want_id and want_hash in known:
                 return override
-            tried.append(f"{override} ({model.model_id}, weights {model.weights_hash().hex()})")
+            tried.append(f"{override} ({model.model_id}, weights {', '.join(sorted(known))})")
     path = find_installed_model(want_id, want_hash)
     if path is not None:
         return str(path)
