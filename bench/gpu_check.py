@@ -4,8 +4,8 @@
     python bench/gpu_check.py                     # cuda when there is one, else the CPU
     python bench/gpu_check.py --images 8 --quick  # a smoke run (what the CPU test of it runs)
 
-1. Exact pixels across devices: every committed golden stream (tests/data/golden-v4-*.m2t
-   and golden-v5-*.m2t: both integer g_s arithmetics)
+1. Exact pixels across devices: every committed golden stream (tests/data/golden-v4-*.m2t,
+   golden-v5-*.m2t and golden-v7-*.m2t: both integer g_s arithmetics, both entropy models)
    decodes on the device to the committed pixel hashes; Kodak images encoded on the device
    decode on the CPU to the pixels the device decodes, and CPU-encoded streams decode on the
    device to the CPU's pixels.
@@ -80,7 +80,7 @@ def pixel_checks(device: str, rgbs: list[np.ndarray], model_name: str) -> dict:
     data = REPO / "tests" / "data"
     manifest = json.loads((data / "golden.json").read_text())
     out = {"golden": {}, "cross_device": []}
-    for version in ("v4", "v5"):
+    for version in ("v4", "v5", "v7"):
         for name, entry in manifest[version].items():
             rgb = load_model(name, device=device).decompress((data / f"golden-{version}-{name}.m2t").read_bytes())
             out["golden"][f"{version}-{name}"] = _sha(rgb) == entry["pixels_sha256"]
