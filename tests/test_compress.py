@@ -361,6 +361,36 @@ def test_resume_after_a_partial_run_and_a_crash_mid_shard(local_archive, corpus,
     assert "photos/img9.png" in pq.read_table(out / A.KEYS_INDEX).column("key").to_pylist()
 
 
+def test_an_archive_for_older_decoders_in_format_5_and_its_resume(corpus, tiny_checkpoint, tmp_path):
+    """format_version=5: every stream in the format m2t 0.6-0.7 decode, the manifest naming it
+    and its weights hash, and verify passes. An archive of format 5 resumes only with
+    format_version=5 (the weights digest names the format); the default says how."""
+    from pipeline.jobs import verify as V
+
+    out = tmp_path / "v5.m2t"
+    cfg = job_config(str(corpus[0]), out, tiny_checkpoint, "ray.enabled=false", "format_version=5")
+    report, code = C.compress_dataset(dataclasses.replace(cfg, max_shards=3), progress=False)
+    assert code == C.EXIT_INCOMPLETE
+    with pytest.raises(ConfigError, match=r"weights_sha256\).*format_version=5"):
+        C.compress_dataset(job_config(str(corpus[0]), out, tiny_checkpoint, "ray.enabled=false"), progress=False)
+    report, code = C.compress_dataset(cfg, progress=False)
+    assert code == C.EXIT_OK, C.format_report(report)
+    manifest = json.loads((out / A.MANIFEST).read_text())
+    model = build_model(TINY, model_id="tiny-pipeline")
+    assert manifest["bitstream_format_version"] == 5 and manifest["model"]["weights_hash"] == model.weights_hash(5).hex()
+    assert manifest["model"]["weights_sha256"] == model.weights_digest(5).hex() != model.weights_digest().hex()
+    blobs = {p.stem: p.read_bytes() for p in (out / "shards").glob("*.bin")}
+    rows = [r for r in all_rows(out) if r["status"] == "ok"]
+    assert len(rows) == 14 and all(
+        bs.read_header(blobs[r["shard"]][r["offset"]:r["offset"] + r["length"]]).version == 5 for r in rows)
+    assert V.verify_main([str(out), "--no-ray", "--no-progress", "--model", str(tiny_checkpoint)]) == V.EXIT_OK
+    with pytest.raises(ConfigError, match="format_version must be null or one of"):
+        job_config(str(corpus[0]), out, tiny_checkpoint, "format_version=3")
+    with pytest.raises(ConfigError, match="format_version: .*fixed-rate"):
+        C.compress_dataset(job_config(str(corpus[0]), tmp_path / "v6.m2t", tiny_checkpoint, "ray.enabled=false",
+                                      "format_version=6"), progress=False)
+
+
 def test_killed_job_process_resumes_to_the_same_archive(local_archive, corpus, tiny_checkpoint, tmp_path,
                                                         ray_cluster):
     """The real thing: the job's driver process is SIGKILLed mid-run (its actors die with it),

@@ -92,6 +92,7 @@ class ShardSettings:
     plan_shard_size: int | None = None  # the shard size the shards were planned with (resume)
     node_id: str | None = None  # the worker's Ray node (recorded in each shard's stats)
     quality: float | None = None  # a variable-rate model's quality (None: its default; fixed-rate: None)
+    format_version: int | None = None  # the streams' format (None: the model's own; weights_sha256 is its digest)
 
 
 # ====================================================================== one shard (on a worker)
@@ -234,7 +235,8 @@ def compress_shard(model, spec: ShardSpec, job: ShardSettings) -> dict[str, Any]
                   sum_bpp=0.0, sum_psnr=0.0, psnr_images=0, sum_mse=0.0, mse_images=0, model_s=0.0)
     failures: list[dict[str, str]] = []
     encoder = Encoder(model, batch_images=job.batch_images, coding_threads=job.coding_threads,
-                      max_pixels=job.max_pixels, reconstruct=job.compute_psnr, quality=job.quality)
+                      max_pixels=job.max_pixels, reconstruct=job.compute_psnr, quality=job.quality,
+                      format_version=job.format_version)
     blob = archive.open_blob(spec.shard)
     try:
         decoded = _prefetch(iter_shard(spec, job.storage_options, job.max_source_bytes), job.max_pixels,
@@ -325,7 +327,7 @@ class ShardWorker:
         self.settings = dataclasses.replace(settings, node_id=placement.node_id)
         self.model = A.open_model(settings.model_source, device=placement.device,
                                   storage_options=settings.storage_options)
-        digest = self.model.weights_digest().hex()
+        digest = self.model.weights_digest(settings.format_version).hex()
         if digest != settings.weights_sha256:
             raise RuntimeError(f"{socket.gethostname()}: model {settings.model_source!r} has weights {digest[:16]}..., "
                                f"the driver's has {settings.weights_sha256[:16]}...: the nodes do not see the same file")
@@ -349,8 +351,10 @@ def _check_resume(planned: dict[str, ShardSpec], completed: dict[str, dict], set
         if not same_settings(stats, settings):
             theirs = without_retired(stats.get("settings")) or {}
             diff = sorted(k for k in settings if theirs.get(k) != settings[k])
-            raise ConfigError(f"shard {shard} in the archive was written with different settings ({', '.join(diff)}): "
-                              "use the same model and settings to resume, or --overwrite to start again")
+            hint = (" (the weights digest names the bitstream format too: an archive of m2t 0.6-0.7 resumes with "
+                    "--set format_version=5)" if "weights_sha256" in diff else "")
+            raise ConfigError(f"shard {shard} in the archive was written with different settings ({', '.join(diff)})"
+                              f"{hint}: use the same model and settings to resume, or --overwrite to start again")
 
 
 class CompressJob(Job):
@@ -385,6 +389,10 @@ class CompressJob(Job):
         except ValueError as exc:
             raise ConfigError(f"quality: {exc}") from None
         quality = None if code is None else code / bitstream.QUALITY_ONE
+        try:  # the streams' format: the model's own unless asked for (decoders of earlier releases)
+            version = self.model.write_version(cfg.format_version)
+        except ValueError as exc:
+            raise ConfigError(f"format_version: {exc}") from None
         shards = plan_shards(cfg.input, cfg.shard_size, cfg.storage_options, cfg.parquet_image_column,
                              cfg.parquet_key_column)
         shards, plan_size = self._spread_small_corpus(shards)
@@ -401,12 +409,12 @@ class CompressJob(Job):
         self.stale_tmp = archive.remove_stale_temporaries()
         self.settings = ShardSettings(
             output=cfg.output, storage_options=cfg.storage_options, model_source=cfg.model,
-            model_id=self.model.model_id, weights_sha256=self.model.weights_digest().hex(),
+            model_id=self.model.model_id, weights_sha256=self.model.weights_digest(version).hex(),
             max_pixels=cfg.max_pixels, compute_psnr=cfg.compute_psnr, batch_images=cfg.batch_images,
             coding_threads=cfg.coding_threads, max_source_bytes=cfg.max_source_bytes, prefetch=cfg.prefetch,
             torch_threads=cfg.torch_threads, cpus_per_actor=cfg.ray.cpus_per_actor,
             lease_owner=lease.owner, plan_shard_size=plan_size,  # fencing: workers check the owner before commits
-            quality=quality)
+            quality=quality, format_version=version)
         self.shards, self.planned = shards, {s.shard: s for s in shards}
         completed = archive.completed_shards()
         _check_resume(self.planned, completed, settings_of(self.settings))
@@ -524,8 +532,9 @@ class CompressJob(Job):
         manifest = {
             "format": A.ARCHIVE_FORMAT, "archive_version": A.ARCHIVE_VERSION, "created": A.now_iso(),
             "model": {"id": model.model_id, "source": cfg.model, "weights_sha256": self.settings.weights_sha256,
-                      "weights_hash": model.weights_hash().hex(), "config": model.cfg.to_dict()},
-            "bitstream_format_version": model.write_version(), "code_version": A.code_version(),
+                      "weights_hash": model.weights_hash(self.settings.format_version).hex(),
+                      "config": model.cfg.to_dict()},
+            "bitstream_format_version": self.settings.format_version, "code_version": A.code_version(),
             # The streams decode on any machine (exact integer entropy model).
             "portable": True,
             "config": {**cfg.to_dict(), "storage_options": redact(cfg.storage_options)},

@@ -44,6 +44,9 @@ class CompressConfig:
     output: Any = None  # archive URL (local folder or s3://bucket/prefix)
     model: str = DEFAULT_MODEL  # registry name, checkpoint path, or fsspec URL of a checkpoint
     quality: Any = None  # a variable-rate model's quality in [1, K] (null: its middle level); fixed-rate: null
+    # The bitstream format the archive's streams are written in (null: the model's own, 7 for a
+    # fixed-rate model); 5 for decoders of m2t 0.6-0.7 (also resumes their archives), 4 for 0.4-0.5.
+    format_version: Any = None
     shard_size: int = 256  # images per shard (image files, Parquet rows); a tar is one shard
     max_pixels: int = 64_000_000  # larger images are refused (status error) before decoding
     max_source_bytes: int = 268_435_456  # larger files are refused before they are read
@@ -78,6 +81,9 @@ class CompressConfig:
         need(isinstance(self.model, str) and bool(self.model), f"model must be a name, path or URL, got {self.model!r}")
         need(self.quality is None or (isinstance(self.quality, (int, float)) and not isinstance(self.quality, bool)),
              f"quality must be a number or null, got {self.quality!r}")
+        need(self.format_version is None or (type(self.format_version) is int
+                                             and self.format_version in bitstream.WRITABLE_VERSIONS),
+             f"format_version must be null or one of {list(bitstream.WRITABLE_VERSIONS)}, got {self.format_version!r}")
         for name in ("shard_size", "max_pixels", "max_source_bytes", "prefetch"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.max_pixels <= bitstream.DEFAULT_MAX_PIXELS,
