@@ -306,3 +306,19 @@ def test_ray_trainer_one_worker(tmp_path, ray_cluster):
     assert export.is_file()
     assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [1, 2, 3]
     assert registry.load_checkpoint(export).model_id == "tiny-test"
+
+
+def test_a_warm_start_can_keep_its_exponents_through_qat(tiny_run, tmp_path):
+    """recalibrate: false (warm starts only) trains through the integer grid on the exponents
+    the checkpoint came with, and exports on them: the exact model's and the integer g_s's
+    activation exponents are the starting model's, its integers those of the trained weights."""
+    start = tiny_run / "tiny-test.safetensors"
+    before = registry.load_checkpoint(start)
+    cfg = tiny_config(tiny_run.parent / "train", tmp_path / "run", f"init_from={start}", "steps=6",
+                      "qat_from=0.5", "recalibrate=false", "log_every=2", "warmup_steps=0")
+    after = registry.load_checkpoint(T.train(cfg))
+    assert torch.equal(after.exact.act_exp, before.exact.act_exp)
+    assert torch.equal(after.g_s_int.act_exp, before.g_s_int.act_exp)
+    assert not torch.equal(after.exact.linears["head"].bias, before.exact.linears["head"].bias)  # trained
+    with pytest.raises(ConfigError, match="recalibrate: false .* needs init_from"):
+        tiny_config(tiny_run.parent / "train", tmp_path / "run2", "recalibrate=false")

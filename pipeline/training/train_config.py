@@ -63,6 +63,10 @@ class TrainConfig:
     # latents, and from then on the entropy model trains through the integer grid
     # (m2t_core/exact.py). 1.0: float training throughout, calibration at export only.
     qat_from: float = 0.8
+    # Calibrate those exponents (and the integer g_s's) on that batch, as above; false keeps the
+    # exponents init_from came with (warm starts only): the campaign's test of what one batch's
+    # calibration costs a fine-tuned model.
+    recalibrate: bool = True
     lmbda: float = 0.0067  # loss = bpp + lmbda * MSE(0..255)
     lambda_boost: float = 10.0  # lmbda x lambda_boost during the first lambda_boost_fraction
     lambda_boost_fraction: float = 0.15
@@ -121,6 +125,9 @@ class TrainConfig:
              f"model must be a preset path or a mapping, got {self.model!r}")
         need(self.init_from is None or isinstance(self.init_from, str),
              f"init_from must be a checkpoint path or registry name, got {self.init_from!r}")
+        need(isinstance(self.recalibrate, bool), f"recalibrate must be true or false, got {self.recalibrate!r}")
+        need(self.recalibrate or self.init_from is not None,
+             "recalibrate: false keeps init_from's exponents: it needs init_from (a new model has none)")
         need(bool(registry.MODEL_NAME_RE.match(self.model_id)),
              f"model_id {self.model_id!r} is not a valid registry name (letters, digits, '.', '_', '-')")
         need(self.crop_size > 0 and self.crop_size % 16 == 0,

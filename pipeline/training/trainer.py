@@ -92,11 +92,16 @@ def qat_start_step(cfg: TrainConfig) -> int:
 
 
 @torch.no_grad()
-def start_qat(model: M2TCodec, x: torch.Tensor) -> None:
+def start_qat(model: M2TCodec, x: torch.Tensor, recalibrate: bool = True) -> None:
     """Calibrate the exact entropy model on the latents of batch `x` (B, 3, H, W) in [0, 1]
-    and switch the entropy model to quantisation-aware training."""
+    and switch the entropy model to quantisation-aware training. recalibrate=False keeps the
+    exponents the model has (a warm start's), re-exporting the integers on them."""
     from m2t_core.coding import pad_latent, to_windows
 
+    if not recalibrate:
+        model.sync_exact()  # the integers of the weights as trained, on the exponents they came with
+        model.qat = True
+        return
     was_training = model.training
     model.eval()
     y = model.g_a(x.float())
@@ -243,7 +248,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     try:
         x, t_start, last_step = _train_steps(worker, model, optimizer, batches, start_step, elapsed_before, run_log)
         if not model.qat and start_step < last_step:  # qat_from = 1 or a time limit: calibrate for the export
-            start_qat(model, x)
+            start_qat(model, x, cfg.recalibrate)
     finally:
         stop_batches()
 
@@ -440,8 +445,9 @@ def _train_steps(worker: _Worker, model: M2TCodec, optimizer: torch.optim.Optimi
             group["lr"] = lr
         x = to_input(next(batches), device, layout)
         if step == qat_step:
-            start_qat(model, x)
-            log.info("step %d: exact entropy model calibrated; quantisation-aware training from here", step)
+            start_qat(model, x, cfg.recalibrate)
+            log.info("step %d: exact entropy model %s; quantisation-aware training from here", step,
+                     "calibrated" if cfg.recalibrate else "on the exponents it came with")
         sums += train_step(net, model, optimizer, x, lmbda_at(cfg, step), cfg, autocast)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
