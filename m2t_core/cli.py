@@ -182,6 +182,7 @@ _VERSION_NOTES = {
     4: "exact integer entropy model and synthesis (integer-v1): the same pixels on any machine",
     5: "exact integer entropy model and synthesis (integer-v2, 8-bit weights): the same pixels on any machine",
     6: "format 5 of a variable-rate model, with the quality it was coded at",
+    7: "exact integer entropy model on 8-bit weights and synthesis (integer-v2): the same pixels on any machine",
 }
 
 

@@ -186,3 +186,10 @@ def test_encode_writes_format_4_on_request(tmp_path):
 
     with pytest.raises(ValueError, match="format_version"):
         Encoder(load_model("m2t-small-q1"), format_version=3)
+
+
+def test_info_describes_every_readable_format():
+    """`m2t info` names what each format it reads is: a new version gets its line."""
+    from m2t_core import bitstream, cli
+
+    assert sorted(cli._VERSION_NOTES) == sorted(bitstream.READABLE_VERSIONS)
