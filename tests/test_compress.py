@@ -383,7 +383,8 @@ def test_an_archive_for_older_decoders_in_format_5_and_its_resume(corpus, tiny_c
     rows = [r for r in all_rows(out) if r["status"] == "ok"]
     assert len(rows) == 14 and all(
         bs.read_header(blobs[r["shard"]][r["offset"]:r["offset"] + r["length"]]).version == 5 for r in rows)
-    assert V.verify_main([str(out), "--no-ray", "--no-progress", "--model", str(tiny_checkpoint)]) == V.EXIT_OK
+    assert V.verify_main([str(out), "--no-ray", "--no-progress", "--model", str(tiny_checkpoint),
+                          "--report", str(tmp_path / "verify.json")]) == V.EXIT_OK
     with pytest.raises(ConfigError, match="format_version must be null or one of"):
         job_config(str(corpus[0]), out, tiny_checkpoint, "format_version=3")
     with pytest.raises(ConfigError, match="format_version: .*fixed-rate"):
