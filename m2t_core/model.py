@@ -297,8 +297,7 @@ class M2TCodec(nn.Module):
         return self.weights_digest(version)[:8]
 
     def weights_hashes(self) -> dict[int, bytes]:
-        """weights_hash of every readable format, where this model knows it (a decode-only
-        checkpoint knows those its file recorded): what an archive or stream may name."""
+        """weights_hash of every readable format this model knows (a decode-only file: those it recorded)."""
         known = {version: self.known_weights_hash(version) for version in bs.READABLE_VERSIONS}
         return {version: h for version, h in known.items() if h is not None}
 
@@ -431,8 +430,9 @@ class M2TCodec(nn.Module):
         self.sync_exact()
         if not bs.eight_bit_entropy(version):
             return self.exact
+        # exact's tensors by storage and version counter: no pass over its integers per call
         sources = self._once_per_block("exact-8bit", lambda: tuple(
-            (k, t.device, _bit_sum(t)) for k, t in self.exact.state_dict().items()))
+            (k, t.device, t.data_ptr(), _changes(t, bits=True)) for k, t in self.exact.state_dict().items()))
         if self._exact8 is None or self._exact8[0] != sources:
             # Derived outside inference mode, as the integer-v2 g_s: tensors with version
             # counters, so each linear's int8 route is prepacked once, not at every call.
