@@ -185,9 +185,12 @@ def code_state(paths: tuple[str, ...] = ("m2t_core", "pipeline", "bench"), repo:
 
 def write_report(json_path: Path, report: dict, markdown: str | None = None) -> None:
     """Write a benchmark's results as indented JSON (folders created) and say where; with
-    `markdown`, also that text beside it (.md) and on stdout."""
+    `markdown`, also that text beside it (.md) and on stdout. A path without the .json
+    suffix (`--out NAME`, as the scripts document: "writes NAME.json and NAME.md") gets it."""
     import json
 
+    if json_path.suffix != ".json":
+        json_path = json_path.with_name(json_path.name + ".json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {json_path}", flush=True)

@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"skipping {name}: {exc}")
             continue
         NOTES[name] = peer_note(*chosen[name])
+    if not codecs:  # every requested codec was skipped: an empty table would pass for a result
+        log(f"error: none of the requested codecs ({', '.join(wanted)}) can run here (see above)")
+        return 1
 
     machine = machine_info(args.threads)
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({args.threads} thread(s)), "

@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA,
                     help="datasets folder (kodak/, train/debian-wallpapers/); default ../shared/datasets")
-    ap.add_argument("--workdir", type=Path, default=None, help="where the corpus and archives go (default: a temp dir)")
+    ap.add_argument("--workdir", type=Path, default=None, help="folder (made if missing) under which the corpus and archives go, in a temp "
+                         "dir removed at the end (default: the system's temp folder)")
     ap.add_argument("--json", type=Path, default=None,
                     help="where to write results (default bench/results/pipeline_speed.json; --quick: "
                          "bench/results/pipeline_speed_quick.json)")
@@ -327,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, ray {machine['ray']}")
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)  # the temp dir goes inside it
     tmp = tempfile.TemporaryDirectory(prefix="m2t-pipeline-bench-", dir=args.workdir)
     work = Path(tmp.name)
     family = FamilyCpu()  # CPU time of this process and its Ray cluster: not "other processes"

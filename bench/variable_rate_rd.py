@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Rate-distortion of a variable-rate model over its quality range, with real bitstreams (a benchmark).
 
-    python bench/variable_rate_rd.py --model m2t-small-vr                 # all 24 Kodak images, Q = 1..K
-    python bench/variable_rate_rd.py --model runs/x/m2t-small-vr.safetensors --qualities 1,2.5,4 --limit 4
-    python bench/variable_rate_rd.py --model m2t-small-vr --data ../shared/datasets/val --crop 512 \
-        --reference '' --ladder m2t-small-q1,m2t-small-q2,m2t-small-q3,m2t-small-q4   # val: against the ladder
+    python bench/variable_rate_rd.py --model runs/vr/m2t-small-vr.safetensors    # all 24 Kodak images, Q = 1..K
+    python bench/variable_rate_rd.py --model runs/vr/m2t-small-vr.safetensors --qualities 1,2.5,4 --limit 4
+    python bench/variable_rate_rd.py --model runs/vr/m2t-small-vr.safetensors --data ../shared/datasets/val \
+        --crop 512 --reference '' --ladder m2t-small-q1,m2t-small-q2,m2t-small-q3,m2t-small-q4  # val: vs the ladder
+
+No variable-rate model ships yet: --model is a checkpoint you trained (docs/training.md,
+configs/train/m2t-small-vr-cpu.yaml), or a registry name once one is installed.
 
 For every image, g_a runs once; for every quality Q the latent is scaled, rounded and coded
 (`Encoder.encode_latent`, format 6), and the stream is decoded by `Decoder.decompress` (the
@@ -129,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    try:
+        model = load_model(args.model)
+    except (FileNotFoundError, LookupError, ValueError) as exc:  # ModelNotFoundError is a LookupError
+        ap.error(f"--model {args.model}: {exc}")
     if not model.rate_levels:
         ap.error(f"{args.model} is a fixed-rate model")
     qualities = ([float(q) for q in args.qualities.split(",")] if args.qualities
