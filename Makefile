@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv install demo test test-cluster browser-deps bench bench-peers clean
+.PHONY: venv install demo test test-cluster browser-deps bench bench-smoke bench-peers clean
 
 # After torch, a constraints file pins the build that was installed (for example
 # 2.13.0+cpu), so the project's own install cannot replace it with another (CUDA) build;
@@ -51,6 +51,10 @@ browser-deps:
 
 bench: $(VENV)/.installed
 	$(PY) bench/codec_speed.py --quick
+
+# Every script in bench/ once, at its smallest settings: that each runs to the end (~10 min; CI runs it)
+bench-smoke: $(VENV)/.installed
+	$(PY) bench/smoke.py
 
 # CompressAI (the peers of bench/peer_speed.py) is deliberately not in pyproject.toml: its
 # dependencies pull a CUDA build of torch (and torchvision) over the pinned CPU torch. So it is

@@ -258,9 +258,10 @@ def write_golden(names: list[str]) -> None:  # pragma: no cover - run by hand
         if not latent_path.is_file():  # a new model: its latent of the golden image (at its default quality)
             np.save(latent_path, model.analysis(rgb, model.quality_code()).to(torch.int32).numpy())
         latent = torch.from_numpy(_latent(name).astype(np.float32))
-        # The version it writes (6 for a variable-rate model), and format 4 where the model has
-        # a stream of it (what m2t 0.4-0.5 wrote: test_coding_the_golden_latent... codes it too).
-        versions = [model.write_version()] + ([4] if names and name in manifest.get("v4", {}) else [])
+        # The version it writes (6 for a variable-rate model), and formats 5 and 4 where the model
+        # has streams of them (what m2t 0.6-0.7 and 0.4-0.5 wrote: test_coding_the_golden_latent...
+        # codes them too).
+        versions = [model.write_version()] + [n for n in (5, 4) if names and name in manifest.get(f"v{n}", {})]
         for number in versions:
             version = f"v{number}"
             manifest.setdefault(version, {})
