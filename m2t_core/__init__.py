@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .model import M2TCodec
 
-__version__ = "0.8.0"
+__version__ = "0.8.1"
 
 # Names whose modules import torch, imported on first use (PEP 562): `import m2t_core`, the
 # bitstream, the config and the registry's listing stay fast (`m2t --version`, `m2t info`).
