@@ -59,8 +59,10 @@ def stamp(out: str) -> int:
             print(f"--stamp: {p['model']} is not a registry model; skipped", file=sys.stderr)
             continue
         figures = {"bpp": round(p["bpp"], 4), "psnr": round(p["psnr"], 3), "images": p["used"]}
-        update_checkpoint_info(path, {"kodak": figures})
-        print(f"stamped {path.name}: kodak {figures}")
+        if update_checkpoint_info(path, {"kodak": figures}):
+            print(f"stamped {path.name}: kodak {figures}")
+        else:
+            print(f"{path.name}: kodak {figures} already stamped; file left as it is")
     return 0
 
 

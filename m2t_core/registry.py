@@ -412,12 +412,16 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     return model
 
 
-def update_checkpoint_info(path: str | Path, updates: dict[str, Any]) -> None:
-    """Merge `updates` into a checkpoint's `info` metadata; tensors are rewritten unchanged."""
+def update_checkpoint_info(path: str | Path, updates: dict[str, Any]) -> bool:
+    """Merge `updates` into a checkpoint's `info` metadata; tensors are rewritten unchanged.
+    Returns False, leaving the file alone, where `info` holds these values already (a shipped
+    file rewritten for nothing would be 8 MB more in the repository's history)."""
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
     model_id, config, info = read_metadata(path)
+    if all(k in info and info[k] == v for k, v in updates.items()):
+        return False
     metadata = _safetensors_metadata(path)
     tensors = load_file(str(path))
     info.update(updates)
@@ -426,6 +430,7 @@ def update_checkpoint_info(path: str | Path, updates: dict[str, Any]) -> None:
     save_file(tensors, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+    return True
 
 
 # ---------------------------------------------------------------- models named by bitstreams

@@ -287,3 +287,20 @@ def test_append_log_twice(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[:3] == ["intro", "", S.LOG_HEADING] and lines[-2:] == [S.table_line(ROW).rstrip("\n")] * 2
     assert path.stat().st_mode & 0o777 == 0o640 and not list(tmp_path.glob(".*"))
+
+
+def test_updating_checkpoint_info_rewrites_only_what_changes(tmp_path):
+    """A stamp of figures the file holds already (bench/kodak_rd.py --stamp of an unchanged
+    model) leaves the file byte for byte; new figures are merged in, the tensors unchanged."""
+    path = save(tmp_path / "m.safetensors", "m", seed=0, scale=1.0)
+    figures = {"bpp": 0.1275, "psnr": 26.645, "images": 24}
+    assert registry.update_checkpoint_info(path, {"kodak": figures})
+    stamped, inode = path.read_bytes(), path.stat().st_ino
+    assert registry.read_metadata(path)[2]["kodak"] == figures
+    assert not registry.update_checkpoint_info(path, {"kodak": dict(figures)})
+    assert path.read_bytes() == stamped and path.stat().st_ino == inode  # not even replaced by a copy
+    assert registry.update_checkpoint_info(path, {"kodak": {**figures, "psnr": 26.7}})
+    assert registry.read_metadata(path)[2]["kodak"]["psnr"] == 26.7
+    assert load_file(str(path)).keys() == load_bytes(stamped).keys()
+    for k, t in load_file(str(path)).items():
+        assert torch.equal(t, load_bytes(stamped)[k])
