@@ -85,16 +85,6 @@ WRITABLE_VERSIONS = (4, 5, 6, 7)
 READABLE_VERSIONS = (3, 4, 5, 6, 7)  # 3: m2t 0.3's, 4: m2t 0.4-0.5's streams (same layout; see the module docstring)
 QUALITY_VERSIONS = (6,)  # the versions whose header holds a quality (variable-rate models)
 EIGHT_BIT_ENTROPY_VERSIONS = (7,)  # coded by the entropy model with 8-bit weights (exact.eight_bit_weights)
-
-
-def has_quality(version: int) -> bool:
-    """Whether a header of format `version` holds the quality field."""
-    return version in QUALITY_VERSIONS
-
-
-def eight_bit_entropy(version: int) -> bool:
-    """Whether streams of format `version` are coded by the entropy model with 8-bit weights."""
-    return version in EIGHT_BIT_ENTROPY_VERSIONS
 RETIRED_VERSIONS = (1, 2)  # read by m2t 0.2.0 and earlier (see the module docstring)
 LAST_RELEASE_READING_RETIRED = "0.2.0"
 MAX_MODEL_ID_LEN = 64
@@ -113,6 +103,17 @@ MIN_PAYLOAD_BYTES_PER_WINDOW = 4
 # The windows are coded in chunks of this many, each its own range coder: coder and decoder
 # memory stay bounded by one chunk whatever the image size.
 CHUNK_WINDOWS = 64
+
+
+def has_quality(version: int) -> bool:
+    """Whether a header of format `version` holds the quality field."""
+    return version in QUALITY_VERSIONS
+
+
+def eight_bit_entropy(version: int) -> bool:
+    """Whether streams of format `version` are coded by the entropy model with 8-bit weights."""
+    return version in EIGHT_BIT_ENTROPY_VERSIONS
+
 
 _FIXED_AFTER_ID = struct.Struct("<8sIIIIIB")  # hash, h, w, len, crcs, num_steps (then the step table)
 _QUALITY = struct.Struct("<H")  # version 6: between the model id and the fixed fields
