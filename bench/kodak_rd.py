@@ -3,11 +3,15 @@
     python bench/kodak_rd.py                      # every installed model, every classic codec
     python bench/kodak_rd.py --out /tmp/kodak-rd --models m2t-small-q1,m2t-small-q2 --no-ray
     python bench/kodak_rd.py --stamp              # also write each model's Kodak bpp/PSNR into its checkpoint
+    python bench/kodak_rd.py --refine 40 --models m2t-small-q1,m2t-small-q2,m2t-small-q3,m2t-small-q4 \
+        --out /tmp/m2t-eval-kodak-refine40        # the refining encoder's curves (M2T models only)
 
 It runs `m2t eval --data KODAK --models MODELS --baselines all --anchor jpeg OUT` (see the
 README's "Evaluating codecs"; the committed run is docs/results/kodak/). `--stamp` then writes
 each registry model's Kodak figures (mean bpp and PSNR over the 24 images) into its
-checkpoint's metadata, which `m2t models` prints; it refuses if any row failed.
+checkpoint's metadata, which `m2t models` prints; it refuses if any row failed. `--refine STEPS`
+codes with latent refinement (`--set refine_steps=STEPS`; curves named m2t-small-refineSTEPS);
+a checkpoint's stamp is its plain encoder's figures, so the two exclude each other.
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "m2t-eval-kodak"))
     ap.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
     ap.add_argument("--stamp", action="store_true", help="write the Kodak figures into the checkpoints")
+    ap.add_argument("--refine", type=int, default=0, metavar="STEPS", help="latent refinement steps (default 0: off)")
     args = ap.parse_args(argv)
+    if args.refine < 0 or args.refine and args.stamp:
+        ap.error("--refine takes STEPS >= 0, and not with --stamp (a checkpoint records its plain encoder's figures)")
 
     eval_args = ["--data", args.kodak, "--models", args.models, "--baselines", "all", "--anchor", "jpeg",
-                 args.out] + (["--no-ray"] if args.no_ray else [])
+                 args.out] + (["--no-ray"] if args.no_ray else []) + (["--set", f"refine_steps={args.refine}"]
+                                                                      if args.refine else [])
     code = E.main(eval_args)
     if not args.stamp or code == E.EXIT_USAGE:
         return code

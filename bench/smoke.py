@@ -73,6 +73,8 @@ def scripts(work: Path, data: Path) -> dict[str, list[list[str]]]:
         "hostile_streams": [["--quick", "--json", f"{out}/hostile_streams.json"]],
         "integer_synthesis": [["--quick", "--kodak", kodak, "--out", f"{out}/integer_synthesis"]],
         "kodak_rd": [["--models", "m2t-small-q1", "--kodak", kodak, "--out", f"{out}/kodak_rd"]],
+        "refine_rd": [["--models", "m2t-small-q1,m2t-small-q3", "--data", kodak, "--limit", "1", "--steps", "0,2",
+                       "--threads", "1", "--out", f"{out}/refine_rd"]],
         "memory": [["--quick", "--kodak", "1", "--large", "1152x864", "--out", f"{out}/memory.json"]],
         "peer_speed": [["--quick", "--json", f"{out}/peer_speed.json"]],  # CompressAI's codecs skip where it is missing
         "pipeline_speed": [["--quick", "--images", "2", "--rss-images", "1", "--workdir", f"{out}/pipeline",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .model import M2TCodec
 
-__version__ = "0.8.1"
+__version__ = "0.9.0"
 
 # Names whose modules import torch, imported on first use (PEP 562): `import m2t_core`, the
 # bitstream, the config and the registry's listing stay fast (`m2t --version`, `m2t info`).
@@ -57,10 +57,11 @@ def _resolve(model: M2TCodec | str | None) -> M2TCodec:
 
 
 def compress(images, model: M2TCodec | str | None = None, max_pixels: int | None = None,
-             quality: float | None = None) -> list[bytes]:
+             quality: float | None = None, refine_steps: int = 0) -> list[bytes]:
     """Compress one RGB image or a batch (arrays or PIL images) -> one bitstream per image; a
-    variable-rate model's at `quality` (None: its middle level)."""
-    return _resolve(model).compress(images, quality=quality,
+    variable-rate model's at `quality` (None: its middle level); `refine_steps` > 0 refines
+    each latent before coding (refine.py: a slower encoder, fewer bits, the same decoder)."""
+    return _resolve(model).compress(images, quality=quality, refine_steps=refine_steps,
                                     **({} if max_pixels is None else {"max_pixels": max_pixels}))
 
 

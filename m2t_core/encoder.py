@@ -29,6 +29,7 @@ import torch
 from . import bitstream as bs
 from . import coding
 from . import exact as X
+from . import refine
 from .entropy_coding import SymbolEncoder, snap_integer
 from .image_io import ImageLike, to_rgb_array
 from .model import M2TCodec, weights_fixed
@@ -140,13 +141,23 @@ class Encoder:
       0.4-0.5 (the same bytes but the version and weights hash; it decodes with integer-v1).
       The reconstruction is that format's decoder output. A variable-rate model writes 6.
     quality: a variable-rate model's quality Q in [1, K] (rate.py; None: its middle level);
-      encode_image can override it per image. A fixed-rate model takes none."""
+      encode_image can override it per image. A fixed-rate model takes none;
+    refine_steps: gradient steps that refine each image's latent for the model's own rate-
+      distortion objective before coding (refine.py: fewer bits and a higher PSNR for the same
+      decoder, at the cost of g_s and the entropy model's forward and backward pass per step;
+      0: off). Needs an M2T model and the lambda it was trained for (its checkpoint records it)."""
 
     def __init__(self, model: M2TCodec, *, batch_images: int = 0, coding_threads: int = 0,
                  max_pixels: int = bs.DEFAULT_MAX_PIXELS, reconstruct: bool = False, adaptive_order: bool = False,
-                 windows_per_pass: int = 0, format_version: int | None = None, quality: float | None = None):
+                 windows_per_pass: int = 0, format_version: int | None = None, quality: float | None = None,
+                 refine_steps: int = 0):
         format_version = model.write_version(format_version)
         self.quality_code = model.quality_code(quality)
+        if refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
+        if refine_steps:
+            refine.model_lambda(model, self.quality_code)  # raises here, not per image: an MT model, no lambda
+        self.refine_steps = refine_steps
         if adaptive_order and model.cfg.mode != "mt":
             raise ValueError("adaptive_order needs an MT model (M2T's attention mask fixes its order)")
         if batch_images < 0 or coding_threads < 0 or windows_per_pass < 0:
@@ -247,7 +258,10 @@ class Encoder:
     @torch.inference_mode()
     def _plan_images(self, rgbs: list[np.ndarray], code: int | None) -> list[CodingPlan]:
         model = self.model
-        ys = model.analysis_batch(rgbs, self.batch_images, [code] * len(rgbs))
+        if self.refine_steps:  # one image at a time: each its own optimisation
+            ys = [refine.refined_y_hat(model, rgb, model.latent(rgb), self.refine_steps, code) for rgb in rgbs]
+        else:
+            ys = model.analysis_batch(rgbs, self.batch_images, [code] * len(rgbs))
         latents = [(y, rgb.shape[0], rgb.shape[1], code) for y, rgb in zip(ys, rgbs)]
         plans = self.plan(latents)
         if self.reconstruct:

@@ -55,8 +55,7 @@ class M2TCodec(nn.Module):
         checkpoint being loaded: registry.load_checkpoint), which saves a process's first
         load about 0.08 s of exporting integers that are overwritten."""
         super().__init__()
-        self.cfg = cfg
-        self.model_id = model_id
+        self.cfg, self.model_id = cfg, model_id
         self.g_a = AnalysisTransform(cfg.N, cfg.C, cfg.blocks_per_stage, cfg.attention_blocks)
         self.g_s = SynthesisTransform(cfg.N, cfg.C, cfg.blocks_per_stage, cfg.attention_blocks)
         self.entropy_model = N.EntropyParameters(cfg)
@@ -70,6 +69,7 @@ class M2TCodec(nn.Module):
             self.exact.export_from(self.entropy_model)
             self.g_s_int.export_from(self.g_s)
         self.qat = False  # training: quantisation-aware forward through the exact model's grid
+        self.rd_lambda: float | None = None  # the lambda it was trained for (checkpoint info): refine.py
         self._digest_cache: tuple[tuple, bytes] | None = None
         self._fixed: dict[int, list] = {}  # thread id -> [depth, memo] inside weights_fixed()
         self._exact_source = self._entropy_fingerprint()
@@ -625,12 +625,12 @@ class M2TCodec(nn.Module):
     # ------------------------------------------------------------------ coding, the short way
 
     def compress(self, images: ImageLike | Sequence[ImageLike], max_pixels: int = bs.DEFAULT_MAX_PIXELS,
-                 quality: float | None = None) -> list[bytes]:
+                 quality: float | None = None, refine_steps: int = 0) -> list[bytes]:
         """One image or a batch -> one bitstream per image (encoder.Encoder; the first image
-        that cannot be coded raises); a variable-rate model's at `quality`."""
+        that cannot be coded raises); a variable-rate model's at `quality`; refine.py's steps."""
         from .encoder import Encoder
 
-        encoder = Encoder(self, max_pixels=max_pixels, quality=quality)
+        encoder = Encoder(self, max_pixels=max_pixels, quality=quality, refine_steps=refine_steps)
         return [encoder.encode_image(img).bitstream for img in _as_batch(images)]
 
     def decompress(self, data: bytes, max_pixels: int = bs.DEFAULT_MAX_PIXELS, steps: int | None = None,

@@ -97,16 +97,19 @@ def load_ladder(names: Sequence[str] | None = None, device: str = "cpu") -> list
 
 
 def encode_to_target(rgb: np.ndarray, target: Target, ladder: Sequence[M2TCodec],
-                     max_pixels: int | None = None, format_version: int | None = None) -> TargetedImage:
+                     max_pixels: int | None = None, format_version: int | None = None,
+                     refine_steps: int = 0) -> TargetedImage:
     """RGB uint8 (H, W, 3) -> the stream of the ladder model chosen for `target` (see the
     module docstring). `ladder` is ordered from the lowest rate up (load_ladder);
-    `format_version` as Encoder's."""
+    `format_version` and `refine_steps` (each model tried is refined) as Encoder's."""
     from .encoder import Encoder
     from .metrics import psnr
 
     if not ladder:
         raise ValueError("the ladder needs at least one model")
-    options = {} if max_pixels is None else {"max_pixels": max_pixels}
+    options: dict = {"refine_steps": refine_steps}
+    if max_pixels is not None:
+        options["max_pixels"] = max_pixels
     if format_version is not None:  # the PSNR judged is that format's decoder output
         options["format_version"] = format_version
     by_psnr = target.psnr is not None
@@ -120,10 +123,12 @@ def encode_to_target(rgb: np.ndarray, target: Target, ladder: Sequence[M2TCodec]
 
 
 def encode_at_quality(rgb: np.ndarray, target: Target, model: M2TCodec, max_pixels: int | None = None,
-                      step: float = QUALITY_STEP) -> TargetedImage:
+                      step: float = QUALITY_STEP, refine_steps: int = 0) -> TargetedImage:
     """RGB uint8 (H, W, 3) -> the stream of a variable-rate `model` at the quality chosen for
-    `target`, searched on a grid of `step` over [1, K] (see the module docstring)."""
+    `target`, searched on a grid of `step` over [1, K] (see the module docstring); with
+    `refine_steps`, each quality tried codes its own refined latent (refine.py)."""
     from . import bitstream as bs
+    from . import refine
     from .encoder import Encoder
     from .metrics import psnr
     from .rate import QUALITY_ONE
@@ -133,7 +138,7 @@ def encode_at_quality(rgb: np.ndarray, target: Target, model: M2TCodec, max_pixe
     if not 0 < step <= model.rate_levels - 1:
         raise ValueError(f"the quality step must be in (0, {model.rate_levels - 1}], got {step!r}")
     options = {} if max_pixels is None else {"max_pixels": max_pixels}
-    encoder = Encoder(model, **options)
+    encoder = Encoder(model, refine_steps=refine_steps, **options)
     H, W = rgb.shape[:2]
     bs.check_image_size(H, W, encoder.max_pixels)
     y = model.latent(rgb)  # g_a once
@@ -142,7 +147,10 @@ def encode_at_quality(rgb: np.ndarray, target: Target, model: M2TCodec, max_pixe
     codes = list(range(first, last, stride)) + [last]
 
     def trial(i: int) -> tuple[EncodedImage, Trial]:
-        y_hat = model.quantize(y, codes[i])
+        if refine_steps:  # each quality its own refinement
+            y_hat = refine.refined_y_hat(model, rgb, y, refine_steps, codes[i])
+        else:
+            y_hat = model.quantize(y, codes[i])
         encoded = encoder.encode_latent(y_hat, H, W, codes[i])
         quality = None
         if target.psnr is not None:

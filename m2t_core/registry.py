@@ -27,6 +27,7 @@ such a model decodes and refuses to encode.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -282,7 +283,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
     from .model import M2TCodec
 
     path = Path(path)
-    model_id, config, _ = read_metadata(path)
+    model_id, config, info = read_metadata(path)
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         meta = f.metadata() or {}
@@ -326,7 +327,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> M2T
     model.mark_exact_synced()
     if digests is not None:
         model.set_decode_only(digests)
+    model.rd_lambda = trained_lambda(info)
     return model.to(device).eval()
+
+
+def trained_lambda(info: dict[str, Any]) -> float | None:
+    """The rate-distortion lambda a checkpoint's `info` says it was trained for (bits + lambda x
+    MSE on the 0..255 scale), or None where it names no usable one (a finite number > 0)."""
+    value = info.get("lambda")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
 
 
 def _calibrate_synthesis_without_data(model: M2TCodec) -> None:

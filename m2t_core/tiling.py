@@ -157,6 +157,13 @@ def tiles(h: int, w: int, plan: TilePlan) -> Iterator[tuple[tuple[int, int], tup
                    (max(0, x0 - plan.margin), min(w, x1 + plan.margin)))
 
 
+def synthesis_tiles(g_s: nn.Module, h: int, w: int) -> list[tuple]:
+    """The tiles `synthesis` runs an h x w latent in (default plan, or a forced one), as
+    `tiles` gives them: one tile of the whole latent where it runs untiled."""
+    plan = _resolve(g_s, "synthesis", None, h, w)
+    return [((0, h), (0, w), (0, h), (0, w))] if plan is None else list(tiles(h, w, plan))
+
+
 def _resolve(module: nn.Module, kind: str, plan: TilePlan | None, h: int, w: int) -> TilePlan | None:
     plan = _default_plan(module, kind) if plan is None else plan
     if plan is None or h * w <= plan.max_untiled:

@@ -115,9 +115,12 @@ class EvalConfig:
     parquet_key_column: Any = None
     storage_options: dict = field(default_factory=dict)  # per protocol: {s3: {endpoint_url: ...}}
     max_units: int = 0  # > 0: stop after this many units in this run (resume later)
+    refine_steps: int = 0  # our models' latents refined before coding (m2t_core/refine.py); their curves say so
     ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
+        need(type(self.refine_steps) is int and 0 <= self.refine_steps <= 10_000,
+             f"refine_steps must be an integer from 0 (off) to 10000, got {self.refine_steps!r}")
         need(self.data is None or isinstance(self.data, str)
              or (isinstance(self.data, list) and self.data and all(isinstance(v, str) for v in self.data)),
              f"data must be a URL or a list of URLs, got {self.data!r}")
@@ -267,9 +270,11 @@ def model_family(name: str) -> str:
     return re.sub(r"-q\d+$", "", name)
 
 
-def resolve_models(spec: Any, storage_options) -> list[dict[str, Any]]:
+def resolve_models(spec: Any, storage_options, refine_steps: int = 0) -> list[dict[str, Any]]:
     """[{name, source, model_id, weights_sha256, mode, family}] for the requested models; each is
-    loaded once here (on the driver) to record what it is."""
+    loaded once here (on the driver) to record what it is. With `refine_steps`, each family's
+    curve is named for it (m2t-small-refine40): another encoder of the same models."""
+    from m2t_core import refine
     from m2t_core.registry import list_models
 
     names = _names(spec)
@@ -287,8 +292,14 @@ def resolve_models(spec: Any, storage_options) -> list[dict[str, Any]]:
         name = Path(spec_name).stem if looks_like_path else spec_name
         if name in B.BASELINES:
             raise ConfigError(f"model name {name!r} clashes with a baseline codec's name")
+        if refine_steps:
+            try:
+                refine.check_model(model)
+            except refine.RefineError as exc:
+                raise ConfigError(f"refine_steps: {exc}") from None
         out.append({"name": name, "source": source, "model_id": model.model_id, "mode": model.cfg.mode,
-                    "weights_sha256": model.weights_digest().hex(), "family": model_family(name),
+                    "weights_sha256": model.weights_digest().hex(),
+                    "family": model_family(name) + (f"-refine{refine_steps}" if refine_steps else ""),
                     "rate_levels": model.rate_levels})
     if len({m["name"] for m in out}) != len(out):
         raise ConfigError("a model is named twice in --models")
@@ -315,7 +326,8 @@ def plan_units(datasets: list[tuple[str, str]], shards: Mapping[str, list[ShardS
                                   codec.cost * len(points) * n))
             for family, members in families.items():
                 for i, m in enumerate(members):
-                    digest = _digest({**common, "shard": spec.fingerprint,
+                    refined = {"refine_steps": cfg.refine_steps} if cfg.refine_steps else {}
+                    digest = _digest({**common, **refined, "shard": spec.fingerprint,
                                       "model": {k: m[k] for k in ("name", "model_id", "weights_sha256")}})
                     # A variable-rate model is its own curve: one point per level (param: the quality).
                     points = ([{"point": f"{m['name']}@{q}", "index": q - 1, "param": float(q), "model": m["name"]}
@@ -339,6 +351,7 @@ class UnitSettings:
     ms_ssim: bool
     threads: int  # of the baselines' encoders / decoders and of torch
     device: str = "cpu"  # where our models run: the worker's (EvalWorker fills it in)
+    refine_steps: int = 0  # our models' latent refinement (m2t_core/refine.py)
 
 
 _MODELS: dict[tuple[str, str], Any] = {}  # per worker process: (source, device) -> model
@@ -395,7 +408,7 @@ def _model_row(row: dict[str, Any], model, rgb: np.ndarray, job, quality: float 
 
     try:
         t0 = time.perf_counter()
-        encoder = Encoder(model, max_pixels=job.max_pixels, quality=quality)
+        encoder = Encoder(model, max_pixels=job.max_pixels, quality=quality, refine_steps=job.refine_steps)
         encoded = encoder.encode_image(rgb)
         t1 = time.perf_counter()
         decoded = Decoder(model, max_pixels=job.max_pixels).decompress(encoded.bitstream)
@@ -542,7 +555,7 @@ class EvalJob(Job):
                 B.BASELINES[name].ensure_available()
             except B.CodecUnavailableError as exc:
                 raise ConfigError(str(exc)) from None
-        models = resolve_models(cfg.models, cfg.storage_options)
+        models = resolve_models(cfg.models, cfg.storage_options, cfg.refine_steps)
         families = list(dict.fromkeys(m["family"] for m in models))
         if not classic and not models:
             raise ConfigError("nothing to evaluate: no models and no baselines")
@@ -582,7 +595,7 @@ class EvalJob(Job):
         self.classic, self.models, self.families, self.anchor = classic, models, families, anchor
         self.datasets, self.shards, self.units, self.already, self.stale = datasets, shards, units, already, stale
         self.settings = UnitSettings(cfg.output, cfg.storage_options, cfg.max_pixels, cfg.max_source_bytes,
-                                     cfg.ms_ssim, cfg.codec_threads)
+                                     cfg.ms_ssim, cfg.codec_threads, refine_steps=cfg.refine_steps)
         # The progress bar counts rows (images x rate points): its ETA from rows/s where shard sizes are known.
         rows = lambda u: None if u.shard.planned_images is None else u.shard.planned_images * len(u.points)
         return [Item(u.uid, u.to_dict(), rows(u), gpu=u.kind == "ours") for u in todo]

@@ -93,6 +93,7 @@ class ShardSettings:
     node_id: str | None = None  # the worker's Ray node (recorded in each shard's stats)
     quality: float | None = None  # a variable-rate model's quality (None: its default; fixed-rate: None)
     format_version: int | None = None  # the streams' format (None: the model's own; weights_sha256 is its digest)
+    refine_steps: int = 0  # latent refinement per image (m2t_core/refine.py; 0: off)
 
 
 # ====================================================================== one shard (on a worker)
@@ -179,6 +180,8 @@ def settings_of(job: ShardSettings) -> dict[str, Any]:
                 "compute_psnr": job.compute_psnr}
     if job.quality is not None:  # a variable-rate model's (fixed-rate archives record none, as before)
         settings["quality"] = job.quality
+    if job.refine_steps:  # archives without refinement record none, as before
+        settings["refine_steps"] = job.refine_steps
     return settings
 
 
@@ -236,7 +239,7 @@ def compress_shard(model, spec: ShardSpec, job: ShardSettings) -> dict[str, Any]
     failures: list[dict[str, str]] = []
     encoder = Encoder(model, batch_images=job.batch_images, coding_threads=job.coding_threads,
                       max_pixels=job.max_pixels, reconstruct=job.compute_psnr, quality=job.quality,
-                      format_version=job.format_version)
+                      format_version=job.format_version, refine_steps=job.refine_steps)
     blob = archive.open_blob(spec.shard)
     try:
         decoded = _prefetch(iter_shard(spec, job.storage_options, job.max_source_bytes), job.max_pixels,
@@ -393,6 +396,13 @@ class CompressJob(Job):
             version = self.model.write_version(cfg.format_version)
         except ValueError as exc:
             raise ConfigError(f"format_version: {exc}") from None
+        if cfg.refine_steps:
+            from m2t_core import refine
+
+            try:  # refinement needs an M2T model and the lambda it was trained for
+                refine.model_lambda(self.model, code)
+            except refine.RefineError as exc:
+                raise ConfigError(f"refine_steps: {exc}") from None
         shards = plan_shards(cfg.input, cfg.shard_size, cfg.storage_options, cfg.parquet_image_column,
                              cfg.parquet_key_column)
         shards, plan_size = self._spread_small_corpus(shards)
@@ -414,7 +424,7 @@ class CompressJob(Job):
             coding_threads=cfg.coding_threads, max_source_bytes=cfg.max_source_bytes, prefetch=cfg.prefetch,
             torch_threads=cfg.torch_threads, cpus_per_actor=cfg.ray.cpus_per_actor,
             lease_owner=lease.owner, plan_shard_size=plan_size,  # fencing: workers check the owner before commits
-            quality=quality, format_version=version)
+            quality=quality, format_version=version, refine_steps=cfg.refine_steps)
         self.shards, self.planned = shards, {s.shard: s for s in shards}
         completed = archive.completed_shards()
         _check_resume(self.planned, completed, settings_of(self.settings))
