@@ -4,7 +4,10 @@
   script (Kodak kodim01 at 768x512, a Debian wallpaper resized otherwise, scikit-image's
   astronaut without ../shared/datasets);
 * machine load: `LoadMeter` measures how many cores *other* processes kept busy while a
-  benchmark ran (from /proc/stat), so a figure taken on a shared machine says so.
+  benchmark ran (from /proc/stat), so a figure taken on a shared machine says so;
+* rate-distortion studies over a folder of images (variable_rate_rd.py, refine_rd.py):
+  `study_images`, `load_cropped`, `reference_curves` from a committed evaluation, and the
+  `fmt_pct` / `fmt_db` cells of their tables.
 """
 
 from __future__ import annotations
@@ -229,3 +232,52 @@ def kodak_study_images(ap: argparse.ArgumentParser, args) -> list[Path]:
         ap.error(f"no kodim*.png in {args.kodak}")
     return paths
 
+
+
+# ------------------------------------------------------------------------------ RD studies
+
+
+def study_images(root: Path, limit: int = 0) -> list[Path]:
+    """Every .png/.jpg/.jpeg under `root` (recursively, sorted), the first `limit` (0: all)."""
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    return paths[: limit or None]
+
+
+def load_cropped(path: Path, crop: int) -> np.ndarray:
+    """An image as RGB uint8, centre-cropped to at most `crop` pixels a side (0: whole), as the
+    trainer's validation crops it."""
+    from m2t_core.image_io import load_image
+    from pipeline.training.data import centre_crop
+
+    return centre_crop(load_image(str(path)), crop or None)
+
+
+def reference_curves(parquet: Path, images: list[str]) -> dict[str, dict[str, list]]:
+    """codec -> {"bpp", "psnr"} means per rate point over `images`, from a committed per-image
+    table (an evaluation's per_image.parquet); a point that misses an image is left out."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet)
+    wanted = pa.array(images, pa.string())
+    table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_in(table["key"], value_set=wanted)))
+    means = table.group_by(["codec", "point"]).aggregate([("bpp", "mean"), ("psnr", "mean"), ("key", "count")])
+    out: dict[str, dict[str, list]] = {}
+    for row in sorted(means.to_pylist(), key=lambda r: (r["codec"], r["bpp_mean"])):
+        if row["key_count"] != len(images):
+            continue  # not comparable
+        curve = out.setdefault(row["codec"], {"bpp": [], "psnr": []})
+        curve["bpp"].append(row["bpp_mean"])
+        curve["psnr"].append(row["psnr_mean"])
+    return out
+
+
+def fmt_pct(value) -> str:
+    """A BD-rate cell: "+1.23 %", or "n/a" where there is none."""
+    return "n/a" if value is None else f"{value:+.2f} %"
+
+
+def fmt_db(value) -> str:
+    """A BD-PSNR cell: "+0.123 dB", or "n/a"."""
+    return "n/a" if value is None else f"{value:+.3f} dB"

@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import DEFAULT_DATA, SHIPPED_M2T, load_avg, markdown_table, write_report  # noqa: E402
-from bench.variable_rate_rd import _db, _load, _pct, reference_curves  # noqa: E402
+from bench._common import (DEFAULT_DATA, SHIPPED_M2T, fmt_db, fmt_pct, load_avg, load_cropped,  # noqa: E402
+                           markdown_table, reference_curves, study_images, write_report)
 
 
 def code_images(model, images: list[tuple[str, np.ndarray]], settings: list[tuple[int, float]]) -> dict:
@@ -84,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     if 0 not in steps or min(steps) < 0 or min(lrs) <= 0:
         ap.error("--steps must include 0 (the plain encoder, the anchor) and no negative count; --lr must be > 0")
     settings = [(0, 0.0)] + [(s, lr) for s in steps if s for lr in lrs]
-    paths = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[: args.limit or None]
+    paths = study_images(args.data, args.limit)
     if not paths:
         ap.error(f"no PNG or JPEG images under {args.data}")
     reference = args.reference
     if reference is None:
         kodak = args.data.resolve() == (DEFAULT_DATA / "kodak").resolve() and not args.crop
         reference = REPO / "docs/results/kodak/per_image.parquet" if kodak else Path("")
-    images = [(p.name, _load(p, args.crop)) for p in paths]
+    images = [(p.name, load_cropped(p, args.crop)) for p in paths]
     t0 = time.time()
     per_model, curves = {}, {s: {"bpp": [], "psnr": []} for s in settings}
     for name in args.models.split(","):
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += markdown_table(["model", "steps", "lr", "mean bpp", "mean PSNR (dB)", "median encode s"], table)
     lines += ["", "BD-rate / BD-PSNR (pchip; negative: fewer bits) of each setting's ladder against:", ""]
     names = list(anchors)
-    lines += markdown_table(["setting"] + names, [[key] + [f"{_pct(bd[key][n]['bd_rate']['value'])} / "
-                                                           f"{_db(bd[key][n]['bd_psnr']['value'])}" for n in names]
+    lines += markdown_table(["setting"] + names, [[key] + [f"{fmt_pct(bd[key][n]['bd_rate']['value'])} / "
+                                                           f"{fmt_db(bd[key][n]['bd_psnr']['value'])}" for n in names]
                                                   for key in bd if not key.startswith("0@")])
     write_report(args.out.with_suffix(".json"), report, "\n".join(lines) + "\n")
     return 0

@@ -33,14 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import DEFAULT_DATA, load_avg, markdown_table, write_report  # noqa: E402
-
-
-def _load(path: Path, crop: int) -> np.ndarray:
-    from m2t_core.image_io import load_image
-    from pipeline.training.data import centre_crop
-
-    return centre_crop(load_image(str(path)), crop or None)
+from bench._common import (DEFAULT_DATA, fmt_db, fmt_pct, load_avg, load_cropped, markdown_table,  # noqa: E402
+                           reference_curves, study_images, write_report)
 
 
 def code_images(model, paths: list[Path], qualities: list[float], crop: int = 0) -> dict[float, list[dict]]:
@@ -52,7 +46,7 @@ def code_images(model, paths: list[Path], qualities: list[float], crop: int = 0)
     codes = [model.quality_code(q) for q in qualities]
     rows: dict[float, list[dict]] = {q: [] for q in qualities}
     for path in paths:
-        rgb = _load(path, crop)
+        rgb = load_cropped(path, crop)
         H, W = rgb.shape[:2]
         y = model.latent(rgb)
         for q, code in zip(qualities, codes):
@@ -74,7 +68,7 @@ def ladder_curves(names: list[str], paths: list[Path], crop: int) -> dict[str, d
     from m2t_core.metrics import psnr
     from m2t_core.registry import load_model
 
-    images = [_load(p, crop) for p in paths]
+    images = [load_cropped(p, crop) for p in paths]
     curve: dict[str, list] = {"bpp": [], "psnr": [], "models": names}
     for name in names:
         model = load_model(name)
@@ -87,30 +81,6 @@ def ladder_curves(names: list[str], paths: list[Path], crop: int) -> dict[str, d
         curve["psnr"].append(float(np.mean(psnrs)))
         print(f"{name}: {curve['bpp'][-1]:.4f} bpp {curve['psnr'][-1]:.2f} dB", flush=True)
     return {"ladder": curve}
-
-
-def reference_curves(parquet: Path, images: list[str]) -> dict[str, dict[str, list]]:
-    """codec -> {"bpp", "psnr"} means per rate point over `images`, from a committed per-image table."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(parquet)
-    table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_in(table["key"], value_set=_strings(images))))
-    means = table.group_by(["codec", "point"]).aggregate([("bpp", "mean"), ("psnr", "mean"), ("key", "count")])
-    out: dict[str, dict[str, list]] = {}
-    for row in sorted(means.to_pylist(), key=lambda r: (r["codec"], r["bpp_mean"])):
-        if row["key_count"] != len(images):
-            continue  # a point that misses an image is not comparable
-        curve = out.setdefault(row["codec"], {"bpp": [], "psnr": []})
-        curve["bpp"].append(row["bpp_mean"])
-        curve["psnr"].append(row["psnr_mean"])
-    return out
-
-
-def _strings(values):
-    import pyarrow as pa
-
-    return pa.array(values, pa.string())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.model} is a fixed-rate model")
     qualities = ([float(q) for q in args.qualities.split(",")] if args.qualities
                  else [float(q) for q in range(1, model.rate_levels + 1)])
-    paths = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    paths = paths[: args.limit or None]
+    paths = study_images(args.data, args.limit)
     if not paths:
         ap.error(f"no PNG or JPEG images under {args.data}")
     t0 = time.time()
@@ -171,18 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                                           f"the ladder coded here ({args.ladder})" if args.ladder else ""]))
         lines += ["", f"BD-rate and BD-PSNR (pchip; negative: fewer bits) against {against}:", ""]
         lines += markdown_table(["against", "BD-rate", "BD-PSNR", "note"],
-                                [[name, _pct(v["bd_rate"]["value"]), _db(v["bd_psnr"]["value"]),
+                                [[name, fmt_pct(v["bd_rate"]["value"]), fmt_db(v["bd_psnr"]["value"]),
                                   v["bd_rate"]["note"] or ""] for name, v in sorted(bd.items())])
     write_report(args.out.with_suffix(".json"), report, "\n".join(lines) + "\n")
     return 0
-
-
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{value:+.2f} %"
-
-
-def _db(value) -> str:
-    return "n/a" if value is None else f"{value:+.3f} dB"
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ def encode_at_quality(rgb: np.ndarray, target: Target, model: M2TCodec, max_pixe
     if not 0 < step <= model.rate_levels - 1:
         raise ValueError(f"the quality step must be in (0, {model.rate_levels - 1}], got {step!r}")
     options = {} if max_pixels is None else {"max_pixels": max_pixels}
+    # refine_steps here refuses, before g_a runs, a model that refinement cannot serve.
     encoder = Encoder(model, refine_steps=refine_steps, **options)
     H, W = rgb.shape[:2]
     bs.check_image_size(H, W, encoder.max_pixels)

@@ -80,8 +80,11 @@ def refine_latent(model: M2TCodec, rgb: np.ndarray, y: torch.Tensor, steps: int,
     H, W = rgb.shape[:2]
     if y.shape[-2:] != coding.latent_size(H, W):
         raise ValueError(f"a {W}x{H} image has a {coding.latent_size(H, W)} latent, got {tuple(y.shape[-2:])}")
-    check_model(model, need_lambda=lmbda is None)
-    lmbda = model_lambda(model, quality_code) if lmbda is None else float(lmbda)
+    if lmbda is None:
+        lmbda = model_lambda(model, quality_code)  # checks the model too
+    else:
+        check_model(model, need_lambda=False)
+        lmbda = float(lmbda)
     with torch.inference_mode(False), torch.enable_grad():
         y = y.detach().clone().float().requires_grad_(False)  # a normal tensor, even from inference mode
         if steps == 0:

@@ -4,6 +4,7 @@ pieces it runs in (bands of windows, g_s's tiles) add up to the whole image's gr
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -16,8 +17,6 @@ from _models import build_model, random_image, tiny_config, tiny_model
 
 
 def _with_lambda(model: M2TCodec, lmbda: float = 0.01) -> M2TCodec:
-    import copy
-
     model = copy.deepcopy(model)
     model.rd_lambda = lmbda
     return model
